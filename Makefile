@@ -1,0 +1,35 @@
+# `make demo` and `make test` build .venv on first use (CPU torch first, then hf_trak[dev]).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test quality style bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/python examples/digits_attribution.py
+
+quality: install
+	$(BIN)/ruff check hf_trak tests benchmarks examples
+	$(BIN)/ruff format --check hf_trak tests benchmarks examples
+
+style: install
+	$(BIN)/ruff check --fix hf_trak tests benchmarks examples
+	$(BIN)/ruff format hf_trak tests benchmarks examples
+
+test: quality
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m pip install -q --no-deps "traker==0.3.2"
+	$(BIN)/python benchmarks/featurize.py
+	$(BIN)/python benchmarks/lds_digits.py

@@ -1,0 +1,28 @@
+"""hf_trak: TRAK data attribution for Hugging Face models and datasets."""
+
+__version__ = "0.1.0"
+
+from .config import TRAKConfig  # noqa: E402
+from .model_outputs import (  # noqa: E402
+    AbstractModelOutput,
+    AutoModelOutput,
+    CausalLMModelOutput,
+    ClassificationModelOutput,
+    CLIPModelOutput,
+    ImageClassificationModelOutput,
+    SequenceClassificationModelOutput,
+)
+from .traker import TopK, TRAKer  # noqa: E402
+
+__all__ = [
+    "AbstractModelOutput",
+    "AutoModelOutput",
+    "CausalLMModelOutput",
+    "ClassificationModelOutput",
+    "CLIPModelOutput",
+    "ImageClassificationModelOutput",
+    "SequenceClassificationModelOutput",
+    "TopK",
+    "TRAKConfig",
+    "TRAKer",
+]

@@ -1,0 +1,64 @@
+"""Model checkpoints as ``(weights, buffers)`` dicts for ``torch.func.functional_call``.
+
+A checkpoint is a state dict, a model, a ``.safetensors``/``.bin`` state-dict file, or a
+folder written by ``save_pretrained`` or the Trainer (``checkpoint-N``). Folders are read
+with the model class's own ``from_pretrained``, so transformers' sharding, tied weights
+and renaming of saved keys apply. Tensors are read, never written, and the model given
+to ``TRAKer`` is never modified, so checkpoints may alias the live model's tensors.
+"""
+
+import os
+from typing import Mapping, Tuple, Union
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+Checkpoint = Union[Mapping[str, Tensor], nn.Module, str, os.PathLike]
+
+
+def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Tensor]:
+    """The tensors of a checkpoint of ``model``'s architecture, by state-dict name."""
+    if isinstance(checkpoint, nn.Module):
+        return checkpoint.state_dict()
+    if isinstance(checkpoint, Mapping):
+        return checkpoint
+    path = os.fspath(checkpoint)
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.isdir(path) and hasattr(type(model), "from_pretrained"):
+        return type(model).from_pretrained(path).state_dict()
+    raise FileNotFoundError(
+        f"Checkpoint {path!r} is neither a weights file nor a save_pretrained folder of {type(model).__name__}."
+    )
+
+
+def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.device) -> Tuple[dict, dict]:
+    """``(weights, buffers)`` of ``model``'s parameter and buffer names, from ``checkpoint``.
+
+    Parameter names are those of ``model.named_parameters()`` (tied weights once);
+    buffers missing from the checkpoint (non-persistent ones) keep the model's values.
+    """
+    state_dict = read_state_dict(checkpoint, model)
+    names = [name for name, _ in model.named_parameters()]
+    missing = [name for name in names if name not in state_dict]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise KeyError(
+            f"The checkpoint has no tensor for {len(missing)} parameter(s) of {type(model).__name__} ({shown}): "
+            "it was saved from a different model."
+        )
+    parameters = dict(model.named_parameters())
+    weights = {}
+    for name in names:
+        tensor = state_dict[name]
+        if tensor.shape != parameters[name].shape:
+            raise ValueError(
+                f"Checkpoint tensor {name} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(parameters[name].shape)}: it was saved from a different model."
+            )
+        weights[name] = tensor.detach().to(device=device, dtype=parameters[name].dtype)
+    buffers = {name: state_dict.get(name, buffer).detach().to(device=device) for name, buffer in model.named_buffers()}
+    return weights, buffers

@@ -1,0 +1,127 @@
+"""Tiny random-init Hugging Face models and small datasets for the tests (no downloads)."""
+
+import numpy as np
+import torch
+from datasets import Dataset
+from sklearn.datasets import load_digits
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    CLIPConfig,
+    CLIPModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+VOCAB = 40
+
+
+def tiny_vit(seed: int = 0, num_labels: int = 10) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_clip(seed: int = 0) -> CLIPModel:
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+            eos_token_id=2,
+            bos_token_id=1,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+        ),
+        projection_dim=4,
+    )
+    return CLIPModel(config).eval()
+
+
+def digits(n: int, offset: int = 0) -> Dataset:
+    """scikit-learn's digits as a ``pixel_values``/``labels`` dataset (values scaled to [0, 1])."""
+    data = load_digits()
+    images = (data.images[offset : offset + n] / 16.0).astype(np.float32)[:, None]
+    return Dataset.from_dict({"pixel_values": images, "labels": data.target[offset : offset + n]})
+
+
+def token_sequences(n: int, seed: int = 0, num_labels: int = 3, min_len: int = 3, max_len: int = 9) -> Dataset:
+    """Ragged token sequences with an ``attention_mask`` of ones, a class label and a raw text column."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len, max_len + 1, size=n)
+    ids = [rng.integers(3, VOCAB, size=length).tolist() for length in lengths]
+    return Dataset.from_dict(
+        {
+            "input_ids": ids,
+            "attention_mask": [[1] * len(x) for x in ids],
+            "labels": rng.integers(0, num_labels, size=n).tolist(),
+            "text": [" ".join(map(str, x)) for x in ids],
+        }
+    )
+
+
+def lm_sequences(n: int, seed: int = 0) -> Dataset:
+    """Causal-LM examples: ``labels`` = ``input_ids`` with the first two tokens masked (-100)."""
+    data = token_sequences(n, seed=seed).remove_columns(["labels", "text"])
+    return data.map(lambda row: {"labels": [-100, -100] + row["input_ids"][2:]})
+
+
+def clip_pairs(n: int, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    data = token_sequences(n, seed=seed).remove_columns(["labels", "text"])
+    images = rng.normal(size=(n, 1, 8, 8)).astype(np.float32)
+    return data.add_column("pixel_values", images.tolist())
+
+
+def perturbed_state_dict(model, seed: int, scale: float = 0.05) -> dict:
+    """A second checkpoint of the same architecture: the model's tensors plus small noise."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: (t + scale * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t.clone())
+        for name, t in model.state_dict().items()
+    }

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from hf_trak import TRAKer
+from tests.helpers import digits, tiny_bert, tiny_vit, token_sequences
+
+
+def test_missing_labels_column_is_named():
+    model = tiny_bert()
+    data = token_sequences(6).remove_columns("labels")
+    with pytest.raises(ValueError, match=r"no \['labels'\] column"):
+        TRAKer(model, proj_dim=8, save_dir=None).featurize(data, [model.state_dict()])
+
+
+def test_label_column_is_accepted_as_labels():
+    model = tiny_bert()
+    data = token_sequences(6)
+    renamed = data.rename_column("labels", "label")
+    a = TRAKer(model, proj_dim=8, save_dir=None).featurize(data, [model.state_dict()])
+    b = TRAKer(model, proj_dim=8, save_dir=None).featurize(renamed, [model.state_dict()])
+    torch.testing.assert_close(a.features[0].features, b.features[0].features)
+
+
+def test_empty_dataset_is_refused():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="empty"):
+        TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(5).select([]), [model.state_dict()])
+
+
+def test_dataloader_of_dict_batches_gives_the_same_features():
+    model, data = tiny_vit(), digits(10)
+    loader = torch.utils.data.DataLoader(data.with_format("torch"), batch_size=3)
+    a = TRAKer(model, proj_dim=8, save_dir=None).featurize(data, [model.state_dict()], batch_size=4)
+    b = TRAKer(model, proj_dim=8, save_dir=None).featurize(loader, [model.state_dict()])
+    torch.testing.assert_close(a.features[0].features, b.features[0].features)
+
+
+def test_wrong_inputs_are_refused_with_a_fix():
+    model = tiny_vit()
+    with pytest.raises(TypeError, match="datasets.Dataset or a torch DataLoader"):
+        TRAKer(model, proj_dim=8, save_dir=None).featurize([{"pixel_values": 1}], [model.state_dict()])
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(4), [])
+    with pytest.raises(KeyError, match="different model"):
+        TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(4), [tiny_bert().state_dict()])
+    with pytest.raises(RuntimeError, match="featurize"):
+        TRAKer(model, proj_dim=8, save_dir=None).score(digits(4))
+    with pytest.raises(ValueError, match="Unknown projector"):
+        TRAKer(model, proj_dim=8, projector="sparse", save_dir=None)
+    with pytest.raises(ValueError, match="grad_wrt names parameters"):
+        TRAKer(model, proj_dim=8, save_dir=None, grad_wrt=["nope.weight"])
+    with pytest.raises(TypeError, match="DataLoader must yield dict batches"):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8)), batch_size=2)
+        TRAKer(model, proj_dim=8, save_dir=None).featurize(loader, [model.state_dict()])
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(4), ["/nonexistent/checkpoint-1"])
+    with pytest.raises(ValueError, match="Unknown task"):
+        TRAKer(model, task="regression", save_dir=None)

@@ -1,0 +1,159 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hf_trak import TRAKer
+from hf_trak.data import ExampleSource
+from hf_trak.gradients import PerExampleGradients, select_parameters
+from hf_trak.kernel import LAMBDA_SCALE
+from hf_trak.masks import to_4d_attention_mask
+from hf_trak.model_outputs import AutoModelOutput
+from tests.helpers import digits, perturbed_state_dict, tiny_bert, tiny_vit, token_sequences
+
+
+def reference_scores(model, train, targets, checkpoints, lambda_reg=None):
+    """float64 TRAK by the formula: per-example autograd gradients, Q from softmax, direct inversion."""
+    model = copy.deepcopy(model).double()
+    task = AutoModelOutput.from_model(model)
+    names = [name for name, _ in model.named_parameters()]
+    p = sum(parameter.numel() for parameter in model.parameters())
+
+    def features(weights, data):
+        rows, qs = [], []
+        for example in ExampleSource.for_model(data, model, task).batches(1):
+            example = {k: v.double() if v.is_floating_point() else v for k, v in example.items()}
+            params = {name: weights[name].clone().requires_grad_(True) for name in names}
+            output = task.get_output(model, params, {}, example)
+            grads = torch.autograd.grad(output, [params[name] for name in names])
+            rows.append(torch.cat([g.reshape(-1) for g in grads]) / np.sqrt(p))
+            logits = torch.func.functional_call(
+                model, params, kwargs={k: v for k, v in example.items() if k != "labels"}
+            ).logits
+            qs.append(1 - torch.softmax(logits[0], -1)[example["labels"][0]].detach())
+        return torch.stack(rows), torch.stack(qs)
+
+    total, q_total = 0, 0
+    for checkpoint in checkpoints:
+        weights = {name: checkpoint[name].double() for name in names}
+        x, q = features(weights, train)
+        t, _ = features(weights, targets)
+        xtx = x.T @ x
+        lam = LAMBDA_SCALE * torch.trace(xtx) / xtx.shape[0] if lambda_reg is None else lambda_reg
+        inverse = torch.linalg.inv(xtx + lam * torch.eye(xtx.shape[0], dtype=torch.float64))
+        total = total + x @ (inverse / inverse.abs().mean()) @ t.T
+        q_total = q_total + q
+    return (total / len(checkpoints) * (q_total / len(checkpoints))[:, None]).numpy()
+
+
+CASES = {
+    "image": (tiny_vit, lambda: digits(24), lambda: digits(6, offset=100)),
+    "text": (tiny_bert, lambda: token_sequences(24), lambda: token_sequences(6, seed=1)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lambda_reg", [None, 1e-3])
+def test_identity_projector_scores_match_float64_reference(case, lambda_reg):
+    make_model, make_train, make_targets = CASES[case]
+    model, train, targets = make_model(), make_train(), make_targets()
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1), perturbed_state_dict(model, seed=2)]
+    traker = TRAKer(
+        model, projector="identity", proj_dim=None, dtype=torch.float32, save_dir=None, lambda_reg=lambda_reg
+    )
+    scores = traker.featurize(train, checkpoints, batch_size=5).score(targets, batch_size=4)
+    expected = reference_scores(model, train, targets, checkpoints, lambda_reg)
+    assert scores.shape == (len(train), len(targets))
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    if lambda_reg is not None:
+        assert all(f.lambda_reg == lambda_reg for f in traker.features)
+
+
+def test_checkpoints_aliasing_the_live_model_do_not_change_scores():
+    models = [tiny_vit(seed=0), tiny_vit(seed=1)]
+    before = copy.deepcopy(models[0].state_dict())
+    train, targets = digits(20), digits(5, offset=50)
+    aliased = TRAKer(models[0], proj_dim=64, save_dir=None).featurize(train, [m.state_dict() for m in models])
+    cloned = TRAKer(tiny_vit(seed=5), proj_dim=64, save_dir=None).featurize(
+        train, [copy.deepcopy(m.state_dict()) for m in models]
+    )
+    np.testing.assert_array_equal(aliased.score(targets), cloned.score(targets))
+    for name, tensor in models[0].state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+
+
+def test_save_pretrained_folders_and_models_work_as_checkpoints(tmp_path):
+    model, other = tiny_bert(seed=0), tiny_bert(seed=1)
+    other.save_pretrained(tmp_path / "checkpoint-1")
+    train, targets = token_sequences(12), token_sequences(4, seed=3)
+    from_folder = TRAKer(model, proj_dim=32, save_dir=None).featurize(train, [model, tmp_path / "checkpoint-1"])
+    from_dicts = TRAKer(model, proj_dim=32, save_dir=None).featurize(train, [model.state_dict(), other.state_dict()])
+    np.testing.assert_array_equal(from_folder.score(targets), from_dicts.score(targets))
+
+
+def test_blockwise_scores_and_top_k_agree_with_full_matrix():
+    model, train, targets = tiny_vit(), digits(30), digits(11, offset=200)
+    traker = TRAKer(model, proj_dim=48, save_dir=None).featurize(train, [model.state_dict()], batch_size=7)
+    full = traker.score(targets)
+    blocked = traker.score(targets, batch_size=2, train_block_size=7, target_block_size=3)
+    np.testing.assert_allclose(blocked, full, rtol=1e-5, atol=1e-7)
+    for largest in (True, False):
+        top = traker.top_k(targets, k=4, largest=largest, batch_size=2, train_block_size=7, target_block_size=3)
+        assert top.indices.shape == top.scores.shape == (11, 4)
+        order = np.argsort(-full if largest else full, axis=0)[:4].T
+        np.testing.assert_array_equal(top.indices, order)
+        np.testing.assert_allclose(top.scores, np.take_along_axis(full, order.T, 0).T, rtol=1e-5, atol=1e-6)
+
+
+def test_out_array_receives_scores(tmp_path):
+    model, train, targets = tiny_vit(), digits(10), digits(3, offset=40)
+    traker = TRAKer(model, proj_dim=16, save_dir=None).featurize(train, [model.state_dict()])
+    out = np.lib.format.open_memmap(tmp_path / "scores.npy", mode="w+", dtype=np.float32, shape=(10, 3))
+    assert traker.score(targets, out=out) is out
+    np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), traker.score(targets))
+    with pytest.raises(ValueError, match="expected"):
+        traker.score(targets, out=np.empty((3, 10), np.float32))
+
+
+def test_featurize_writes_features_that_from_pretrained_scores_identically(tmp_path):
+    model, train, targets = tiny_bert(), token_sequences(15), token_sequences(5, seed=2)
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=3)]
+    traker = TRAKer(model, proj_dim=32, save_dir=str(tmp_path / "trak")).featurize(train, checkpoints)
+    loaded = TRAKer.from_pretrained(str(tmp_path / "trak"), tiny_bert(seed=9), checkpoints)
+    np.testing.assert_array_equal(loaded.score(targets), traker.score(targets))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        TRAKer(model, proj_dim=32, save_dir=str(tmp_path / "trak")).featurize(train, checkpoints)
+    with pytest.raises(ValueError, match="param_names"):
+        TRAKer.from_pretrained(str(tmp_path / "trak"), model, checkpoints, grad_wrt=["classifier.weight"])
+    with pytest.raises(ValueError, match="model_class"):
+        TRAKer.from_pretrained(
+            str(tmp_path / "trak"), tiny_vit(num_labels=3), checkpoints, grad_wrt=None, task="text_classification"
+        )
+
+
+def test_trainable_parameters_only_are_differentiated():
+    model, data = tiny_bert(), token_sequences(8)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("classifier"))
+    names = select_parameters(model)
+    assert names == ["classifier.weight", "classifier.bias"]
+    task = AutoModelOutput.from_model(model)
+    batch = next(ExampleSource.for_model(data, model, task).batches(8))
+    batch["attention_mask"] = to_4d_attention_mask(batch["attention_mask"], "bidirectional", torch.float32)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    subset = list(PerExampleGradients(model, task, names)(weights, {}, batch))
+    full = list(PerExampleGradients(model, task, list(weights))(weights, {}, batch))
+    assert len(subset) == 1 and list(subset[0]) == names
+    for name in names:
+        torch.testing.assert_close(subset[0][name], full[0][name])
+    assert TRAKer(model, proj_dim=8, save_dir=None).num_params == sum(weights[n].numel() for n in names)
+
+
+def test_explicit_and_derived_lambda():
+    model, train = tiny_vit(), digits(12)
+    derived = TRAKer(model, proj_dim=16, save_dir=None).featurize(train, [model.state_dict()])
+    xtx = derived.features[0].xtx.double()
+    assert derived.features[0].lambda_reg == pytest.approx(LAMBDA_SCALE * float(torch.trace(xtx)) / 16, rel=1e-6)
+    explicit = TRAKer(model, proj_dim=16, save_dir=None, lambda_reg=0.25).featurize(train, [model.state_dict()])
+    assert explicit.features[0].lambda_reg == 0.25
