@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ class TRAKer:
         return self._to_device(self._train_source.sample(num_examples, seed))
 
     # ------------------------------------------------------------- features
-    def _project_batch(self, weights, buffers, batch: Mapping[str, Tensor], model_id: int) -> Tensor:
+    def _project_batch(self, weights, buffers, batch: Mapping[str, Tensor], model_id: int) -> Tuple[Tensor, dict]:
         """(x, prepared batch), with x_i = P_mᵀ g_i / √p for each example: (B, k) float32."""
         batch = self.masks(self._to_device(batch), self._forward(weights, buffers))
         projected = None

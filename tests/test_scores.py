@@ -9,12 +9,30 @@ from hf_trak.data import ExampleSource
 from hf_trak.gradients import PerExampleGradients, select_parameters
 from hf_trak.kernel import LAMBDA_SCALE
 from hf_trak.masks import to_4d_attention_mask
-from hf_trak.model_outputs import AutoModelOutput
-from tests.helpers import digits, perturbed_state_dict, tiny_bert, tiny_vit, token_sequences
+from hf_trak.model_outputs import AutoModelOutput, ClassificationModelOutput, call_model, without_labels
+from tests.helpers import (
+    clip_pairs,
+    digits,
+    lm_sequences,
+    perturbed_state_dict,
+    tiny_bert,
+    tiny_clip,
+    tiny_gpt2,
+    tiny_vit,
+    token_sequences,
+)
+
+
+def _double(batch):
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
 def reference_scores(model, train, targets, checkpoints, lambda_reg=None):
-    """float64 TRAK by the formula: per-example autograd gradients, Q from softmax, direct inversion."""
+    """float64 TRAK by the formula: per-example autograd gradients on unpadded examples, direct inversion.
+
+    Q of classification heads is 1 − softmax(logits)_y computed here; other heads use the
+    task's Q (checked against closed forms in test_model_outputs).
+    """
     model = copy.deepcopy(model).double()
     task = AutoModelOutput.from_model(model)
     names = [name for name, _ in model.named_parameters()]
@@ -23,20 +41,24 @@ def reference_scores(model, train, targets, checkpoints, lambda_reg=None):
     def features(weights, data):
         rows, qs = [], []
         for example in ExampleSource.for_model(data, model, task).batches(1):
-            example = {k: v.double() if v.is_floating_point() else v for k, v in example.items()}
+            example = _double(example)
             params = {name: weights[name].clone().requires_grad_(True) for name in names}
             output = task.get_output(model, params, {}, example)
-            grads = torch.autograd.grad(output, [params[name] for name in names])
+            grads = torch.autograd.grad(output, [params[name] for name in names], allow_unused=True)
+            grads = [torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)]
             rows.append(torch.cat([g.reshape(-1) for g in grads]) / np.sqrt(p))
-            logits = torch.func.functional_call(
-                model, params, kwargs={k: v for k, v in example.items() if k != "labels"}
-            ).logits
-            qs.append(1 - torch.softmax(logits[0], -1)[example["labels"][0]].detach())
-        return torch.stack(rows), torch.stack(qs)
+            if isinstance(task, ClassificationModelOutput):
+                logits = call_model(model, weights, {}, without_labels(example)).logits
+                qs.append(1 - torch.softmax(logits[0], -1)[example["labels"][0]])
+            else:
+                qs.append(task.get_out_to_loss_grad(model, weights, {}, example)[0])
+        return torch.stack(rows), torch.stack(qs).detach()
 
     total, q_total = 0, 0
+    train_source = ExampleSource.for_model(train, model, task)
     for checkpoint in checkpoints:
         weights = {name: checkpoint[name].double() for name in names}
+        task.setup(model, weights, {}, lambda n, seed: _double(train_source.sample(n, seed)))
         x, q = features(weights, train)
         t, _ = features(weights, targets)
         xtx = x.T @ x
@@ -50,11 +72,15 @@ def reference_scores(model, train, targets, checkpoints, lambda_reg=None):
 CASES = {
     "image": (tiny_vit, lambda: digits(24), lambda: digits(6, offset=100)),
     "text": (tiny_bert, lambda: token_sequences(24), lambda: token_sequences(6, seed=1)),
+    "clip": (tiny_clip, lambda: clip_pairs(20), lambda: clip_pairs(5, seed=1)),
+    "causal_lm": (tiny_gpt2, lambda: lm_sequences(20), lambda: lm_sequences(5, seed=1)),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("lambda_reg", [None, 1e-3])
+@pytest.mark.parametrize(
+    "case,lambda_reg",
+    [("image", None), ("image", 1e-3), ("text", None), ("text", 1e-3), ("clip", None), ("causal_lm", None)],
+)
 def test_identity_projector_scores_match_float64_reference(case, lambda_reg):
     make_model, make_train, make_targets = CASES[case]
     model, train, targets = make_model(), make_train(), make_targets()
