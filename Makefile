@@ -33,3 +33,5 @@ bench: install
 	$(BIN)/python -m pip install -q --no-deps "traker==0.3.2"
 	$(BIN)/python benchmarks/featurize.py
 	$(BIN)/python benchmarks/lds_digits.py
+	$(BIN)/python benchmarks/factored.py
+	$(BIN)/python benchmarks/lds_text.py

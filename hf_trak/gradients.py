@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .model_outputs import AbstractModelOutput
+from .projectors import AbstractProjector
 
 GradWrt = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 
@@ -81,3 +82,20 @@ class PerExampleGradients:
             with torch.no_grad():  # grad() still differentiates; this only stops graphs on the constants
                 grads = per_example_grad(differentiated, fixed, buffers, dict(batch))
             yield {name: grad.reshape(grad.shape[0], -1) for name, grad in grads.items()}
+
+
+class DenseGradientProjector:
+    """Callable ``(weights, buffers, batch, model_id) -> (B, k)``: Pᵀg with g from ``vmap(grad)``, chunk by chunk."""
+
+    def __init__(self, gradients: PerExampleGradients, projector: AbstractProjector):
+        self.gradients, self.projector = gradients, projector
+        self.proj_dim = projector.proj_dim
+
+    def __call__(
+        self, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Mapping[str, Tensor], model_id: int
+    ) -> Tensor:
+        projected = None
+        for grads in self.gradients(weights, buffers, batch):
+            partial = self.projector.project(grads, model_id)
+            projected = partial if projected is None else projected.add_(partial)
+        return projected

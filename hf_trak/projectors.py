@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-PROJECTORS = ("rademacher", "normal", "identity")
+PROJECTORS = ("rademacher", "normal", "identity")  # dense; "factored" lives in hf_trak.factored
 
 
 class AbstractProjector(ABC):

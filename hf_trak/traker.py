@@ -23,7 +23,8 @@ from . import __version__
 from .checkpoints import Checkpoint, load_checkpoint
 from .config import CONFIG_NAME, TRAKConfig
 from .data import ExampleSource
-from .gradients import GradWrt, PerExampleGradients, select_parameters
+from .factored import FactoredGradientProjector, factorable_parameter_names
+from .gradients import DenseGradientProjector, GradWrt, PerExampleGradients, select_parameters
 from .kernel import merge_top_k, regularized_inverse, resolve_lambda, score_block
 from .masks import AttentionMaskAdapter
 from .model_outputs import AbstractModelOutput, AutoModelOutput, call_model, eval_mode, without_labels
@@ -73,15 +74,17 @@ class TRAKer:
         task: None (pick from the model head with ``AutoModelOutput``), a task name, or an
             ``AbstractModelOutput``.
         proj_dim: k, the feature dimension (ignored by ``projector="identity"``).
-        projector: ``"rademacher"``, ``"normal"`` or ``"identity"`` (raw gradients).
+        projector: ``"rademacher"``, ``"normal"``, ``"identity"`` (raw gradients), or ``"factored"``
+            (Kronecker projection from one batched forward/backward, see ``hf_trak.factored``;
+            by default it differentiates the Linear/Conv1D/Embedding parameters only).
         projector_seed: seed of the projection (checkpoint m gets its own matrix).
         lambda_reg: λ added to XtX; None derives it per checkpoint (see ``hf_trak.kernel``).
         dtype: storage dtype of the train features.
         save_dir: where ``featurize`` writes its features (None: keep them in memory only).
         device: where gradients are computed (default: the model's device).
         grad_wrt: parameters to differentiate (see ``select_parameters``); default the trainable ones.
-        param_chunk_numel: compute per-example gradients for at most this many parameter
-            elements at a time (bounds memory to batch_size × param_chunk_numel floats).
+        param_chunk_numel: dense projectors: compute per-example gradients for at most this
+            many parameter elements at a time (bounds memory to batch_size × param_chunk_numel floats).
         max_projector_cache_bytes: memory for cached projection blocks.
     """
 
@@ -105,14 +108,33 @@ class TRAKer:
         self.task.check_model(model)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype, self.lambda_reg, self.save_dir = dtype, lambda_reg, save_dir
+        if projector == "factored" and grad_wrt is None:
+            trainable = set(select_parameters(model))
+            grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
+            logger.info(
+                "Factored projection: differentiating %d Linear/Conv1D/Embedding parameters; "
+                "pass grad_wrt to add others (dense fallback).",
+                len(grad_wrt),
+            )
         self.param_names = select_parameters(model, grad_wrt)
         parameters = dict(model.named_parameters())
-        param_numels = {name: parameters[name].numel() for name in self.param_names}
-        self.num_params = sum(param_numels.values())
-        self.projector = make_projector(
-            projector, param_numels, proj_dim, projector_seed, self.device, max_projector_cache_bytes
-        )
-        self.gradients = PerExampleGradients(model, self.task, self.param_names, param_chunk_numel)
+        self.num_params = sum(parameters[name].numel() for name in self.param_names)
+        if projector == "factored":
+            if proj_dim is None or int(proj_dim) <= 0:
+                raise ValueError(
+                    f"proj_dim must be a positive integer for the 'factored' projector, got {proj_dim!r}."
+                )
+            self.featurizer = FactoredGradientProjector(
+                model, self.task, self.param_names, int(proj_dim), projector_seed, self.device
+            )
+        else:
+            param_numels = {name: parameters[name].numel() for name in self.param_names}
+            self.featurizer = DenseGradientProjector(
+                PerExampleGradients(model, self.task, self.param_names, param_chunk_numel),
+                make_projector(
+                    projector, param_numels, proj_dim, projector_seed, self.device, max_projector_cache_bytes
+                ),
+            )
         self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
         self.config = TRAKConfig(
             model_class=type(model).__name__,
@@ -120,7 +142,7 @@ class TRAKer:
             task=type(self.task).__name__,
             task_settings=self.task.settings(),
             projector=projector,
-            proj_dim=self.projector.proj_dim,
+            proj_dim=self.featurizer.proj_dim,
             projector_seed=projector_seed,
             param_names=self.param_names,
             num_params=self.num_params,
@@ -161,10 +183,7 @@ class TRAKer:
     def _project_batch(self, weights, buffers, batch: Mapping[str, Tensor], model_id: int) -> Tuple[Tensor, dict]:
         """(x, prepared batch), with x_i = P_mᵀ g_i / √p for each example: (B, k) float32."""
         batch = self.masks(self._to_device(batch), self._forward(weights, buffers))
-        projected = None
-        for grads in self.gradients(weights, buffers, batch):
-            partial = self.projector.project(grads, model_id)
-            projected = partial if projected is None else projected.add_(partial)
+        projected = self.featurizer(weights, buffers, batch, model_id)
         return projected.div_(math.sqrt(self.num_params)), batch
 
     def featurize(
@@ -202,7 +221,7 @@ class TRAKer:
 
     def _featurize_checkpoint(self, source: ExampleSource, model_id: int, batch_size: int) -> CheckpointFeatures:
         weights, buffers = self._at_checkpoint(model_id)
-        n, k = len(source), self.projector.proj_dim
+        n, k = len(source), self.featurizer.proj_dim
         features = torch.empty(n, k, dtype=self.dtype)
         out_to_loss = torch.empty(n, dtype=torch.float32)
         xtx = torch.zeros(k, k, dtype=torch.float32, device=self.device)

@@ -1,0 +1,265 @@
+"""Factored (Kronecker) projection of per-example gradients, without forming them (LoGra).
+
+A weight W of shape (r, c) used by a layer receives, from example i, the gradient
+G_i = Σ_t u_t v_tᵀ (a sum over tokens t), where for
+
+* ``nn.Linear``  (W: d_out × d_in):  u = δ (output gradient), v = x (input);
+* ``Conv1D``     (W: d_in × d_out):  u = x, v = δ;
+* ``nn.Embedding`` (W: vocab × d):   u = one-hot(id), v = δ (rows at ``padding_idx`` get none);
+
+and a bias b receives Σ_t δ_t. Projecting with a Kronecker matrix P_c ⊗ P_r gives
+
+    P_rᵀ G_i P_c = Σ_t (P_rᵀ u_t)(P_cᵀ v_t)ᵀ        (k_r × k_c per example),
+
+computed from activations and output gradients captured by hooks during ONE batched
+forward + backward of Σ_i f(z_i; θ) (examples do not interact in eval mode). A weight
+used by several layers (tied embeddings) sums their contributions; a layer whose input
+is shared by the batch (position ids of shape (1, T)) has its output expanded to the
+batch so that its output gradient stays per example. Factors are
+Rademacher with entries ±1/√k (E[P Pᵀ] = I), or the identity where a side is not larger
+than its target size, so E⟨P_rᵀ A P_c, P_rᵀ B P_c⟩ = ⟨A, B⟩ for every layer; features
+are scaled by √proj_dim to keep the dense projector's convention E⟨Pᵀa, Pᵀb⟩ = k⟨a, b⟩.
+
+Per-layer sizes: matrix l (r × c) gets a share b_l = proj_dim · rc / p of the dimensions
+(p: all differentiated elements), split as k_r ≈ √(b_l r/c), k_c ≈ b_l / k_r, so the
+total is at most ``proj_dim``. LDS against the dense projector on the same parameters
+(``benchmarks/lds_digits.py``, ``benchmarks/lds_text.py``, mean ± std over seeds): digits
+0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024; text 0.212 ±
+0.014 vs 0.217 ± 0.001 at k = 1024 but 0.186 vs 0.260 at k = 256, where each layer gets
+only a few dimensions: use k ≥ 1024. (Equal square blocks per layer, as in LoGra, lost
+0.045 on digits at k = 256.) Parameters of other layers (LayerNorm, position
+tensors, convolutions) fall back to the dense ``vmap(grad)`` path, with their share of
+dimensions in one dense block.
+
+The model output function must return Σ_i f(z_i) when given a batch (the shipped ones do).
+"""
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .gradients import PerExampleGradients
+from .model_outputs import AbstractModelOutput
+from .projectors import IdentityProjector, RandomProjector
+
+FACTORABLE = (nn.Linear, Conv1D, nn.Embedding)
+
+
+def factorable_parameter_names(model: nn.Module) -> List[str]:
+    """Names of the weights and biases of ``nn.Linear``, ``Conv1D`` and ``nn.Embedding`` layers."""
+    names_by_id = {id(parameter): name for name, parameter in model.named_parameters()}
+    found = set()
+    for module in model.modules():
+        if isinstance(module, FACTORABLE):
+            for parameter in (module.weight, getattr(module, "bias", None)):
+                if parameter is not None:
+                    found.add(names_by_id[id(parameter)])
+    return [name for name in names_by_id.values() if name in found]
+
+
+@dataclass
+class _Target:
+    """One projected matrix: a weight (rows × cols) or a bias (d_out × 1), and its place in the features."""
+
+    name: str
+    rows: int
+    cols: int
+    k_rows: int = 0
+    k_cols: int = 0
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.k_rows * self.k_cols
+
+
+@dataclass
+class _Use:
+    """A layer that uses weight ``weight`` (and bias ``bias``)."""
+
+    module: nn.Module
+    weight: Optional[str]
+    bias: Optional[str]
+
+
+class FactoredGradientProjector:
+    """Callable ``(weights, buffers, batch, model_id) -> (B, proj_dim)`` projected gradients Pᵀg.
+
+    Args:
+        model, task: the model and its model output function.
+        param_names: parameters to differentiate; those outside factorable layers use the dense path.
+        proj_dim: feature budget (the actual dimension, ``self.proj_dim``, is at most this).
+        seed: projection seed; checkpoint ``model_id`` gets independent factors.
+        device: where the factors live.
+        kind: ``"rademacher"``, or ``"identity"`` (all factors identity: the exact gradients).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: AbstractModelOutput,
+        param_names: Sequence[str],
+        proj_dim: int,
+        seed: int,
+        device: torch.device,
+        kind: str = "rademacher",
+    ):
+        self.model, self.task, self.seed, self.kind = model, task, seed, kind
+        self.device = torch.device(device)
+        parameters = dict(model.named_parameters())
+        names_by_id = {id(parameter): name for name, parameter in parameters.items()}
+        selected = set(param_names)
+        self.uses: List[_Use] = []
+        targets: Dict[str, _Target] = {}
+        for module in model.modules():
+            if not isinstance(module, FACTORABLE):
+                continue
+            weight = names_by_id[id(module.weight)]
+            bias = getattr(module, "bias", None)
+            bias = names_by_id[id(bias)] if bias is not None else None
+            use = _Use(module, weight if weight in selected else None, bias if bias in selected else None)
+            if use.weight is None and use.bias is None:
+                continue
+            self.uses.append(use)
+            if use.weight is not None:
+                targets[use.weight] = _Target(use.weight, *parameters[use.weight].shape)
+            if use.bias is not None:
+                targets[use.bias] = _Target(use.bias, parameters[use.bias].numel(), 1)
+        self.targets = [targets[name] for name in param_names if name in targets]
+        fallback = [name for name in param_names if name not in targets]
+        self._size_targets(proj_dim, fallback, parameters)
+        self.fallback_gradients = PerExampleGradients(model, task, fallback) if fallback else None
+        self._factors: Dict[Tuple[int, str, str], Tensor] = {}
+
+    def _size_targets(self, proj_dim: int, fallback: List[str], parameters: Mapping[str, nn.Parameter]) -> None:
+        """Give each matrix a share of ``proj_dim`` proportional to its size, split k_r:k_c as r:c."""
+        fallback_numel = sum(parameters[n].numel() for n in fallback)
+        total_numel = sum(t.rows * t.cols for t in self.targets) + fallback_numel
+        offset = 0
+        for target in self.targets:
+            if self.kind == "identity":
+                target.k_rows, target.k_cols = target.rows, target.cols
+            else:
+                budget = max(1.0, proj_dim * target.rows * target.cols / total_numel)
+                k_rows = int(math.sqrt(budget * target.rows / target.cols))
+                target.k_rows = max(1, min(target.rows, k_rows, int(budget)))
+                target.k_cols = max(1, min(target.cols, int(budget // target.k_rows)))
+            target.offset = offset
+            offset += target.size
+        self.fallback_offset = offset
+        self.fallback_projector = None
+        if fallback:
+            numels = {name: parameters[name].numel() for name in fallback}
+            k = max(1, int(proj_dim * fallback_numel / total_numel))
+            self.fallback_projector = (
+                IdentityProjector(numels, self.device)
+                if self.kind == "identity"
+                else RandomProjector(numels, k, "rademacher", self.seed, self.device)
+            )
+            offset += self.fallback_projector.proj_dim
+        if self.kind != "identity" and offset > proj_dim:
+            raise ValueError(
+                f"proj_dim={proj_dim} is too small for {len(self.targets)} factored matrices "
+                f"(each needs at least one dimension); use proj_dim >= {offset}."
+            )
+        self.proj_dim = offset
+
+    # ----------------------------------------------------------------- factors
+    def factor(self, model_id: int, target: _Target, side: str) -> Tensor:
+        """P_r (rows × k_rows) or P_c (cols × k_cols) of ``target``: identity or ±1/√k Rademacher."""
+        dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+        key = (model_id, target.name, side)
+        if key not in self._factors:
+            if k == dim:
+                factor = torch.eye(dim)
+            else:
+                digest = hashlib.sha256(f"{self.seed}/{model_id}/{target.name}/{side}".encode()).digest()
+                generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                signs = torch.randint(0, 2, (dim, k), generator=generator, dtype=torch.int8)
+                factor = (signs.to(torch.float32) * 2 - 1) / math.sqrt(k)
+            self._factors[key] = factor.to(self.device)
+        return self._factors[key]
+
+    # ------------------------------------------------------------- projection
+    def __call__(
+        self, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Mapping[str, Tensor], model_id: int
+    ) -> Tensor:
+        batch_size = next(iter(batch.values())).shape[0]
+        out = torch.zeros(batch_size, self.proj_dim, device=self.device)
+        if self.targets:
+            self._project_factored(weights, buffers, batch, model_id, out)
+        if self.fallback_gradients is not None:
+            for grads in self.fallback_gradients(weights, buffers, batch):
+                out[:, self.fallback_offset :] += self.fallback_projector.project(grads, model_id)
+        if self.kind != "identity":
+            out.mul_(math.sqrt(self.proj_dim))
+        return out
+
+    def _project_factored(self, weights, buffers, batch, model_id: int, out: Tensor) -> None:
+        records: List[Tuple[_Use, Tensor, Tensor]] = []
+        batch_size = out.shape[0]
+
+        def hook(use):
+            def record(module, inputs, output):
+                inputs = inputs[0].detach()
+                if output.shape[0] != batch_size:
+                    if output.shape[0] != 1:
+                        raise ValueError(
+                            f"{type(module).__name__} output has leading dimension {output.shape[0]}, "
+                            f"not the batch size {batch_size}: exclude its parameters from grad_wrt."
+                        )
+                    # An input shared by the batch (position ids of shape (1, T)): give every example its
+                    # own copy of the output, so that its gradient is per example and not summed.
+                    inputs = inputs.expand(batch_size, *inputs.shape[1:])
+                    output = output.expand(batch_size, *output.shape[1:])
+                records.append((use, inputs, output))
+                return output
+
+            return record
+
+        handles = [use.module.register_forward_hook(hook(use)) for use in self.uses]
+        try:
+            # Detached leaves that require grad put the layer outputs on the autograd graph; only
+            # the output gradients δ are asked for, so no weight gradient is ever computed.
+            leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in weights.items()}
+            with torch.enable_grad():
+                total = self.task.get_output(self.model, leaves, buffers, batch)
+                deltas = torch.autograd.grad(total, [output for _, _, output in records], allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets = {target.name: target for target in self.targets}
+        for (use, inputs, _), delta in zip(records, deltas):
+            if delta is None:
+                continue
+            delta = delta.detach().float().reshape(batch_size, -1, delta.shape[-1])
+            if use.weight is not None:
+                target = targets[use.weight]
+                rows, cols = self.factor(model_id, target, "rows"), self.factor(model_id, target, "cols")
+                u, v = self._projected_pair(use.module, inputs, delta, rows, cols)
+                projected = torch.einsum("btr,btc->brc", u, v).reshape(batch_size, -1)
+                out[:, target.offset : target.offset + target.size] += projected
+            if use.bias is not None:
+                target = targets[use.bias]
+                summed = delta.sum(1) @ self.factor(model_id, target, "rows")
+                out[:, target.offset : target.offset + target.size] += summed
+
+    @staticmethod
+    def _projected_pair(module: nn.Module, inputs: Tensor, delta: Tensor, rows: Tensor, cols: Tensor):
+        """(P_rᵀ u_t, P_cᵀ v_t) for every token, each (B, T, k), where G = Σ_t u_t v_tᵀ."""
+        batch_size = delta.shape[0]
+        if isinstance(module, nn.Embedding):
+            ids = inputs.reshape(batch_size, -1)
+            u = rows[ids]  # P_rᵀ one-hot(id) is row ``id`` of P_r
+            if module.padding_idx is not None:
+                u = u * (ids != module.padding_idx).unsqueeze(-1)
+            return u, delta @ cols
+        x = inputs.float().reshape(batch_size, -1, inputs.shape[-1])
+        if isinstance(module, nn.Linear):
+            return delta @ rows, x @ cols
+        return x @ rows, delta @ cols
