@@ -35,3 +35,4 @@ bench: install
 	$(BIN)/python benchmarks/lds_digits.py
 	$(BIN)/python benchmarks/factored.py
 	$(BIN)/python benchmarks/lds_text.py
+	$(BIN)/python benchmarks/store.py

@@ -7,6 +7,7 @@ and renaming of saved keys apply. Tensors are read, never written, and the model
 to ``TRAKer`` is never modified, so checkpoints may alias the live model's tensors.
 """
 
+import hashlib
 import os
 from typing import Mapping, Tuple, Union
 
@@ -62,3 +63,22 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.devi
         weights[name] = tensor.detach().to(device=device, dtype=parameters[name].dtype)
     buffers = {name: state_dict.get(name, buffer).detach().to(device=device) for name, buffer in model.named_buffers()}
     return weights, buffers
+
+
+def checkpoint_fingerprint(weights: Mapping[str, Tensor]) -> str:
+    """sha256 of the parameter names, shapes, dtypes and values: identifies a checkpoint's weights."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def checkpoint_source(checkpoint: Checkpoint) -> str:
+    """Where a checkpoint's weights can be found again: its path, or "state_dict" / "model"."""
+    if isinstance(checkpoint, nn.Module):
+        return "model"
+    if isinstance(checkpoint, Mapping):
+        return "state_dict"
+    return os.path.abspath(os.fspath(checkpoint))

@@ -6,14 +6,41 @@ from typing import List, Optional
 
 CONFIG_NAME = "trak_config.json"
 
+# Fields that give the features their meaning: scoring with another value is wrong.
+FEATURE_FIELDS = (
+    "model_class",
+    "task",
+    "task_settings",
+    "projector",
+    "proj_dim",
+    "feature_dim",
+    "projector_seed",
+    "param_names",
+    "num_params",
+)
+# Fields that a resumed featurization must also share.
+RESUME_FIELDS = FEATURE_FIELDS + (
+    "dtype",
+    "lambda_reg",
+    "num_checkpoints",
+    "num_train_examples",
+    "train_fingerprint",
+    "shard_size",
+    "checkpoint_fingerprints",
+)
+
 
 @dataclasses.dataclass
 class TRAKConfig:
-    """Settings of a featurization; two feature sets can be scored together only if these agree.
+    """Settings and provenance of a featurization.
 
-    ``proj_dim`` is the feature dimension k (p for the identity projector), ``param_names``
+    ``proj_dim`` is the requested projection size and ``feature_dim`` the feature dimension
+    k it gave (p for the identity projector, at most ``proj_dim`` when factored); ``param_names``
     the differentiated parameters (p = ``num_params`` elements), ``dtype`` the storage
     dtype of the features, ``lambda_reg`` the requested λ (None: derived per checkpoint).
+    ``train_fingerprint`` identifies the train split (``datasets`` fingerprint), and
+    ``checkpoint_fingerprints[m]`` the weights of checkpoint m (sha256 of its parameters);
+    ``checkpoint_sources[m]`` says where they came from (a path, or "state_dict").
     """
 
     model_class: str
@@ -21,14 +48,20 @@ class TRAKConfig:
     task: str
     task_settings: dict
     projector: str
-    proj_dim: int
+    proj_dim: Optional[int]
     projector_seed: int
     param_names: List[str]
     num_params: int
     lambda_reg: Optional[float]
     dtype: str
+    feature_dim: int = 0
+    model_revision: Optional[str] = None
     num_checkpoints: int = 0
     num_train_examples: int = 0
+    train_fingerprint: str = ""
+    shard_size: int = 4096
+    checkpoint_fingerprints: List[str] = dataclasses.field(default_factory=list)
+    checkpoint_sources: List[str] = dataclasses.field(default_factory=list)
     hf_trak_version: str = ""
 
     def to_json_string(self) -> str:
@@ -38,11 +71,16 @@ class TRAKConfig:
     def from_json_string(cls, text: str) -> "TRAKConfig":
         return cls(**json.loads(text))
 
-    def mismatches(self, other: "TRAKConfig") -> List[str]:
-        """Fields that make features incompatible (model, task, parameters, projection) and differ."""
-        ignored = {"name_or_path", "num_checkpoints", "num_train_examples", "hf_trak_version", "lambda_reg", "dtype"}
+    def mismatches(self, other: "TRAKConfig", resume: bool = False) -> List[str]:
+        """Human-readable differences in the fields that matter (``resume``: for continuing a run)."""
+        fields = RESUME_FIELDS if resume else FEATURE_FIELDS
         return [
-            f"{field.name}: stored {getattr(self, field.name)!r}, given {getattr(other, field.name)!r}"
-            for field in dataclasses.fields(self)
-            if field.name not in ignored and getattr(self, field.name) != getattr(other, field.name)
+            f"{name}: stored {_short(getattr(self, name))}, given {_short(getattr(other, name))}"
+            for name in fields
+            if getattr(self, name) != getattr(other, name)
         ]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

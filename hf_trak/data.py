@@ -115,18 +115,36 @@ class ExampleSource:
     def _rows(self, indices) -> dict:
         return self._formatted[indices]
 
-    def batches(self, batch_size: int) -> Iterator[dict]:
-        """Batches of tensors, in dataset order."""
+    @property
+    def fingerprint(self) -> str:
+        """The ``datasets`` fingerprint of the split (what its rows are), or its size if it has none."""
+        data = self.data.dataset if self.is_dataloader else self.data
+        return getattr(data, "_fingerprint", None) or f"{type(data).__name__}-{len(self)}"
+
+    def batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+        """Batches of tensors of rows ``[start, stop)``, in dataset order."""
+        stop = len(self) if stop is None else stop
         if self.is_dataloader:
-            for batch in self.data:
-                if not isinstance(batch, dict):
-                    raise TypeError(
-                        f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}."
-                    )
-                yield self._select(dict(batch))
+            yield from self._dataloader_rows(start, stop)
             return
-        for start in range(0, len(self), batch_size):
-            yield self._select(self._collate(self._rows(slice(start, start + batch_size))))
+        for begin in range(start, stop, batch_size):
+            yield self._select(self._collate(self._rows(slice(begin, min(begin + batch_size, stop)))))
+
+    def _dataloader_rows(self, start: int, stop: int) -> Iterator[dict]:
+        """The DataLoader's batches cut to rows ``[start, stop)`` (earlier batches are still loaded)."""
+        row = 0
+        for batch in self.data:
+            if not isinstance(batch, dict):
+                raise TypeError(
+                    f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}."
+                )
+            size = len(next(iter(batch.values())))
+            if row + size > start and row < stop:
+                lo, hi = max(start - row, 0), min(stop - row, size)
+                yield self._select({name: value[lo:hi] for name, value in batch.items()})
+            row += size
+            if row >= stop:
+                return
 
     def sample(self, num_examples: int, seed: int) -> dict:
         """``num_examples`` examples drawn without replacement with ``seed``, as one batch."""

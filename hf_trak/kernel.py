@@ -5,8 +5,13 @@ For checkpoint m, with train features X_m (n × k), Q_m (n,) and target features
     XtX_m = Σ_i x_i x_iᵀ                        accumulated in float32
     λ_m   = lambda_reg, or LAMBDA_SCALE · tr(XtX_m) / k when lambda_reg is None
     K_m   = (XtX_m + λ_m I)⁻¹ / mean|(XtX_m + λ_m I)⁻¹|     inverted in float64
-    Φ_m   = X_m K_m                             the stored train features
-    τ     = mean_m(Φ_m T_mᵀ) ⊙ mean_m(Q_m)[:, None]         scores (n × b)
+    τ     = mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m)[:, None]     scores (n × b)
+
+X_m is stored (so featurization can resume and processes can write in parallel) and
+Φ = X_m K_m is formed block by block when scoring. The order matters: when k > n, K Tᵀ
+has components of size 1/λ in the null space of XtX that X (K Tᵀ) cancels in float32,
+while X K stays well scaled. Forming Φ costs n·k² per scoring pass, next to n·k·b for
+the scores, so targets are scored in blocks of b ≥ k by default.
 
 The rescaling of K by its mean absolute value is traker's (it keeps Φ in fp16 range);
 it multiplies all scores of a checkpoint by one constant.
@@ -42,15 +47,17 @@ def regularized_inverse(xtx: Tensor, lambda_reg: float) -> Tensor:
     return (inverse / inverse.abs().mean()).float()
 
 
-def score_block(train_features: Sequence[Tensor], target_features: Sequence[Tensor], out_to_loss: Tensor) -> Tensor:
-    """mean_m(Φ_m T_mᵀ) ⊙ Q for one block of train rows: (rows × b) float32.
+def score_block(
+    train_features: Sequence[Tensor], kernels: Sequence[Tensor], target_features: Sequence[Tensor], out_to_loss: Tensor
+) -> Tensor:
+    """mean_m((X_m[rows] K_m) T_mᵀ) ⊙ Q[rows] for one block of train rows: (rows × b) float32.
 
-    ``train_features[m]`` is Φ_m[rows] (any float dtype), ``target_features[m]`` is T_m,
-    ``out_to_loss`` is mean_m(Q_m)[rows].
+    ``train_features[m]`` is X_m[rows] (any float dtype), ``kernels[m]`` K_m (k × k),
+    ``target_features[m]`` T_m (b × k), ``out_to_loss`` mean_m(Q_m)[rows].
     """
     total = None
-    for phi, targets in zip(train_features, target_features):
-        block = phi.to(device=targets.device, dtype=torch.float32) @ targets.T
+    for features, kernel, targets in zip(train_features, kernels, target_features):
+        block = (features.to(device=kernel.device, dtype=torch.float32) @ kernel) @ targets.T
         total = block if total is None else total.add_(block)
     return total.div_(len(train_features)).mul_(out_to_loss.to(total.device)[:, None])
 

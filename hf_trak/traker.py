@@ -1,27 +1,29 @@
 """``TRAKer``: featurize a training split over checkpoints, then score target splits.
 
 Per checkpoint m and example z_i: x_i = P_mᵀ ∇_θ f(z_i; θ_m) / √p (p = number of
-differentiated parameters) and Q_i; the kernel and scores are those of ``kernel``.
-The model given to ``TRAKer`` is only used for its architecture: every forward pass is a
-``functional_call`` at a checkpoint's tensors.
+differentiated parameters) and Q_i, written to a ``FeatureStore`` shard by shard; the
+kernel and scores are those of ``hf_trak.kernel``. The model given to ``TRAKer`` is only
+used for its architecture: every forward pass is a ``functional_call`` at a checkpoint's
+tensors.
 """
 
+import dataclasses
 import itertools
 import logging
 import math
 import os
-from dataclasses import dataclass
+import warnings
 from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoints import Checkpoint, load_checkpoint
-from .config import CONFIG_NAME, TRAKConfig
+from .card import write_dataset_card
+from .checkpoints import Checkpoint, checkpoint_fingerprint, checkpoint_source, load_checkpoint
+from .config import TRAKConfig
 from .data import ExampleSource
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, GradWrt, PerExampleGradients, select_parameters
@@ -29,34 +31,18 @@ from .kernel import merge_top_k, regularized_inverse, resolve_lambda, score_bloc
 from .masks import AttentionMaskAdapter
 from .model_outputs import AbstractModelOutput, AutoModelOutput, call_model, eval_mode, without_labels
 from .projectors import make_projector
+from .store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
+STORAGE_DTYPES = (torch.float16, torch.float32)
 
-@dataclass
-class CheckpointFeatures:
-    """Finalized train features of one checkpoint.
 
-    ``features``: Φ = X K (n × k, storage dtype); ``out_to_loss``: Q (n,); ``xtx``: XtX
-    (k × k, float32); ``lambda_reg``: the λ used in K.
-    """
-
-    features: Tensor
-    out_to_loss: Tensor
-    xtx: Tensor
-    lambda_reg: float
-
-    def to_tensors(self) -> dict:
-        return {
-            "features": self.features,
-            "out_to_loss": self.out_to_loss,
-            "xtx": self.xtx,
-            "lambda_reg": torch.tensor(self.lambda_reg, dtype=torch.float64),
-        }
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> "CheckpointFeatures":
-        return cls(tensors["features"], tensors["out_to_loss"], tensors["xtx"], float(tensors["lambda_reg"]))
+def _as_tensor(array: np.ndarray) -> Tensor:
+    """A torch view of a read-only (memory-mapped) numpy array; it is never written to."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 class TopK(NamedTuple):
@@ -80,12 +66,13 @@ class TRAKer:
         projector_seed: seed of the projection (checkpoint m gets its own matrix).
         lambda_reg: λ added to XtX; None derives it per checkpoint (see ``hf_trak.kernel``).
         dtype: storage dtype of the train features.
-        save_dir: where ``featurize`` writes its features (None: keep them in memory only).
+        save_dir: the feature store ``featurize`` writes (None: a temporary folder).
         device: where gradients are computed (default: the model's device).
         grad_wrt: parameters to differentiate (see ``select_parameters``); default the trainable ones.
         param_chunk_numel: dense projectors: compute per-example gradients for at most this
             many parameter elements at a time (bounds memory to batch_size × param_chunk_numel floats).
         max_projector_cache_bytes: memory for cached projection blocks.
+        shard_size: train rows per stored shard (the unit of resuming and of scoring blocks).
     """
 
     def __init__(
@@ -102,7 +89,10 @@ class TRAKer:
         grad_wrt: GradWrt = None,
         param_chunk_numel: Optional[int] = None,
         max_projector_cache_bytes: int = 4 * 2**30,
+        shard_size: int = 4096,
     ):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be torch.float16 or torch.float32 (the stored feature dtype), got {dtype}.")
         self.model = model
         self.task: AbstractModelOutput = AutoModelOutput.resolve(model, task)
         self.task.check_model(model)
@@ -142,16 +132,19 @@ class TRAKer:
             task=type(self.task).__name__,
             task_settings=self.task.settings(),
             projector=projector,
-            proj_dim=self.featurizer.proj_dim,
+            proj_dim=proj_dim if projector != "identity" else None,
+            feature_dim=self.featurizer.proj_dim,
             projector_seed=projector_seed,
             param_names=self.param_names,
             num_params=self.num_params,
             lambda_reg=lambda_reg,
             dtype=str(dtype).replace("torch.", ""),
+            model_revision=getattr(getattr(model, "config", None), "_commit_hash", None),
+            shard_size=shard_size,
             hf_trak_version=__version__,
         )
+        self.store: Optional[FeatureStore] = None
         self.checkpoints: List[Checkpoint] = []
-        self.features: List[CheckpointFeatures] = []
         self._train_source: Optional[ExampleSource] = None
 
     # ----------------------------------------------------------------- inputs
@@ -194,61 +187,73 @@ class TRAKer:
         data_collator: Optional[Callable] = None,
         overwrite: bool = False,
     ) -> "TRAKer":
-        """Compute the train features Φ_m and Q_m at each checkpoint (one projection each).
+        """Write x_i and Q_i of every train example at each checkpoint to ``save_dir``, then K_m.
 
-        ``checkpoints``: state dicts, models, or ``save_pretrained``/Trainer folders.
-        Writes them to ``save_dir`` unless it is None; an existing featurization there is
-        only replaced with ``overwrite=True``.
+        ``checkpoints``: state dicts, models, or ``save_pretrained``/Trainer folders. A run
+        on a store with the same settings, train split and checkpoints resumes it (complete
+        shards are kept); a store made otherwise is only replaced with ``overwrite=True``.
         """
         if not checkpoints:
             raise ValueError(
                 "featurize needs at least one checkpoint (a state dict, model or save_pretrained folder)."
             )
-        if self.save_dir is not None and os.path.exists(os.path.join(self.save_dir, CONFIG_NAME)) and not overwrite:
-            raise FileExistsError(
-                f"{self.save_dir} already holds TRAK features. Load them with "
-                "TRAKer.from_pretrained, choose another save_dir, or pass overwrite=True."
-            )
         source = self._source(train_dataset, data_collator)
-        self._train_source, self.checkpoints, self.features = source, list(checkpoints), []
+        fingerprints = [
+            checkpoint_fingerprint(load_checkpoint(c, self.model, torch.device("cpu"))[0]) for c in checkpoints
+        ]
+        config = dataclasses.replace(
+            self.config,
+            num_checkpoints=len(checkpoints),
+            num_train_examples=len(source),
+            train_fingerprint=source.fingerprint,
+            checkpoint_fingerprints=fingerprints,
+            checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
+        )
+        self.store = FeatureStore.create_or_resume(self.save_dir, config, overwrite=overwrite)
+        self.config, self._train_source, self.checkpoints = self.store.config, source, list(checkpoints)
         with eval_mode(self.model):
             for model_id in range(len(self.checkpoints)):
-                self.features.append(self._featurize_checkpoint(source, model_id, batch_size))
-        self.config.num_checkpoints, self.config.num_train_examples = len(self.checkpoints), len(source)
-        if self.save_dir is not None:
-            self.save_pretrained(self.save_dir)
+                self._featurize_checkpoint(source, model_id, batch_size)
+        write_dataset_card(self.store)
         return self
 
-    def _featurize_checkpoint(self, source: ExampleSource, model_id: int, batch_size: int) -> CheckpointFeatures:
-        weights, buffers = self._at_checkpoint(model_id)
-        n, k = len(source), self.featurizer.proj_dim
-        features = torch.empty(n, k, dtype=self.dtype)
-        out_to_loss = torch.empty(n, dtype=torch.float32)
-        xtx = torch.zeros(k, k, dtype=torch.float32, device=self.device)
-        row = 0
-        for batch in tqdm(
-            source.batches(batch_size),
-            total=math.ceil(n / batch_size),
-            desc=f"Featurizing checkpoint {model_id}",
-            disable=None,
-        ):
-            projected, batch = self._project_batch(weights, buffers, batch, model_id)
-            stored = projected.to(self.dtype)
-            xtx.addmm_(stored.T.float(), stored.float())
-            with torch.no_grad():
-                q = self.task.get_out_to_loss_grad(self.model, weights, buffers, batch)
-            features[row : row + len(stored)] = stored.cpu()
-            out_to_loss[row : row + len(stored)] = q.float().cpu()
-            row += len(stored)
-        if row != n:
-            raise ValueError(f"The data yielded {row} examples for a dataset of {n} (drop_last=True?).")
-        lambda_reg = resolve_lambda(xtx, self.lambda_reg)
-        kernel = regularized_inverse(xtx, lambda_reg)
-        for start in range(0, n, 8192):
-            block = features[start : start + 8192].to(self.device, torch.float32)
-            features[start : start + 8192] = (block @ kernel).to(self.dtype).cpu()
-        logger.info("Checkpoint %d: %d examples, k=%d, lambda=%.3g", model_id, n, k, lambda_reg)
-        return CheckpointFeatures(features, out_to_loss, xtx.cpu(), lambda_reg)
+    def _featurize_checkpoint(self, source: ExampleSource, model_id: int, batch_size: int) -> None:
+        store = self.store
+        missing = [(start, stop) for start, stop in store.shard_ranges() if not store.has_shard(model_id, start, stop)]
+        if missing:
+            weights, buffers = self._at_checkpoint(model_id)
+            done = len(source) - sum(stop - start for start, stop in missing)
+            with tqdm(
+                total=len(source),
+                initial=done,
+                unit="example",
+                desc=f"Featurizing checkpoint {model_id}",
+                disable=None,
+            ) as progress:
+                for start, stop in missing:
+                    features, out_to_loss = [], []
+                    for batch in source.batches(batch_size, start, stop):
+                        projected, batch = self._project_batch(weights, buffers, batch, model_id)
+                        with torch.no_grad():
+                            q = self.task.get_out_to_loss_grad(self.model, weights, buffers, batch)
+                        features.append(projected.to(self.dtype).cpu())
+                        out_to_loss.append(q.float().cpu())
+                        progress.update(len(q))
+                    features = torch.cat(features)
+                    if len(features) != stop - start:
+                        raise ValueError(
+                            f"The data yielded {len(features)} examples for rows [{start}, {stop}) "
+                            "(a DataLoader with drop_last=True?)."
+                        )
+                    store.write_shard(model_id, start, features.numpy(), torch.cat(out_to_loss).numpy())
+        if not store.has_kernel(model_id):
+            xtx = torch.zeros(self.featurizer.proj_dim, self.featurizer.proj_dim, device=self.device)
+            for _, features, _ in store.shards(model_id):
+                block = _as_tensor(features).to(self.device, torch.float32)
+                xtx.addmm_(block.T, block)
+            lambda_reg = resolve_lambda(xtx, self.lambda_reg)
+            store.save_kernel(model_id, xtx.cpu(), regularized_inverse(xtx, lambda_reg).cpu(), lambda_reg)
+            logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, xtx.shape[0], lambda_reg)
 
     # ---------------------------------------------------------------- scores
     def _target_features(self, batches: List[dict]) -> List[Tensor]:
@@ -259,14 +264,16 @@ class TRAKer:
             targets.append(torch.cat([self._project_batch(weights, buffers, batch, model_id)[0] for batch in batches]))
         return targets
 
-    def _score_blocks(self, targets, batch_size, data_collator, train_block_size, target_block_size):
+    def _score_blocks(self, targets, batch_size, data_collator, target_block_size):
         """Yields, per block of targets, ``(target_start, blocks)`` where ``blocks`` yields
-        ``(train_start, scores)`` with scores of shape (train rows × block targets), float32."""
-        if not self.features:
+        ``(train_start, scores)`` with scores of shape (shard rows × block targets), float32."""
+        if self.store is None:
             raise RuntimeError("No train features: call featurize(...) or TRAKer.from_pretrained(...) first.")
+        store, num_checkpoints = self.store, self.config.num_checkpoints
+        kernels = [store.load_kernel(m)["kernel"].to(self.device) for m in range(num_checkpoints)]
+        out_to_loss = torch.from_numpy(np.mean([store.out_to_loss(m) for m in range(num_checkpoints)], axis=0))
         source = self._source(targets, data_collator)
-        out_to_loss = torch.stack([f.out_to_loss for f in self.features]).mean(0)
-        n, target_start, pending, pending_rows = len(out_to_loss), 0, [], 0
+        target_start, pending, pending_rows = 0, [], 0
         with eval_mode(self.model), tqdm(total=len(source), desc="Scoring targets", disable=None) as progress:
             for batch in itertools.chain(source.batches(batch_size), [None]):
                 if batch is not None:
@@ -276,24 +283,18 @@ class TRAKer:
                         continue
                 if not pending:
                     break
-                target_features = self._target_features(pending)
-                yield (
-                    target_start,
-                    (
-                        (
-                            train_start,
-                            score_block(
-                                [f.features[train_start : train_start + train_block_size] for f in self.features],
-                                target_features,
-                                out_to_loss[train_start : train_start + train_block_size],
-                            ).cpu(),
-                        )
-                        for train_start in range(0, n, train_block_size)
-                    ),
-                )
+                yield target_start, self._score_shards(kernels, self._target_features(pending), out_to_loss)
                 target_start += pending_rows
                 progress.update(pending_rows)
                 pending, pending_rows = [], 0
+
+    def _score_shards(self, kernels: List[Tensor], target_features: List[Tensor], out_to_loss: Tensor):
+        """``(train_start, scores (shard rows × b))`` for each train shard, read memory-mapped."""
+        num_checkpoints = len(kernels)
+        for shards in zip(*(self.store.shards(m) for m in range(num_checkpoints))):
+            start, rows = shards[0][0], len(shards[0][1])
+            features = [_as_tensor(features) for _, features, _ in shards]
+            yield start, score_block(features, kernels, target_features, out_to_loss[start : start + rows]).cpu()
 
     def score(
         self,
@@ -301,27 +302,22 @@ class TRAKer:
         batch_size: int = 32,
         data_collator: Optional[Callable] = None,
         out: Optional[np.ndarray] = None,
-        train_block_size: int = 16384,
-        target_block_size: int = 1024,
+        target_block_size: int = 4096,
     ) -> np.ndarray:
         """TRAK scores, shape (len(train), len(targets)), float32.
 
-        Targets are featurized ``target_block_size`` at a time and scored against
-        ``train_block_size`` train rows at a time; pass ``out`` (e.g. an ``np.memmap``)
-        when the score matrix is larger than memory.
+        Targets are featurized ``target_block_size`` at a time and scored against one
+        memory-mapped shard of train features at a time; pass ``out`` (e.g. an
+        ``np.memmap``) when the score matrix is larger than memory.
         """
         shape = (self.config.num_train_examples, len(self._source(targets, data_collator)))
         if out is None:
             out = np.empty(shape, dtype=np.float32)
         elif out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}.")
-        for target_start, blocks in self._score_blocks(
-            targets, batch_size, data_collator, train_block_size, target_block_size
-        ):
+        for target_start, blocks in self._score_blocks(targets, batch_size, data_collator, target_block_size):
             for train_start, block in blocks:
-                out[train_start : train_start + block.shape[0], target_start : target_start + block.shape[1]] = (
-                    block.numpy()
-                )
+                out[train_start : train_start + block.shape[0], target_start : target_start + block.shape[1]] = block
         return out
 
     def top_k(
@@ -331,12 +327,11 @@ class TRAKer:
         largest: bool = True,
         batch_size: int = 32,
         data_collator: Optional[Callable] = None,
-        train_block_size: int = 16384,
-        target_block_size: int = 1024,
+        target_block_size: int = 4096,
     ) -> TopK:
         """The k proponents (``largest=True``) or opponents of each target, without the full score matrix."""
         indices, scores = [], []
-        for _, blocks in self._score_blocks(targets, batch_size, data_collator, train_block_size, target_block_size):
+        for _, blocks in self._score_blocks(targets, batch_size, data_collator, target_block_size):
             best = None
             for train_start, block in blocks:
                 best = merge_top_k(best, block, train_start, k, largest)
@@ -344,39 +339,43 @@ class TRAKer:
             indices.append(best[1].T.numpy())
         return TopK(np.concatenate(indices), np.concatenate(scores))
 
-    # ------------------------------------------------------------- save/load
-    def save_pretrained(self, save_dir: str) -> None:
-        """Write ``trak_config.json`` and ``features-<m>.safetensors`` (Φ_m, Q_m, XtX_m, λ_m) to ``save_dir``."""
-        os.makedirs(save_dir, exist_ok=True)
-        for model_id, features in enumerate(self.features):
-            save_file(
-                {name: t.contiguous() for name, t in features.to_tensors().items()},
-                os.path.join(save_dir, f"features-{model_id}.safetensors"),
-            )
-        with open(os.path.join(save_dir, CONFIG_NAME), "w") as file:
-            file.write(self.config.to_json_string())
+    def save_scores(self, scores: np.ndarray, name: str) -> str:
+        """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path."""
+        path = self._require_store().save_scores(name, scores)
+        write_dataset_card(self.store)
+        return path
 
+    def _require_store(self) -> FeatureStore:
+        if self.store is None:
+            raise RuntimeError("No train features: call featurize(...) or TRAKer.from_pretrained(...) first.")
+        return self.store
+
+    # ------------------------------------------------------------- load/push
     @classmethod
     def from_pretrained(
         cls,
         save_dir: str,
         model: nn.Module,
-        checkpoints: Sequence[Checkpoint],
+        checkpoints: Optional[Sequence[Checkpoint]] = None,
         task=None,
         train_dataset=None,
         device=None,
         **kwargs,
     ) -> "TRAKer":
-        """Reload features written by ``featurize``; ``checkpoints`` are those it was run with.
+        """Score against the features in ``save_dir`` (written by ``featurize`` or downloaded).
 
-        Refuses, naming the difference, if the model, task, parameters or projection differ.
+        ``checkpoints``: those the features were made at; by default their recorded paths,
+        or ``model`` itself for a single checkpoint. Their weights must match the recorded
+        fingerprints, and the model, task, parameters and projection the stored settings.
+        ``train_dataset`` is only needed by tasks that sample training examples (CLIP).
         """
-        with open(os.path.join(save_dir, CONFIG_NAME)) as file:
-            stored = TRAKConfig.from_json_string(file.read())
-        if len(checkpoints) != stored.num_checkpoints:
+        store = FeatureStore.load(save_dir)
+        if not store.is_complete():
             raise ValueError(
-                f"{save_dir} was featurized at {stored.num_checkpoints} checkpoints, got {len(checkpoints)}."
+                f"The featurization in {save_dir} is incomplete: run featurize(...) again with the "
+                "same arguments to resume it."
             )
+        stored = store.config
         traker = cls(
             model,
             task=task,
@@ -385,20 +384,90 @@ class TRAKer:
             projector_seed=stored.projector_seed,
             lambda_reg=stored.lambda_reg,
             dtype=getattr(torch, stored.dtype),
-            save_dir=None,
+            save_dir=save_dir,
             device=device,
             grad_wrt=kwargs.pop("grad_wrt", stored.param_names),
+            shard_size=stored.shard_size,
             **kwargs,
         )
         mismatches = stored.mismatches(traker.config)
         if mismatches:
-            raise ValueError(f"The features in {save_dir} were made with different settings: " + "; ".join(mismatches))
-        traker.config = stored
-        traker.checkpoints = list(checkpoints)
-        traker.features = [
-            CheckpointFeatures.from_tensors(load_file(os.path.join(save_dir, f"features-{m}.safetensors")))
-            for m in range(stored.num_checkpoints)
-        ]
+            raise ValueError(
+                f"The features in {save_dir} were made with other settings than this model and task: "
+                + "; ".join(mismatches)
+            )
+        traker.store, traker.config = store, stored
+        traker.checkpoints = traker._verified_checkpoints(checkpoints)
         if train_dataset is not None:
             traker._train_source = traker._source(train_dataset, None)
         return traker
+
+    def _verified_checkpoints(self, checkpoints: Optional[Sequence[Checkpoint]]) -> List[Checkpoint]:
+        stored = self.store.config
+        if checkpoints is None:
+            if all(os.path.exists(source) for source in stored.checkpoint_sources):
+                checkpoints = stored.checkpoint_sources
+            elif stored.num_checkpoints == 1:
+                checkpoints = [self.model]
+            else:
+                raise ValueError(
+                    f"The features were made at {stored.num_checkpoints} checkpoints "
+                    f"({stored.checkpoint_sources}); pass them as checkpoints=[...]."
+                )
+        if len(checkpoints) != stored.num_checkpoints:
+            raise ValueError(
+                f"The features were made at {stored.num_checkpoints} checkpoints, got {len(checkpoints)}."
+            )
+        for model_id, checkpoint in enumerate(checkpoints):
+            weights, _ = load_checkpoint(checkpoint, self.model, torch.device("cpu"))
+            if checkpoint_fingerprint(weights) != stored.checkpoint_fingerprints[model_id]:
+                raise ValueError(
+                    f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has other weights than the one the "
+                    f"features were made at ({stored.checkpoint_sources[model_id]}): pass the checkpoints used by "
+                    "featurize, in the same order."
+                )
+        return list(checkpoints)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        commit_message: str = "Upload TRAK features with hf_trak",
+        revision: Optional[str] = None,
+    ) -> str:
+        """Upload the store (features, kernels, scores, card) as a dataset repo; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        store = self._require_store()
+        if not store.is_complete():
+            raise ValueError("The featurization is incomplete: finish featurize(...) before pushing.")
+        write_dataset_card(store, repo_id)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=store.root,
+            commit_message=commit_message,
+            revision=revision,
+            ignore_patterns=["*.tmp-*"],
+        )
+        return commit.commit_url
+
+    @classmethod
+    def from_hub(
+        cls,
+        repo_id: str,
+        model: nn.Module,
+        checkpoints: Optional[Sequence[Checkpoint]] = None,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        **kwargs,
+    ) -> "TRAKer":
+        """``from_pretrained`` on a features repo pushed with ``push_to_hub`` (downloaded to the HF cache)."""
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token, cache_dir=cache_dir)
+        return cls.from_pretrained(local, model, checkpoints=checkpoints, **kwargs)

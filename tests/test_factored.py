@@ -80,7 +80,7 @@ def test_random_factors_preserve_inner_products_in_expectation():
 def test_factored_traker_end_to_end_and_dimension_budget():
     model, data = tiny_gpt2(), lm_sequences(12)
     traker = TRAKer(model, projector="factored", proj_dim=300, save_dir=None)
-    assert traker.featurizer.proj_dim <= 300 and traker.config.proj_dim == traker.featurizer.proj_dim
+    assert traker.featurizer.proj_dim <= 300 and traker.config.feature_dim == traker.featurizer.proj_dim
     assert traker.param_names == factorable_parameter_names(model)
     scores = traker.featurize(data, [model.state_dict()], batch_size=5).score(lm_sequences(4, seed=1))
     assert scores.shape == (12, 4) and np.isfinite(scores).all()
@@ -92,9 +92,9 @@ def test_factored_features_do_not_depend_on_batch_size():
     model, data = tiny_bert(), token_sequences(9)
     one = TRAKer(model, projector="factored", proj_dim=128, save_dir=None, dtype=torch.float32)
     many = TRAKer(model, projector="factored", proj_dim=128, save_dir=None, dtype=torch.float32)
-    a = one.featurize(data, [model.state_dict()], batch_size=1).features[0].features
-    b = many.featurize(data, [model.state_dict()], batch_size=9).features[0].features
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+    a = one.featurize(data, [model.state_dict()], batch_size=1).store.features(0)
+    b = many.featurize(data, [model.state_dict()], batch_size=9).store.features(0)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
 
 
 @pytest.mark.parametrize("proj_dim", [256, 1024])
@@ -108,7 +108,7 @@ def test_factored_lds_on_digits_is_within_noise_of_dense(proj_dim):
 
 
 GPT2_SMALL_SCRIPT = """
-import resource, torch
+import resource, numpy as np, torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from hf_trak import TRAKer
@@ -118,8 +118,8 @@ ids = torch.randint(0, 50257, (8, 64)).tolist()
 data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 64] * 8, "labels": ids})
 traker = TRAKer(model, projector="factored", proj_dim=2048, save_dir=None)
 traker.featurize(data, [model.state_dict()], batch_size=8)
-assert traker.features[0].features.shape == (8, traker.featurizer.proj_dim)
-assert torch.isfinite(traker.features[0].features.float()).all()
+assert traker.store.features(0).shape == (8, traker.featurizer.proj_dim)
+assert np.isfinite(traker.store.features(0)).all()
 print("peak GiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 """
 

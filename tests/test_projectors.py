@@ -66,17 +66,18 @@ def test_identity_projector_concatenates_gradients():
 )
 def test_features_do_not_depend_on_batch_size_or_parameter_chunks(make_model, make_data):
     model, data = make_model(), make_data()
-    reference = (
-        TRAKer(model, proj_dim=40, save_dir=None, dtype=torch.float32)
+    reference = torch.as_tensor(
+        TRAKer(model, proj_dim=40, save_dir=None, dtype=torch.float32, shard_size=5)
         .featurize(data, [model.state_dict()], batch_size=13)
-        .features[0]
-        .features
+        .store.features(0)
     )
     for batch_size, chunk in [(1, None), (5, None), (4, 150)]:
         traker = TRAKer(model, proj_dim=40, save_dir=None, dtype=torch.float32, param_chunk_numel=chunk)
         if chunk is not None:
             assert len(traker.featurizer.gradients.chunks) > 3
-        features = traker.featurize(data, [model.state_dict()], batch_size=batch_size).features[0].features
+        features = torch.as_tensor(
+            traker.featurize(data, [model.state_dict()], batch_size=batch_size).store.features(0)
+        )
         torch.testing.assert_close(features, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
 
 
@@ -97,4 +98,4 @@ def test_cuda_features_equal_cpu_features():
     cuda = TRAKer(model, proj_dim=64, save_dir=None, dtype=torch.float32, device="cuda").featurize(
         data, [model.state_dict()]
     )
-    torch.testing.assert_close(cuda.features[0].features, cpu.features[0].features, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(cuda.store.features(0), cpu.store.features(0), rtol=1e-3, atol=1e-4)

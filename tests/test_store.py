@@ -1,0 +1,148 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_dataset
+
+from hf_trak import TRAKer
+from hf_trak.card import render_trainer_section
+from hf_trak.store import FeatureStore
+from tests.helpers import digits, perturbed_state_dict, tiny_vit
+
+
+def _featurized(tmp_path, **kwargs):
+    model = tiny_vit()
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
+    traker = TRAKer(model, proj_dim=32, save_dir=str(tmp_path / "store"), shard_size=8, **kwargs)
+    return traker.featurize(digits(20), checkpoints, batch_size=4), model, checkpoints
+
+
+def test_layout_is_arrow_safetensors_and_json_only(tmp_path):
+    traker, _, _ = _featurized(tmp_path)
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), traker.save_dir) for d, _, fs in os.walk(traker.save_dir) for f in fs
+    )
+    assert files == [
+        "README.md",
+        "checkpoint-0/features-000000000-000000008.arrow",
+        "checkpoint-0/features-000000008-000000016.arrow",
+        "checkpoint-0/features-000000016-000000020.arrow",
+        "checkpoint-0/kernel.safetensors",
+        "checkpoint-1/features-000000000-000000008.arrow",
+        "checkpoint-1/features-000000008-000000016.arrow",
+        "checkpoint-1/features-000000016-000000020.arrow",
+        "checkpoint-1/kernel.safetensors",
+        "trak_config.json",
+    ]
+    config = FeatureStore.load(traker.save_dir).config
+    assert (config.num_train_examples, config.num_checkpoints, config.feature_dim) == (20, 2, 32)
+    assert config.train_fingerprint == digits(20)._fingerprint and len(config.checkpoint_fingerprints) == 2
+
+
+def test_load_dataset_reads_each_checkpoint_as_a_config(tmp_path):
+    traker, _, _ = _featurized(tmp_path)
+    for m in range(2):
+        rows = load_dataset(traker.save_dir, f"checkpoint-{m}", split="train").with_format("numpy")
+        assert rows.features["features"].feature.dtype == "float16"
+        np.testing.assert_array_equal(rows["index"], np.arange(20))
+        np.testing.assert_array_equal(np.stack(rows["features"]), traker.store.features(m))
+        np.testing.assert_array_equal(rows["out_to_loss"], traker.store.out_to_loss(m))
+
+
+def test_shards_are_read_zero_copy(tmp_path):
+    traker, _, _ = _featurized(tmp_path)
+    _, features, _ = next(traker.store.shards(0))
+    assert not features.flags.owndata and not features.flags.writeable  # a view of the memory map
+
+
+def test_saved_scores_round_trip_and_appear_in_the_card(tmp_path):
+    traker, _, _ = _featurized(tmp_path)
+    scores = traker.score(digits(3, offset=50))
+    traker.save_scores(scores, "test-digits")
+    np.testing.assert_array_equal(traker.store.load_scores("test-digits"), scores)
+    rows = load_dataset(traker.save_dir, "scores-test-digits", split="train").with_format("numpy")
+    np.testing.assert_array_equal(np.stack(rows["scores"]).T, scores)
+    card = open(os.path.join(traker.save_dir, "README.md")).read()
+    assert "config_name: scores-test-digits" in card and "config_name: checkpoint-1" in card
+    assert "Park, Sung Min" in card  # TRAK citation
+
+
+def test_other_settings_are_refused_and_nothing_is_overwritten(tmp_path):
+    traker, model, checkpoints = _featurized(tmp_path)
+    before = {
+        name: open(os.path.join(traker.save_dir, "checkpoint-0", name), "rb").read()
+        for name in os.listdir(os.path.join(traker.save_dir, "checkpoint-0"))
+    }
+    with pytest.raises(FileExistsError, match="projector_seed"):
+        TRAKer(model, proj_dim=32, projector_seed=1, save_dir=traker.save_dir, shard_size=8).featurize(
+            digits(20), checkpoints, batch_size=4
+        )
+    with pytest.raises(FileExistsError, match="train_fingerprint"):
+        TRAKer(model, proj_dim=32, save_dir=traker.save_dir, shard_size=8).featurize(digits(20, offset=1), checkpoints)
+    after = {name: open(os.path.join(traker.save_dir, "checkpoint-0", name), "rb").read() for name in before}
+    assert after == before
+    replaced = TRAKer(model, proj_dim=32, projector_seed=1, save_dir=traker.save_dir, shard_size=8).featurize(
+        digits(20), checkpoints, batch_size=4, overwrite=True
+    )
+    assert replaced.store.config.projector_seed == 1
+
+
+def test_incomplete_store_is_refused_by_from_pretrained(tmp_path):
+    traker, model, checkpoints = _featurized(tmp_path)
+    os.remove(os.path.join(traker.save_dir, "checkpoint-1", "kernel.safetensors"))
+    with pytest.raises(ValueError, match="incomplete.*resume"):
+        TRAKer.from_pretrained(traker.save_dir, model, checkpoints)
+
+
+def test_trainer_section_links_the_features_repo():
+    section = render_trainer_section("user/model-trak", num_checkpoints=3)
+    assert "datasets/user/model-trak" in section and "3 checkpoint(s)" in section
+
+
+FEATURIZE_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from hf_trak import TRAKer
+    from tests.helpers import digits, perturbed_state_dict, tiny_vit
+    model = tiny_vit()
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
+    TRAKer(model, proj_dim=32, save_dir=sys.argv[1], shard_size=10).featurize(digits(600), checkpoints, batch_size=5)
+""")
+
+
+def test_featurize_killed_with_sigkill_resumes_to_identical_features(tmp_path):
+    root = str(tmp_path / "killed")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    process = subprocess.Popen([sys.executable, "-c", FEATURIZE_SCRIPT, root], env=env)
+    shard_dir = os.path.join(root, "checkpoint-0")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(shard_dir) and len([f for f in os.listdir(shard_dir) if f.endswith(".arrow")]) >= 5:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "featurize finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted = FeatureStore.load(root)
+    assert not interrupted.is_complete()
+    written = len([f for f in os.listdir(shard_dir) if f.endswith(".arrow")])
+    assert 5 <= written < 60
+
+    subprocess.run([sys.executable, "-c", FEATURIZE_SCRIPT, root], env=env, check=True)  # resume
+    reference = str(tmp_path / "uninterrupted")
+    subprocess.run([sys.executable, "-c", FEATURIZE_SCRIPT, reference], env=env, check=True)
+    resumed, complete = FeatureStore.load(root), FeatureStore.load(reference)
+    assert resumed.is_complete()
+    for m in range(2):
+        indices = load_dataset(root, f"checkpoint-{m}", split="train")["index"]
+        np.testing.assert_array_equal(np.asarray(indices), np.arange(600))  # no row lost, none duplicated
+        np.testing.assert_array_equal(resumed.features(m), complete.features(m))
+        np.testing.assert_array_equal(resumed.out_to_loss(m), complete.out_to_loss(m))
+        torch.testing.assert_close(resumed.load_kernel(m)["kernel"], complete.load_kernel(m)["kernel"], rtol=0, atol=0)
+    leftovers = [f for d, _, fs in os.walk(root) for f in fs if ".tmp-" in f]
+    assert all(not f.endswith(".arrow") for f in leftovers)
