@@ -13,7 +13,8 @@ Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")``
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
 write any shard and a run can resume by skipping complete ones. A shard is written to a
 hidden temporary file and renamed, so it is only visible once complete. Arrow IPC files
-are read memory-mapped, zero-copy, into numpy. Nothing is pickled.
+are read memory-mapped, zero-copy, into numpy. Processes exchange their shares of scores
+through ``.parts/`` (safetensors), emptied by the main process. Nothing is pickled.
 """
 
 import logging
@@ -92,6 +93,18 @@ class FeatureStore:
             return cls(root, TRAKConfig.from_json_string(file.read()))
 
     @classmethod
+    def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> None:
+        """Raise, writing nothing, if ``root`` holds features of other settings and ``overwrite`` is False."""
+        if root is None or overwrite or not os.path.isfile(os.path.join(root, CONFIG_NAME)):
+            return
+        mismatches = cls.load(root).config.mismatches(config, resume=True)
+        if mismatches:
+            raise FileExistsError(
+                f"{root} holds features made with other settings ({'; '.join(mismatches)}). Choose another "
+                "save_dir, or pass overwrite=True to delete them."
+            )
+
+    @classmethod
     def create_or_resume(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> "FeatureStore":
         """The store at ``root`` for ``config``: new, resumed (same config), or replaced if ``overwrite``.
 
@@ -103,17 +116,12 @@ class FeatureStore:
                 os.path.join(temporary.name, CONFIG_NAME), lambda tmp: _write_text(tmp, config.to_json_string())
             )
             return cls(temporary.name, config, temporary)
+        cls.validate(root, config, overwrite)
         if os.path.isfile(os.path.join(root, CONFIG_NAME)):
             existing = cls.load(root)
-            mismatches = existing.config.mismatches(config, resume=True)
-            if not mismatches:
+            if not existing.config.mismatches(config, resume=True):
                 logger.info("Resuming the featurization in %s.", root)
                 return existing
-            if not overwrite:
-                raise FileExistsError(
-                    f"{root} holds features made with other settings ({'; '.join(mismatches)}). Choose another "
-                    "save_dir, or pass overwrite=True to delete them."
-                )
             logger.warning("Deleting the features in %s (overwrite=True).", root)
             shutil.rmtree(root)
         os.makedirs(root, exist_ok=True)
@@ -147,14 +155,18 @@ class FeatureStore:
             },
         )
 
+    def shard(self, model_id: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(features (rows, k) zero-copy view, out_to_loss (rows,))`` of rows ``[start, stop)``."""
+        path = self.shard_path(model_id, start, stop)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Shard {path} is missing: run featurize again to complete the store.")
+        table = _read_table(path)
+        return fixed_size_list_to_numpy(table.column("features")), table.column("out_to_loss").to_numpy()
+
     def shards(self, model_id: int) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
-        """``(start, features (rows, k) zero-copy view, out_to_loss (rows,))`` in row order."""
+        """``(start, features, out_to_loss)`` of every shard, in row order."""
         for start, stop in self.shard_ranges():
-            path = self.shard_path(model_id, start, stop)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"Shard {path} is missing: run featurize again to complete the store.")
-            table = _read_table(path)
-            yield start, fixed_size_list_to_numpy(table.column("features")), table.column("out_to_loss").to_numpy()
+            yield (start, *self.shard(model_id, start, stop))
 
     def out_to_loss(self, model_id: int) -> np.ndarray:
         return np.concatenate([q for _, _, q in self.shards(model_id)])
@@ -184,6 +196,23 @@ class FeatureStore:
 
     def is_complete(self) -> bool:
         return all(self.has_kernel(m) for m in range(self.config.num_checkpoints))
+
+    # ------------------------------------------------------ process exchange
+    def write_part(self, name: str, rank: int, arrays: Dict[str, np.ndarray]) -> None:
+        """One process's share of a result, as ``.parts/<name>-<rank>.safetensors``."""
+        os.makedirs(os.path.join(self.root, ".parts"), exist_ok=True)
+        path = os.path.join(self.root, ".parts", f"{name}-{rank}.safetensors")
+        tensors = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+    def pop_parts(self, name: str, num_processes: int) -> List[Dict[str, np.ndarray]]:
+        """Every process's share of ``name``, in rank order; the files are removed."""
+        parts = []
+        for rank in range(num_processes):
+            path = os.path.join(self.root, ".parts", f"{name}-{rank}.safetensors")
+            parts.append({key: value.numpy() for key, value in load_file(path).items()})
+            os.remove(path)
+        return parts
 
     # ----------------------------------------------------------------- scores
     def save_scores(self, name: str, scores: np.ndarray) -> str:

@@ -25,6 +25,7 @@ from .card import write_dataset_card
 from .checkpoints import Checkpoint, checkpoint_fingerprint, checkpoint_source, load_checkpoint
 from .config import TRAKConfig
 from .data import ExampleSource
+from .distributed import Processes
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, GradWrt, PerExampleGradients, select_parameters
 from .kernel import merge_top_k, regularized_inverse, resolve_lambda, score_block
@@ -72,7 +73,10 @@ class TRAKer:
         param_chunk_numel: dense projectors: compute per-example gradients for at most this
             many parameter elements at a time (bounds memory to batch_size × param_chunk_numel floats).
         max_projector_cache_bytes: memory for cached projection blocks.
-        shard_size: train rows per stored shard (the unit of resuming and of scoring blocks).
+        shard_size: train rows per stored shard (the unit of resuming, of work per process and
+            of scoring blocks).
+        accelerator: an ``accelerate.Accelerator`` to split work across its processes (one is
+            made when launched with several processes); default device: its device.
     """
 
     def __init__(
@@ -90,13 +94,17 @@ class TRAKer:
         param_chunk_numel: Optional[int] = None,
         max_projector_cache_bytes: int = 4 * 2**30,
         shard_size: int = 4096,
+        accelerator=None,
     ):
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be torch.float16 or torch.float32 (the stored feature dtype), got {dtype}.")
         self.model = model
         self.task: AbstractModelOutput = AutoModelOutput.resolve(model, task)
         self.task.check_model(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.processes = Processes(accelerator)
+        if device is None:
+            device = self.processes.device or next(model.parameters()).device
+        self.device = torch.device(device)
         self.dtype, self.lambda_reg, self.save_dir = dtype, lambda_reg, save_dir
         if projector == "factored" and grad_wrt is None:
             trainable = set(select_parameters(model))
@@ -209,51 +217,69 @@ class TRAKer:
             checkpoint_fingerprints=fingerprints,
             checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
         )
-        self.store = FeatureStore.create_or_resume(self.save_dir, config, overwrite=overwrite)
+        processes = self.processes
+        if processes.size > 1 and self.save_dir is None:
+            raise ValueError("save_dir is required with several processes: they share the feature store.")
+        FeatureStore.validate(self.save_dir, config, overwrite)  # every process refuses alike, before any write
+        if processes.is_main:
+            self.store = FeatureStore.create_or_resume(self.save_dir, config, overwrite=overwrite)
+        processes.barrier()
+        if not processes.is_main:
+            self.store = FeatureStore.load(self.save_dir)
         self.config, self._train_source, self.checkpoints = self.store.config, source, list(checkpoints)
         with eval_mode(self.model):
             for model_id in range(len(self.checkpoints)):
                 self._featurize_checkpoint(source, model_id, batch_size)
-        write_dataset_card(self.store)
+        if processes.is_main:
+            write_dataset_card(self.store)
+        processes.barrier()
         return self
 
     def _featurize_checkpoint(self, source: ExampleSource, model_id: int, batch_size: int) -> None:
-        store = self.store
+        """Write this process's share of the missing shards, then (all together) the kernel."""
+        store, processes = self.store, self.processes
         missing = [(start, stop) for start, stop in store.shard_ranges() if not store.has_shard(model_id, start, stop)]
-        if missing:
+        processes.barrier()  # every process has the same list before any shard is written
+        mine = processes.share(missing)
+        if mine:
             weights, buffers = self._at_checkpoint(model_id)
-            done = len(source) - sum(stop - start for start, stop in missing)
             with tqdm(
-                total=len(source),
-                initial=done,
+                total=sum(stop - start for start, stop in mine),
                 unit="example",
                 desc=f"Featurizing checkpoint {model_id}",
-                disable=None,
-            ) as progress:
-                for start, stop in missing:
-                    features, out_to_loss = [], []
-                    for batch in source.batches(batch_size, start, stop):
-                        projected, batch = self._project_batch(weights, buffers, batch, model_id)
-                        with torch.no_grad():
-                            q = self.task.get_out_to_loss_grad(self.model, weights, buffers, batch)
-                        features.append(projected.to(self.dtype).cpu())
-                        out_to_loss.append(q.float().cpu())
-                        progress.update(len(q))
-                    features = torch.cat(features)
-                    if len(features) != stop - start:
-                        raise ValueError(
-                            f"The data yielded {len(features)} examples for rows [{start}, {stop}) "
-                            "(a DataLoader with drop_last=True?)."
-                        )
-                    store.write_shard(model_id, start, features.numpy(), torch.cat(out_to_loss).numpy())
+                disable=None if processes.is_main else True,
+            ) as bar:
+                for start, stop in mine:
+                    self._write_shard(source, weights, buffers, model_id, start, stop, batch_size, bar)
+        processes.barrier()
         if not store.has_kernel(model_id):
             xtx = torch.zeros(self.featurizer.proj_dim, self.featurizer.proj_dim, device=self.device)
-            for _, features, _ in store.shards(model_id):
-                block = _as_tensor(features).to(self.device, torch.float32)
+            for start, stop in processes.share(store.shard_ranges()):
+                block = _as_tensor(store.shard(model_id, start, stop)[0]).to(self.device, torch.float32)
                 xtx.addmm_(block.T, block)
-            lambda_reg = resolve_lambda(xtx, self.lambda_reg)
-            store.save_kernel(model_id, xtx.cpu(), regularized_inverse(xtx, lambda_reg).cpu(), lambda_reg)
-            logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, xtx.shape[0], lambda_reg)
+            xtx = processes.sum(xtx)  # all-reduce of k × k: no features travel
+            if processes.is_main:
+                lambda_reg = resolve_lambda(xtx, self.lambda_reg)
+                store.save_kernel(model_id, xtx.cpu(), regularized_inverse(xtx, lambda_reg).cpu(), lambda_reg)
+                logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, xtx.shape[0], lambda_reg)
+        processes.barrier()
+
+    def _write_shard(self, source, weights, buffers, model_id: int, start: int, stop: int, batch_size: int, bar):
+        features, out_to_loss = [], []
+        for batch in source.batches(batch_size, start, stop):
+            projected, batch = self._project_batch(weights, buffers, batch, model_id)
+            with torch.no_grad():
+                q = self.task.get_out_to_loss_grad(self.model, weights, buffers, batch)
+            features.append(projected.to(self.dtype).cpu())
+            out_to_loss.append(q.float().cpu())
+            bar.update(len(q))
+        features = torch.cat(features)
+        if len(features) != stop - start:
+            raise ValueError(
+                f"The data yielded {len(features)} examples for rows [{start}, {stop}) "
+                "(a DataLoader with drop_last=True?)."
+            )
+        self.store.write_shard(model_id, start, features.numpy(), torch.cat(out_to_loss).numpy())
 
     # ---------------------------------------------------------------- scores
     def _target_features(self, batches: List[dict]) -> List[Tensor]:
@@ -264,18 +290,16 @@ class TRAKer:
             targets.append(torch.cat([self._project_batch(weights, buffers, batch, model_id)[0] for batch in batches]))
         return targets
 
-    def _score_blocks(self, targets, batch_size, data_collator, target_block_size):
-        """Yields, per block of targets, ``(target_start, blocks)`` where ``blocks`` yields
-        ``(train_start, scores)`` with scores of shape (shard rows × block targets), float32."""
-        if self.store is None:
-            raise RuntimeError("No train features: call featurize(...) or TRAKer.from_pretrained(...) first.")
-        store, num_checkpoints = self.store, self.config.num_checkpoints
+    def _score_blocks(self, source: ExampleSource, rows: range, batch_size: int, target_block_size: int):
+        """Yields, per block of the targets in ``rows``, ``(offset in rows, blocks)`` where ``blocks``
+        yields ``(train_start, scores)`` with scores of shape (shard rows × block targets), float32."""
+        store, num_checkpoints = self._require_store(), self.config.num_checkpoints
         kernels = [store.load_kernel(m)["kernel"].to(self.device) for m in range(num_checkpoints)]
         out_to_loss = torch.from_numpy(np.mean([store.out_to_loss(m) for m in range(num_checkpoints)], axis=0))
-        source = self._source(targets, data_collator)
-        target_start, pending, pending_rows = 0, [], 0
-        with eval_mode(self.model), tqdm(total=len(source), desc="Scoring targets", disable=None) as progress:
-            for batch in itertools.chain(source.batches(batch_size), [None]):
+        offset, pending, pending_rows = 0, [], 0
+        show = None if self.processes.is_main else True
+        with eval_mode(self.model), tqdm(total=len(rows), desc="Scoring targets", disable=show) as progress:
+            for batch in itertools.chain(source.batches(batch_size, rows.start, rows.stop), [None]):
                 if batch is not None:
                     pending.append(batch)
                     pending_rows += len(next(iter(batch.values())))
@@ -283,8 +307,8 @@ class TRAKer:
                         continue
                 if not pending:
                     break
-                yield target_start, self._score_shards(kernels, self._target_features(pending), out_to_loss)
-                target_start += pending_rows
+                yield offset, self._score_shards(kernels, self._target_features(pending), out_to_loss)
+                offset += pending_rows
                 progress.update(pending_rows)
                 pending, pending_rows = [], 0
 
@@ -296,6 +320,16 @@ class TRAKer:
             features = [_as_tensor(features) for _, features, _ in shards]
             yield start, score_block(features, kernels, target_features, out_to_loss[start : start + rows]).cpu()
 
+    def _gather(self, name: str, arrays: dict) -> Optional[List[dict]]:
+        """Every process's ``arrays``, in rank order, on the main process (None elsewhere), via the store."""
+        if self.processes.size == 1:
+            return [arrays]
+        self.store.write_part(name, self.processes.rank, arrays)
+        self.processes.barrier()
+        parts = self.store.pop_parts(name, self.processes.size) if self.processes.is_main else None
+        self.processes.barrier()
+        return parts
+
     def score(
         self,
         targets,
@@ -303,21 +337,30 @@ class TRAKer:
         data_collator: Optional[Callable] = None,
         out: Optional[np.ndarray] = None,
         target_block_size: int = 4096,
-    ) -> np.ndarray:
+    ) -> Optional[np.ndarray]:
         """TRAK scores, shape (len(train), len(targets)), float32.
 
         Targets are featurized ``target_block_size`` at a time and scored against one
         memory-mapped shard of train features at a time; pass ``out`` (e.g. an
-        ``np.memmap``) when the score matrix is larger than memory.
+        ``np.memmap``) when the score matrix is larger than memory. With several processes,
+        each scores a contiguous share of the targets and the main process returns the
+        whole matrix (the others return None).
         """
-        shape = (self.config.num_train_examples, len(self._source(targets, data_collator)))
-        if out is None:
-            out = np.empty(shape, dtype=np.float32)
-        elif out.shape != shape:
+        source = self._source(targets, data_collator)
+        shape = (self.config.num_train_examples, len(source))
+        if out is not None and out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}.")
-        for target_start, blocks in self._score_blocks(targets, batch_size, data_collator, target_block_size):
+        rows = self.processes.contiguous_share(len(source))
+        single = self.processes.size == 1
+        local = out if single and out is not None else np.empty((shape[0], len(rows)), dtype=np.float32)
+        for offset, blocks in self._score_blocks(source, rows, batch_size, target_block_size):
             for train_start, block in blocks:
-                out[train_start : train_start + block.shape[0], target_start : target_start + block.shape[1]] = block
+                local[train_start : train_start + block.shape[0], offset : offset + block.shape[1]] = block
+        parts = self._gather("scores", {"scores": local})
+        if single or parts is None:
+            return local if single else None
+        out = np.empty(shape, dtype=np.float32) if out is None else out
+        out[:] = np.concatenate([part["scores"] for part in parts], axis=1)
         return out
 
     def top_k(
@@ -328,16 +371,23 @@ class TRAKer:
         batch_size: int = 32,
         data_collator: Optional[Callable] = None,
         target_block_size: int = 4096,
-    ) -> TopK:
-        """The k proponents (``largest=True``) or opponents of each target, without the full score matrix."""
-        indices, scores = [], []
-        for _, blocks in self._score_blocks(targets, batch_size, data_collator, target_block_size):
+    ) -> Optional[TopK]:
+        """The k proponents (``largest=True``) or opponents of each target, without the full score matrix
+        (on the main process with several processes; None on the others)."""
+        source = self._source(targets, data_collator)
+        rows = self.processes.contiguous_share(len(source))
+        k = min(k, self.config.num_train_examples)
+        indices, scores = [np.empty((0, k), np.int64)], [np.empty((0, k), np.float32)]
+        for _, blocks in self._score_blocks(source, rows, batch_size, target_block_size):
             best = None
             for train_start, block in blocks:
                 best = merge_top_k(best, block, train_start, k, largest)
             scores.append(best[0].T.numpy())
             indices.append(best[1].T.numpy())
-        return TopK(np.concatenate(indices), np.concatenate(scores))
+        parts = self._gather("top_k", {"indices": np.concatenate(indices), "scores": np.concatenate(scores)})
+        if parts is None:
+            return None
+        return TopK(*(np.concatenate([part[key] for part in parts]) for key in ("indices", "scores")))
 
     def save_scores(self, scores: np.ndarray, name: str) -> str:
         """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path."""

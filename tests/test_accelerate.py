@@ -1,0 +1,127 @@
+"""Featurize and score under ``torchrun --nproc_per_node 2`` (gloo, CPU): same result as one process."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hf_trak import TRAKer
+from hf_trak.store import FeatureStore
+from tests.helpers import perturbed_state_dict, tiny_bert, token_sequences
+
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from accelerate import Accelerator
+    from hf_trak import TRAKer
+    from tests.helpers import perturbed_state_dict, tiny_bert, token_sequences
+    store, out, num_train = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    accelerator = Accelerator(cpu=True)
+    model = tiny_bert()
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
+    traker = TRAKer(model, proj_dim=32, save_dir=store, shard_size=4, accelerator=accelerator)
+    traker.featurize(token_sequences(num_train), checkpoints, batch_size=3)
+    targets = token_sequences(7, seed=1)
+    scores = traker.score(targets, batch_size=2, target_block_size=2)
+    top = traker.top_k(targets, k=3, batch_size=2)
+    if accelerator.is_main_process:
+        np.save(out + "/scores.npy", scores)
+        np.save(out + "/top_indices.npy", top.indices)
+    else:
+        assert scores is None and top is None
+""")
+
+
+def _torchrun(store, out, num_train, **kwargs):
+    script = os.path.join(out, "script.py")
+    with open(script, "w") as file:
+        file.write(SCRIPT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        script,
+        str(store),
+        str(out),
+        str(num_train),
+    ]
+    return subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1"), **kwargs)
+
+
+def _single_process(num_train):
+    model = tiny_bert()
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
+    traker = TRAKer(model, proj_dim=32, save_dir=None, shard_size=4).featurize(
+        token_sequences(num_train), checkpoints, batch_size=3
+    )
+    return traker
+
+
+def test_two_processes_give_the_single_process_result(tmp_path):
+    process = _torchrun(tmp_path / "store", tmp_path, 23, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.communicate(timeout=600)[0].decode()
+    assert process.returncode == 0, output[-4000:]
+    reference = _single_process(23)
+    targets = token_sequences(7, seed=1)
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), reference.score(targets), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.load(tmp_path / "top_indices.npy"), reference.top_k(targets, k=3).indices)
+    store = FeatureStore.load(str(tmp_path / "store"))
+    for m in range(2):  # 6 shards of 4 (the last has 3) written by two processes: the same features
+        np.testing.assert_array_equal(store.features(m), reference.store.features(m))
+        torch.testing.assert_close(store.load_kernel(m)["xtx"], reference.store.load_kernel(m)["xtx"])
+    assert not os.listdir(tmp_path / "store" / ".parts")  # exchanged shares were cleaned up
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
+def test_a_killed_launch_is_resumed_by_the_next(tmp_path):
+    store = tmp_path / "store"
+    process = _torchrun(
+        store, tmp_path, 400, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    shard_dir = store / "checkpoint-0"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if shard_dir.is_dir() and len([f for f in os.listdir(shard_dir) if f.endswith(".arrow")]) >= 6:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the launch finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not FeatureStore.load(str(store)).is_complete()
+
+    resumed = _torchrun(store, tmp_path, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, output[-4000:]
+    reference = _single_process(400)
+    for m in range(2):
+        np.testing.assert_array_equal(FeatureStore.load(str(store)).features(m), reference.store.features(m))
+
+
+def test_distributed_example_runs_under_torchrun(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "examples/distributed_attribution.py",
+        "--save-dir",
+        str(tmp_path / "store"),
+        "--proj-dim",
+        "128",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es) featurized 400 examples" in result.stdout
+    assert FeatureStore.load(str(tmp_path / "store")).is_complete()
