@@ -15,6 +15,8 @@ from hf_trak import TRAKer
 from hf_trak.store import FeatureStore
 from tests.helpers import perturbed_state_dict, tiny_bert, token_sequences
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from accelerate import Accelerator
@@ -42,12 +44,7 @@ def _torchrun(store, out, num_train, **kwargs):
     with open(script, "w") as file:
         file.write(SCRIPT)
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         script,
         str(store),
         str(out),
@@ -107,12 +104,7 @@ def test_a_killed_launch_is_resumed_by_the_next(tmp_path):
 
 def test_distributed_example_runs_under_torchrun(tmp_path):
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         "examples/distributed_attribution.py",
         "--save-dir",
         str(tmp_path / "store"),
