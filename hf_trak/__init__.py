@@ -12,6 +12,7 @@ from .model_outputs import (  # noqa: E402
     ImageClassificationModelOutput,
     SequenceClassificationModelOutput,
 )
+from .trainer import TRAKArguments, TRAKCallback, TRAKHFTrainer  # noqa: E402
 from .traker import TopK, TRAKer  # noqa: E402
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "ImageClassificationModelOutput",
     "SequenceClassificationModelOutput",
     "TopK",
+    "TRAKArguments",
+    "TRAKCallback",
     "TRAKConfig",
     "TRAKer",
+    "TRAKHFTrainer",
 ]

@@ -4,7 +4,9 @@ A dataset row holds the model's inputs (the named arguments of ``model.forward``
 what the model output function needs (``labels``); other columns (raw text, ids) are
 dropped, as the Trainer does. ``label`` is renamed ``labels`` as in
 ``transformers.default_data_collator``. Ragged columns are right-padded: ``input_ids``
-with the model's pad token, ``labels`` with −100, everything else with 0.
+with the model's pad token, ``labels`` with −100, everything else with 0. A DataLoader is
+read through its dataset and ``collate_fn`` in dataset order (its sampler is not used:
+TRAK needs a fixed row order), ``batch_size`` rows at a time.
 """
 
 import inspect
@@ -125,26 +127,21 @@ class ExampleSource:
         """Batches of tensors of rows ``[start, stop)``, in dataset order."""
         stop = len(self) if stop is None else stop
         if self.is_dataloader:
-            yield from self._dataloader_rows(start, stop)
+            yield from self._dataloader_rows(start, stop, batch_size)
             return
         for begin in range(start, stop, batch_size):
             yield self._select(self._collate(self._rows(slice(begin, min(begin + batch_size, stop)))))
 
-    def _dataloader_rows(self, start: int, stop: int) -> Iterator[dict]:
-        """The DataLoader's batches cut to rows ``[start, stop)`` (earlier batches are still loaded)."""
-        row = 0
-        for batch in self.data:
+    def _dataloader_rows(self, start: int, stop: int, batch_size: int) -> Iterator[dict]:
+        """Rows ``[start, stop)`` of the DataLoader's dataset, in dataset order, through its ``collate_fn``."""
+        size = self.data.batch_size or batch_size
+        for begin in range(start, stop, size):
+            batch = self.data.collate_fn([self.data.dataset[i] for i in range(begin, min(begin + size, stop))])
             if not isinstance(batch, dict):
                 raise TypeError(
                     f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}."
                 )
-            size = len(next(iter(batch.values())))
-            if row + size > start and row < stop:
-                lo, hi = max(start - row, 0), min(stop - row, size)
-                yield self._select({name: value[lo:hi] for name, value in batch.items()})
-            row += size
-            if row >= stop:
-                return
+            yield self._select(dict(batch))
 
     def sample(self, num_examples: int, seed: int) -> dict:
         """``num_examples`` examples drawn without replacement with ``seed``, as one batch."""

@@ -1,0 +1,124 @@
+"""TRAK inside ``transformers.Trainer``: featurize at the checkpoints training saves, attribute after.
+
+``TRAKCallback`` records the ``checkpoint-N`` folders the Trainer saves and, when training
+ends, featurizes the training set at them: the checkpoint ensemble TRAK needs, at no extra
+training cost. It reads the Trainer's own train DataLoader through its dataset (columns
+already removed by the Trainer) and collator, in dataset order, so no column handling or
+collation is duplicated. ``TRAKHFTrainer`` is a ``Trainer`` with that callback and an
+``attribute(eval_dataset)`` that scores through ``get_eval_dataloader``.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from typing import List, Optional
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .traker import TRAKer
+
+logger = logging.getLogger(__name__)
+
+ARGUMENTS_NAME = "trak_arguments.json"
+
+
+@dataclasses.dataclass
+class TRAKArguments:
+    """TRAK settings of a training run (serialised into the feature store as ``trak_arguments.json``).
+
+    ``save_dir`` defaults to ``<output_dir>/trak``; ``max_checkpoints`` keeps the last N saved
+    checkpoints (None: all that still exist); the other fields are those of ``TRAKer``.
+    """
+
+    proj_dim: int = 2048
+    projector: str = "rademacher"
+    projector_seed: int = 0
+    lambda_reg: Optional[float] = None
+    task: Optional[str] = None
+    grad_wrt: Optional[List[str]] = None
+    dtype: str = "float16"
+    batch_size: int = 32
+    save_dir: Optional[str] = None
+    max_checkpoints: Optional[int] = None
+
+    def to_json_string(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def make_traker(self, model, output_dir: str) -> TRAKer:
+        return TRAKer(
+            model,
+            task=self.task,
+            proj_dim=self.proj_dim,
+            projector=self.projector,
+            projector_seed=self.projector_seed,
+            lambda_reg=self.lambda_reg,
+            dtype=getattr(torch, self.dtype),
+            save_dir=self.save_dir or os.path.join(output_dir, "trak"),
+            grad_wrt=self.grad_wrt,
+        )
+
+
+class TRAKCallback(TrainerCallback):
+    """Featurizes the training set at the checkpoints a ``Trainer`` saved, when training ends.
+
+    Add it to any Trainer (``trainer.add_callback(TRAKCallback(TRAKArguments(...)))``); after
+    ``train()``, ``callback.traker`` scores targets. Checkpoints come from ``save_strategy``;
+    ones removed by ``save_total_limit`` before the end are skipped with a warning.
+    """
+
+    def __init__(self, trak_args: Optional[TRAKArguments] = None):
+        self.trak_args = trak_args or TRAKArguments()
+        self.saved_checkpoints: List[str] = []
+        self.traker: Optional[TRAKer] = None
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_checkpoints.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        checkpoints = [path for path in self.saved_checkpoints if os.path.isdir(path)]
+        removed = sorted(set(self.saved_checkpoints) - set(checkpoints))
+        if removed:
+            logger.warning(
+                "TRAK skips %d checkpoint(s) deleted during training (save_total_limit?): %s", len(removed), removed
+            )
+        if self.trak_args.max_checkpoints:
+            checkpoints = checkpoints[-self.trak_args.max_checkpoints :]
+        if not checkpoints:
+            logger.warning(
+                "No checkpoint was saved, so there is nothing to featurize: set save_strategy "
+                "(e.g. 'epoch') in TrainingArguments."
+            )
+            return
+        self.traker = self.trak_args.make_traker(model, args.output_dir)
+        self.traker.featurize(train_dataloader, checkpoints, batch_size=self.trak_args.batch_size)
+        if self.traker.processes.is_main:
+            with open(os.path.join(self.traker.save_dir, ARGUMENTS_NAME), "w") as file:
+                file.write(self.trak_args.to_json_string())
+
+
+class TRAKHFTrainer(Trainer):
+    """A ``transformers.Trainer`` that featurizes its training set for TRAK as it trains.
+
+    Same constructor as ``Trainer`` plus ``trak_args``; after ``train()``,
+    ``attribute(eval_dataset)`` returns TRAK scores of shape (len(train_dataset), len(eval_dataset)).
+    """
+
+    def __init__(self, *args, trak_args: Optional[TRAKArguments] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trak_callback = TRAKCallback(trak_args)
+        self.add_callback(self.trak_callback)
+
+    @property
+    def traker(self) -> TRAKer:
+        if self.trak_callback.traker is None:
+            raise RuntimeError("No TRAK features yet: call train() with a save_strategy that saves checkpoints.")
+        return self.trak_callback.traker
+
+    def attribute(self, eval_dataset=None) -> Optional[np.ndarray]:
+        """TRAK scores of the training set for ``eval_dataset`` (default: the Trainer's), read through
+        ``get_eval_dataloader`` (the Trainer's column removal and collator)."""
+        return self.traker.score(self.get_eval_dataloader(eval_dataset))

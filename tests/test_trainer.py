@@ -1,0 +1,66 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_trak import TRAKArguments, TRAKCallback, TRAKer, TRAKHFTrainer
+from tests.helpers import digits, tiny_vit
+
+
+def _training_args(output_dir, **kwargs):
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=3,
+        save_strategy="epoch",
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_strategy="no",
+        disable_tqdm=True,
+        **kwargs,
+    )
+
+
+def test_trak_trainer_featurizes_its_checkpoints_and_attributes(tmp_path):
+    train, test = digits(40).add_column("note", ["x"] * 40), digits(6, offset=100)  # an unused column too
+    trainer = TRAKHFTrainer(
+        model=tiny_vit(),
+        args=_training_args(tmp_path),
+        train_dataset=train,
+        eval_dataset=test,
+        trak_args=TRAKArguments(proj_dim=64, dtype="float32", batch_size=7),
+    )
+    trainer.train()
+    checkpoints = sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-"))
+    assert len(checkpoints) == 3 and trainer.traker.config.num_checkpoints == 3
+    scores = trainer.attribute()
+    assert scores.shape == (40, 6) and np.isfinite(scores).all()
+
+    # Second path: TRAKer on the same data and checkpoint folders, outside the Trainer.
+    reference = TRAKer(tiny_vit(), proj_dim=64, dtype=torch.float32, save_dir=None).featurize(
+        digits(40), [os.path.join(tmp_path, c) for c in sorted(checkpoints, key=lambda c: int(c.split("-")[1]))]
+    )
+    np.testing.assert_allclose(scores, reference.score(test), rtol=1e-4, atol=1e-5 * np.abs(scores).max())
+    saved = json.load(open(os.path.join(tmp_path, "trak", "trak_arguments.json")))
+    assert saved["proj_dim"] == 64 and saved["batch_size"] == 7
+
+
+def test_callback_works_with_a_plain_trainer_and_keeps_the_last_checkpoints(tmp_path):
+    callback = TRAKCallback(TRAKArguments(proj_dim=32, max_checkpoints=2, save_dir=str(tmp_path / "features")))
+    trainer = Trainer(
+        model=tiny_vit(), args=_training_args(tmp_path / "out"), train_dataset=digits(24), callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.traker.config.num_checkpoints == 2
+    assert callback.traker.config.checkpoint_sources == [os.path.abspath(p) for p in callback.saved_checkpoints[-2:]]
+    assert callback.traker.score(digits(3, offset=50)).shape == (24, 3)
+
+
+def test_attribute_before_training_explains_the_fix(tmp_path):
+    trainer = TRAKHFTrainer(model=tiny_vit(), args=_training_args(tmp_path), train_dataset=digits(8))
+    with pytest.raises(RuntimeError, match="save_strategy"):
+        trainer.attribute(digits(2))
