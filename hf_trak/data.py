@@ -56,9 +56,9 @@ class ExampleSource:
         if len(self) == 0:
             raise ValueError("The dataset is empty: there are no examples to featurize or score.")
         if not self.is_dataloader:
-            self._check_columns(self._renamed(data.column_names))
             if "label" in data.column_names and "labels" not in data.column_names:
                 data = data.rename_column("label", "labels")
+            self._check_columns(data.column_names)
             wanted = [name for name in data.column_names if name in self.keep]
             self._formatted = data.with_format("torch" if data_collator is None else None, columns=wanted)
 
@@ -80,10 +80,6 @@ class ExampleSource:
 
     def __len__(self) -> int:
         return len(self.data.dataset) if self.is_dataloader else len(self.data)
-
-    @staticmethod
-    def _renamed(columns) -> list:
-        return ["labels" if name == "label" and "labels" not in columns else name for name in columns]
 
     def _check_columns(self, columns) -> None:
         missing = [name for name in self.required if name not in columns]
@@ -114,8 +110,15 @@ class ExampleSource:
         padding = {"input_ids": self.pad_token_id, "labels": -100}.get(name, 0)
         return pad_sequence(values, batch_first=True, padding_value=padding)
 
-    def _rows(self, indices) -> dict:
-        return self._formatted[indices]
+    def _batch(self, indices) -> dict:
+        """The examples at ``indices`` (a slice or a list of row numbers) as one batch of tensors."""
+        if not self.is_dataloader:
+            return self._select(self._collate(self._formatted[indices]))
+        rows = range(len(self))[indices] if isinstance(indices, slice) else indices
+        batch = self.data.collate_fn([self.data.dataset[i] for i in rows])
+        if not isinstance(batch, dict):
+            raise TypeError(f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}.")
+        return self._select(dict(batch))
 
     @property
     def fingerprint(self) -> str:
@@ -124,30 +127,14 @@ class ExampleSource:
         return getattr(data, "_fingerprint", None) or f"{type(data).__name__}-{len(self)}"
 
     def batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
-        """Batches of tensors of rows ``[start, stop)``, in dataset order."""
+        """Batches of tensors of rows ``[start, stop)``, in dataset order (a DataLoader: its own batch size)."""
         stop = len(self) if stop is None else stop
-        if self.is_dataloader:
-            yield from self._dataloader_rows(start, stop, batch_size)
-            return
-        for begin in range(start, stop, batch_size):
-            yield self._select(self._collate(self._rows(slice(begin, min(begin + batch_size, stop)))))
-
-    def _dataloader_rows(self, start: int, stop: int, batch_size: int) -> Iterator[dict]:
-        """Rows ``[start, stop)`` of the DataLoader's dataset, in dataset order, through its ``collate_fn``."""
-        size = self.data.batch_size or batch_size
+        size = (self.data.batch_size or batch_size) if self.is_dataloader else batch_size
         for begin in range(start, stop, size):
-            batch = self.data.collate_fn([self.data.dataset[i] for i in range(begin, min(begin + size, stop))])
-            if not isinstance(batch, dict):
-                raise TypeError(
-                    f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}."
-                )
-            yield self._select(dict(batch))
+            yield self._batch(slice(begin, min(begin + size, stop)))
 
     def sample(self, num_examples: int, seed: int) -> dict:
         """``num_examples`` examples drawn without replacement with ``seed``, as one batch."""
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randperm(len(self), generator=generator)[: min(num_examples, len(self))].tolist()
-        if self.is_dataloader:
-            rows = [self.data.dataset[i] for i in indices]
-            return self._select(dict(self.data.collate_fn(rows)))
-        return self._select(self._collate(self._rows(indices)))
+        return self._batch(indices)
