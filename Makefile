@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python examples/digits_attribution.py
+	$(BIN)/hf-trak demo
 
 quality: install
 	$(BIN)/ruff check hf_trak tests benchmarks examples

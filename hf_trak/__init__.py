@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .attribute import Attribution, attribute  # noqa: E402
 from .config import TRAKConfig  # noqa: E402
 from .model_outputs import (  # noqa: E402
     AbstractModelOutput,
@@ -17,6 +18,8 @@ from .traker import TopK, TRAKer  # noqa: E402
 
 __all__ = [
     "AbstractModelOutput",
+    "Attribution",
+    "attribute",
     "AutoModelOutput",
     "CausalLMModelOutput",
     "ClassificationModelOutput",

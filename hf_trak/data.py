@@ -10,7 +10,7 @@ TRAK needs a fixed row order), ``batch_size`` rows at a time.
 """
 
 import inspect
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -116,7 +116,7 @@ class ExampleSource:
             return self._select(self._collate(self._formatted[indices]))
         rows = range(len(self))[indices] if isinstance(indices, slice) else indices
         batch = self.data.collate_fn([self.data.dataset[i] for i in rows])
-        if not isinstance(batch, dict):
+        if not isinstance(batch, Mapping):
             raise TypeError(f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}.")
         return self._select(dict(batch))
 

@@ -5,6 +5,7 @@ process computed alike. Only k × k matrices are reduced across processes; featu
 scores travel through the feature store's files.
 """
 
+import contextlib
 import os
 from typing import List, Optional, Sequence, TypeVar
 
@@ -42,6 +43,15 @@ class Processes:
     def barrier(self) -> None:
         if self.size > 1:
             self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        """Run the block on the main process, then on the others (e.g. to write a ``datasets`` cache once)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Σ over processes of ``tensor`` (on every process)."""

@@ -31,7 +31,9 @@ class TRAKArguments:
     """TRAK settings of a training run (serialised into the feature store as ``trak_arguments.json``).
 
     ``save_dir`` defaults to ``<output_dir>/trak``; ``max_checkpoints`` keeps the last N saved
-    checkpoints (None: all that still exist); the other fields are those of ``TRAKer``.
+    checkpoints (None: all that still exist); ``overwrite`` replaces features an earlier run
+    left there (otherwise a run with the same settings resumes and any other is refused);
+    the other fields are those of ``TRAKer``.
     """
 
     proj_dim: int = 2048
@@ -44,6 +46,7 @@ class TRAKArguments:
     batch_size: int = 32
     save_dir: Optional[str] = None
     max_checkpoints: Optional[int] = None
+    overwrite: bool = False
 
     def to_json_string(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -94,7 +97,9 @@ class TRAKCallback(TrainerCallback):
             )
             return
         self.traker = self.trak_args.make_traker(model, args.output_dir)
-        self.traker.featurize(train_dataloader, checkpoints, batch_size=self.trak_args.batch_size)
+        self.traker.featurize(
+            train_dataloader, checkpoints, batch_size=self.trak_args.batch_size, overwrite=self.trak_args.overwrite
+        )
         if self.traker.processes.is_main:
             with open(os.path.join(self.traker.save_dir, ARGUMENTS_NAME), "w") as file:
                 file.write(self.trak_args.to_json_string())

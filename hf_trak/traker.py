@@ -28,6 +28,7 @@ from .data import ExampleSource
 from .distributed import Processes
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, GradWrt, PerExampleGradients, select_parameters
+from .hub import download_store, push_store
 from .kernel import merge_top_k, regularized_inverse, resolve_lambda, score_block
 from .masks import AttentionMaskAdapter
 from .model_outputs import AbstractModelOutput, AutoModelOutput, call_model, eval_mode, without_labels
@@ -487,23 +488,7 @@ class TRAKer:
         revision: Optional[str] = None,
     ) -> str:
         """Upload the store (features, kernels, scores, card) as a dataset repo; returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        store = self._require_store()
-        if not store.is_complete():
-            raise ValueError("The featurization is incomplete: finish featurize(...) before pushing.")
-        write_dataset_card(store, repo_id)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="dataset",
-            folder_path=store.root,
-            commit_message=commit_message,
-            revision=revision,
-            ignore_patterns=["*.tmp-*"],
-        )
-        return commit.commit_url
+        return push_store(self._require_store(), repo_id, private, token, commit_message, revision)
 
     @classmethod
     def from_hub(
@@ -517,7 +502,5 @@ class TRAKer:
         **kwargs,
     ) -> "TRAKer":
         """``from_pretrained`` on a features repo pushed with ``push_to_hub`` (downloaded to the HF cache)."""
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token, cache_dir=cache_dir)
+        local = download_store(repo_id, revision, token, cache_dir)
         return cls.from_pretrained(local, model, checkpoints=checkpoints, **kwargs)

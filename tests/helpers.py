@@ -125,3 +125,24 @@ def perturbed_state_dict(model, seed: int, scale: float = 0.05) -> dict:
         name: (t + scale * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t.clone())
         for name, t in model.state_dict().items()
     }
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer whose words are the token ids of ``token_sequences``' text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[SEP]": 2, **{str(i): i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def digit_images(n: int, offset: int = 0) -> Dataset:
+    """scikit-learn's digits as a raw image split: an ``image`` column (8×8 grayscale PIL) and ``label``."""
+    from datasets import ClassLabel, Features, Image
+
+    data = load_digits()
+    pixels = (data.images[offset : offset + n] * 255 / 16).round().astype(np.uint8)
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    return Dataset.from_dict({"image": list(pixels), "label": data.target[offset : offset + n]}, features=features)

@@ -1,0 +1,186 @@
+"""``hf_trak.attribute``: TRAK scores and each target's top proponents and opponents, in one call.
+
+    result = hf_trak.attribute("my-finetuned-model", train=ds["train"], targets=ds["test"], processor=tokenizer)
+    result.scores          # (len(train), len(targets)) numpy, τ(z_target)_i
+    result.top_k           # datasets.Dataset: one row per (target, kind, rank), with the train example shown
+    result.save_report("report.html")
+
+The model is a model object, a ``save_pretrained`` folder or Hub id, a list of checkpoint
+folders (the ensemble TRAK averages over), or a Trainer ``output_dir`` holding
+``checkpoint-N`` folders. Splits are raw ``load_dataset`` splits: the processor turns them
+into model inputs (``hf_trak.processing``); results show the raw columns (text, image, label).
+"""
+
+import dataclasses
+import logging
+import os
+import re
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from datasets import Dataset, Features, Value
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedModel
+
+from .checkpoints import Checkpoint
+from .processing import display_columns, prepare_split
+from .traker import TRAKer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+ModelOrCheckpoints = Union[nn.Module, str, os.PathLike, Sequence[Checkpoint]]
+
+
+@dataclasses.dataclass
+class Attribution:
+    """What ``attribute`` returns (on the main process; ``scores``/``top_k`` are None on the others).
+
+    ``scores``: (n_train, n_targets) float32. ``top_k``: a ``datasets.Dataset`` with columns
+    ``target`` (row of the target split), ``kind`` ("proponent": largest scores, "opponent":
+    smallest), ``rank`` (0 = strongest), ``train_index``, ``score``, the train example's raw
+    columns (text, image, label...) and the target's, prefixed ``target_``.
+    """
+
+    scores: Optional[np.ndarray]
+    top_k: Optional[Dataset]
+    traker: TRAKer
+
+    def save_report(self, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
+        """Write the PNG grid (image tasks) or HTML page (text) of ``hf_trak.report``; returns its path."""
+        from .report import write_report
+
+        return write_report(self.top_k, path, num_targets=num_targets, k=k)
+
+
+def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """The model of a ``save_pretrained`` folder or Hub repo, with the head its config names."""
+    import transformers
+
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(
+            f"{name_or_path} names no model class in its config (architectures={architectures}): load the model "
+            "yourself (e.g. AutoModelForSequenceClassification.from_pretrained) and pass it instead."
+        )
+    return model_class.from_pretrained(name_or_path, **kwargs).eval()
+
+
+def trainer_checkpoints(output_dir: str) -> List[str]:
+    """The ``checkpoint-N`` folders of a Trainer ``output_dir``, by step."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_FOLDER.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_model(model_or_checkpoints: ModelOrCheckpoints) -> Tuple[nn.Module, List[Checkpoint]]:
+    """``(model, checkpoints)`` from a model, a folder/Hub id, a list of checkpoints or a Trainer output_dir."""
+    if isinstance(model_or_checkpoints, nn.Module):
+        return model_or_checkpoints, [model_or_checkpoints]
+    if isinstance(model_or_checkpoints, (str, os.PathLike)):
+        path = os.fspath(model_or_checkpoints)
+        if not os.path.exists(os.path.join(path, "config.json")) and trainer_checkpoints(path):
+            return resolve_model(trainer_checkpoints(path))
+        model = load_model(path)
+        return model, [path if os.path.isdir(path) else model]
+    checkpoints = list(model_or_checkpoints)
+    if not checkpoints:
+        raise ValueError("No checkpoints given: pass a model, a model folder, or a list of checkpoint folders.")
+    models = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, nn.Module)]
+    paths = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, (str, os.PathLike))]
+    if not models and not paths:
+        raise ValueError("With state dicts as checkpoints, pass the model itself to TRAKer instead.")
+    return (models[-1] if models else load_model(os.fspath(paths[-1]))), checkpoints
+
+
+def load_processor(name_or_path: str):
+    """The processor saved with a model (multimodal, tokenizer or image processor), or None."""
+    for auto in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
+        try:
+            return auto.from_pretrained(name_or_path)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.debug("No %s in %s: %s", auto.__name__, name_or_path, error)
+    return None
+
+
+def _extreme_rows(scores: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """(m, k) train rows of the k largest (or smallest) scores of each target, strongest first."""
+    signed = -scores if largest else scores
+    candidates = np.argpartition(signed, k - 1, axis=0)[:k] if k < len(scores) else np.arange(len(scores))[:, None]
+    candidates = np.broadcast_to(candidates, (k, scores.shape[1]))
+    values = np.take_along_axis(signed, candidates, axis=0)
+    return np.take_along_axis(candidates, np.argsort(values, axis=0, kind="stable"), axis=0).T
+
+
+def top_k_dataset(scores: np.ndarray, train: Dataset, targets: Dataset, k: int = 10) -> Dataset:
+    """Each target's k proponents and k opponents with their scores and raw columns (see ``Attribution``)."""
+    k = min(k, scores.shape[0])
+    num_targets = scores.shape[1]
+    target_rows, kinds, ranks, train_rows = [], [], [], []
+    for kind, rows in (("proponent", _extreme_rows(scores, k, True)), ("opponent", _extreme_rows(scores, k, False))):
+        target_rows.append(np.repeat(np.arange(num_targets), k))
+        kinds += [kind] * (num_targets * k)
+        ranks.append(np.tile(np.arange(k), num_targets))
+        train_rows.append(rows.reshape(-1))
+    target_rows, ranks, train_rows = map(np.concatenate, (target_rows, ranks, train_rows))
+    order = np.lexsort((ranks, np.array(kinds) == "opponent", target_rows))  # per target: proponents, opponents
+    target_rows, ranks, train_rows, kinds = target_rows[order], ranks[order], train_rows[order], np.array(kinds)[order]
+    columns = {
+        "target": target_rows,
+        "kind": kinds.tolist(),
+        "rank": ranks,
+        "train_index": train_rows,
+        "score": scores[train_rows, target_rows].astype(np.float32),
+    }
+    features = Features(
+        {"target": Value("int64"), "kind": Value("string"), "rank": Value("int64"), "train_index": Value("int64"),
+         "score": Value("float32")}
+    )  # fmt: skip
+    for split, rows, prefix in ((train, train_rows, ""), (targets, target_rows, "target_")):
+        if not display_columns(split):
+            continue
+        shown = split.select_columns(display_columns(split)).with_format("arrow")[rows.tolist()]
+        for name in shown.column_names:
+            columns[prefix + name] = shown.column(name).to_pylist()
+            features[prefix + name] = split.features[name]
+    return Dataset.from_dict(columns, features=features)
+
+
+def attribute(
+    model_or_checkpoints: ModelOrCheckpoints,
+    train: Dataset,
+    targets: Dataset,
+    processor=None,
+    k: int = 10,
+    task=None,
+    text_column=None,
+    image_column: Optional[str] = None,
+    max_length: Optional[int] = None,
+    batch_size: int = 32,
+    save_dir: Optional[str] = None,
+    overwrite: bool = False,
+    **traker_kwargs,
+) -> Attribution:
+    """TRAK attribution of ``targets`` to ``train`` (raw splits, processed with ``processor``).
+
+    Featurizes ``train`` at every checkpoint (resumable in ``save_dir``; None: a temporary
+    folder), scores ``targets`` and collects each target's ``k`` proponents and opponents.
+    ``processor``: a tokenizer, image processor, multimodal processor or ``batch -> inputs``
+    function (None: the splits already hold model inputs). ``traker_kwargs`` go to ``TRAKer``
+    (``proj_dim``, ``projector``, ``accelerator``...).
+    """
+    model, checkpoints = resolve_model(model_or_checkpoints)
+    traker = TRAKer(model, task=task, save_dir=save_dir, **traker_kwargs)
+
+    def prepare(split):
+        with traker.processes.main_process_first():
+            return prepare_split(split, model, traker.task, processor, text_column, image_column, max_length)
+
+    traker.featurize(prepare(train), checkpoints, batch_size=batch_size, overwrite=overwrite)
+    scores = traker.score(prepare(targets), batch_size=batch_size)
+    if scores is None:
+        return Attribution(None, None, traker)
+    return Attribution(scores, top_k_dataset(scores, train, targets, k), traker)

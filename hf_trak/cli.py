@@ -1,0 +1,295 @@
+"""``hf-trak``: featurize, score, top-k, report, push and demo from the command line.
+
+    hf-trak featurize --model out/ --dataset imdb --save-dir imdb-trak --proj-dim 2048
+    hf-trak score     --save-dir imdb-trak --dataset imdb --target-split test --output scores.npy
+    hf-trak top-k     --save-dir imdb-trak --dataset imdb --target-split test --k 10 --output top_k --report r.html
+    hf-trak report    --top-k top_k --output report.html
+    hf-trak push      --save-dir imdb-trak --repo-id me/imdb-trak
+    hf-trak score     --from-hub someone/imdb-trak --model someone/imdb-bert --dataset imdb
+    hf-trak demo
+
+The arguments mirror the Python API: ``--model`` is what ``hf_trak.attribute`` takes (a
+folder, a Hub id or a Trainer ``output_dir`` of ``checkpoint-N`` folders), ``--dataset``
+what ``load_dataset`` takes (or a ``save_to_disk`` folder), ``--processor`` defaults to the
+one saved with the model. Errors a user can fix are printed as one line (exit status 2).
+"""
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("hf_trak")
+
+USER_ERRORS = (ValueError, KeyError, OSError, TypeError, RuntimeError)
+
+
+# ----------------------------------------------------------------------------- arguments
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", required=True, help="load_dataset name or path, or a save_to_disk folder")
+    group.add_argument("--dataset-config", default=None, help="load_dataset configuration name")
+    group.add_argument("--data-files", nargs="+", default=None, help="load_dataset data_files")
+    group.add_argument("--train-split", default="train")
+    group.add_argument("--target-split", default="test")
+    group.add_argument("--max-train-examples", type=int, default=None, help="use the first N train examples")
+    group.add_argument("--max-target-examples", type=int, default=None, help="use the first N targets")
+    group.add_argument("--text-column", nargs="+", default=None, help="text column(s) (default: the string ones)")
+    group.add_argument("--image-column", default=None, help="image column (default: the Image one)")
+    group.add_argument("--max-length", type=int, default=None, help="tokenizer truncation length")
+    group.add_argument("--batch-size", type=int, default=32)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=required,
+        default=None,
+        help="save_pretrained folder, Hub id, or Trainer output_dir (its checkpoint-N folders are the checkpoints)",
+    )
+    group.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint folders (default: from --model)")
+    group.add_argument("--processor", default=None, help="tokenizer/processor folder or Hub id (default: --model's)")
+    group.add_argument("--no-processor", action="store_true", help="the dataset already holds model inputs")
+    group.add_argument("--task", default=None, help="model output function (default: from the model head)")
+    group.add_argument("--device", default=None)
+
+
+def _add_features_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--save-dir", help="a feature store written by featurize")
+    group.add_argument("--from-hub", metavar="REPO_ID", help="a features repo pushed with push")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-trak", description="TRAK data attribution for Hugging Face models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (and show tracebacks)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    featurize = commands.add_parser("featurize", help="project per-example gradients of the train split")
+    _add_model_arguments(featurize, required=True)
+    _add_data_arguments(featurize)
+    featurize.add_argument("--save-dir", required=True)
+    featurize.add_argument("--proj-dim", type=int, default=2048)
+    featurize.add_argument(
+        "--projector", choices=["rademacher", "normal", "identity", "factored"], default="rademacher"
+    )
+    featurize.add_argument("--projector-seed", type=int, default=0)
+    featurize.add_argument("--lambda-reg", type=float, default=None)
+    featurize.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    featurize.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+
+    for name, help_text in (
+        ("score", "TRAK scores of the target split (saved in the store, or --output .npy)"),
+        ("top-k", "each target's top proponents and opponents, as a datasets folder"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        _add_features_arguments(command)
+        _add_model_arguments(command, required=False)
+        _add_data_arguments(command)
+        if name == "score":
+            command.add_argument("--output", default=None, help="also write the scores to this .npy file")
+            command.add_argument("--name", default=None, help="name in the store (default: the target split)")
+        else:
+            command.add_argument("--k", type=int, default=10)
+            command.add_argument("--output", required=True, help="folder for the top-k dataset (save_to_disk)")
+            command.add_argument("--report", default=None, help="also write a report (.png or .html)")
+
+    report = commands.add_parser("report", help="PNG grid (images) or HTML page (text) of a top-k dataset")
+    report.add_argument("--top-k", required=True, help="a folder written by hf-trak top-k")
+    report.add_argument("--output", required=True, help="report.png or report.html")
+    report.add_argument("--num-targets", type=int, default=8)
+    report.add_argument("--k", type=int, default=None, help="show the first k of each (default: all)")
+
+    push = commands.add_parser("push", help="upload a feature store as a Hub dataset repo")
+    push.add_argument("--save-dir", required=True)
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None)
+    push.add_argument("--revision", default=None)
+
+    demo = commands.add_parser("demo", help="train a small ViT on digits with TRAKHFTrainer and attribute it")
+    demo.add_argument("--output-dir", default="trak_demo")
+    demo.add_argument("--num-subsets", type=int, default=24, help="retrained models for the LDS figure")
+    return parser
+
+
+# ----------------------------------------------------------------------------- loading
+def load_split(args, split: str, limit: Optional[int]):
+    """One split of ``--dataset`` (load_dataset, or a save_to_disk folder), its first ``limit`` rows."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isdir(args.dataset) and os.path.exists(os.path.join(args.dataset, "dataset_dict.json")):
+        splits = load_from_disk(args.dataset)
+        if split not in splits:
+            raise ValueError(f"{args.dataset} has no split {split!r} (splits: {list(splits)}).")
+        data = splits[split]
+    else:
+        data = load_dataset(args.dataset, args.dataset_config, data_files=args.data_files, split=split)
+        if isinstance(data, DatasetDict):
+            data = data[split]
+    return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+
+def _model_folder(model: Optional[str]) -> Optional[str]:
+    """The folder a model is loaded from: ``model``, or the last ``checkpoint-N`` of a Trainer output_dir."""
+    from .attribute import trainer_checkpoints
+
+    if model is not None and not os.path.exists(os.path.join(model, "config.json")) and trainer_checkpoints(model):
+        return trainer_checkpoints(model)[-1]
+    return model
+
+
+def _processor(args, model: Optional[str]):
+    """``--processor``, else the one saved with the model (None with ``--no-processor`` or if there is none)."""
+    from .attribute import load_processor
+
+    source = args.processor or _model_folder(model)
+    if args.no_processor or source is None:
+        return None
+    processor = load_processor(source)
+    if processor is None:
+        logger.info("No processor found in %s: the dataset must hold model inputs.", source)
+    return processor
+
+
+def _prepared_split(args, model, task, model_path: Optional[str], split: str, limit: Optional[int]):
+    """``(raw split, model inputs)`` of one split of ``--dataset``."""
+    from .processing import prepare_split
+
+    raw = load_split(args, split, limit)
+    text_column = args.text_column[0] if args.text_column and len(args.text_column) == 1 else args.text_column
+    processor = _processor(args, model_path)
+    return raw, prepare_split(raw, model, task, processor, text_column, args.image_column, args.max_length)
+
+
+def _scoring_traker(args):
+    """``(TRAKer over --save-dir or --from-hub, model path, raw train split)``."""
+    from .attribute import resolve_model
+    from .hub import download_store
+    from .model_outputs import AutoModelOutput
+    from .store import FeatureStore
+    from .traker import TRAKer
+
+    save_dir = args.save_dir or download_store(args.from_hub)
+    stored = FeatureStore.load(save_dir).config
+    recorded = [path for path in stored.checkpoint_sources if os.path.isdir(path)]
+    model_path = args.model or (recorded[-1] if recorded else stored.name_or_path or None)
+    if not model_path:
+        raise ValueError(f"The features in {save_dir} record no model folder: pass --model.")
+    model, checkpoints = resolve_model(model_path)
+    if args.checkpoints:
+        checkpoints = args.checkpoints
+    elif len(checkpoints) != stored.num_checkpoints or not all(isinstance(c, str) for c in checkpoints):
+        checkpoints = None  # the recorded ones, or the model itself for a single checkpoint
+    task = AutoModelOutput.resolve(model, args.task)
+    train, prepared = _prepared_split(args, model, task, model_path, args.train_split, args.max_train_examples)
+    traker = TRAKer.from_pretrained(
+        save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, device=args.device
+    )
+    return traker, model_path, train
+
+
+# ----------------------------------------------------------------------------- commands
+def featurize(args) -> None:
+    from .attribute import resolve_model
+    from .traker import TRAKer
+
+    model, checkpoints = resolve_model(args.model)
+    traker = TRAKer(
+        model,
+        task=args.task,
+        proj_dim=args.proj_dim,
+        projector=args.projector,
+        projector_seed=args.projector_seed,
+        lambda_reg=args.lambda_reg,
+        dtype=getattr(torch, args.dtype),
+        save_dir=args.save_dir,
+        device=args.device,
+    )
+    _, train = _prepared_split(args, model, traker.task, args.model, args.train_split, args.max_train_examples)
+    traker.featurize(train, args.checkpoints or checkpoints, batch_size=args.batch_size, overwrite=args.overwrite)
+    if traker.processes.is_main:
+        print(f"Featurized {len(train)} examples at {len(traker.checkpoints)} checkpoint(s) into {args.save_dir}")
+
+
+def score(args) -> None:
+    traker, model_path, _ = _scoring_traker(args)
+    _, targets = _prepared_split(
+        args, traker.model, traker.task, model_path, args.target_split, args.max_target_examples
+    )
+    scores = traker.score(targets, batch_size=args.batch_size)
+    if scores is None:
+        return
+    if args.save_dir:
+        print(f"Scores {scores.shape} saved to {traker.save_scores(scores, args.name or args.target_split)}")
+    if args.output:
+        np.save(args.output, scores)
+        print(f"Scores {scores.shape} written to {args.output}")
+
+
+def top_k(args) -> None:
+    from .attribute import top_k_dataset
+    from .report import write_report
+
+    if os.path.exists(args.output):
+        raise FileExistsError(f"{args.output} exists: choose another --output (nothing was overwritten).")
+    traker, model_path, train = _scoring_traker(args)
+    raw_targets, targets = _prepared_split(
+        args, traker.model, traker.task, model_path, args.target_split, args.max_target_examples
+    )
+    scores = traker.score(targets, batch_size=args.batch_size)
+    if scores is None:
+        return
+    top = top_k_dataset(scores, train, raw_targets, args.k)
+    top.save_to_disk(args.output)
+    print(f"Top-{args.k} proponents and opponents of {scores.shape[1]} targets written to {args.output}")
+    if args.report:
+        print(f"Report written to {write_report(top, args.report)}")
+
+
+def report(args) -> None:
+    from datasets import load_from_disk
+
+    from .report import write_report
+
+    path = write_report(load_from_disk(args.top_k), args.output, num_targets=args.num_targets, k=args.k)
+    print(f"Report written to {path}")
+
+
+def push(args) -> None:
+    from .hub import push_store
+    from .store import FeatureStore
+
+    url = push_store(FeatureStore.load(args.save_dir), args.repo_id, private=args.private or None, token=args.token,
+                     revision=args.revision)  # fmt: skip
+    print(f"Pushed {args.save_dir} to {url}")
+
+
+def demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, num_subsets=args.num_subsets)
+
+
+COMMANDS = {"featurize": featurize, "score": score, "top-k": top_k, "report": report, "push": push, "demo": demo}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as error:
+        if args.verbose:
+            raise
+        parser.exit(2, f"hf-trak {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Visual reports of an attribution's top-k dataset (``Attribution.top_k`` or ``hf-trak top-k``).
+
+Image tasks: a PNG grid, one row per target: the target, its top proponents (green, largest
+scores) and top opponents (red, smallest scores), each captioned with its label and score.
+Text tasks: an HTML page, one section per target, with the same two lists. The columns are
+those of ``hf_trak.attribute.top_k_dataset``: ``target``, ``kind``, ``rank``, ``train_index``,
+``score``, the train example's raw columns and the target's, prefixed ``target_``.
+"""
+
+import os
+from typing import List, Optional
+
+import jinja2
+import numpy as np
+from datasets import ClassLabel, Dataset, Image, Value
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
+
+META_COLUMNS = ("target", "kind", "rank", "train_index", "score")
+LABEL_COLUMNS = ("labels", "label")
+CELL, CAPTION, GAP, LINE = 96, 43, 12, 16
+PROPONENT, OPPONENT, TARGET = (34, 139, 34), (200, 40, 40), (60, 60, 60)
+
+HTML_TEMPLATE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>TRAK attributions</title>
+<style>
+body { font-family: sans-serif; margin: 2em; max-width: 72em; }
+section { border-top: 1px solid #ccc; padding: 0.5em 0; }
+.target { background: #f4f4f4; padding: 0.5em; }
+.columns { display: flex; gap: 2em; }
+.columns > div { flex: 1; }
+.proponent { color: #228b22; } .opponent { color: #c82828; }
+td { vertical-align: top; padding: 0.2em 0.5em; } td.score { font-family: monospace; white-space: nowrap; }
+</style></head><body>
+<h1>TRAK attributions</h1>
+<p>For each target: the training examples with the largest scores (proponents: training on them
+raised the model's output on the target) and the smallest (opponents: they lowered it).</p>
+{% for target in targets %}
+<section>
+<h2>Target {{ target.index }}{% if target.label is not none %} (label: {{ target.label }}){% endif %}</h2>
+<div class="target">{{ target.text }}</div>
+<div class="columns">
+{% for kind, rows in (("proponent", target.proponents), ("opponent", target.opponents)) %}
+<div><h3 class="{{ kind }}">Top {{ kind }}s</h3><table>
+{% for row in rows %}<tr><td class="score {{ kind }}">{{ "%+.4f"|format(row.score) }}</td>
+<td>#{{ row.train_index }}{% if row.label is not none %} · {{ row.label }}{% endif %}</td>
+<td>{{ row.text }}</td></tr>{% endfor %}
+</table></div>
+{% endfor %}
+</div></section>
+{% endfor %}
+</body></html>
+"""
+
+
+def _shown_columns(top_k: Dataset) -> List[str]:
+    return [name for name in top_k.column_names if name not in META_COLUMNS and not name.startswith("target_")]
+
+
+def _label_column(top_k: Dataset) -> Optional[str]:
+    return next((name for name in LABEL_COLUMNS if name in top_k.column_names), None)
+
+
+def image_column(top_k: Dataset) -> Optional[str]:
+    """The column showing each train example as an image: an ``Image`` feature, else ``pixel_values``."""
+    shown = _shown_columns(top_k)
+    images = [name for name in shown if isinstance(top_k.features[name], Image)]
+    return images[0] if images else ("pixel_values" if "pixel_values" in shown else None)
+
+
+def text_column(top_k: Dataset) -> Optional[str]:
+    """The first string column of the train examples."""
+    return next(
+        (
+            name
+            for name in _shown_columns(top_k)
+            if isinstance(top_k.features[name], Value) and top_k.features[name].dtype in ("string", "large_string")
+        ),
+        None,
+    )
+
+
+def _label_text(top_k: Dataset, column: Optional[str], value) -> Optional[str]:
+    if column is None or value is None:
+        return None
+    feature = top_k.features[column]
+    return feature.int2str(int(value)) if isinstance(feature, ClassLabel) and value >= 0 else str(value)
+
+
+def _caption(top_k: Dataset, row: dict, prefix: str, text: Optional[str], label: Optional[str]) -> str:
+    """The example's text if the examples have one, else ``label <name>`` (``prefix``: "" or "target_")."""
+    if text is not None:
+        return str(row[prefix + text])
+    return "" if label is None else f"label {_label_text(top_k, prefix + label, row[prefix + label])}"
+
+
+def to_pil(value) -> PILImage.Image:
+    """A PIL image of a PIL image or an array ((H, W), (C, H, W) or (H, W, C), any range)."""
+    if isinstance(value, PILImage.Image):
+        return value.convert("RGB")
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)
+    array = array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array
+    low, high = array.min(), array.max()
+    scaled = np.zeros_like(array) if high == low else (array - low) / (high - low)
+    return PILImage.fromarray((scaled * 255).round().astype(np.uint8)).convert("RGB")
+
+
+def _cell(image: PILImage.Image, lines: List[str], color, font) -> PILImage.Image:
+    cell = PILImage.new("RGB", (CELL, CELL + CAPTION), "white")
+    resample = PILImage.NEAREST if max(image.size) < CELL // 2 else PILImage.BILINEAR
+    image = image.copy()
+    image = image.resize((CELL - 6, CELL - 6), resample) if max(image.size) < CELL else image
+    image.thumbnail((CELL - 6, CELL - 6))
+    cell.paste(color, (0, 0, CELL, CELL))
+    cell.paste(image, ((CELL - image.width) // 2, (CELL - image.height) // 2))
+    draw = ImageDraw.Draw(cell)
+    first, rest = lines[0], " ".join(lines[1:])
+    wrapped = [first[:LINE], rest[:LINE], rest[LINE : 2 * LINE]]
+    for number, line in enumerate(wrapped):
+        draw.text((3, CELL + 2 + 13 * number), line, fill="black", font=font)
+    return cell
+
+
+def _targets(top_k: Dataset, num_targets: int, k: Optional[int]) -> List[dict]:
+    """Per target (first ``num_targets``): its first row and its proponent/opponent rows (``k`` of each)."""
+    columns = top_k.select_columns(["target", "kind", "rank"]).to_pandas()
+    chosen = sorted(columns["target"].unique())[:num_targets]
+    groups = []
+    for target in chosen:
+        rows = columns[(columns["target"] == target) & ((columns["rank"] < k) if k else True)]
+        proponents = rows[rows["kind"] == "proponent"].sort_values("rank").index.tolist()
+        opponents = rows[rows["kind"] == "opponent"].sort_values("rank").index.tolist()
+        groups.append({"target": int(target), "proponents": proponents, "opponents": opponents})
+    return groups
+
+
+def write_image_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
+    """PNG grid: per target row, the target, its proponents and its opponents, captioned label/score."""
+    column, label, text = image_column(top_k), _label_column(top_k), text_column(top_k)
+    if column is None:
+        raise ValueError("The attributed examples have no image column: write an .html report instead.")
+    groups = _targets(top_k, num_targets, k)
+    width = max(len(group["proponents"]) for group in groups)
+    font = ImageFont.load_default()
+    grid = PILImage.new("RGB", (CELL * (1 + 2 * width) + 2 * GAP, 20 + len(groups) * (CELL + CAPTION + GAP)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), "target", fill=TARGET, font=font)
+    draw.text((CELL + GAP + 4, 4), "top proponents (largest scores)", fill=PROPONENT, font=font)
+    opponents_at = CELL * (1 + width) + 2 * GAP
+    draw.text((opponents_at + 4, 4), "top opponents (smallest scores)", fill=OPPONENT, font=font)
+    for number, group in enumerate(groups):
+        top = 20 + number * (CELL + CAPTION + GAP)
+        first = top_k[(group["proponents"] or group["opponents"])[0]]
+        caption = [f"target {group['target']}", _caption(top_k, first, "target_", text, label)]
+        grid.paste(_cell(to_pil(first[f"target_{column}"]), caption, TARGET, font), (0, top))
+        for kind, offset, color in (("proponents", CELL + GAP, PROPONENT), ("opponents", opponents_at, OPPONENT)):
+            for slot, row_index in enumerate(group[kind]):
+                row = top_k[int(row_index)]
+                lines = [f"{row['score']:+.4f} #{row['train_index']}", _caption(top_k, row, "", text, label)]
+                grid.paste(_cell(to_pil(row[column]), lines, color, font), (offset + slot * CELL, top))
+    grid.save(path)
+    return path
+
+
+def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
+    """HTML page: per target, its text and label, and its proponents and opponents with scores."""
+    text, label = text_column(top_k), _label_column(top_k)
+    if text is None:
+        raise ValueError("The attributed examples have no text column: write a .png report instead.")
+
+    def shown(row):
+        return {
+            "score": row["score"],
+            "train_index": row["train_index"],
+            "text": row[text],
+            "label": _label_text(top_k, label, row.get(label)),
+        }
+
+    targets = []
+    for group in _targets(top_k, num_targets, k):
+        first = top_k[(group["proponents"] or group["opponents"])[0]]
+        targets.append(
+            {
+                "index": group["target"],
+                "text": first[f"target_{text}"],
+                "label": _label_text(top_k, label, first.get(f"target_{label}")),
+                "proponents": [shown(top_k[int(i)]) for i in group["proponents"]],
+                "opponents": [shown(top_k[int(i)]) for i in group["opponents"]],
+            }
+        )
+    page = jinja2.Environment(autoescape=True).from_string(HTML_TEMPLATE).render(targets=targets)
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(page)
+    return path
+
+
+def write_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
+    """A ``.png`` grid (image examples) or ``.html`` page (text examples), chosen by ``path``'s suffix."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".png":
+        return write_image_report(top_k, path, num_targets, k)
+    if suffix in (".html", ".htm"):
+        return write_text_report(top_k, path, num_targets, k)
+    raise ValueError(f"Report path {path!r} must end in .png (images) or .html (text).")

@@ -1,0 +1,116 @@
+"""The ``hf-trak`` console script: featurize, score, top-k, report, push and score from the Hub.
+
+Each command runs as a user runs it (the installed script, in its own process); the Hub is
+the loopback server of ``tests/hub_server.py``.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets import DatasetDict, load_from_disk
+
+import hf_trak
+from hf_trak.attribute import top_k_dataset
+from tests.helpers import tiny_bert, token_sequences, word_tokenizer
+from tests.hub_server import HubServer
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "hf-trak")
+
+
+def raw_text(n, seed=0):
+    return token_sequences(n, seed=seed).select_columns(["text", "labels"]).rename_column("labels", "label")
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A model folder (tiny BERT + its tokenizer) and a ``save_to_disk`` DatasetDict of raw text."""
+    tiny_bert().save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    DatasetDict(train=raw_text(30), test=raw_text(5, seed=1)).save_to_disk(tmp_path / "data")
+    return tmp_path
+
+
+def hf_trak_cli(*args, cwd, env=None):
+    environment = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    environment.update(env or {})
+    return subprocess.run([SCRIPT, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_the_console_script_is_installed():
+    assert os.path.exists(SCRIPT), "pip install -e . installs the hf-trak console script"
+    result = subprocess.run([SCRIPT, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert all(command in result.stdout for command in ("featurize", "score", "push", "top-k", "report", "demo"))
+
+
+def test_featurize_score_top_k_report_match_the_python_api(workspace):
+    data = ["--dataset", "data"]
+    done = hf_trak_cli("featurize", "--model", "model", *data, "--save-dir", "feats", "--proj-dim", "32",
+                       "--dtype", "float32", cwd=workspace)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = hf_trak_cli("score", "--save-dir", "feats", *data, "--output", "scores.npy", cwd=workspace)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = np.load(workspace / "scores.npy")
+
+    # Second path: the Python one-call API on the same splits, model and processor.
+    train, test = raw_text(30), raw_text(5, seed=1)
+    expected = hf_trak.attribute(
+        tiny_bert(), train, test, processor=word_tokenizer(), proj_dim=32, dtype=torch.float32
+    )
+    np.testing.assert_allclose(scores, expected.scores, rtol=1e-5, atol=1e-6 * np.abs(scores).max())
+    stored = hf_trak.TRAKer.from_pretrained(str(workspace / "feats"), tiny_bert()).store.load_scores("test")
+    np.testing.assert_array_equal(stored, scores)
+
+    done = hf_trak_cli("top-k", "--save-dir", "feats", *data, "--k", "3", "--output", "top", "--report", "r.html",
+                       cwd=workspace)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    top = load_from_disk(str(workspace / "top"))
+    assert top.to_dict() == top_k_dataset(scores, train, test, k=3).to_dict()
+    assert test[0]["text"] in open(workspace / "r.html").read()
+
+    done = hf_trak_cli("report", "--top-k", "top", "--output", "again.html", "--num-targets", "2", cwd=workspace)
+    assert done.returncode == 0 and open(workspace / "again.html").read().count("<section>") == 2
+
+    refused = hf_trak_cli("top-k", "--save-dir", "feats", *data, "--output", "top", cwd=workspace)
+    assert refused.returncode == 2 and "nothing was overwritten" in refused.stderr
+    assert load_from_disk(str(workspace / "top")).to_dict() == top.to_dict()
+    refused = hf_trak_cli("report", "--top-k", "top", "--output", "grid.png", cwd=workspace)
+    assert refused.returncode == 2 and "no image column" in refused.stderr
+
+
+def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(workspace):
+    DatasetDict(train=raw_text(8).remove_columns("label")).save_to_disk(workspace / "unlabeled")
+    done = hf_trak_cli("featurize", "--model", "model", "--dataset", "unlabeled", "--save-dir", "feats", cwd=workspace)
+    assert done.returncode == 2 and "labels" in done.stderr and "Traceback" not in done.stderr
+
+    args = ["featurize", "--model", "model", "--dataset", "data", "--save-dir", "feats"]
+    assert hf_trak_cli(*args, "--proj-dim", "16", cwd=workspace).returncode == 0
+    before = open(workspace / "feats" / "trak_config.json").read()
+    done = hf_trak_cli(*args, "--proj-dim", "24", cwd=workspace)
+    assert done.returncode == 2 and "overwrite" in done.stderr and "proj_dim" in done.stderr
+    assert open(workspace / "feats" / "trak_config.json").read() == before
+
+    done = hf_trak_cli("score", "--save-dir", "nowhere", "--dataset", "data", cwd=workspace)
+    assert done.returncode == 2 and "nowhere" in done.stderr
+
+
+def test_push_then_score_against_the_pushed_features(workspace):
+    featurize = ["featurize", "--model", "model", "--dataset", "data", "--save-dir", "feats", "--proj-dim", "16"]
+    assert hf_trak_cli(*featurize, cwd=workspace).returncode == 0
+    assert hf_trak_cli("score", "--save-dir", "feats", "--dataset", "data", "--output", "local.npy",
+                       cwd=workspace).returncode == 0  # fmt: skip
+    with HubServer() as hub:
+        env = dict(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_test_token")
+        pushed = hf_trak_cli("push", "--save-dir", "feats", "--repo-id", "someone/cli-trak", cwd=workspace,
+                             env=dict(env, HF_HOME=str(workspace / "pusher")))  # fmt: skip
+        assert pushed.returncode == 0, pushed.stderr[-3000:]
+        assert "trak_config.json" in hub.state.repos["someone/cli-trak"]["files"]
+        score = ["score", "--from-hub", "someone/cli-trak", "--model", "model", "--dataset", "data"]
+        loader = dict(env, HF_HOME=str(workspace / "loader"))
+        scored = hf_trak_cli(*score, "--output", "hub.npy", cwd=workspace, env=loader)
+        assert scored.returncode == 0, scored.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(workspace / "hub.npy"), np.load(workspace / "local.npy"))
