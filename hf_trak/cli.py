@@ -167,8 +167,9 @@ def _prepared_split(args, model, task, model_path: Optional[str], split: str, li
     return raw, prepare_split(raw, model, task, processor, text_column, args.image_column, args.max_length)
 
 
-def _scoring_traker(args):
-    """``(TRAKer over --save-dir or --from-hub, model path, raw train split)``."""
+def _target_scores(args):
+    """``(scores, TRAKer, raw train split, raw target split)`` against the features of ``--save-dir``
+    or ``--from-hub``; scores are None on processes other than the main one."""
     from .attribute import resolve_model
     from .hub import download_store
     from .model_outputs import AutoModelOutput
@@ -191,7 +192,8 @@ def _scoring_traker(args):
     traker = TRAKer.from_pretrained(
         save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, device=args.device
     )
-    return traker, model_path, train
+    raw_targets, targets = _prepared_split(args, model, task, model_path, args.target_split, args.max_target_examples)
+    return traker.score(targets, batch_size=args.batch_size), traker, train, raw_targets
 
 
 # ----------------------------------------------------------------------------- commands
@@ -218,11 +220,7 @@ def featurize(args) -> None:
 
 
 def score(args) -> None:
-    traker, model_path, _ = _scoring_traker(args)
-    _, targets = _prepared_split(
-        args, traker.model, traker.task, model_path, args.target_split, args.max_target_examples
-    )
-    scores = traker.score(targets, batch_size=args.batch_size)
+    scores, traker, _, _ = _target_scores(args)
     if scores is None:
         return
     if args.save_dir:
@@ -238,11 +236,7 @@ def top_k(args) -> None:
 
     if os.path.exists(args.output):
         raise FileExistsError(f"{args.output} exists: choose another --output (nothing was overwritten).")
-    traker, model_path, train = _scoring_traker(args)
-    raw_targets, targets = _prepared_split(
-        args, traker.model, traker.task, model_path, args.target_split, args.max_target_examples
-    )
-    scores = traker.score(targets, batch_size=args.batch_size)
+    scores, _, train, raw_targets = _target_scores(args)
     if scores is None:
         return
     top = top_k_dataset(scores, train, raw_targets, args.k)

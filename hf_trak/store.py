@@ -93,12 +93,17 @@ class FeatureStore:
             return cls(root, TRAKConfig.from_json_string(file.read()))
 
     @classmethod
+    def _mismatches(cls, root: Optional[str], config: TRAKConfig) -> Optional[List[str]]:
+        """How the store at ``root`` differs from ``config`` for resuming (None: there is no store)."""
+        if root is None or not os.path.isfile(os.path.join(root, CONFIG_NAME)):
+            return None
+        return cls.load(root).config.mismatches(config, resume=True)
+
+    @classmethod
     def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> None:
         """Raise, writing nothing, if ``root`` holds features of other settings and ``overwrite`` is False."""
-        if root is None or overwrite or not os.path.isfile(os.path.join(root, CONFIG_NAME)):
-            return
-        mismatches = cls.load(root).config.mismatches(config, resume=True)
-        if mismatches:
+        mismatches = cls._mismatches(root, config)
+        if mismatches and not overwrite:
             raise FileExistsError(
                 f"{root} holds features made with other settings ({'; '.join(mismatches)}). Choose another "
                 "save_dir, or pass overwrite=True to delete them."
@@ -117,11 +122,11 @@ class FeatureStore:
             )
             return cls(temporary.name, config, temporary)
         cls.validate(root, config, overwrite)
-        if os.path.isfile(os.path.join(root, CONFIG_NAME)):
-            existing = cls.load(root)
-            if not existing.config.mismatches(config, resume=True):
-                logger.info("Resuming the featurization in %s.", root)
-                return existing
+        mismatches = cls._mismatches(root, config)
+        if mismatches == []:
+            logger.info("Resuming the featurization in %s.", root)
+            return cls.load(root)
+        if mismatches:
             logger.warning("Deleting the features in %s (overwrite=True).", root)
             shutil.rmtree(root)
         os.makedirs(root, exist_ok=True)

@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .card import render_trainer_section
 from .traker import TRAKer
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class TRAKHFTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.trak_callback = TRAKCallback(trak_args)
         self.add_callback(self.trak_callback)
+        self.trak_features_repo: Optional[str] = None
 
     @property
     def traker(self) -> TRAKer:
@@ -127,3 +129,18 @@ class TRAKHFTrainer(Trainer):
         """TRAK scores of the training set for ``eval_dataset`` (default: the Trainer's), read through
         ``get_eval_dataloader`` (the Trainer's column removal and collator)."""
         return self.traker.score(self.get_eval_dataloader(eval_dataset))
+
+    def push_trak_features(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None) -> str:
+        """Upload the TRAK features as the dataset repo ``repo_id``; the model card that ``push_to_hub``
+        (``create_model_card``) writes afterwards gets a "Data attribution" section linking it."""
+        url = self.traker.push_to_hub(repo_id, private=private, token=token)
+        self.trak_features_repo = repo_id
+        return url
+
+    def create_model_card(self, *args, **kwargs):
+        super().create_model_card(*args, **kwargs)
+        if self.trak_features_repo is None or not self.is_world_process_zero():
+            return
+        section = render_trainer_section(self.trak_features_repo, self.traker.config.num_checkpoints)
+        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
+            card.write("\n" + section)

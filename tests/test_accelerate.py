@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from datasets import load_from_disk
 
-from hf_trak import TRAKer
+from hf_trak import TRAKer, attribute
 from hf_trak.store import FeatureStore
-from tests.helpers import perturbed_state_dict, tiny_bert, token_sequences
+from tests.helpers import perturbed_state_dict, tiny_bert, token_sequences, word_tokenizer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -117,3 +118,42 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es) featurized 400 examples" in result.stdout
     assert FeatureStore.load(str(tmp_path / "store")).is_complete()
+
+
+ATTRIBUTE_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from accelerate import Accelerator
+    import hf_trak
+    from tests.helpers import tiny_bert, token_sequences, word_tokenizer
+    store, out = sys.argv[1], sys.argv[2]
+    raw = lambda n, seed: token_sequences(n, seed=seed).select_columns(["text", "labels"])
+    accelerator = Accelerator(cpu=True)
+    result = hf_trak.attribute(tiny_bert(), raw(13, 0), raw(5, 1), processor=word_tokenizer(), k=3, proj_dim=16,
+                               save_dir=store, shard_size=4, accelerator=accelerator)
+    if accelerator.is_main_process:
+        np.save(out + "/scores.npy", result.scores)
+        result.top_k.save_to_disk(out + "/top_k")
+    else:
+        assert result.scores is None and result.top_k is None
+""")
+
+
+def test_attribute_under_torchrun_equals_one_process(tmp_path):
+    script = tmp_path / "attribute.py"
+    script.write_text(ATTRIBUTE_SCRIPT)
+    done = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path / "store"), str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def raw(n, seed):
+        return token_sequences(n, seed=seed).select_columns(["text", "labels"])
+
+    single = attribute(tiny_bert(), raw(13, 0), raw(5, 1), processor=word_tokenizer(), k=3, proj_dim=16)
+    scores = np.load(tmp_path / "scores.npy")
+    np.testing.assert_allclose(scores, single.scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    assert load_from_disk(str(tmp_path / "top_k"))["train_index"] == single.top_k["train_index"]

@@ -1,5 +1,8 @@
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_trak import TRAKArguments, TRAKCallback, TRAKer, TRAKHFTrainer
 from tests.helpers import digits, tiny_vit
+from tests.hub_server import HubServer
 
 
 def _training_args(output_dir, **kwargs):
@@ -64,3 +68,35 @@ def test_attribute_before_training_explains_the_fix(tmp_path):
     trainer = TRAKHFTrainer(model=tiny_vit(), args=_training_args(tmp_path), train_dataset=digits(8))
     with pytest.raises(RuntimeError, match="save_strategy"):
         trainer.attribute(digits(2))
+
+
+PUSH_FEATURES = textwrap.dedent("""
+    import sys
+    from transformers import TrainingArguments
+    from hf_trak import TRAKArguments, TRAKHFTrainer
+    from tests.helpers import digits, tiny_vit
+    args = TrainingArguments(output_dir=sys.argv[1], num_train_epochs=2, save_strategy="epoch", report_to=[],
+                             use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    trainer = TRAKHFTrainer(model=tiny_vit(), args=args, train_dataset=digits(16),
+                            trak_args=TRAKArguments(proj_dim=16))
+    trainer.train()
+    print(trainer.push_trak_features("someone/vit-trak"))
+    trainer.create_model_card(model_name="vit-digits")
+""")
+
+
+def test_pushed_features_are_linked_from_the_model_card(tmp_path):
+    with HubServer() as hub:
+        env = dict(
+            os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_test_token",
+            HF_HOME=str(tmp_path / "home"), PYTHONPATH=os.getcwd(),
+        )  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", PUSH_FEATURES, str(tmp_path / "out")], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        pushed = hub.state.repos["someone/vit-trak"]["files"]
+    assert "/datasets/someone/vit-trak/commit/" in done.stdout and "trak_config.json" in pushed
+    card = open(tmp_path / "out" / "README.md").read()
+    assert "vit-digits" in card  # the Trainer's own card, kept
+    assert "## Data attribution" in card and "https://huggingface.co/datasets/someone/vit-trak" in card
+    assert "2 checkpoint(s)" in card and "checkpoints=checkpoints" in card
