@@ -7,6 +7,7 @@ and renaming of saved keys apply. Tensors are read, never written, and the model
 to ``TRAKer`` is never modified, so checkpoints may alias the live model's tensors.
 """
 
+import contextlib
 import hashlib
 import os
 from typing import Mapping, Tuple, Union
@@ -14,8 +15,20 @@ from typing import Mapping, Tuple, Union
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers.utils import logging as transformers_logging
 
 Checkpoint = Union[Mapping[str, Tensor], nn.Module, str, os.PathLike]
+
+
+@contextlib.contextmanager
+def _without_loading_bars():
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Tensor]:
@@ -30,7 +43,8 @@ def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Te
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     if os.path.isdir(path) and hasattr(type(model), "from_pretrained"):
-        return type(model).from_pretrained(path).state_dict()
+        with _without_loading_bars():  # checkpoints are read often; TRAK's own bars show progress
+            return type(model).from_pretrained(path).state_dict()
     raise FileNotFoundError(
         f"Checkpoint {path!r} is neither a weights file nor a save_pretrained folder of {type(model).__name__}."
     )

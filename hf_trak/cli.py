@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--projector", choices=["rademacher", "normal", "identity", "factored"], default="rademacher"
     )
     featurize.add_argument("--projector-seed", type=int, default=0)
+    featurize.add_argument(
+        "--grad-wrt", nargs="+", default=None, help="parameter names to differentiate, or 'all' (default: trainable)"
+    )
     featurize.add_argument("--lambda-reg", type=float, default=None)
     featurize.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     featurize.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
@@ -212,6 +215,7 @@ def featurize(args) -> None:
         dtype=getattr(torch, args.dtype),
         save_dir=args.save_dir,
         device=args.device,
+        grad_wrt="all" if args.grad_wrt == ["all"] else args.grad_wrt,
     )
     _, train = _prepared_split(args, model, traker.task, args.model, args.train_split, args.max_train_examples)
     traker.featurize(train, args.checkpoints or checkpoints, batch_size=args.batch_size, overwrite=args.overwrite)

@@ -95,7 +95,9 @@ def run_demo(output_dir: str = "trak_demo", num_subsets: int = 24, proj_dim: int
         train_dataset=train,
         eval_dataset=test,
         processing_class=processor,
-        trak_args=TRAKArguments(proj_dim=proj_dim, save_dir=os.path.join(output_dir, "trak"), batch_size=50),
+        trak_args=TRAKArguments(  # overwrite: each run retrains, so an earlier run's features are stale
+            proj_dim=proj_dim, save_dir=os.path.join(output_dir, "trak"), batch_size=50, overwrite=True
+        ),
     )
     trainer.train()
     accuracy = float((trainer.predict(test).predictions.argmax(-1) == np.array(test["label"])).mean())

@@ -114,3 +114,12 @@ def test_push_then_score_against_the_pushed_features(workspace):
         scored = hf_trak_cli(*score, "--output", "hub.npy", cwd=workspace, env=loader)
         assert scored.returncode == 0, scored.stderr[-3000:]
     np.testing.assert_array_equal(np.load(workspace / "hub.npy"), np.load(workspace / "local.npy"))
+
+
+def test_grad_wrt_selects_the_differentiated_parameters(workspace):
+    names = ["classifier.weight", "classifier.bias"]
+    done = hf_trak_cli("featurize", "--model", "model", "--dataset", "data", "--save-dir", "feats",
+                       "--proj-dim", "8", "--grad-wrt", *names, cwd=workspace)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = hf_trak.TRAKer.from_pretrained(str(workspace / "feats"), tiny_bert()).config
+    assert config.param_names == names and config.num_params == 8 * 3 + 3
