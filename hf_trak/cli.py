@@ -142,9 +142,8 @@ def _model_folder(model: Optional[str]) -> Optional[str]:
     """The folder a model is loaded from: ``model``, or the last ``checkpoint-N`` of a Trainer output_dir."""
     from .attribute import trainer_checkpoints
 
-    if model is not None and not os.path.exists(os.path.join(model, "config.json")) and trainer_checkpoints(model):
-        return trainer_checkpoints(model)[-1]
-    return model
+    folders = trainer_checkpoints(model) if model is not None else []
+    return folders[-1] if folders else model
 
 
 def _processor(args, model: Optional[str]):
@@ -160,13 +159,12 @@ def _processor(args, model: Optional[str]):
     return processor
 
 
-def _prepared_split(args, model, task, model_path: Optional[str], split: str, limit: Optional[int]):
+def _prepared_split(args, model, task, processor, split: str, limit: Optional[int]):
     """``(raw split, model inputs)`` of one split of ``--dataset``."""
     from .processing import prepare_split
 
     raw = load_split(args, split, limit)
     text_column = args.text_column[0] if args.text_column and len(args.text_column) == 1 else args.text_column
-    processor = _processor(args, model_path)
     return raw, prepare_split(raw, model, task, processor, text_column, args.image_column, args.max_length)
 
 
@@ -190,12 +188,12 @@ def _target_scores(args):
         checkpoints = args.checkpoints
     elif len(checkpoints) != stored.num_checkpoints or not all(isinstance(c, str) for c in checkpoints):
         checkpoints = None  # the recorded ones, or the model itself for a single checkpoint
-    task = AutoModelOutput.resolve(model, args.task)
-    train, prepared = _prepared_split(args, model, task, model_path, args.train_split, args.max_train_examples)
+    task, processor = AutoModelOutput.resolve(model, args.task), _processor(args, model_path)
+    train, prepared = _prepared_split(args, model, task, processor, args.train_split, args.max_train_examples)
     traker = TRAKer.from_pretrained(
         save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, device=args.device
     )
-    raw_targets, targets = _prepared_split(args, model, task, model_path, args.target_split, args.max_target_examples)
+    raw_targets, targets = _prepared_split(args, model, task, processor, args.target_split, args.max_target_examples)
     return traker.score(targets, batch_size=args.batch_size), traker, train, raw_targets
 
 
@@ -217,7 +215,8 @@ def featurize(args) -> None:
         device=args.device,
         grad_wrt="all" if args.grad_wrt == ["all"] else args.grad_wrt,
     )
-    _, train = _prepared_split(args, model, traker.task, args.model, args.train_split, args.max_train_examples)
+    processor = _processor(args, args.model)
+    _, train = _prepared_split(args, model, traker.task, processor, args.train_split, args.max_train_examples)
     traker.featurize(train, args.checkpoints or checkpoints, batch_size=args.batch_size, overwrite=args.overwrite)
     if traker.processes.is_main:
         print(f"Featurized {len(train)} examples at {len(traker.checkpoints)} checkpoint(s) into {args.save_dir}")

@@ -12,7 +12,6 @@
 
 import logging
 import os
-from typing import Tuple
 
 import numpy as np
 import torch
@@ -38,20 +37,16 @@ logger = logging.getLogger(__name__)
 NUM_TRAIN, NUM_TEST, EPOCHS, SAVE_EVERY_EPOCHS, BATCH_SIZE, LEARNING_RATE = 600, 200, 20, 4, 32, 5e-3
 
 
-def digit_splits() -> Tuple[Dataset, Dataset]:
-    """Raw ``image``/``label`` train and test splits of scikit-learn's digits (8×8 grayscale)."""
+def digit_images(start: int, stop: int) -> Dataset:
+    """Rows ``[start, stop)`` of scikit-learn's digits as a raw split: ``image`` (8×8 grayscale PIL), ``label``."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("The demo reads scikit-learn's digits: pip install scikit-learn") from error
+        raise ImportError("The digits come from scikit-learn: pip install scikit-learn") from error
     digits = load_digits()
-    pixels = (digits.images * 255 / 16).round().astype(np.uint8)
+    pixels = (digits.images[start:stop] * 255 / 16).round().astype(np.uint8)
     features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-
-    def split(start, stop):
-        return Dataset.from_dict({"image": list(pixels[start:stop]), "label": digits.target[start:stop]}, features)
-
-    return split(0, NUM_TRAIN), split(NUM_TRAIN, NUM_TRAIN + NUM_TEST)
+    return Dataset.from_dict({"image": list(pixels), "label": digits.target[start:stop]}, features)
 
 
 def make_model(seed: int) -> ViTForImageClassification:
@@ -84,7 +79,7 @@ def run_demo(output_dir: str = "trak_demo", num_subsets: int = 24, proj_dim: int
     """Run the demo; returns its figures (accuracy, label agreement of top proponents, LDS, random LDS)."""
     transformers_logging.disable_progress_bar()  # checkpoint loading bars; TRAK's own stay
     transformers_logging.set_verbosity_error()
-    train_raw, test_raw = digit_splits()
+    train_raw, test_raw = digit_images(0, NUM_TRAIN), digit_images(NUM_TRAIN, NUM_TRAIN + NUM_TEST)
     processor = ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
     model = make_model(seed=0)
     train, test = (prepare_split(split, model, None, processor) for split in (train_raw, test_raw))

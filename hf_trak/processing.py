@@ -28,16 +28,16 @@ MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "positio
 Columns = Union[None, str, Sequence[str]]
 
 
+def is_text(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
 def text_columns(dataset: Dataset, text_column: Columns = None) -> List[str]:
     """The one or two text columns (a pair: ``sentence1``/``sentence2``) a tokenizer reads."""
     if text_column is not None:
         names = [text_column] if isinstance(text_column, str) else list(text_column)
     else:
-        names = [
-            name
-            for name, feature in dataset.features.items()
-            if isinstance(feature, Value) and feature.dtype in ("string", "large_string") and name not in LABEL_COLUMNS
-        ]
+        names = [name for name, feature in dataset.features.items() if is_text(feature) and name not in LABEL_COLUMNS]
     missing = [name for name in names if name not in dataset.column_names]
     if missing or not 1 <= len(names) <= 2:
         raise ValueError(

@@ -12,12 +12,13 @@ from typing import List, Optional
 
 import jinja2
 import numpy as np
-from datasets import ClassLabel, Dataset, Image, Value
+from datasets import ClassLabel, Dataset, Image
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
+from .processing import LABEL_COLUMNS, is_text
+
 META_COLUMNS = ("target", "kind", "rank", "train_index", "score")
-LABEL_COLUMNS = ("labels", "label")
 CELL, CAPTION, GAP, LINE = 96, 43, 12, 16
 PROPONENT, OPPONENT, TARGET = (34, 139, 34), (200, 40, 40), (60, 60, 60)
 
@@ -70,14 +71,7 @@ def image_column(top_k: Dataset) -> Optional[str]:
 
 def text_column(top_k: Dataset) -> Optional[str]:
     """The first string column of the train examples."""
-    return next(
-        (
-            name
-            for name in _shown_columns(top_k)
-            if isinstance(top_k.features[name], Value) and top_k.features[name].dtype in ("string", "large_string")
-        ),
-        None,
-    )
+    return next((name for name in _shown_columns(top_k) if is_text(top_k.features[name])), None)
 
 
 def _label_text(top_k: Dataset, column: Optional[str], value) -> Optional[str]:
@@ -124,7 +118,8 @@ def _cell(image: PILImage.Image, lines: List[str], color, font) -> PILImage.Imag
 
 
 def _targets(top_k: Dataset, num_targets: int, k: Optional[int]) -> List[dict]:
-    """Per target (first ``num_targets``): its first row and its proponent/opponent rows (``k`` of each)."""
+    """Per target (first ``num_targets``): its first row (``first``, which shows the target) and the
+    indices of its proponent and opponent rows (``k`` of each)."""
     columns = top_k.select_columns(["target", "kind", "rank"]).to_pandas()
     chosen = sorted(columns["target"].unique())[:num_targets]
     groups = []
@@ -132,7 +127,8 @@ def _targets(top_k: Dataset, num_targets: int, k: Optional[int]) -> List[dict]:
         rows = columns[(columns["target"] == target) & ((columns["rank"] < k) if k else True)]
         proponents = rows[rows["kind"] == "proponent"].sort_values("rank").index.tolist()
         opponents = rows[rows["kind"] == "opponent"].sort_values("rank").index.tolist()
-        groups.append({"target": int(target), "proponents": proponents, "opponents": opponents})
+        first = top_k[(proponents or opponents)[0]]
+        groups.append({"target": int(target), "first": first, "proponents": proponents, "opponents": opponents})
     return groups
 
 
@@ -152,7 +148,7 @@ def write_image_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optio
     draw.text((opponents_at + 4, 4), "top opponents (smallest scores)", fill=OPPONENT, font=font)
     for number, group in enumerate(groups):
         top = 20 + number * (CELL + CAPTION + GAP)
-        first = top_k[(group["proponents"] or group["opponents"])[0]]
+        first = group["first"]
         caption = [f"target {group['target']}", _caption(top_k, first, "target_", text, label)]
         grid.paste(_cell(to_pil(first[f"target_{column}"]), caption, TARGET, font), (0, top))
         for kind, offset, color in (("proponents", CELL + GAP, PROPONENT), ("opponents", opponents_at, OPPONENT)):
@@ -180,7 +176,7 @@ def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Option
 
     targets = []
     for group in _targets(top_k, num_targets, k):
-        first = top_k[(group["proponents"] or group["opponents"])[0]]
+        first = group["first"]
         targets.append(
             {
                 "index": group["target"],

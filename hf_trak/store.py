@@ -93,21 +93,20 @@ class FeatureStore:
             return cls(root, TRAKConfig.from_json_string(file.read()))
 
     @classmethod
-    def _mismatches(cls, root: Optional[str], config: TRAKConfig) -> Optional[List[str]]:
-        """How the store at ``root`` differs from ``config`` for resuming (None: there is no store)."""
+    def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> Optional[List[str]]:
+        """How the store at ``root`` differs from ``config`` for resuming (None: there is no store).
+
+        Raises, writing nothing, if it differs and ``overwrite`` is False.
+        """
         if root is None or not os.path.isfile(os.path.join(root, CONFIG_NAME)):
             return None
-        return cls.load(root).config.mismatches(config, resume=True)
-
-    @classmethod
-    def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> None:
-        """Raise, writing nothing, if ``root`` holds features of other settings and ``overwrite`` is False."""
-        mismatches = cls._mismatches(root, config)
+        mismatches = cls.load(root).config.mismatches(config, resume=True)
         if mismatches and not overwrite:
             raise FileExistsError(
                 f"{root} holds features made with other settings ({'; '.join(mismatches)}). Choose another "
                 "save_dir, or pass overwrite=True to delete them."
             )
+        return mismatches
 
     @classmethod
     def create_or_resume(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> "FeatureStore":
@@ -121,8 +120,7 @@ class FeatureStore:
                 os.path.join(temporary.name, CONFIG_NAME), lambda tmp: _write_text(tmp, config.to_json_string())
             )
             return cls(temporary.name, config, temporary)
-        cls.validate(root, config, overwrite)
-        mismatches = cls._mismatches(root, config)
+        mismatches = cls.validate(root, config, overwrite)
         if mismatches == []:
             logger.info("Resuming the featurization in %s.", root)
             return cls.load(root)

@@ -15,6 +15,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from hf_trak import demo
+
 VOCAB = 40
 
 
@@ -140,9 +142,4 @@ def word_tokenizer():
 
 def digit_images(n: int, offset: int = 0) -> Dataset:
     """scikit-learn's digits as a raw image split: an ``image`` column (8×8 grayscale PIL) and ``label``."""
-    from datasets import ClassLabel, Features, Image
-
-    data = load_digits()
-    pixels = (data.images[offset : offset + n] * 255 / 16).round().astype(np.uint8)
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-    return Dataset.from_dict({"image": list(pixels), "label": data.target[offset : offset + n]}, features=features)
+    return demo.digit_images(offset, offset + n)
