@@ -22,6 +22,7 @@ from datasets import Dataset, Features, Value
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedModel
 
+from .adapters import is_adapter_folder, load_adapter_model
 from .checkpoints import Checkpoint
 from .processing import display_columns, prepare_split
 from .traker import TRAKer
@@ -53,10 +54,15 @@ class Attribution:
         return write_report(self.top_k, path, num_targets=num_targets, k=k)
 
 
-def load_model(name_or_path: str, **kwargs) -> PreTrainedModel:
-    """The model of a ``save_pretrained`` folder or Hub repo, with the head its config names."""
+def load_model(name_or_path: str, base_model: Optional[str] = None, **kwargs) -> PreTrainedModel:
+    """The model of a ``save_pretrained`` folder or Hub repo, with the head its config names.
+
+    A PEFT adapter folder gives its ``PeftModel``, on ``base_model`` or the base its config names.
+    """
     import transformers
 
+    if is_adapter_folder(name_or_path):
+        return load_adapter_model(name_or_path, base_model)
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
@@ -72,20 +78,27 @@ def trainer_checkpoints(output_dir: str) -> List[str]:
     """The ``checkpoint-N`` folders of a Trainer ``output_dir``, by step (none for a model folder)."""
     if not os.path.isdir(output_dir) or os.path.exists(os.path.join(output_dir, "config.json")):
         return []
+    if is_adapter_folder(output_dir):
+        return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_FOLDER.match(name))]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
-def resolve_model(model_or_checkpoints: ModelOrCheckpoints) -> Tuple[nn.Module, List[Checkpoint]]:
-    """``(model, checkpoints)`` from a model, a folder/Hub id, a list of checkpoints or a Trainer output_dir."""
+def resolve_model(
+    model_or_checkpoints: ModelOrCheckpoints, base_model: Optional[str] = None
+) -> Tuple[nn.Module, List[Checkpoint]]:
+    """``(model, checkpoints)`` from a model, a folder/Hub id, a list of checkpoints or a Trainer output_dir.
+
+    Adapter folders load on ``base_model`` (default: the base their config names).
+    """
     if isinstance(model_or_checkpoints, nn.Module):
         return model_or_checkpoints, [model_or_checkpoints]
     if isinstance(model_or_checkpoints, (str, os.PathLike)):
         path = os.fspath(model_or_checkpoints)
         folders = trainer_checkpoints(path)
         if folders:
-            return resolve_model(folders)
-        model = load_model(path)
+            return resolve_model(folders, base_model)
+        model = load_model(path, base_model)
         return model, [path if os.path.isdir(path) else model]
     checkpoints = list(model_or_checkpoints)
     if not checkpoints:
@@ -94,7 +107,7 @@ def resolve_model(model_or_checkpoints: ModelOrCheckpoints) -> Tuple[nn.Module, 
     paths = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, (str, os.PathLike))]
     if not models and not paths:
         raise ValueError("With state dicts as checkpoints, pass the model itself to TRAKer instead.")
-    return (models[-1] if models else load_model(os.fspath(paths[-1]))), checkpoints
+    return (models[-1] if models else load_model(os.fspath(paths[-1]), base_model)), checkpoints
 
 
 def load_processor(name_or_path: str):

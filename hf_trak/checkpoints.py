@@ -3,7 +3,9 @@
 A checkpoint is a state dict, a model, a ``.safetensors``/``.bin`` state-dict file, or a
 folder written by ``save_pretrained`` or the Trainer (``checkpoint-N``). Folders are read
 with the model class's own ``from_pretrained``, so transformers' sharding, tied weights
-and renaming of saved keys apply. Tensors are read, never written, and the model given
+and renaming of saved keys apply. For a PEFT model, an adapter folder, file or state dict
+(adapter tensors only, under peft's saved names) is the model's state with that adapter
+(``hf_trak.adapters``). Tensors are read, never written, and the model given
 to ``TRAKer`` is never modified, so checkpoints may alias the live model's tensors.
 """
 
@@ -16,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers.utils import logging as transformers_logging
+
+from . import adapters
 
 Checkpoint = Union[Mapping[str, Tensor], nn.Module, str, os.PathLike]
 
@@ -36,18 +40,30 @@ def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Te
     if isinstance(checkpoint, nn.Module):
         return checkpoint.state_dict()
     if isinstance(checkpoint, Mapping):
-        return checkpoint
+        return _with_adapter_if_partial(checkpoint, model, "the state dict")
     path = os.fspath(checkpoint)
     if os.path.isfile(path):
-        if path.endswith(".safetensors"):
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = (
+            load_file(path)
+            if path.endswith(".safetensors")
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
+        return _with_adapter_if_partial(state_dict, model, path)
+    if os.path.isdir(path) and adapters.is_adapter_folder(path):
+        return adapters.read_adapter_folder(path, model)
     if os.path.isdir(path) and hasattr(type(model), "from_pretrained"):
         with _without_loading_bars():  # checkpoints are read often; TRAK's own bars show progress
             return type(model).from_pretrained(path).state_dict()
     raise FileNotFoundError(
         f"Checkpoint {path!r} is neither a weights file nor a save_pretrained folder of {type(model).__name__}."
     )
+
+
+def _with_adapter_if_partial(state_dict: Mapping[str, Tensor], model: nn.Module, source: str) -> Mapping[str, Tensor]:
+    """A PEFT model's adapter-only state dict completed with the model's own tensors; others as given."""
+    if adapters.is_adapter_state_dict(state_dict, model):
+        return adapters.with_adapter(model, state_dict, source)
+    return state_dict
 
 
 def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.device) -> Tuple[dict, dict]:

@@ -52,6 +52,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> Non
         default=None,
         help="save_pretrained folder, Hub id, or Trainer output_dir (its checkpoint-N folders are the checkpoints)",
     )
+    group.add_argument(
+        "--base-model", default=None, help="base model of a PEFT adapter --model (default: its adapter_config's)"
+    )
     group.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint folders (default: from --model)")
     group.add_argument("--processor", default=None, help="tokenizer/processor folder or Hub id (default: --model's)")
     group.add_argument("--no-processor", action="store_true", help="the dataset already holds model inputs")
@@ -147,13 +150,18 @@ def _model_folder(model: Optional[str]) -> Optional[str]:
 
 
 def _processor(args, model: Optional[str]):
-    """``--processor``, else the one saved with the model (None with ``--no-processor`` or if there is none)."""
+    """``--processor``, else the one saved with the model or, for an adapter, its base model (None with
+    ``--no-processor`` or if there is none)."""
+    from .adapters import adapter_base_model, is_adapter_folder
     from .attribute import load_processor
 
     source = args.processor or _model_folder(model)
     if args.no_processor or source is None:
         return None
     processor = load_processor(source)
+    if processor is None and is_adapter_folder(source):
+        source = adapter_base_model(source, args.base_model)
+        processor = load_processor(source)
     if processor is None:
         logger.info("No processor found in %s: the dataset must hold model inputs.", source)
     return processor
@@ -183,7 +191,7 @@ def _target_scores(args):
     model_path = args.model or (recorded[-1] if recorded else stored.name_or_path or None)
     if not model_path:
         raise ValueError(f"The features in {save_dir} record no model folder: pass --model.")
-    model, checkpoints = resolve_model(model_path)
+    model, checkpoints = resolve_model(model_path, args.base_model)
     if args.checkpoints:
         checkpoints = args.checkpoints
     elif len(checkpoints) != stored.num_checkpoints or not all(isinstance(c, str) for c in checkpoints):
@@ -202,7 +210,7 @@ def featurize(args) -> None:
     from .attribute import resolve_model
     from .traker import TRAKer
 
-    model, checkpoints = resolve_model(args.model)
+    model, checkpoints = resolve_model(args.model, args.base_model)
     traker = TRAKer(
         model,
         task=args.task,

@@ -17,6 +17,7 @@ FEATURE_FIELDS = (
     "projector_seed",
     "param_names",
     "num_params",
+    "adapter_config",
 )
 # Fields that a resumed featurization must also share.
 RESUME_FIELDS = FEATURE_FIELDS + (
@@ -41,6 +42,9 @@ class TRAKConfig:
     ``train_fingerprint`` identifies the train split (``datasets`` fingerprint), and
     ``checkpoint_fingerprints[m]`` the weights of checkpoint m (sha256 of its parameters);
     ``checkpoint_sources[m]`` says where they came from (a path, or "state_dict").
+    For a PEFT model, ``adapter_config`` is the adapter's layout (peft's config without paths
+    or versions), ``base_model`` where the base model came from, and ``base_fingerprint``
+    the sha256 of checkpoint 0's non-adapter weights (the base the adapters were trained on).
     """
 
     model_class: str
@@ -63,6 +67,9 @@ class TRAKConfig:
     checkpoint_fingerprints: List[str] = dataclasses.field(default_factory=list)
     checkpoint_sources: List[str] = dataclasses.field(default_factory=list)
     hf_trak_version: str = ""
+    adapter_config: Optional[dict] = None
+    base_model: str = ""
+    base_fingerprint: str = ""
 
     def to_json_string(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -74,11 +81,18 @@ class TRAKConfig:
     def mismatches(self, other: "TRAKConfig", resume: bool = False) -> List[str]:
         """Human-readable differences in the fields that matter (``resume``: for continuing a run)."""
         fields = RESUME_FIELDS if resume else FEATURE_FIELDS
-        return [
-            f"{name}: stored {_short(getattr(self, name))}, given {_short(getattr(other, name))}"
-            for name in fields
-            if getattr(self, name) != getattr(other, name)
-        ]
+        found = []
+        for name in fields:
+            stored, given = getattr(self, name), getattr(other, name)
+            if isinstance(stored, dict) and isinstance(given, dict):
+                found += [
+                    f"{name}.{key}: stored {_short(stored.get(key))}, given {_short(given.get(key))}"
+                    for key in sorted(set(stored) | set(given))
+                    if stored.get(key) != given.get(key)
+                ]
+            elif stored != given:
+                found.append(f"{name}: stored {_short(stored)}, given {_short(given)}")
+        return found
 
 
 def _short(value) -> str:

@@ -16,14 +16,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from .adapters import head_model
+
 Collator = Callable[[list], dict]
 
 
 def model_input_names(model: nn.Module) -> set:
-    """Named arguments of ``model.forward`` (what the Trainer keeps as signature columns)."""
+    """Named arguments of ``model.forward`` (what the Trainer keeps as signature columns); for a PEFT
+    model, those of the model it wraps, as the Trainer does."""
     return {
         name
-        for name, parameter in inspect.signature(model.forward).parameters.items()
+        for name, parameter in inspect.signature(head_model(model).forward).parameters.items()
         if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
     }
 

@@ -2,16 +2,25 @@
 
 For checkpoint m, with train features X_m (n × k), Q_m (n,) and target features T_m (b × k):
 
-    XtX_m = Σ_i x_i x_iᵀ                        accumulated in float32
+    XtX_m = Σ_i x_i x_iᵀ                        accumulated in float64
     λ_m   = lambda_reg, or LAMBDA_SCALE · tr(XtX_m) / k when lambda_reg is None
-    K_m   = (XtX_m + λ_m I)⁻¹ / mean|(XtX_m + λ_m I)⁻¹|     inverted in float64
+    K_m   = (XtX_m + λ_m I)⁻¹ / mean|(XtX_m + λ_m I)⁻¹|     inverted and kept in float64
     τ     = mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m)[:, None]     scores (n × b)
 
 X_m is stored (so featurization can resume and processes can write in parallel) and
-Φ = X_m K_m is formed block by block when scoring. The order matters: when k > n, K Tᵀ
-has components of size 1/λ in the null space of XtX that X (K Tᵀ) cancels in float32,
-while X K stays well scaled. Forming Φ costs n·k² per scoring pass, next to n·k·b for
-the scores, so targets are scored in blocks of b ≥ k by default.
+Φ = X_m K_m is formed block by block when scoring, in float64, then Φ Tᵀ in float32.
+
+Precision. K has eigenvalues 1/(s_j + λ): up to 1/λ in the directions where XtX has
+little or no mass (all of the null space when k > n), while x_i lives in XtX's row
+space, so x_iᵀK cancels components of size |x|/λ down to |x|/s. Any float32 rounding
+in that chain is amplified by κ = (s_max + λ)/λ, about 10³–10⁴ at the default λ with
+k > n (the parity tests in ``tests/test_scores.py`` measure κ up to 9.5e3). Measured
+there, as max error / max |score| against float64 scoring of the same stored features:
+XtX summed in float32 costs up to 5e-5, K rounded to float32 up to 1.3e-5, X·K in
+float32 up to 1.5e-4, and X·(K Tᵀ) in float32 up to 1.3e-4 (with K Tᵀ exact). Hence
+XtX, K and Φ = X K in float64 (k × k and shard × k: small next to featurizing); Φ is
+well scaled, so Φ Tᵀ in float32 costs ≤ 4e-7. Forming Φ costs n·k² per scoring pass,
+next to n·k·b for the scores, so targets are scored in blocks of b ≥ k by default.
 
 The rescaling of K by its mean absolute value is traker's (it keeps Φ in fp16 range);
 it multiplies all scores of a checkpoint by one constant.
@@ -40,11 +49,17 @@ def resolve_lambda(xtx: Tensor, lambda_reg: Optional[float]) -> float:
     return LAMBDA_SCALE * float(torch.diagonal(xtx).double().sum()) / xtx.shape[0]
 
 
+def gram(features: Tensor) -> Tensor:
+    """XᵀX of a block of features (rows × k), accumulated in float64: (k × k)."""
+    features = features.double()
+    return features.T @ features
+
+
 def regularized_inverse(xtx: Tensor, lambda_reg: float) -> Tensor:
-    """K = (XtX + λI)⁻¹ / mean|(XtX + λI)⁻¹|, float32, computed in float64."""
+    """K = (XtX + λI)⁻¹ / mean|(XtX + λI)⁻¹|, float64 (see the module's note on precision)."""
     regularized = xtx.double() + lambda_reg * torch.eye(xtx.shape[0], dtype=torch.float64, device=xtx.device)
     inverse = torch.linalg.inv(regularized)
-    return (inverse / inverse.abs().mean()).float()
+    return inverse / inverse.abs().mean()
 
 
 def score_block(
@@ -52,12 +67,14 @@ def score_block(
 ) -> Tensor:
     """mean_m((X_m[rows] K_m) T_mᵀ) ⊙ Q[rows] for one block of train rows: (rows × b) float32.
 
-    ``train_features[m]`` is X_m[rows] (any float dtype), ``kernels[m]`` K_m (k × k),
-    ``target_features[m]`` T_m (b × k), ``out_to_loss`` mean_m(Q_m)[rows].
+    ``train_features[m]`` is X_m[rows] (any float dtype), ``kernels[m]`` K_m (k × k, float64:
+    Φ = X K is formed in float64, see the module's note), ``target_features[m]`` T_m (b × k),
+    ``out_to_loss`` mean_m(Q_m)[rows].
     """
     total = None
     for features, kernel, targets in zip(train_features, kernels, target_features):
-        block = (features.to(device=kernel.device, dtype=torch.float32) @ kernel) @ targets.T
+        phi = features.to(device=kernel.device, dtype=torch.float64) @ kernel.double()
+        block = phi.float() @ targets.float().T
         total = block if total is None else total.add_(block)
     return total.div_(len(train_features)).mul_(out_to_loss.to(total.device)[:, None])
 

@@ -236,12 +236,17 @@ class CLIPModelOutput(AbstractModelOutput):
 
     def get_out_to_loss_grad(self, model, weights, buffers, batch) -> Tensor:
         image, text = self._embeddings(model, weights, buffers, batch)
-        temperature = {**weights, **buffers}["logit_scale"].exp()
+        temperature = self._logit_scale({**weights, **buffers}).exp()
         s_ii = (image * text).sum(-1, keepdim=True)
         image_logits = torch.cat([s_ii, image @ self.contrast_text_embeds.T], dim=-1) * temperature
         text_logits = torch.cat([s_ii, text @ self.contrast_image_embeds.T], dim=-1) * temperature
         p = (torch.softmax(image_logits, dim=-1)[:, 0] + torch.softmax(text_logits, dim=-1)[:, 0]) / 2
         return (1.0 - p).detach()
+
+    @staticmethod
+    def _logit_scale(tensors: Mapping[str, Tensor]) -> Tensor:
+        """CLIP's ``logit_scale`` (``base_model.model.logit_scale`` under a PEFT wrapper)."""
+        return next(value for name, value in tensors.items() if name.split(".")[-1] == "logit_scale")
 
     def settings(self) -> dict:
         return {"num_contrast": self.num_contrast, "seed": self.seed}
@@ -282,8 +287,11 @@ class AutoModelOutput:
 
     @staticmethod
     def from_model(model: nn.Module, **kwargs) -> AbstractModelOutput:
+        """The output function of ``model``'s head (looked up through a PEFT wrapper)."""
+        from .adapters import head_model
+
         heads = _head_names()
-        for cls in type(model).__mro__:
+        for cls in type(head_model(model)).__mro__:
             for task, names in heads.items():
                 if cls.__name__ in names:
                     return AutoModelOutput.from_task(task, **kwargs)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .adapters import adapter_parameter_names, adapter_provenance, is_peft_model
 from .card import write_dataset_card
 from .checkpoints import Checkpoint, checkpoint_fingerprint, checkpoint_source, load_checkpoint
 from .config import TRAKConfig
@@ -29,7 +30,7 @@ from .distributed import Processes
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, GradWrt, PerExampleGradients, select_parameters
 from .hub import download_store, push_store
-from .kernel import merge_top_k, regularized_inverse, resolve_lambda, score_block
+from .kernel import gram, merge_top_k, regularized_inverse, resolve_lambda, score_block
 from .masks import AttentionMaskAdapter
 from .model_outputs import AbstractModelOutput, AutoModelOutput, call_model, eval_mode, without_labels
 from .projectors import make_projector
@@ -107,6 +108,8 @@ class TRAKer:
             device = self.processes.device or next(model.parameters()).device
         self.device = torch.device(device)
         self.dtype, self.lambda_reg, self.save_dir = dtype, lambda_reg, save_dir
+        if grad_wrt is None and is_peft_model(model) and not any(p.requires_grad for p in model.parameters()):
+            grad_wrt = adapter_parameter_names(model)  # an inference-mode PeftModel: its adapter, as trained
         if projector == "factored" and grad_wrt is None:
             trainable = set(select_parameters(model))
             grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
@@ -135,6 +138,7 @@ class TRAKer:
                 ),
             )
         self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
+        adapter = adapter_provenance(model) or {}
         self.config = TRAKConfig(
             model_class=type(model).__name__,
             name_or_path=str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
@@ -151,6 +155,8 @@ class TRAKer:
             model_revision=getattr(getattr(model, "config", None), "_commit_hash", None),
             shard_size=shard_size,
             hf_trak_version=__version__,
+            adapter_config=adapter.get("config"),
+            base_model=adapter.get("base_model", ""),
         )
         self.store: Optional[FeatureStore] = None
         self.checkpoints: List[Checkpoint] = []
@@ -207,15 +213,14 @@ class TRAKer:
                 "featurize needs at least one checkpoint (a state dict, model or save_pretrained folder)."
             )
         source = self._source(train_dataset, data_collator)
-        fingerprints = [
-            checkpoint_fingerprint(load_checkpoint(c, self.model, torch.device("cpu"))[0]) for c in checkpoints
-        ]
+        fingerprints = [self._fingerprints(checkpoint) for checkpoint in checkpoints]
         config = dataclasses.replace(
             self.config,
+            base_fingerprint=fingerprints[0][1],
             num_checkpoints=len(checkpoints),
             num_train_examples=len(source),
             train_fingerprint=source.fingerprint,
-            checkpoint_fingerprints=fingerprints,
+            checkpoint_fingerprints=[weights for weights, _ in fingerprints],
             checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
         )
         processes = self.processes
@@ -254,10 +259,10 @@ class TRAKer:
                     self._write_shard(source, weights, buffers, model_id, start, stop, batch_size, bar)
         processes.barrier()
         if not store.has_kernel(model_id):
-            xtx = torch.zeros(self.featurizer.proj_dim, self.featurizer.proj_dim, device=self.device)
+            dim = self.featurizer.proj_dim
+            xtx = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
             for start, stop in processes.share(store.shard_ranges()):
-                block = _as_tensor(store.shard(model_id, start, stop)[0]).to(self.device, torch.float32)
-                xtx.addmm_(block.T, block)
+                xtx += gram(_as_tensor(store.shard(model_id, start, stop)[0]).to(self.device))
             xtx = processes.sum(xtx)  # all-reduce of k × k: no features travel
             if processes.is_main:
                 lambda_reg = resolve_lambda(xtx, self.lambda_reg)
@@ -295,7 +300,7 @@ class TRAKer:
         """Yields, per block of the targets in ``rows``, ``(offset in rows, blocks)`` where ``blocks``
         yields ``(train_start, scores)`` with scores of shape (shard rows × block targets), float32."""
         store, num_checkpoints = self._require_store(), self.config.num_checkpoints
-        kernels = [store.load_kernel(m)["kernel"].to(self.device) for m in range(num_checkpoints)]
+        kernels = [store.load_kernel(m)["kernel"].to(self.device, torch.float64) for m in range(num_checkpoints)]
         out_to_loss = torch.from_numpy(np.mean([store.out_to_loss(m) for m in range(num_checkpoints)], axis=0))
         offset, pending, pending_rows = 0, [], 0
         show = None if self.processes.is_main else True
@@ -453,6 +458,15 @@ class TRAKer:
             traker._train_source = traker._source(train_dataset, None)
         return traker
 
+    def _fingerprints(self, checkpoint: Checkpoint) -> Tuple[str, str]:
+        """(fingerprint of all the checkpoint's weights, of its non-adapter weights: "" without an adapter)."""
+        weights, _ = load_checkpoint(checkpoint, self.model, torch.device("cpu"))
+        base = ""
+        if self.config.adapter_config is not None:
+            adapter = set(adapter_parameter_names(self.model))
+            base = checkpoint_fingerprint({name: w for name, w in weights.items() if name not in adapter})
+        return checkpoint_fingerprint(weights), base
+
     def _verified_checkpoints(self, checkpoints: Optional[Sequence[Checkpoint]]) -> List[Checkpoint]:
         stored = self.store.config
         if checkpoints is None:
@@ -470,8 +484,14 @@ class TRAKer:
                 f"The features were made at {stored.num_checkpoints} checkpoints, got {len(checkpoints)}."
             )
         for model_id, checkpoint in enumerate(checkpoints):
-            weights, _ = load_checkpoint(checkpoint, self.model, torch.device("cpu"))
-            if checkpoint_fingerprint(weights) != stored.checkpoint_fingerprints[model_id]:
+            weights, base = self._fingerprints(checkpoint)
+            if stored.base_fingerprint and base != stored.base_fingerprint:
+                raise ValueError(
+                    f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has another base model than the one the "
+                    f"adapter features were made with ({stored.base_model or 'recorded in the store'}): load the "
+                    "adapters onto that base model."
+                )
+            if weights != stored.checkpoint_fingerprints[model_id]:
                 raise ValueError(
                     f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has other weights than the one the "
                     f"features were made at ({stored.checkpoint_sources[model_id]}): pass the checkpoints used by "
