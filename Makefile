@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test quality style bench
+.PHONY: install demo test test-fast quality style bench
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ style: install
 
 test: quality
 	$(BIN)/python -m pytest
+
+test-fast: quality  # the tests not marked slow (no subprocesses, no retraining): about 2 minutes
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
 	$(BIN)/python -m pip install -q --no-deps "traker==0.3.2"

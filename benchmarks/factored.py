@@ -20,7 +20,6 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from hf_trak import TRAKer
-from hf_trak.checkpoints import load_checkpoint
 from hf_trak.factored import factorable_parameter_names
 from hf_trak.masks import to_4d_attention_mask
 
@@ -65,8 +64,8 @@ def timed(step, repeats: int) -> float:
 
 def hf_trak_step(model, batch, projector: str, proj_dim: int, grad_wrt, device):
     traker = TRAKer(model, projector=projector, proj_dim=proj_dim, grad_wrt=grad_wrt, save_dir=None, device=device)
-    weights, buffers = load_checkpoint(model, model, torch.device(device))
-    return lambda: traker._project_batch(weights, buffers, batch, model_id=0)
+    view = traker.feature_map.at(model, 0)
+    return lambda: view.features(batch)
 
 
 def traker_step(model, batch, proj_dim: int, grad_wrt, device):

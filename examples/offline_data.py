@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
 
-from hf_trak.demo import digit_images
+from hf_trak.digits import digit_images
 
 POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming", "superb", "fun"]
 NEGATIVE = ["awful", "boring", "dull", "painful", "terrible", "clumsy", "tedious", "bland"]

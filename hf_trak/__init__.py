@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .arguments import TRAKArguments  # noqa: E402
 from .attribute import Attribution, attribute  # noqa: E402
 from .config import TRAKConfig  # noqa: E402
 from .model_outputs import (  # noqa: E402
@@ -13,7 +14,7 @@ from .model_outputs import (  # noqa: E402
     ImageClassificationModelOutput,
     SequenceClassificationModelOutput,
 )
-from .trainer import TRAKArguments, TRAKCallback, TRAKHFTrainer  # noqa: E402
+from .trainer import TRAKCallback, TRAKHFTrainer  # noqa: E402
 from .traker import TopK, TRAKer  # noqa: E402
 
 __all__ = [

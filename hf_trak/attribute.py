@@ -18,12 +18,14 @@ import re
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from datasets import Dataset, Features, Value
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from .adapters import is_adapter_folder, load_adapter_model
 from .checkpoints import Checkpoint
+from .kernel import merge_top_k
 from .processing import display_columns, prepare_split
 from .traker import TRAKer
 
@@ -122,11 +124,7 @@ def load_processor(name_or_path: str):
 
 def _extreme_rows(scores: np.ndarray, k: int, largest: bool) -> np.ndarray:
     """(m, k) train rows of the k largest (or smallest) scores of each target, strongest first."""
-    signed = -scores if largest else scores
-    candidates = np.argpartition(signed, k - 1, axis=0)[:k] if k < len(scores) else np.arange(len(scores))[:, None]
-    candidates = np.broadcast_to(candidates, (k, scores.shape[1]))
-    values = np.take_along_axis(signed, candidates, axis=0)
-    return np.take_along_axis(candidates, np.argsort(values, axis=0, kind="stable"), axis=0).T
+    return merge_top_k(None, torch.from_numpy(np.ascontiguousarray(scores)), 0, k, largest)[1].T.numpy()
 
 
 def top_k_dataset(scores: np.ndarray, train: Dataset, targets: Dataset, k: int = 10) -> Dataset:
@@ -190,7 +188,7 @@ def attribute(
     traker = TRAKer(model, task=task, save_dir=save_dir, **traker_kwargs)
 
     def prepare(split):
-        with traker.processes.main_process_first():
+        with traker.state.main_process_first():
             return prepare_split(split, model, traker.task, processor, text_column, image_column, max_length)
 
     traker.featurize(prepare(train), checkpoints, batch_size=batch_size, overwrite=overwrite)

@@ -21,11 +21,14 @@ import sys
 from typing import List, Optional
 
 import numpy as np
-import torch
+
+from .arguments import FEATURIZE_SCOPES, TRAKArguments, add_arguments, parsed_settings
 
 logger = logging.getLogger("hf_trak")
 
 USER_ERRORS = (ValueError, KeyError, OSError, TypeError, RuntimeError)
+# score and top-k read the store's settings; they take the run settings, and the task to build f.
+SCORE_SCOPES, SCORE_NAMES = ("run",), ("task",)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -41,7 +44,6 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text-column", nargs="+", default=None, help="text column(s) (default: the string ones)")
     group.add_argument("--image-column", default=None, help="image column (default: the Image one)")
     group.add_argument("--max-length", type=int, default=None, help="tokenizer truncation length")
-    group.add_argument("--batch-size", type=int, default=32)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -58,8 +60,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> Non
     group.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint folders (default: from --model)")
     group.add_argument("--processor", default=None, help="tokenizer/processor folder or Hub id (default: --model's)")
     group.add_argument("--no-processor", action="store_true", help="the dataset already holds model inputs")
-    group.add_argument("--task", default=None, help="model output function (default: from the model head)")
-    group.add_argument("--device", default=None)
 
 
 def _add_features_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,18 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     featurize = commands.add_parser("featurize", help="project per-example gradients of the train split")
     _add_model_arguments(featurize, required=True)
     _add_data_arguments(featurize)
-    featurize.add_argument("--save-dir", required=True)
-    featurize.add_argument("--proj-dim", type=int, default=2048)
-    featurize.add_argument(
-        "--projector", choices=["rademacher", "normal", "identity", "factored"], default="rademacher"
-    )
-    featurize.add_argument("--projector-seed", type=int, default=0)
-    featurize.add_argument(
-        "--grad-wrt", nargs="+", default=None, help="parameter names to differentiate, or 'all' (default: trainable)"
-    )
-    featurize.add_argument("--lambda-reg", type=float, default=None)
-    featurize.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    featurize.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    add_arguments(featurize, FEATURIZE_SCOPES)
 
     for name, help_text in (
         ("score", "TRAK scores of the target split (saved in the store, or --output .npy)"),
@@ -97,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_features_arguments(command)
         _add_model_arguments(command, required=False)
         _add_data_arguments(command)
+        add_arguments(command, SCORE_SCOPES, SCORE_NAMES)
         if name == "score":
             command.add_argument("--output", default=None, help="also write the scores to this .npy file")
             command.add_argument("--name", default=None, help="name in the store (default: the target split)")
@@ -198,11 +188,12 @@ def _target_scores(args):
         checkpoints = None  # the recorded ones, or the model itself for a single checkpoint
     task, processor = AutoModelOutput.resolve(model, args.task), _processor(args, model_path)
     train, prepared = _prepared_split(args, model, task, processor, args.train_split, args.max_train_examples)
+    settings = parsed_settings(args, SCORE_SCOPES)
     traker = TRAKer.from_pretrained(
-        save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, device=args.device
+        save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, **settings
     )
     raw_targets, targets = _prepared_split(args, model, task, processor, args.target_split, args.max_target_examples)
-    return traker.score(targets, batch_size=args.batch_size), traker, train, raw_targets
+    return traker.score(targets), traker, train, raw_targets
 
 
 # ----------------------------------------------------------------------------- commands
@@ -210,23 +201,15 @@ def featurize(args) -> None:
     from .attribute import resolve_model
     from .traker import TRAKer
 
+    settings = TRAKArguments(**parsed_settings(args, FEATURIZE_SCOPES))  # checked before anything is loaded
+    if settings.save_dir is None:
+        raise ValueError("featurize writes a feature store: pass --save-dir.")
     model, checkpoints = resolve_model(args.model, args.base_model)
-    traker = TRAKer(
-        model,
-        task=args.task,
-        proj_dim=args.proj_dim,
-        projector=args.projector,
-        projector_seed=args.projector_seed,
-        lambda_reg=args.lambda_reg,
-        dtype=getattr(torch, args.dtype),
-        save_dir=args.save_dir,
-        device=args.device,
-        grad_wrt="all" if args.grad_wrt == ["all"] else args.grad_wrt,
-    )
+    traker = TRAKer(model, args=settings)
     processor = _processor(args, args.model)
     _, train = _prepared_split(args, model, traker.task, processor, args.train_split, args.max_train_examples)
-    traker.featurize(train, args.checkpoints or checkpoints, batch_size=args.batch_size, overwrite=args.overwrite)
-    if traker.processes.is_main:
+    traker.featurize(train, args.checkpoints or checkpoints)
+    if traker.state.is_main_process:
         print(f"Featurized {len(train)} examples at {len(traker.checkpoints)} checkpoint(s) into {args.save_dir}")
 
 

@@ -5,6 +5,10 @@ import json
 from typing import List, Optional
 
 CONFIG_NAME = "trak_config.json"
+# 1: hf_trak 0.1.0. 2: K and XtX kept in float64, λ's scale recorded (lambda_scale), checkpoint
+# fingerprints recorded as featurize loads each checkpoint, PEFT adapter provenance. Version 1
+# stores load and score unchanged (their missing fields take the version-1 values).
+STORE_VERSION = 2
 
 # Fields that give the features their meaning: scoring with another value is wrong.
 FEATURE_FIELDS = (
@@ -19,15 +23,16 @@ FEATURE_FIELDS = (
     "num_params",
     "adapter_config",
 )
-# Fields that a resumed featurization must also share.
+# Fields that a resumed featurization must also share (checkpoint fingerprints are checked
+# checkpoint by checkpoint as featurize loads them: ``hf_trak.featurize``).
 RESUME_FIELDS = FEATURE_FIELDS + (
     "dtype",
     "lambda_reg",
+    "lambda_scale",
     "num_checkpoints",
     "num_train_examples",
     "train_fingerprint",
     "shard_size",
-    "checkpoint_fingerprints",
 )
 
 
@@ -39,8 +44,10 @@ class TRAKConfig:
     k it gave (p for the identity projector, at most ``proj_dim`` when factored); ``param_names``
     the differentiated parameters (p = ``num_params`` elements), ``dtype`` the storage
     dtype of the features, ``lambda_reg`` the requested λ (None: derived per checkpoint).
+    ``lambda_scale`` gives λ = lambda_scale · tr(XtX)/k when ``lambda_reg`` is None.
     ``train_fingerprint`` identifies the train split (``datasets`` fingerprint), and
-    ``checkpoint_fingerprints[m]`` the weights of checkpoint m (sha256 of its parameters);
+    ``checkpoint_fingerprints[m]`` the weights of checkpoint m (sha256 of its parameters; ""
+    until featurize has loaded it);
     ``checkpoint_sources[m]`` says where they came from (a path, or "state_dict").
     For a PEFT model, ``adapter_config`` is the adapter's layout (peft's config without paths
     or versions), ``base_model`` where the base model came from, and ``base_fingerprint``
@@ -67,6 +74,8 @@ class TRAKConfig:
     checkpoint_fingerprints: List[str] = dataclasses.field(default_factory=list)
     checkpoint_sources: List[str] = dataclasses.field(default_factory=list)
     hf_trak_version: str = ""
+    lambda_scale: float = 0.1
+    store_version: int = 1
     adapter_config: Optional[dict] = None
     base_model: str = ""
     base_fingerprint: str = ""

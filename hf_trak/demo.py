@@ -10,12 +10,13 @@
    outputs the scores predict with the ones the retrained models give (random scores: ~0).
 """
 
+import contextlib
 import logging
 import os
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, Features, Image
+from datasets import Dataset
 from transformers import (
     PrinterCallback,
     Trainer,
@@ -26,27 +27,17 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from .arguments import TRAKArguments
 from .attribute import top_k_dataset
+from .digits import digit_images
 from .evaluate import lds, make_subsets, model_outputs
 from .processing import prepare_split
 from .report import write_report
-from .trainer import TRAKArguments, TRAKHFTrainer
+from .trainer import TRAKHFTrainer
 
 logger = logging.getLogger(__name__)
 
 NUM_TRAIN, NUM_TEST, EPOCHS, SAVE_EVERY_EPOCHS, BATCH_SIZE, LEARNING_RATE = 600, 200, 20, 4, 32, 5e-3
-
-
-def digit_images(start: int, stop: int) -> Dataset:
-    """Rows ``[start, stop)`` of scikit-learn's digits as a raw split: ``image`` (8×8 grayscale PIL), ``label``."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError("The digits come from scikit-learn: pip install scikit-learn") from error
-    digits = load_digits()
-    pixels = (digits.images[start:stop] * 255 / 16).round().astype(np.uint8)
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-    return Dataset.from_dict({"image": list(pixels), "label": digits.target[start:stop]}, features)
 
 
 def make_model(seed: int) -> ViTForImageClassification:
@@ -75,10 +66,27 @@ def training_arguments(output_dir: str, num_examples: int, seed: int, save: bool
     )
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off (TRAK's own bars stay), restored on exit."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def run_demo(output_dir: str = "trak_demo", num_subsets: int = 24, proj_dim: int = 1024) -> dict:
     """Run the demo; returns its figures (accuracy, label agreement of top proponents, LDS, random LDS)."""
-    transformers_logging.disable_progress_bar()  # checkpoint loading bars; TRAK's own stay
-    transformers_logging.set_verbosity_error()
+    with quiet_transformers():
+        return _run_demo(output_dir, num_subsets, proj_dim)
+
+
+def _run_demo(output_dir: str, num_subsets: int, proj_dim: int) -> dict:
     train_raw, test_raw = digit_images(0, NUM_TRAIN), digit_images(NUM_TRAIN, NUM_TRAIN + NUM_TEST)
     processor = ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
     model = make_model(seed=0)

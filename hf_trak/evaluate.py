@@ -16,10 +16,10 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from .checkpoints import Checkpoint, load_checkpoint
+from .checkpoint_view import FeatureMap
+from .checkpoints import Checkpoint
 from .data import ExampleSource
-from .masks import AttentionMaskAdapter
-from .model_outputs import AutoModelOutput, call_model, eval_mode, without_labels
+from .model_outputs import AutoModelOutput, eval_mode
 
 
 @dataclass
@@ -69,21 +69,7 @@ def model_outputs(
     """
     task = AutoModelOutput.resolve(model, task)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    weights, buffers = load_checkpoint(model if checkpoint is None else checkpoint, model, device)
     source = ExampleSource.for_model(dataset, model, task)
-    masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
-    task.setup(model, weights, buffers, lambda n, seed: {k: v.to(device) for k, v in source.sample(n, seed).items()})
-
-    def output(example):
-        example = {name: value.unsqueeze(0) for name, value in example.items()}
-        return task.get_output(model, weights, buffers, example)
-
-    values = []
-    with torch.no_grad(), eval_mode(model):
-        for batch in source.batches(batch_size):
-            batch = masks(
-                {name: value.to(device) for name, value in batch.items()},
-                lambda inputs: call_model(model, weights, buffers, without_labels(inputs)),
-            )
-            values.append(torch.vmap(output)(batch).cpu())
-    return torch.cat(values).double().numpy()
+    view = FeatureMap(model, task, None, device).at(model if checkpoint is None else checkpoint, 0, source.sample)
+    with eval_mode(model):
+        return torch.cat([view.outputs(batch).cpu() for batch in source.batches(batch_size)]).double().numpy()

@@ -34,7 +34,6 @@ dimensions in one dense block.
 The model output function must return Σ_i f(z_i) when given a batch (the shipped ones do).
 """
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -45,7 +44,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .gradients import PerExampleGradients
 from .model_outputs import AbstractModelOutput
-from .projectors import IdentityProjector, RandomProjector
+from .projectors import IdentityProjector, RandomProjector, seeded_generator
 
 FACTORABLE = (nn.Linear, Conv1D, nn.Embedding)
 
@@ -88,10 +87,10 @@ class _Use:
 
 
 class FactoredGradientProjector:
-    """Callable ``(weights, buffers, batch, model_id) -> (B, proj_dim)`` projected gradients Pᵀg.
+    """Callable ``(task, weights, buffers, batch, model_id) -> (B, proj_dim)`` projected gradients Pᵀg.
 
     Args:
-        model, task: the model and its model output function.
+        model: the model (its layers are hooked).
         param_names: parameters to differentiate; those outside factorable layers use the dense path.
         proj_dim: feature budget (the actual dimension, ``self.proj_dim``, is at most this).
         seed: projection seed; checkpoint ``model_id`` gets independent factors.
@@ -102,14 +101,13 @@ class FactoredGradientProjector:
     def __init__(
         self,
         model: nn.Module,
-        task: AbstractModelOutput,
         param_names: Sequence[str],
         proj_dim: int,
         seed: int,
         device: torch.device,
         kind: str = "rademacher",
     ):
-        self.model, self.task, self.seed, self.kind = model, task, seed, kind
+        self.model, self.seed, self.kind = model, seed, kind
         self.device = torch.device(device)
         parameters = dict(model.named_parameters())
         names_by_id = {id(parameter): name for name, parameter in parameters.items()}
@@ -133,7 +131,7 @@ class FactoredGradientProjector:
         self.targets = [targets[name] for name in param_names if name in targets]
         fallback = [name for name in param_names if name not in targets]
         self._size_targets(proj_dim, fallback, parameters)
-        self.fallback_gradients = PerExampleGradients(model, task, fallback) if fallback else None
+        self.fallback_gradients = PerExampleGradients(model, fallback) if fallback else None
         self._factors: Dict[Tuple[int, str, str], Tensor] = {}
 
     def _size_targets(self, proj_dim: int, fallback: List[str], parameters: Mapping[str, nn.Parameter]) -> None:
@@ -178,8 +176,7 @@ class FactoredGradientProjector:
             if k == dim:
                 factor = torch.eye(dim)
             else:
-                digest = hashlib.sha256(f"{self.seed}/{model_id}/{target.name}/{side}".encode()).digest()
-                generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                generator = seeded_generator(self.seed, model_id, target.name, side)
                 signs = torch.randint(0, 2, (dim, k), generator=generator, dtype=torch.int8)
                 factor = (signs.to(torch.float32) * 2 - 1) / math.sqrt(k)
             self._factors[key] = factor.to(self.device)
@@ -187,20 +184,25 @@ class FactoredGradientProjector:
 
     # ------------------------------------------------------------- projection
     def __call__(
-        self, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Mapping[str, Tensor], model_id: int
+        self,
+        task: AbstractModelOutput,
+        weights: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        batch: Mapping[str, Tensor],
+        model_id: int,
     ) -> Tensor:
         batch_size = next(iter(batch.values())).shape[0]
         out = torch.zeros(batch_size, self.proj_dim, device=self.device)
         if self.targets:
-            self._project_factored(weights, buffers, batch, model_id, out)
+            self._project_factored(task, weights, buffers, batch, model_id, out)
         if self.fallback_gradients is not None:
-            for grads in self.fallback_gradients(weights, buffers, batch):
+            for grads in self.fallback_gradients(task, weights, buffers, batch):
                 out[:, self.fallback_offset :] += self.fallback_projector.project(grads, model_id)
         if self.kind != "identity":
             out.mul_(math.sqrt(self.proj_dim))
         return out
 
-    def _project_factored(self, weights, buffers, batch, model_id: int, out: Tensor) -> None:
+    def _project_factored(self, task, weights, buffers, batch, model_id: int, out: Tensor) -> None:
         records: List[Tuple[_Use, Tensor, Tensor]] = []
         batch_size = out.shape[0]
 
@@ -228,7 +230,7 @@ class FactoredGradientProjector:
             # the output gradients δ are asked for, so no weight gradient is ever computed.
             leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in weights.items()}
             with torch.enable_grad():
-                total = self.task.get_output(self.model, leaves, buffers, batch)
+                total = task.get_output(self.model, leaves, buffers, batch)
                 deltas = torch.autograd.grad(total, [output for _, _, output in records], allow_unused=True)
         finally:
             for handle in handles:

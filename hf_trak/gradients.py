@@ -47,16 +47,10 @@ def select_parameters(model: nn.Module, grad_wrt: GradWrt = None) -> List[str]:
 
 
 class PerExampleGradients:
-    """Callable ``(weights, buffers, batch) -> iterator of {name: (B, numel)}``, one dict per chunk."""
+    """Callable ``(task, weights, buffers, batch) -> iterator of {name: (B, numel)}``, one dict per chunk."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task: AbstractModelOutput,
-        param_names: Sequence[str],
-        chunk_numel: Optional[int] = None,
-    ):
-        self.model, self.task = model, task
+    def __init__(self, model: nn.Module, param_names: Sequence[str], chunk_numel: Optional[int] = None):
+        self.model = model
         numels = {name: parameter.numel() for name, parameter in model.named_parameters()}
         self.chunks: List[List[str]] = []
         chunk, chunk_size = [], 0
@@ -68,14 +62,18 @@ class PerExampleGradients:
             chunk_size += numels[name]
         self.chunks.append(chunk)
 
-    def _output(self, differentiated, fixed, buffers, example) -> Tensor:
-        example = {name: value.unsqueeze(0) for name, value in example.items()}
-        return self.task.get_output(self.model, {**fixed, **differentiated}, buffers, example)
-
     def __call__(
-        self, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Mapping[str, Tensor]
+        self,
+        task: AbstractModelOutput,
+        weights: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        batch: Mapping[str, Tensor],
     ) -> Iterator[dict]:
-        per_example_grad = torch.func.vmap(torch.func.grad(self._output), in_dims=(None, None, None, 0))
+        def output(differentiated, fixed, buffers, example) -> Tensor:
+            example = {name: value.unsqueeze(0) for name, value in example.items()}
+            return task.get_output(self.model, {**fixed, **differentiated}, buffers, example)
+
+        per_example_grad = torch.func.vmap(torch.func.grad(output), in_dims=(None, None, None, 0))
         for chunk in self.chunks:
             differentiated = {name: weights[name] for name in chunk}
             fixed = {name: weight for name, weight in weights.items() if name not in differentiated}
@@ -85,17 +83,23 @@ class PerExampleGradients:
 
 
 class DenseGradientProjector:
-    """Callable ``(weights, buffers, batch, model_id) -> (B, k)``: Pᵀg with g from ``vmap(grad)``, chunk by chunk."""
+    """Callable ``(task, weights, buffers, batch, model_id) -> (B, k)``: Pᵀg with g from ``vmap(grad)``, chunk by
+    chunk."""
 
     def __init__(self, gradients: PerExampleGradients, projector: AbstractProjector):
         self.gradients, self.projector = gradients, projector
         self.proj_dim = projector.proj_dim
 
     def __call__(
-        self, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Mapping[str, Tensor], model_id: int
+        self,
+        task: AbstractModelOutput,
+        weights: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        batch: Mapping[str, Tensor],
+        model_id: int,
     ) -> Tensor:
         projected = None
-        for grads in self.gradients(weights, buffers, batch):
+        for grads in self.gradients(task, weights, buffers, batch):
             partial = self.projector.project(grads, model_id)
             projected = partial if projected is None else projected.add_(partial)
         return projected

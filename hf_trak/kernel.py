@@ -3,12 +3,12 @@
 For checkpoint m, with train features X_m (n × k), Q_m (n,) and target features T_m (b × k):
 
     XtX_m = Σ_i x_i x_iᵀ                        accumulated in float64
-    λ_m   = lambda_reg, or LAMBDA_SCALE · tr(XtX_m) / k when lambda_reg is None
+    λ_m   = lambda_reg, or lambda_scale · tr(XtX_m) / k when lambda_reg is None
     K_m   = (XtX_m + λ_m I)⁻¹ / mean|(XtX_m + λ_m I)⁻¹|     inverted and kept in float64
     τ     = mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m)[:, None]     scores (n × b)
 
 X_m is stored (so featurization can resume and processes can write in parallel) and
-Φ = X_m K_m is formed block by block when scoring, in float64, then Φ Tᵀ in float32.
+Φ = X_m K_m is formed shard by shard when scoring, in float64, then Φ Tᵀ in float32.
 
 Precision. K has eigenvalues 1/(s_j + λ): up to 1/λ in the directions where XtX has
 little or no mass (all of the null space when k > n), while x_i lives in XtX's row
@@ -20,7 +20,7 @@ XtX summed in float32 costs up to 5e-5, K rounded to float32 up to 1.3e-5, X·K 
 float32 up to 1.5e-4, and X·(K Tᵀ) in float32 up to 1.3e-4 (with K Tᵀ exact). Hence
 XtX, K and Φ = X K in float64 (k × k and shard × k: small next to featurizing); Φ is
 well scaled, so Φ Tᵀ in float32 costs ≤ 4e-7. Forming Φ costs n·k² per scoring pass,
-next to n·k·b for the scores, so targets are scored in blocks of b ≥ k by default.
+next to n·k·T for the scores of T targets.
 
 The rescaling of K by its mean absolute value is traker's (it keeps Φ in fp16 range);
 it multiplies all scores of a checkpoint by one constant.
@@ -39,14 +39,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-LAMBDA_SCALE = 0.1
 
-
-def resolve_lambda(xtx: Tensor, lambda_reg: Optional[float]) -> float:
-    """λ as given, or LAMBDA_SCALE · tr(XtX)/k."""
+def resolve_lambda(xtx: Tensor, lambda_reg: Optional[float], lambda_scale: float) -> float:
+    """λ as given, or lambda_scale · tr(XtX)/k (``TRAKArguments.lambda_scale``, 0.1 by default)."""
     if lambda_reg is not None:
         return float(lambda_reg)
-    return LAMBDA_SCALE * float(torch.diagonal(xtx).double().sum()) / xtx.shape[0]
+    return lambda_scale * float(torch.diagonal(xtx).double().sum()) / xtx.shape[0]
 
 
 def gram(features: Tensor) -> Tensor:
@@ -62,21 +60,22 @@ def regularized_inverse(xtx: Tensor, lambda_reg: float) -> Tensor:
     return inverse / inverse.abs().mean()
 
 
-def score_block(
-    train_features: Sequence[Tensor], kernels: Sequence[Tensor], target_features: Sequence[Tensor], out_to_loss: Tensor
-) -> Tensor:
-    """mean_m((X_m[rows] K_m) T_mᵀ) ⊙ Q[rows] for one block of train rows: (rows × b) float32.
+def preconditioned(features: Tensor, kernel: Tensor) -> Tensor:
+    """Φ = X K for a block of train features (rows × k), formed in float64 (see the module's note), float32."""
+    return (features.to(device=kernel.device, dtype=torch.float64) @ kernel.double()).float()
 
-    ``train_features[m]`` is X_m[rows] (any float dtype), ``kernels[m]`` K_m (k × k, float64:
-    Φ = X K is formed in float64, see the module's note), ``target_features[m]`` T_m (b × k),
+
+def score_block(phis: Sequence[Tensor], target_features: Sequence[Tensor], out_to_loss: Tensor) -> Tensor:
+    """mean_m(Φ_m[rows] T_mᵀ) ⊙ Q[rows] for one block of train rows and targets: (rows × b) float32.
+
+    ``phis[m]`` is Φ_m[rows] (``preconditioned``), ``target_features[m]`` T_m (b × k) and
     ``out_to_loss`` mean_m(Q_m)[rows].
     """
     total = None
-    for features, kernel, targets in zip(train_features, kernels, target_features):
-        phi = features.to(device=kernel.device, dtype=torch.float64) @ kernel.double()
-        block = phi.float() @ targets.float().T
+    for phi, targets in zip(phis, target_features):
+        block = phi @ targets.to(device=phi.device, dtype=torch.float32).T
         total = block if total is None else total.add_(block)
-    return total.div_(len(train_features)).mul_(out_to_loss.to(total.device)[:, None])
+    return total.div_(len(phis)).mul_(out_to_loss.to(total.device)[:, None])
 
 
 def merge_top_k(

@@ -1,5 +1,8 @@
 """Model output functions: the f(z; θ) that TRAK attributes and its Q = ∂ℓ/∂f.
 
+One module for the base class, the four shipped output functions (each with its derivation)
+and ``AutoModelOutput``: over 300 lines because the derivations are the documentation.
+
 Vocabulary of traker's "Applying TRAK to a custom task" tutorials:
 
 * ``get_output(model, weights, buffers, batch)`` is the model output function f for ONE
@@ -14,6 +17,7 @@ Vocabulary of traker's "Applying TRAK to a custom task" tutorials:
 """
 
 import contextlib
+import copy
 import math
 from abc import ABC, abstractmethod
 from typing import Callable, Mapping, Optional, Sequence
@@ -60,18 +64,20 @@ class AbstractModelOutput(ABC):
     def check_model(self, model: nn.Module) -> None:
         """Raise a ``ValueError`` if this model output function does not fit ``model``."""
 
-    def setup(
+    def at_checkpoint(
         self,
         model: nn.Module,
         weights: Mapping[str, Tensor],
         buffers: Mapping[str, Tensor],
         sample_train_batch: Callable[[int, int], Batch],
-    ) -> None:
-        """Hook run at each checkpoint before its examples are featurized or scored.
+    ) -> "AbstractModelOutput":
+        """This model output function at one checkpoint, before its examples are featurized or scored.
 
-        ``sample_train_batch(num_examples, seed)`` returns a prepared batch of training
-        examples drawn with that seed; tasks whose f depends on other examples (CLIP) use it.
+        The default is ``self``. A task whose f depends on other examples (CLIP) returns a copy
+        bound to what it computed there; ``sample_train_batch(num_examples, seed)`` gives a
+        prepared batch of training examples drawn with that seed. The instance is never changed.
         """
+        return self
 
     @abstractmethod
     def get_output(
@@ -214,15 +220,18 @@ class CLIPModelOutput(AbstractModelOutput):
         self.contrast_image_embeds: Optional[Tensor] = None
         self.contrast_text_embeds: Optional[Tensor] = None
 
-    def setup(self, model, weights, buffers, sample_train_batch) -> None:
+    def at_checkpoint(self, model, weights, buffers, sample_train_batch) -> "CLIPModelOutput":
+        """A copy holding the contrast set's embeddings at this checkpoint."""
         with torch.no_grad():
             output = call_model(model, weights, buffers, sample_train_batch(self.num_contrast, self.seed))
-        self.contrast_image_embeds = output.image_embeds.detach()
-        self.contrast_text_embeds = output.text_embeds.detach()
+        bound = copy.copy(self)
+        bound.contrast_image_embeds = output.image_embeds.detach()
+        bound.contrast_text_embeds = output.text_embeds.detach()
+        return bound
 
     def _embeddings(self, model, weights, buffers, batch):
         if self.contrast_image_embeds is None:
-            raise RuntimeError("CLIPModelOutput.setup(...) must run at a checkpoint before scoring with it.")
+            raise RuntimeError("CLIPModelOutput.at_checkpoint(...) gives the output function to evaluate.")
         output = call_model(model, weights, buffers, without_labels(batch))
         return output.image_embeds, output.text_embeds
 

@@ -22,6 +22,12 @@ from torch import Tensor
 PROJECTORS = ("rademacher", "normal", "identity")  # dense; "factored" lives in hf_trak.factored
 
 
+def seeded_generator(*keys) -> torch.Generator:
+    """A CPU generator seeded by sha256 of ``keys`` joined with "/": the same stream on any device and run."""
+    digest = hashlib.sha256("/".join(map(str, keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 class AbstractProjector(ABC):
     """Maps per-example gradients ``{name: (B, numel)}`` to ``(B, proj_dim)`` float32."""
 
@@ -86,12 +92,7 @@ class RandomProjector(AbstractProjector):
         self._cache: Dict[tuple, Tensor] = {}
         self._cached_bytes = 0
 
-    def _block_seed(self, model_id: int, name: str, segment: int) -> int:
-        digest = hashlib.sha256(f"{self.seed}/{model_id}/{name}/{segment}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") >> 1
-
-    def _generate(self, rows: int, seed: int) -> Tensor:
-        generator = torch.Generator().manual_seed(seed)
+    def _generate(self, rows: int, generator: torch.Generator) -> Tensor:
         if self.kind == "normal":
             return torch.randn(rows, self.proj_dim, generator=generator)
         # Rademacher: 8 independent signs from each random byte.
@@ -107,7 +108,7 @@ class RandomProjector(AbstractProjector):
         if cached is not None:
             return cached
         rows = min(self.segment_numel, self.param_numels[name] - segment * self.segment_numel)
-        block = self._generate(rows, self._block_seed(model_id, name, segment)).to(self.device)
+        block = self._generate(rows, seeded_generator(self.seed, model_id, name, segment)).to(self.device)
         size = block.numel() * block.element_size()
         if self._cached_bytes + size <= self.max_cache_bytes:
             self._cache[key] = block

@@ -13,15 +13,16 @@ Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")``
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
 write any shard and a run can resume by skipping complete ones. A shard is written to a
 hidden temporary file and renamed, so it is only visible once complete. Arrow IPC files
-are read memory-mapped, zero-copy, into numpy. Processes exchange their shares of scores
-through ``.parts/`` (safetensors), emptied by the main process. Nothing is pickled.
+are read memory-mapped, zero-copy, into numpy. Nothing is pickled.
 """
 
+import dataclasses
 import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -53,6 +54,13 @@ def _write_text(path: str, text: str) -> None:
 def _read_table(path: str) -> pa.Table:
     with pa.memory_map(path, "r") as source:
         return pa.ipc.open_file(source).read_all()
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only (memory-mapped) numpy array; it is never written to."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def fixed_size_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -198,24 +206,20 @@ class FeatureStore:
         return load_file(path)
 
     def is_complete(self) -> bool:
-        return all(self.has_kernel(m) for m in range(self.config.num_checkpoints))
+        return all(self.config.checkpoint_fingerprints) and all(
+            self.has_kernel(m) for m in range(self.config.num_checkpoints)
+        )
 
-    # ------------------------------------------------------ process exchange
-    def write_part(self, name: str, rank: int, arrays: Dict[str, np.ndarray]) -> None:
-        """One process's share of a result, as ``.parts/<name>-<rank>.safetensors``."""
-        os.makedirs(os.path.join(self.root, ".parts"), exist_ok=True)
-        path = os.path.join(self.root, ".parts", f"{name}-{rank}.safetensors")
-        tensors = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
-
-    def pop_parts(self, name: str, num_processes: int) -> List[Dict[str, np.ndarray]]:
-        """Every process's share of ``name``, in rank order; the files are removed."""
-        parts = []
-        for rank in range(num_processes):
-            path = os.path.join(self.root, ".parts", f"{name}-{rank}.safetensors")
-            parts.append({key: value.numpy() for key, value in load_file(path).items()})
-            os.remove(path)
-        return parts
+    def record_checkpoint(self, model_id: int, fingerprint: str, base_fingerprint: Optional[str] = None) -> None:
+        """Record the weights' fingerprint of checkpoint ``model_id`` (and the base model's) in the config."""
+        fingerprints = list(self.config.checkpoint_fingerprints)
+        fingerprints[model_id] = fingerprint
+        changes = {"checkpoint_fingerprints": fingerprints}
+        if base_fingerprint is not None:
+            changes["base_fingerprint"] = base_fingerprint
+        self.config = dataclasses.replace(self.config, **changes)
+        text = self.config.to_json_string()
+        _atomic_write(os.path.join(self.root, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
 
     # ----------------------------------------------------------------- scores
     def save_scores(self, name: str, scores: np.ndarray) -> str:

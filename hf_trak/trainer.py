@@ -9,16 +9,15 @@ collation is duplicated. ``TRAKHFTrainer`` is a ``Trainer`` with that callback a
 """
 
 import dataclasses
-import json
 import logging
 import os
 from typing import List, Optional
 
 import numpy as np
-import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .arguments import TRAKArguments
 from .card import render_trainer_section
 from .traker import TRAKer
 
@@ -27,43 +26,11 @@ logger = logging.getLogger(__name__)
 ARGUMENTS_NAME = "trak_arguments.json"
 
 
-@dataclasses.dataclass
-class TRAKArguments:
-    """TRAK settings of a training run (serialised into the feature store as ``trak_arguments.json``).
-
-    ``save_dir`` defaults to ``<output_dir>/trak``; ``max_checkpoints`` keeps the last N saved
-    checkpoints (None: all that still exist); ``overwrite`` replaces features an earlier run
-    left there (otherwise a run with the same settings resumes and any other is refused);
-    the other fields are those of ``TRAKer``.
-    """
-
-    proj_dim: int = 2048
-    projector: str = "rademacher"
-    projector_seed: int = 0
-    lambda_reg: Optional[float] = None
-    task: Optional[str] = None
-    grad_wrt: Optional[List[str]] = None
-    dtype: str = "float16"
-    batch_size: int = 32
-    save_dir: Optional[str] = None
-    max_checkpoints: Optional[int] = None
-    overwrite: bool = False
-
-    def to_json_string(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
-
-    def make_traker(self, model, output_dir: str) -> TRAKer:
-        return TRAKer(
-            model,
-            task=self.task,
-            proj_dim=self.proj_dim,
-            projector=self.projector,
-            projector_seed=self.projector_seed,
-            lambda_reg=self.lambda_reg,
-            dtype=getattr(torch, self.dtype),
-            save_dir=self.save_dir or os.path.join(output_dir, "trak"),
-            grad_wrt=self.grad_wrt,
-        )
+def make_traker(trak_args: TRAKArguments, model, output_dir: str) -> TRAKer:
+    """The ``TRAKer`` of a training run: ``trak_args``, with the store in ``<output_dir>/trak`` by default."""
+    return TRAKer(
+        model, args=dataclasses.replace(trak_args, save_dir=trak_args.save_dir or os.path.join(output_dir, "trak"))
+    )
 
 
 class TRAKCallback(TrainerCallback):
@@ -97,11 +64,9 @@ class TRAKCallback(TrainerCallback):
                 "(e.g. 'epoch') in TrainingArguments."
             )
             return
-        self.traker = self.trak_args.make_traker(model, args.output_dir)
-        self.traker.featurize(
-            train_dataloader, checkpoints, batch_size=self.trak_args.batch_size, overwrite=self.trak_args.overwrite
-        )
-        if self.traker.processes.is_main:
+        self.traker = make_traker(self.trak_args, model, args.output_dir)
+        self.traker.featurize(train_dataloader, checkpoints)
+        if self.traker.state.is_main_process:
             with open(os.path.join(self.traker.save_dir, ARGUMENTS_NAME), "w") as file:
                 file.write(self.trak_args.to_json_string())
 

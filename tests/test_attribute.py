@@ -11,7 +11,7 @@ import hf_trak
 from hf_trak.attribute import resolve_model, top_k_dataset
 from hf_trak.processing import prepare_split
 from hf_trak.report import CAPTION, CELL, GAP, to_pil, write_report
-from tests.helpers import digit_images, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit, token_sequences, word_tokenizer
+from hf_trak.testing import digit_images, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit, token_sequences, word_tokenizer
 
 SETTINGS = dict(proj_dim=32, dtype=torch.float32)
 

@@ -15,8 +15,10 @@ from datasets import DatasetDict, load_from_disk
 
 import hf_trak
 from hf_trak.attribute import top_k_dataset
-from tests.helpers import tiny_bert, token_sequences, word_tokenizer
+from hf_trak.testing import subprocess_env, tiny_bert, token_sequences, word_tokenizer
 from tests.hub_server import HubServer
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains models
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "hf-trak")
 
@@ -35,9 +37,8 @@ def workspace(tmp_path):
 
 
 def hf_trak_cli(*args, cwd, env=None):
-    environment = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    environment.update(env or {})
-    return subprocess.run([SCRIPT, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run([SCRIPT, *args], cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
 
 
 def test_the_console_script_is_installed():
@@ -104,14 +105,12 @@ def test_push_then_score_against_the_pushed_features(workspace):
     assert hf_trak_cli("score", "--save-dir", "feats", "--dataset", "data", "--output", "local.npy",
                        cwd=workspace).returncode == 0  # fmt: skip
     with HubServer() as hub:
-        env = dict(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_test_token")
         pushed = hf_trak_cli("push", "--save-dir", "feats", "--repo-id", "someone/cli-trak", cwd=workspace,
-                             env=dict(env, HF_HOME=str(workspace / "pusher")))  # fmt: skip
+                             env=hub.client_env(workspace / "pusher"))  # fmt: skip
         assert pushed.returncode == 0, pushed.stderr[-3000:]
         assert "trak_config.json" in hub.state.repos["someone/cli-trak"]["files"]
         score = ["score", "--from-hub", "someone/cli-trak", "--model", "model", "--dataset", "data"]
-        loader = dict(env, HF_HOME=str(workspace / "loader"))
-        scored = hf_trak_cli(*score, "--output", "hub.npy", cwd=workspace, env=loader)
+        scored = hf_trak_cli(*score, "--output", "hub.npy", cwd=workspace, env=hub.client_env(workspace / "loader"))
         assert scored.returncode == 0, scored.stderr[-3000:]
     np.testing.assert_array_equal(np.load(workspace / "hub.npy"), np.load(workspace / "local.npy"))
 

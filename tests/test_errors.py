@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
-from tests.helpers import digits, tiny_bert, tiny_vit, token_sequences
+from hf_trak.testing import digits, tiny_bert, tiny_vit, token_sequences
 
 
 def test_missing_labels_column_is_named():
@@ -46,7 +46,7 @@ def test_wrong_inputs_are_refused_with_a_fix():
         TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(4), [tiny_bert().state_dict()])
     with pytest.raises(RuntimeError, match="featurize"):
         TRAKer(model, proj_dim=8, save_dir=None).score(digits(4))
-    with pytest.raises(ValueError, match="Unknown projector"):
+    with pytest.raises(ValueError, match="projector must be one of"):
         TRAKer(model, proj_dim=8, projector="sparse", save_dir=None)
     with pytest.raises(ValueError, match="grad_wrt names parameters"):
         TRAKer(model, proj_dim=8, save_dir=None, grad_wrt=["nope.weight"])

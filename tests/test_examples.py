@@ -10,6 +10,8 @@ import os
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains models
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 

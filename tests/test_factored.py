@@ -2,15 +2,23 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.lds_digits import digits_lds
 from hf_trak import TRAKer
-from hf_trak.checkpoints import load_checkpoint
+from hf_trak.checkpoint_view import FeatureMap
 from hf_trak.data import ExampleSource
 from hf_trak.factored import FactoredGradientProjector, factorable_parameter_names
 from hf_trak.gradients import PerExampleGradients, select_parameters
-from hf_trak.masks import AttentionMaskAdapter
-from hf_trak.model_outputs import AutoModelOutput, call_model, without_labels
-from tests.helpers import clip_pairs, digits, lm_sequences, tiny_bert, tiny_clip, tiny_gpt2, tiny_vit, token_sequences
+from hf_trak.model_outputs import AutoModelOutput
+from hf_trak.testing import (
+    clip_pairs,
+    digits,
+    digits_lds,
+    lm_sequences,
+    tiny_bert,
+    tiny_clip,
+    tiny_gpt2,
+    tiny_vit,
+    token_sequences,
+)
 
 CASES = {
     "vit": (tiny_vit, lambda: digits(7)),
@@ -21,25 +29,23 @@ CASES = {
 
 
 def _prepared(make_model, make_data):
+    """(model, task at its weights, weights, buffers, one prepared batch of all the data), via a checkpoint view."""
     model, data = make_model(), make_data()
     task = AutoModelOutput.from_model(model)
     source = ExampleSource.for_model(data, model, task)
-    weights, buffers = load_checkpoint(model, model, torch.device("cpu"))
-    task.setup(model, weights, buffers, source.sample)
-    masks = AttentionMaskAdapter(torch.float32)
-    batch = masks(next(source.batches(len(data))), lambda b: call_model(model, weights, buffers, without_labels(b)))
-    return model, task, weights, buffers, batch
+    view = FeatureMap(model, task, None, "cpu").at(model, 0, source.sample)
+    return model, view.task, view.weights, view.buffers, view.prepare(next(source.batches(len(data))))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_identity_factors_give_the_exact_per_example_gradients(case):
     model, task, weights, buffers, batch = _prepared(*CASES[case])
     names = select_parameters(model, "all")
-    factored = FactoredGradientProjector(model, task, names, proj_dim=1, seed=0, device="cpu", kind="identity")
+    factored = FactoredGradientProjector(model, names, proj_dim=1, seed=0, device="cpu", kind="identity")
     assert factored.targets and factored.fallback_gradients is not None  # both paths are exercised
-    got = factored(weights, buffers, batch, model_id=0)
+    got = factored(task, weights, buffers, batch, model_id=0)
     grads = {}
-    for chunk in PerExampleGradients(model, task, names)(weights, buffers, batch):
+    for chunk in PerExampleGradients(model, names)(task, weights, buffers, batch):
         grads.update(chunk)
     order = [target.name for target in factored.targets] + factored.fallback_gradients.chunks[0]
     assert sorted(order) == sorted(names)
@@ -55,18 +61,19 @@ def test_tied_embeddings_and_conv1d_are_factored():
     assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.0.ln_1.weight" not in names
 
 
+@pytest.mark.slow
 def test_random_factors_preserve_inner_products_in_expectation():
     model, task, weights, buffers, batch = _prepared(tiny_bert, lambda: token_sequences(3))
     names = factorable_parameter_names(model)
     grads = {}
-    for chunk in PerExampleGradients(model, task, names)(weights, buffers, batch):
+    for chunk in PerExampleGradients(model, names)(task, weights, buffers, batch):
         grads.update(chunk)
     flat = torch.cat([grads[name] for name in names], dim=1).double()
     exact = flat @ flat.T
     estimates = []
     for seed in range(1000):
-        factored = FactoredGradientProjector(model, task, names, proj_dim=256, seed=seed, device="cpu")
-        features = factored(weights, buffers, batch, model_id=0).double()
+        factored = FactoredGradientProjector(model, names, proj_dim=256, seed=seed, device="cpu")
+        features = factored(task, weights, buffers, batch, model_id=0).double()
         estimates.append(features @ features.T / factored.proj_dim)
     mean = torch.stack(estimates).mean(0)
     scale = exact.diagonal().sqrt()
@@ -97,6 +104,7 @@ def test_factored_features_do_not_depend_on_batch_size():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proj_dim", [256, 1024])
 def test_factored_lds_on_digits_is_within_noise_of_dense(proj_dim):
     """Seed-to-seed std of LDS here is 0.002-0.007 (benchmarks/factored.py); 0.03 is several of them."""
@@ -124,6 +132,7 @@ print("peak GiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 """
 
 
+@pytest.mark.slow
 def test_gpt2_small_featurizes_in_factored_mode_within_memory():
     """124M parameters, batch 8: well inside the 24 GiB of the target machine."""
     import subprocess

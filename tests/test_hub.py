@@ -4,7 +4,6 @@ The clients read ``HF_ENDPOINT`` when imported, so each side runs in its own pro
 its own empty cache, pointed at the loopback server of ``tests/hub_server.py``.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ from tests.hub_server import HubServer
 PUSH = textwrap.dedent("""
     import sys, numpy as np
     from hf_trak import TRAKer
-    from tests.helpers import digits, perturbed_state_dict, tiny_bert, token_sequences
+    from hf_trak.testing import digits, perturbed_state_dict, tiny_bert, token_sequences
     out = sys.argv[1]
     model = tiny_bert()
     traker = TRAKer(model, proj_dim=24, save_dir=out + "/store", shard_size=8)
@@ -34,7 +33,7 @@ LOAD = textwrap.dedent("""
     from datasets import load_dataset
     from huggingface_hub import HfFileSystem
     from hf_trak import TRAKer
-    from tests.helpers import tiny_bert, token_sequences
+    from hf_trak.testing import tiny_bert, token_sequences
     out = sys.argv[1]
     traker = TRAKer.from_hub("someone/bert-trak", model=tiny_bert())
     np.save(out + "/hub_scores.npy", traker.score(token_sequences(4, seed=1)))
@@ -59,17 +58,7 @@ def hub(tmp_path):
 
 
 def _run(script, out, hub, home):
-    env = dict(
-        os.environ,
-        HF_ENDPOINT=hub.url,
-        HF_HUB_DISABLE_XET="1",
-        HF_TOKEN="hf_test_token",
-        HF_HOME=str(home),
-        HF_DATASETS_CACHE=str(home / "datasets"),
-        PYTHONPATH=os.getcwd(),
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
-    )
+    env = hub.client_env(home)
     result = subprocess.run(
         [sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True, timeout=600
     )
@@ -77,6 +66,7 @@ def _run(script, out, hub, home):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_push_to_hub_then_from_hub_on_a_clean_cache(hub, tmp_path):
     pushed = _run(PUSH, tmp_path, hub, tmp_path / "pusher-home")
     assert "/datasets/someone/bert-trak/commit/" in pushed

@@ -3,8 +3,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from benchmarks.lds_digits import NUM_TARGETS, NUM_TRAIN, digits_lds
 from hf_trak.evaluate import lds, make_subsets
+from hf_trak.testing import NUM_TARGETS, NUM_TRAIN, digits_lds
 
 
 def test_lds_is_mean_spearman_of_predicted_and_actual_outputs():
@@ -23,6 +23,7 @@ def test_lds_is_mean_spearman_of_predicted_and_actual_outputs():
         lds(scores.T, masks, outputs)
 
 
+@pytest.mark.slow
 def test_trak_attributions_on_digits_are_far_above_random():
     """500 real digits, 64 half-size retrained subsets, 100 held-out targets."""
     setup = digits_lds()

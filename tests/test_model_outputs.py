@@ -9,12 +9,19 @@ from hf_trak import (
     ImageClassificationModelOutput,
     SequenceClassificationModelOutput,
 )
-from hf_trak.checkpoints import load_checkpoint
+from hf_trak.checkpoint_view import FeatureMap
 from hf_trak.data import ExampleSource
 from hf_trak.gradients import PerExampleGradients, select_parameters
-from hf_trak.masks import AttentionMaskAdapter
-from hf_trak.model_outputs import call_model, without_labels
-from tests.helpers import clip_pairs, digits, lm_sequences, tiny_bert, tiny_clip, tiny_gpt2, tiny_vit, token_sequences
+from hf_trak.testing import (
+    clip_pairs,
+    digits,
+    lm_sequences,
+    tiny_bert,
+    tiny_clip,
+    tiny_gpt2,
+    tiny_vit,
+    token_sequences,
+)
 
 CASES = {
     "image_classification": (tiny_vit, lambda: digits(10)),
@@ -25,24 +32,21 @@ CASES = {
 
 
 def _setup(task_name):
+    """The model at its own weights through a checkpoint view: (model, view, source)."""
     make_model, make_data = CASES[task_name]
     model, data = make_model(), make_data()
     task = AutoModelOutput.from_model(model)
     source = ExampleSource.for_model(data, model, task)
-    weights, buffers = load_checkpoint(model, model, torch.device("cpu"))
-    task.setup(model, weights, buffers, source.sample)
-    return model, task, source, weights, buffers
+    return model, FeatureMap(model, task, None, "cpu").at(model, 0, source.sample), source
 
 
-def _vmap_grads(model, task, source, weights, buffers, batch_size, chunk_numel=None):
+def _vmap_grads(model, view, source, batch_size, chunk_numel=None):
     names = select_parameters(model)
-    gradients = PerExampleGradients(model, task, names, chunk_numel)
-    masks = AttentionMaskAdapter(torch.float32)
+    gradients = PerExampleGradients(model, names, chunk_numel)
     rows = []
     for batch in source.batches(batch_size):
-        batch = masks(batch, lambda inputs: call_model(model, weights, buffers, without_labels(inputs)))
         merged = {}
-        for chunk in gradients(weights, buffers, batch):
+        for chunk in gradients(view.task, view.weights, view.buffers, view.prepare(batch)):
             merged.update(chunk)
         rows.append(torch.cat([merged[name] for name in names], dim=1))
     return torch.cat(rows)
@@ -66,10 +70,10 @@ def _loop_grads(model, task, source, weights, buffers):
 
 @pytest.mark.parametrize("task_name", list(CASES))
 def test_vmap_gradients_equal_autograd_loop(task_name):
-    model, task, source, weights, buffers = _setup(task_name)
-    expected = _loop_grads(model, task, source, weights, buffers)
+    model, view, source = _setup(task_name)
+    expected = _loop_grads(model, view.task, source, view.weights, view.buffers)
     for batch_size, chunk_numel in [(4, None), (10, 200)]:
-        got = _vmap_grads(model, task, source, weights, buffers, batch_size, chunk_numel)
+        got = _vmap_grads(model, view, source, batch_size, chunk_numel)
         assert got.shape == expected.shape
         assert expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
@@ -78,18 +82,16 @@ def test_vmap_gradients_equal_autograd_loop(task_name):
 @pytest.mark.parametrize("task_name", ["image_classification", "text_classification", "causal_lm"])
 def test_q_equals_one_minus_sigmoid_of_output(task_name):
     """f = log(p/(1-p)) and Q = 1 - p imply Q = 1 - sigmoid(f), example by example."""
-    model, task, source, weights, buffers = _setup(task_name)
-    masks = AttentionMaskAdapter(torch.float32)
+    model, view, source = _setup(task_name)
     batch = next(source.batches(10))
-    q = task.get_out_to_loss_grad(model, weights, buffers, batch)
+    q = view.task.get_out_to_loss_grad(model, view.weights, view.buffers, batch)  # with the 2D mask
     assert q.shape == (10,)
-    batch = masks(batch, lambda inputs: call_model(model, weights, buffers, without_labels(inputs)))
-    f = torch.vmap(lambda ex: task.get_output(model, weights, buffers, {k: v[None] for k, v in ex.items()}))(batch)
-    torch.testing.assert_close(q, 1 - torch.sigmoid(f), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q, 1 - torch.sigmoid(view.outputs(batch)), rtol=1e-4, atol=1e-6)
 
 
 def test_classification_margin_matches_closed_form():
-    model, task, source, weights, buffers = _setup("text_classification")
+    model, view, source = _setup("text_classification")
+    task, weights, buffers = view.task, view.weights, view.buffers
     batch = next(source.batches(10))
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.double()
     for i, label in enumerate(batch["labels"].tolist()):
@@ -100,7 +102,8 @@ def test_classification_margin_matches_closed_form():
 
 
 def test_causal_lm_output_is_log_odds_of_label_tokens():
-    model, task, source, weights, buffers = _setup("causal_lm")
+    model, view, source = _setup("causal_lm")
+    task, weights, buffers = view.task, view.weights, view.buffers
     example = next(source.batches(1))
     logits = model(input_ids=example["input_ids"]).logits[0].double()
     labels = example["labels"][0]
@@ -110,7 +113,8 @@ def test_causal_lm_output_is_log_odds_of_label_tokens():
 
 
 def test_clip_q_is_nonzero_and_independent_of_batch_size():
-    model, task, source, weights, buffers = _setup("clip")
+    model, view, source = _setup("clip")
+    task, weights, buffers = view.task, view.weights, view.buffers
     batches = {
         size: torch.cat([task.get_out_to_loss_grad(model, weights, buffers, b) for b in source.batches(size)])
         for size in (1, 3, 10)

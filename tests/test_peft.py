@@ -13,7 +13,7 @@ from datasets import DatasetDict
 
 from hf_trak import AutoModelOutput, TRAKArguments, TRAKer, TRAKHFTrainer
 from hf_trak.factored import FactoredGradientProjector
-from tests.helpers import (
+from hf_trak.testing import (
     clip_pairs,
     digits,
     lm_sequences,
@@ -94,7 +94,7 @@ def test_lora_scores_match_float64_reference_on_adapter_parameters(tmp_path, cas
     traker = TRAKer(first, projector="identity", proj_dim=None, dtype=torch.float32, save_dir=None)
     if projector == "factored":
         traker.featurizer = FactoredGradientProjector(
-            first, traker.task, traker.param_names, proj_dim=1, seed=0, device="cpu", kind="identity"
+            first, traker.param_names, proj_dim=1, seed=0, device="cpu", kind="identity"
         )
         assert traker.featurizer.proj_dim == traker.num_params
         assert any("lora_A" in target.name for target in traker.featurizer.targets)
@@ -192,6 +192,7 @@ def test_trak_trainer_with_a_lora_model(tmp_path):
     np.testing.assert_allclose(scores, reference.score(test), rtol=1e-4, atol=1e-5 * np.abs(scores).max())
 
 
+@pytest.mark.slow
 def test_cli_featurizes_and_scores_an_adapter_folder(tmp_path):
     from tests.test_cli import hf_trak_cli
 
@@ -218,6 +219,7 @@ def test_cli_featurizes_and_scores_an_adapter_folder(tmp_path):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_without_peft_hf_trak_works_and_an_adapter_names_the_extra(tmp_path):
     """peft is optional: with it absent (``sys.modules["peft"] = None`` makes ``find_spec`` and
     ``import`` fail as for a missing package, transformers' availability check included),
@@ -229,7 +231,7 @@ def test_without_peft_hf_trak_works_and_an_adapter_names_the_extra(tmp_path):
         sys.modules["peft"] = None
         import hf_trak, hf_trak.cli
         from hf_trak.attribute import resolve_model
-        from tests.helpers import tiny_bert, token_sequences
+        from hf_trak.testing import tiny_bert, token_sequences
         model = tiny_bert()
         hf_trak.TRAKer(model, proj_dim=8, save_dir=None).featurize(token_sequences(4), [model])
         try:

@@ -4,7 +4,7 @@ import torch
 
 from hf_trak import TRAKer
 from hf_trak.projectors import IdentityProjector, RandomProjector, make_projector
-from tests.helpers import digits, tiny_bert, tiny_vit, token_sequences
+from hf_trak.testing import digits, tiny_bert, tiny_vit, token_sequences
 
 NUMELS = {"a.weight": 3000, "b.weight": 1000, "b.bias": 7}
 CPU = torch.device("cpu")

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_trak import TRAKer
+from hf_trak import TRAKArguments, TRAKer
 from hf_trak.data import ExampleSource
 from hf_trak.gradients import PerExampleGradients, select_parameters
-from hf_trak.kernel import LAMBDA_SCALE
 from hf_trak.masks import to_4d_attention_mask
 from hf_trak.model_outputs import AutoModelOutput, ClassificationModelOutput, call_model, without_labels
-from tests.helpers import (
+from hf_trak.testing import (
     clip_pairs,
     digits,
     lm_sequences,
@@ -25,6 +24,9 @@ from tests.helpers import (
 
 def _double(batch):
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+LAMBDA_SCALE = TRAKArguments().lambda_scale
 
 
 def kernel_scores(train_features, target_features, out_to_loss, lambda_reg=None) -> np.ndarray:
@@ -54,7 +56,7 @@ def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_
     names = all_names if param_names is None else list(param_names)
     p = sum(parameters[name].numel() for name in names)
 
-    def features(weights, data):
+    def features(task, weights, data):
         rows, qs = [], []
         for example in ExampleSource.for_model(data, model, task).batches(1):
             example = _double(example)
@@ -74,9 +76,9 @@ def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_
     train_source = ExampleSource.for_model(train, model, task)
     for checkpoint in checkpoints:
         weights = {name: checkpoint[name].double() for name in all_names}
-        task.setup(model, weights, {}, lambda n, seed: _double(train_source.sample(n, seed)))
-        x, q = features(weights, train)
-        xs.append(x), qs.append(q), ts.append(features(weights, targets)[0])
+        bound = task.at_checkpoint(model, weights, {}, lambda n, seed: _double(train_source.sample(n, seed)))
+        x, q = features(bound, weights, train)
+        xs.append(x), qs.append(q), ts.append(features(bound, weights, targets)[0])
     return kernel_scores(xs, ts, qs, lambda_reg)
 
 
@@ -140,7 +142,7 @@ def test_kernel_path_is_as_precise_as_float64_on_the_same_features(case, lambda_
     """
     traker, *_, targets, _ = _identity_traker(case, lambda_reg)
     scores = traker.score(targets, batch_size=4)
-    target_features = traker._target_features(list(traker._source(targets, None).batches(4)))  # as score() made them
+    target_features, _ = traker._target_features(targets, 4, None)  # as score() made them
     expected = kernel_scores(
         [traker.store.features(m) for m in range(3)],
         target_features,
@@ -228,8 +230,8 @@ def test_trainable_parameters_only_are_differentiated():
     batch = next(ExampleSource.for_model(data, model, task).batches(8))
     batch["attention_mask"] = to_4d_attention_mask(batch["attention_mask"], "bidirectional", torch.float32)
     weights = {n: p.detach() for n, p in model.named_parameters()}
-    subset = list(PerExampleGradients(model, task, names)(weights, {}, batch))
-    full = list(PerExampleGradients(model, task, list(weights))(weights, {}, batch))
+    subset = list(PerExampleGradients(model, names)(task, weights, {}, batch))
+    full = list(PerExampleGradients(model, list(weights))(task, weights, {}, batch))
     assert len(subset) == 1 and list(subset[0]) == names
     for name in names:
         torch.testing.assert_close(subset[0][name], full[0][name])

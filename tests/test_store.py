@@ -13,7 +13,7 @@ from datasets import load_dataset
 from hf_trak import TRAKer
 from hf_trak.card import render_trainer_section
 from hf_trak.store import FeatureStore
-from tests.helpers import digits, perturbed_state_dict, tiny_vit
+from hf_trak.testing import digits, perturbed_state_dict, subprocess_env, tiny_vit
 
 
 def _featurized(tmp_path, **kwargs):
@@ -108,16 +108,17 @@ def test_trainer_section_links_the_features_repo():
 FEATURIZE_SCRIPT = textwrap.dedent("""
     import sys, torch
     from hf_trak import TRAKer
-    from tests.helpers import digits, perturbed_state_dict, tiny_vit
+    from hf_trak.testing import digits, perturbed_state_dict, tiny_vit
     model = tiny_vit()
     checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
     TRAKer(model, proj_dim=32, save_dir=sys.argv[1], shard_size=10).featurize(digits(600), checkpoints, batch_size=5)
 """)
 
 
+@pytest.mark.slow
 def test_featurize_killed_with_sigkill_resumes_to_identical_features(tmp_path):
     root = str(tmp_path / "killed")
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = subprocess_env()
     process = subprocess.Popen([sys.executable, "-c", FEATURIZE_SCRIPT, root], env=env)
     shard_dir = os.path.join(root, "checkpoint-0")
     deadline = time.time() + 120
@@ -146,3 +147,28 @@ def test_featurize_killed_with_sigkill_resumes_to_identical_features(tmp_path):
         torch.testing.assert_close(resumed.load_kernel(m)["kernel"], complete.load_kernel(m)["kernel"], rtol=0, atol=0)
     leftovers = [f for d, _, fs in os.walk(root) for f in fs if ".tmp-" in f]
     assert all(not f.endswith(".arrow") for f in leftovers)
+
+
+def test_a_version_1_store_loads_and_scores_as_before(tmp_path):
+    """Stores written by hf_trak 0.1.0 lack the version-2 fields and hold float32 kernels."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, train, targets = tiny_vit(), digits(12), digits(4, offset=50)
+    root = str(tmp_path / "store")
+    current = TRAKer(model, proj_dim=16, save_dir=root, dtype=torch.float32).featurize(train, [model.state_dict()])
+    expected = current.score(targets)
+    config = json.load(open(os.path.join(root, "trak_config.json")))
+    assert config["store_version"] == 2
+    for field in ("store_version", "lambda_scale", "adapter_config", "base_model", "base_fingerprint"):
+        del config[field]
+    with open(os.path.join(root, "trak_config.json"), "w") as file:
+        json.dump(config, file)
+    kernel_path = os.path.join(root, "checkpoint-0", "kernel.safetensors")
+    tensors = load_file(kernel_path)
+    save_file({name: t.float() if name != "lambda_reg" else t for name, t in tensors.items()}, kernel_path)
+
+    loaded = TRAKer.from_pretrained(root, model)
+    assert loaded.config.store_version == 1 and loaded.config.lambda_scale == 0.1
+    np.testing.assert_allclose(loaded.score(targets), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

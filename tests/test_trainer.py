@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_trak import TRAKArguments, TRAKCallback, TRAKer, TRAKHFTrainer
-from tests.helpers import digits, tiny_vit
+from hf_trak.testing import digits, tiny_vit
 from tests.hub_server import HubServer
 
 
@@ -74,7 +74,7 @@ PUSH_FEATURES = textwrap.dedent("""
     import sys
     from transformers import TrainingArguments
     from hf_trak import TRAKArguments, TRAKHFTrainer
-    from tests.helpers import digits, tiny_vit
+    from hf_trak.testing import digits, tiny_vit
     args = TrainingArguments(output_dir=sys.argv[1], num_train_epochs=2, save_strategy="epoch", report_to=[],
                              use_cpu=True, logging_strategy="no", disable_tqdm=True)
     trainer = TRAKHFTrainer(model=tiny_vit(), args=args, train_dataset=digits(16),
@@ -85,12 +85,10 @@ PUSH_FEATURES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_pushed_features_are_linked_from_the_model_card(tmp_path):
     with HubServer() as hub:
-        env = dict(
-            os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_test_token",
-            HF_HOME=str(tmp_path / "home"), PYTHONPATH=os.getcwd(),
-        )  # fmt: skip
+        env = hub.client_env(tmp_path / "home")
         done = subprocess.run([sys.executable, "-c", PUSH_FEATURES, str(tmp_path / "out")], env=env,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]

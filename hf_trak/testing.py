@@ -1,9 +1,18 @@
-"""Tiny random-init Hugging Face models and small datasets for the tests (no downloads)."""
+"""What the tests and benchmarks share: tiny random-init Hugging Face models, small datasets (no
+downloads), the digits LDS harness, and the environment of the processes tests start.
+
+Needs the ``dev`` extra (scikit-learn); nothing in hf_trak imports it.
+"""
+
+import functools
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from datasets import Dataset
 from sklearn.datasets import load_digits
+from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -15,7 +24,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hf_trak import demo
+from .digits import digit_images as digits_split
+from .evaluate import lds, make_subsets, model_outputs
+from .traker import TRAKer
 
 VOCAB = 40
 
@@ -142,4 +153,91 @@ def word_tokenizer():
 
 def digit_images(n: int, offset: int = 0) -> Dataset:
     """scikit-learn's digits as a raw image split: an ``image`` column (8×8 grayscale PIL) and ``label``."""
-    return demo.digit_images(offset, offset + n)
+    return digits_split(offset, offset + n)
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a process a test starts: this checkout importable, one thread, no progress bars."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
+    env.update(extra)
+    return env
+
+
+# ----------------------------------------------------------------------------- digits LDS harness
+NUM_TRAIN, NUM_TARGETS = 500, 100
+
+
+class DigitsMLP(nn.Module):
+    """64 → 32 → 10 classifier of 8×8 digits: ``forward(pixel_values) -> logits``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def forward(self, pixel_values):
+        return self.net(pixel_values)
+
+
+def digits_splits():
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)[:, None]
+    train = Dataset.from_dict({"pixel_values": images[:NUM_TRAIN], "labels": data.target[:NUM_TRAIN]})
+    test = Dataset.from_dict(
+        {
+            "pixel_values": images[NUM_TRAIN : NUM_TRAIN + NUM_TARGETS],
+            "labels": data.target[NUM_TRAIN : NUM_TRAIN + NUM_TARGETS],
+        }
+    )
+    return train, test
+
+
+def train_mlp(train: Dataset, mask: np.ndarray, seed: int, steps: int = 300) -> DigitsMLP:
+    """Full-batch Adam with weight decay on the examples selected by ``mask``."""
+    torch.manual_seed(seed)
+    model = DigitsMLP()
+    rows = train.with_format("torch")[np.flatnonzero(mask)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(rows["pixel_values"]), rows["labels"]).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@dataclass
+class DigitsLDS:
+    """A small classifier (``DigitsMLP``, task ``image_classification``) trained on 500 training digits
+    (``checkpoints``: full-data models of several seeds) and on half subsets (``subset_masks``), with the
+    margins of the subset models on 100 held-out digits (``subset_outputs``)."""
+
+    train: Dataset
+    test: Dataset
+    checkpoints: list
+    subset_masks: np.ndarray
+    subset_outputs: np.ndarray
+
+    def lds_of(self, num_checkpoints: int = None, **traker_kwargs) -> float:
+        """LDS of hf_trak's scores with ``traker_kwargs`` (``TRAKArguments`` fields) at the first checkpoints."""
+        checkpoints = self.checkpoints[:num_checkpoints]
+        traker = TRAKer(DigitsMLP(), task="image_classification", save_dir=None, **traker_kwargs)
+        traker.featurize(self.train, checkpoints, batch_size=100)
+        return lds(traker.score(self.test, batch_size=100), self.subset_masks, self.subset_outputs).mean
+
+
+@functools.lru_cache(maxsize=1)
+def digits_lds(num_subsets: int = 64, num_checkpoints: int = 5) -> DigitsLDS:
+    train, test = digits_splits()
+    subset_masks = make_subsets(NUM_TRAIN, num_subsets, fraction=0.5, seed=0)
+    outputs = [
+        model_outputs(train_mlp(train, mask, seed=0), test, task="image_classification") for mask in subset_masks
+    ]
+    full = np.ones(NUM_TRAIN, dtype=bool)
+    checkpoints = [train_mlp(train, full, seed=seed).state_dict() for seed in range(num_checkpoints)]
+    return DigitsLDS(train, test, checkpoints, subset_masks, np.stack(outputs))

@@ -1,0 +1,166 @@
+"""``TRAKArguments``: every featurize and score setting, its default, its check and its JSON form.
+
+One dataclass, read by everything that runs TRAK: ``TRAKer(model, args=...)`` (or its
+keywords, which are these fields), ``TRAKHFTrainer(trak_args=...)``, ``TRAKer.from_pretrained``
+(the stored settings) and the ``hf-trak`` command line, whose options are derived from the
+fields (``add_arguments``): a setting added here appears everywhere. Each field's
+``metadata`` holds its help text and ``scope``: ``"store"`` (recorded in the feature store:
+scoring uses the stored value), ``"featurize"`` (how a featurization treats an existing
+store), ``"run"`` (how one call computes: batch sizes, device, memory bounds) or
+``"trainer"`` (``TRAKHFTrainer`` only).
+"""
+
+import argparse
+import dataclasses
+import json
+import typing
+from typing import List, Optional
+
+import torch
+
+PROJECTORS = ("rademacher", "normal", "identity", "factored")
+STORAGE_DTYPES = ("float16", "float32")
+
+
+def _field(default, help: str, scope: str = "store", **metadata):
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return dataclasses.field(**factory, metadata={"help": help, "scope": scope, **metadata})
+
+
+@dataclasses.dataclass
+class TRAKArguments:
+    """TRAK settings (see each field's help; ``hf-trak featurize --help`` lists them too)."""
+
+    task: Optional[str] = _field(
+        None, "model output function: text_classification, image_classification, causal_lm, clip (default: the head)"
+    )
+    proj_dim: Optional[int] = _field(2048, "k, the feature dimension (ignored by the identity projector)")
+    projector: str = _field(
+        "rademacher", "rademacher, normal, identity (raw gradients) or factored", choices=PROJECTORS
+    )
+    projector_seed: int = _field(0, "seed of the projection (checkpoint m gets its own matrix)")
+    lambda_reg: Optional[float] = _field(None, "λ added to XᵀX (default: lambda_scale · tr(XᵀX)/k per checkpoint)")
+    lambda_scale: float = _field(0.1, "with lambda_reg unset, λ = lambda_scale · tr(XᵀX)/k")
+    dtype: str = _field("float16", "storage dtype of the train features", choices=STORAGE_DTYPES)
+    grad_wrt: Optional[List[str]] = _field(
+        None, "parameter names to differentiate, or 'all' (default: the trainable ones)"
+    )
+    param_chunk_numel: Optional[int] = _field(
+        None, "dense projectors: per-example gradients of at most this many parameter elements at a time", scope="run"
+    )
+    max_projector_cache_bytes: int = _field(4 * 2**30, "memory for cached projection blocks (bytes)", scope="run")
+    shard_size: int = _field(4096, "train rows per stored shard (unit of resuming and of work per process)")
+    save_dir: Optional[str] = _field(
+        None, "the feature store (None: a temporary folder for TRAKer, <output_dir>/trak for TRAKHFTrainer)"
+    )
+    batch_size: int = _field(32, "examples per forward/backward pass", scope="run")
+    target_block_size: int = _field(4096, "targets scored together against one train shard", scope="run")
+    device: Optional[str] = _field(None, "where gradients are computed (default: the model's)", scope="run")
+    overwrite: bool = _field(False, "replace a store made with other settings", scope="featurize")
+    max_checkpoints: Optional[int] = _field(
+        None, "TRAKHFTrainer: featurize the last N saved checkpoints (default: all)", scope="trainer"
+    )
+
+    def __post_init__(self):
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).replace("torch.", "")
+        if isinstance(self.grad_wrt, str):
+            self.grad_wrt = [self.grad_wrt]
+        for name in ("batch_size", "target_block_size", "shard_size"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("param_chunk_numel", "max_checkpoints"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.projector != "identity" or self.proj_dim is not None:
+            _check_positive_int("proj_dim", self.proj_dim)
+        _check_choice("projector", self.projector, PROJECTORS)
+        _check_choice("dtype", self.dtype, STORAGE_DTYPES)
+        if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
+            raise ValueError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
+        if self.lambda_reg is not None and not self.lambda_reg >= 0:
+            raise ValueError(f"lambda_reg must be >= 0 (or None to derive it), got {self.lambda_reg!r}.")
+        if not self.lambda_scale > 0:
+            raise ValueError(f"lambda_scale must be > 0, got {self.lambda_scale!r}.")
+        if isinstance(self.max_projector_cache_bytes, bool) or not (
+            isinstance(self.max_projector_cache_bytes, int) and self.max_projector_cache_bytes >= 0
+        ):
+            raise ValueError(
+                f"max_projector_cache_bytes must be an integer >= 0, got {self.max_projector_cache_bytes!r}."
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def grad_wrt_selection(self):
+        """``grad_wrt`` as ``select_parameters`` takes it ("all" rather than ["all"])."""
+        return "all" if self.grad_wrt == ["all"] else self.grad_wrt
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "TRAKArguments":
+        return cls(**json.loads(text))
+
+
+FEATURIZE_SCOPES = ("store", "featurize", "run")
+
+
+def fields_in(scopes, names=()) -> List[dataclasses.Field]:
+    """The fields of ``scopes``, and those named in ``names``."""
+    return [f for f in dataclasses.fields(TRAKArguments) if f.metadata["scope"] in scopes or f.name in names]
+
+
+def add_arguments(parser: argparse.ArgumentParser, scopes=FEATURIZE_SCOPES, names=()) -> None:
+    """A ``--field-name`` option for each field of ``scopes`` (and of ``names``): type, default, choices and
+    help from the field."""
+    group = parser.add_argument_group("TRAK settings (TRAKArguments)")
+    for field in fields_in(scopes, names):
+        option = "--" + field.name.replace("_", "-")
+        kind = _base_type(field.type)
+        kwargs = {"dest": field.name, "default": field.default, "help": field.metadata["help"]}
+        if kind is bool:
+            group.add_argument(option, action="store_true", **kwargs)
+            continue
+        if _is_list(field.type):
+            kwargs["nargs"] = "+"
+        kwargs["type"] = kind
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        group.add_argument(option, **kwargs)
+
+
+def parsed_settings(namespace: argparse.Namespace, scopes=FEATURIZE_SCOPES, names=()) -> dict:
+    """``{field: value}`` of the options ``add_arguments`` added, as parsed."""
+    return {field.name: getattr(namespace, field.name) for field in fields_in(scopes, names)}
+
+
+def _base_type(annotation):
+    """int for Optional[int], str for Optional[List[str]], ..."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) is typing.Union:
+        return _base_type(args[0])
+    if typing.get_origin(annotation) in (list, List):
+        return args[0]
+    return annotation
+
+
+def _is_list(annotation) -> bool:
+    if typing.get_origin(annotation) is typing.Union:
+        return any(_is_list(arg) for arg in typing.get_args(annotation))
+    return typing.get_origin(annotation) in (list, List)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")

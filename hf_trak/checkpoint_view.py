@@ -1,0 +1,175 @@
+"""The model at one checkpoint: its tensors loaded once, and f, per-example features and Q there.
+
+``FeatureMap`` holds what does not depend on the checkpoint: the architecture, the model
+output function, the p differentiated parameters, the projector and the 4D-mask adapter.
+``FeatureMap.at(checkpoint, model_id)`` is the one place that loads a checkpoint; the
+``CheckpointView`` it returns evaluates, at those tensors θ_m:
+
+    view.features(batch)      x_i = P_mᵀ ∇_θ f(z_i; θ_m) / √p     (B, k) float32, and the prepared batch
+    view.out_to_loss(batch)   Q_i = ∂ℓ/∂f at z_i                  (B,)
+    view.outputs(batch)       f(z_i; θ_m)                          (B,)
+    view.fingerprints()       sha256 of θ_m, and of its non-adapter part (PEFT; else "")
+
+Featurize, scoring and ``hf_trak.evaluate`` all go through a view, so a call loads each
+checkpoint once. A task that depends on other examples (CLIP's contrast set) is bound to
+the checkpoint by ``task.at_checkpoint`` the first time the view needs it.
+"""
+
+import logging
+import math
+from typing import Callable, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import adapter_parameter_names, is_peft_model
+from .arguments import TRAKArguments
+from .checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
+from .factored import FactoredGradientProjector, factorable_parameter_names
+from .gradients import DenseGradientProjector, PerExampleGradients, select_parameters
+from .masks import AttentionMaskAdapter
+from .model_outputs import AbstractModelOutput, call_model, without_labels
+from .projectors import make_projector
+
+logger = logging.getLogger(__name__)
+
+SampleTrainBatch = Callable[[int, int], dict]
+
+
+def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
+    """The parameters to differentiate: ``args.grad_wrt``; by default the trainable ones (a PEFT model in
+    inference mode: its adapter), restricted to factorable layers for the factored projector."""
+    grad_wrt = args.grad_wrt_selection
+    if grad_wrt is None and is_peft_model(model) and not any(p.requires_grad for p in model.parameters()):
+        grad_wrt = adapter_parameter_names(model)
+    if args.projector == "factored" and grad_wrt is None:
+        trainable = set(select_parameters(model))
+        grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
+        logger.info(
+            "Factored projection: differentiating %d Linear/Conv1D/Embedding parameters; "
+            "pass grad_wrt to add others (dense fallback).",
+            len(grad_wrt),
+        )
+    return select_parameters(model, grad_wrt)
+
+
+class FeatureMap:
+    """z ↦ x = P_mᵀ ∇_θ f(z; θ_m) / √p for ``model`` with ``task`` and the settings of ``args``
+    (``args=None``: no features, for views that only evaluate f or Q)."""
+
+    def __init__(
+        self, model: nn.Module, task: AbstractModelOutput, args: Optional[TRAKArguments], device: torch.device
+    ):
+        self.model, self.task, self.device = model, task, torch.device(device)
+        self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
+        self.param_names, self.num_params, self.projector = [], 0, None
+        if args is not None:
+            self._make_projector(args)
+
+    def _make_projector(self, args: TRAKArguments) -> None:
+        model = self.model
+        self.param_names = differentiated_parameters(model, args)
+        parameters = dict(model.named_parameters())
+        self.num_params = sum(parameters[name].numel() for name in self.param_names)
+        if args.projector == "factored":
+            self.projector = FactoredGradientProjector(
+                model, self.param_names, args.proj_dim, args.projector_seed, self.device
+            )
+        else:
+            numels = {name: parameters[name].numel() for name in self.param_names}
+            self.projector = DenseGradientProjector(
+                PerExampleGradients(model, self.param_names, args.param_chunk_numel),
+                make_projector(
+                    args.projector,
+                    numels,
+                    args.proj_dim,
+                    args.projector_seed,
+                    self.device,
+                    args.max_projector_cache_bytes,
+                ),
+            )
+
+    @property
+    def dim(self) -> int:
+        """k, the feature dimension."""
+        return self.projector.proj_dim
+
+    def at(
+        self, checkpoint: Checkpoint, model_id: int, sample_train_batch: Optional[SampleTrainBatch] = None
+    ) -> "CheckpointView":
+        """Load ``checkpoint`` (the only load of it in a featurize or score call) as checkpoint ``model_id``."""
+        weights, buffers = load_checkpoint(checkpoint, self.model, self.device)
+        return CheckpointView(self, model_id, weights, buffers, sample_train_batch)
+
+
+class CheckpointView:
+    """``FeatureMap`` at the tensors ``weights``/``buffers`` of checkpoint ``model_id`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        feature_map: FeatureMap,
+        model_id: int,
+        weights: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        sample_train_batch: Optional[SampleTrainBatch] = None,
+    ):
+        self.map, self.model_id, self.weights, self.buffers = feature_map, model_id, weights, buffers
+        self._sample_train_batch = sample_train_batch
+        self._task: Optional[AbstractModelOutput] = None
+
+    @property
+    def task(self) -> AbstractModelOutput:
+        """The model output function bound to this checkpoint (``AbstractModelOutput.at_checkpoint``)."""
+        if self._task is None:
+            model = self.map.model
+            self._task = self.map.task.at_checkpoint(model, self.weights, self.buffers, self._sample)
+        return self._task
+
+    def _sample(self, num_examples: int, seed: int) -> dict:
+        if self._sample_train_batch is None:
+            raise RuntimeError(
+                f"{type(self.map.task).__name__} needs training examples: call featurize(...) first, "
+                "or pass train_dataset= to TRAKer.from_pretrained."
+            )
+        return self._to_device(self._sample_train_batch(num_examples, seed))
+
+    def _to_device(self, batch: Mapping[str, Tensor]) -> dict:
+        return {name: value.to(self.map.device) for name, value in batch.items()}
+
+    def forward(self, batch: Mapping[str, Tensor]):
+        """Model outputs at this checkpoint (labels left out)."""
+        return call_model(self.map.model, self.weights, self.buffers, without_labels(batch))
+
+    def prepare(self, batch: Mapping[str, Tensor]) -> dict:
+        """The batch on the device, 2D attention masks replaced by the model's 4D mask (for ``vmap``)."""
+        return self.map.masks(self._to_device(batch), self.forward)
+
+    def features(self, batch: Mapping[str, Tensor]) -> Tuple[Tensor, dict]:
+        """``(x, prepared batch)``: x_i = P_mᵀ g_i / √p for each example, (B, k) float32."""
+        batch = self.prepare(batch)
+        projected = self.map.projector(self.task, self.weights, self.buffers, batch, self.model_id)
+        return projected.div_(math.sqrt(self.map.num_params)), batch
+
+    def out_to_loss(self, prepared_batch: Mapping[str, Tensor]) -> Tensor:
+        """Q of each example of a batch from ``features`` (B,)."""
+        with torch.no_grad():
+            return self.task.get_out_to_loss_grad(self.map.model, self.weights, self.buffers, prepared_batch)
+
+    def outputs(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """f(z_i; θ_m) of each example (B,), without gradients."""
+        batch, task = self.prepare(batch), self.task
+
+        def output(example):
+            example = {name: value.unsqueeze(0) for name, value in example.items()}
+            return task.get_output(self.map.model, self.weights, self.buffers, example)
+
+        with torch.no_grad():
+            return torch.vmap(output)(batch)
+
+    def fingerprints(self) -> Tuple[str, str]:
+        """(sha256 of all θ_m, of θ_m without the adapter's tensors: "" for a model without adapter)."""
+        base = ""
+        if is_peft_model(self.map.model):
+            adapter = set(adapter_parameter_names(self.map.model))
+            base = checkpoint_fingerprint({name: w for name, w in self.weights.items() if name not in adapter})
+        return checkpoint_fingerprint(self.weights), base

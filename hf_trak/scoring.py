@@ -1,0 +1,125 @@
+"""Scoring: TRAK scores of targets against a feature store, as a full matrix or a running top-k.
+
+1. ``target_features``: T_m, the targets' features at each checkpoint m (loaded once per
+   call), kept on the CPU: M × T × k float32.
+2. ``shard_scores``: for each train shard (read memory-mapped), Φ_m = X_m K_m once per
+   checkpoint (float64, ``hf_trak.kernel``), then the score blocks
+   τ[rows, block] = mean_m(Φ_m T_m[block]ᵀ) ⊙ Q̄[rows] for blocks of ``target_block_size``
+   targets. Cost: n·k² + n·k·T flops; memory: a shard's Φ and one (shard × block) block.
+3. ``scores`` writes the blocks into an (n × T) array; ``top_k`` merges them into the k
+   largest (or smallest) per target without the full matrix.
+
+With several processes each scores a contiguous share of the targets and the main process
+gathers the shares (``gather_to_main``).
+"""
+
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint_view import FeatureMap
+from .checkpoints import Checkpoint
+from .data import ExampleSource
+from .kernel import merge_top_k, preconditioned, score_block
+from .store import FeatureStore, as_tensor
+
+
+class TopK(NamedTuple):
+    """``indices[j]``/``scores[j]``: the k train examples with the highest (or lowest) score for target j."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+
+def target_features(
+    feature_map: FeatureMap,
+    checkpoints: Sequence[Checkpoint],
+    source: ExampleSource,
+    rows: range,
+    batch_size: int,
+    sample_train_batch: Optional[Callable[[int, int], dict]] = None,
+    show_progress: bool = True,
+) -> List[Tensor]:
+    """[T_m for each checkpoint]: features of targets ``rows`` of ``source``, each (len(rows), k) float32, CPU."""
+    features = []
+    with tqdm(
+        total=len(rows) * len(checkpoints), desc="Featurizing targets", disable=None if show_progress else True
+    ) as bar:
+        for model_id, checkpoint in enumerate(checkpoints):
+            view = feature_map.at(checkpoint, model_id, sample_train_batch)
+            blocks = [torch.empty(0, feature_map.dim)]
+            for batch in source.batches(batch_size, rows.start, rows.stop):
+                blocks.append(view.features(batch)[0].cpu())
+                bar.update(len(blocks[-1]))
+            features.append(torch.cat(blocks))
+    return features
+
+
+def shard_scores(
+    store: FeatureStore,
+    targets: List[Tensor],
+    device: torch.device,
+    target_block_size: int,
+    show_progress: bool = True,
+) -> Iterator[Tuple[int, int, Tensor]]:
+    """``(train_start, target_offset, scores)`` blocks covering the (n × T) scores; each block is
+    (shard rows × ≤ target_block_size) float32 on ``device``."""
+    num_checkpoints, num_targets = len(targets), len(targets[0])
+    if num_targets == 0:
+        return
+    kernels = [store.load_kernel(m)["kernel"].to(device, torch.float64) for m in range(num_checkpoints)]
+    out_to_loss = torch.from_numpy(np.mean([store.out_to_loss(m) for m in range(num_checkpoints)], axis=0))
+    shards = zip(*(store.shards(m) for m in range(num_checkpoints)))
+    for shard in tqdm(list(shards), desc="Scoring train shards", disable=None if show_progress else True):
+        start, rows = shard[0][0], len(shard[0][1])
+        phis = [preconditioned(as_tensor(features), kernel) for (_, features, _), kernel in zip(shard, kernels)]
+        q = out_to_loss[start : start + rows]
+        for offset in range(0, num_targets, target_block_size):
+            block = [t[offset : offset + target_block_size] for t in targets]
+            yield start, offset, score_block(phis, block, q)
+
+
+def scores(store: FeatureStore, targets: List[Tensor], device, target_block_size: int, out=None, show_progress=True):
+    """The (n × T) float32 scores of ``targets`` (written into ``out`` if given)."""
+    shape = (store.config.num_train_examples, len(targets[0]))
+    out = np.empty(shape, dtype=np.float32) if out is None else out
+    for start, offset, block in shard_scores(store, targets, device, target_block_size, show_progress):
+        out[start : start + block.shape[0], offset : offset + block.shape[1]] = block.cpu().numpy()
+    return out
+
+
+def top_k(
+    store: FeatureStore,
+    targets: List[Tensor],
+    device,
+    target_block_size: int,
+    k: int,
+    largest: bool,
+    show_progress: bool = True,
+) -> TopK:
+    """The ``k`` train rows with the largest (or smallest) score of each target, merged shard by shard."""
+    k = min(k, store.config.num_train_examples)
+    best = {}
+    for start, offset, block in shard_scores(store, targets, device, target_block_size, show_progress):
+        best[offset] = merge_top_k(best.get(offset), block, start, k, largest)
+    indices = [best[offset][1].T.cpu().numpy() for offset in sorted(best)] or [np.empty((0, k), np.int64)]
+    values = [best[offset][0].T.cpu().numpy() for offset in sorted(best)] or [np.empty((0, k), np.float32)]
+    return TopK(np.concatenate(indices), np.concatenate(values))
+
+
+def gather_to_main(state: PartialState, value):
+    """Every process's ``value`` in rank order on the main process (None on the others).
+
+    accelerate's ``gather_object`` is an all-gather (every process would receive every share
+    of the score matrix), and its ``gather`` needs equal-shaped tensors on the device, so
+    this is ``torch.distributed.gather_object`` to the main process only.
+    """
+    if state.num_processes == 1:
+        return [value]
+    gathered = [None] * state.num_processes if state.is_main_process else None
+    torch.distributed.gather_object(value, gathered, dst=0)
+    return gathered
