@@ -134,7 +134,7 @@ def adapter_base_model(path: str, base_model: Optional[str] = None) -> str:
 def load_adapter_model(path: str, base_model: Optional[str] = None) -> nn.Module:
     """The PEFT model of an adapter folder: its base (``base_model``, else the one its config names) with
     the adapter loaded trainable, so that the adapter is what TRAK differentiates by default."""
-    from .attribute import load_model
+    from .loading import load_model
 
     peft = require_peft()
     base = load_model(adapter_base_model(path, base_model))

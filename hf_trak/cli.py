@@ -133,7 +133,7 @@ def load_split(args, split: str, limit: Optional[int]):
 
 def _model_folder(model: Optional[str]) -> Optional[str]:
     """The folder a model is loaded from: ``model``, or the last ``checkpoint-N`` of a Trainer output_dir."""
-    from .attribute import trainer_checkpoints
+    from .loading import trainer_checkpoints
 
     folders = trainer_checkpoints(model) if model is not None else []
     return folders[-1] if folders else model
@@ -143,7 +143,7 @@ def _processor(args, model: Optional[str]):
     """``--processor``, else the one saved with the model or, for an adapter, its base model (None with
     ``--no-processor`` or if there is none)."""
     from .adapters import adapter_base_model, is_adapter_folder
-    from .attribute import load_processor
+    from .loading import load_processor
 
     source = args.processor or _model_folder(model)
     if args.no_processor or source is None:
@@ -169,8 +169,8 @@ def _prepared_split(args, model, task, processor, split: str, limit: Optional[in
 def _target_scores(args):
     """``(scores, TRAKer, raw train split, raw target split)`` against the features of ``--save-dir``
     or ``--from-hub``; scores are None on processes other than the main one."""
-    from .attribute import resolve_model
     from .hub import download_store
+    from .loading import resolve_model
     from .model_outputs import AutoModelOutput
     from .store import FeatureStore
     from .traker import TRAKer
@@ -198,7 +198,7 @@ def _target_scores(args):
 
 # ----------------------------------------------------------------------------- commands
 def featurize(args) -> None:
-    from .attribute import resolve_model
+    from .loading import resolve_model
     from .traker import TRAKer
 
     settings = TRAKArguments(**parsed_settings(args, FEATURIZE_SCOPES))  # checked before anything is loaded

@@ -230,7 +230,7 @@ def test_without_peft_hf_trak_works_and_an_adapter_names_the_extra(tmp_path):
         import sys
         sys.modules["peft"] = None
         import hf_trak, hf_trak.cli
-        from hf_trak.attribute import resolve_model
+        from hf_trak.loading import resolve_model
         from hf_trak.testing import tiny_bert, token_sequences
         model = tiny_bert()
         hf_trak.TRAKer(model, proj_dim=8, save_dir=None).featurize(token_sequences(4), [model])

@@ -172,3 +172,28 @@ def test_a_version_1_store_loads_and_scores_as_before(tmp_path):
     loaded = TRAKer.from_pretrained(root, model)
     assert loaded.config.store_version == 1 and loaded.config.lambda_scale == 0.1
     np.testing.assert_allclose(loaded.score(targets), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_resume_with_another_checkpoint_is_refused_or_redoes_only_that_checkpoint(tmp_path):
+    traker, model, checkpoints = _featurized(tmp_path)
+    root = traker.save_dir
+
+    def files(model_id):
+        folder = os.path.join(root, f"checkpoint-{model_id}")
+        return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+    before = [files(0), files(1)]
+    other = [checkpoints[0], perturbed_state_dict(model, seed=7)]
+    with pytest.raises(FileExistsError, match="another checkpoint 1 than state_dict .*overwrite=True"):
+        TRAKer(model, proj_dim=32, save_dir=root, shard_size=8).featurize(digits(20), other, batch_size=4)
+    assert [files(0), files(1)] == before  # nothing was written
+    redone = TRAKer(model, proj_dim=32, save_dir=root, shard_size=8).featurize(
+        digits(20), other, batch_size=4, overwrite=True
+    )
+    assert files(0) == before[0] and files(1) != before[1]  # checkpoint 0 kept, checkpoint 1 redone
+    fresh = TRAKer(model, proj_dim=32, save_dir=str(tmp_path / "fresh"), shard_size=8).featurize(
+        digits(20), other, batch_size=4
+    )
+    for m in range(2):
+        np.testing.assert_array_equal(redone.store.features(m), fresh.store.features(m))
+    assert redone.store.config.checkpoint_fingerprints == fresh.store.config.checkpoint_fingerprints

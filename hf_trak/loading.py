@@ -1,0 +1,89 @@
+"""Models, checkpoints and processors from what users pass: objects, folders, Hub ids, Trainer output_dirs.
+
+``resolve_model`` gives ``(model, checkpoints)`` for ``hf_trak.attribute`` and the CLI: a model
+object is its own single checkpoint; a ``save_pretrained`` folder or Hub id loads the class its
+config names; a Trainer ``output_dir`` gives its ``checkpoint-N`` folders in step order; a PEFT
+adapter folder loads on its base model (``hf_trak.adapters``).
+"""
+
+import logging
+import os
+import re
+from typing import List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedModel
+
+from .adapters import is_adapter_folder, load_adapter_model
+from .checkpoints import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+ModelOrCheckpoints = Union[nn.Module, str, os.PathLike, Sequence[Checkpoint]]
+
+
+def load_model(name_or_path: str, base_model: Optional[str] = None, **kwargs) -> PreTrainedModel:
+    """The model of a ``save_pretrained`` folder or Hub repo, with the head its config names.
+
+    A PEFT adapter folder gives its ``PeftModel``, on ``base_model`` or the base its config names.
+    """
+    import transformers
+
+    if is_adapter_folder(name_or_path):
+        return load_adapter_model(name_or_path, base_model)
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(
+            f"{name_or_path} names no model class in its config (architectures={architectures}): load the model "
+            "yourself (e.g. AutoModelForSequenceClassification.from_pretrained) and pass it instead."
+        )
+    return model_class.from_pretrained(name_or_path, **kwargs).eval()
+
+
+def trainer_checkpoints(output_dir: str) -> List[str]:
+    """The ``checkpoint-N`` folders of a Trainer ``output_dir``, by step (none for a model folder)."""
+    if not os.path.isdir(output_dir) or os.path.exists(os.path.join(output_dir, "config.json")):
+        return []
+    if is_adapter_folder(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_FOLDER.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_model(
+    model_or_checkpoints: ModelOrCheckpoints, base_model: Optional[str] = None
+) -> Tuple[nn.Module, List[Checkpoint]]:
+    """``(model, checkpoints)`` from a model, a folder/Hub id, a list of checkpoints or a Trainer output_dir.
+
+    Adapter folders load on ``base_model`` (default: the base their config names).
+    """
+    if isinstance(model_or_checkpoints, nn.Module):
+        return model_or_checkpoints, [model_or_checkpoints]
+    if isinstance(model_or_checkpoints, (str, os.PathLike)):
+        path = os.fspath(model_or_checkpoints)
+        folders = trainer_checkpoints(path)
+        if folders:
+            return resolve_model(folders, base_model)
+        model = load_model(path, base_model)
+        return model, [path if os.path.isdir(path) else model]
+    checkpoints = list(model_or_checkpoints)
+    if not checkpoints:
+        raise ValueError("No checkpoints given: pass a model, a model folder, or a list of checkpoint folders.")
+    models = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, nn.Module)]
+    paths = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, (str, os.PathLike))]
+    if not models and not paths:
+        raise ValueError("With state dicts as checkpoints, pass the model itself to TRAKer instead.")
+    return (models[-1] if models else load_model(os.fspath(paths[-1]), base_model)), checkpoints
+
+
+def load_processor(name_or_path: str):
+    """The processor saved with a model (multimodal, tokenizer or image processor), or None."""
+    for auto in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
+        try:
+            return auto.from_pretrained(name_or_path)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.debug("No %s in %s: %s", auto.__name__, name_or_path, error)
+    return None
