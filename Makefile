@@ -39,3 +39,4 @@ bench: install
 	$(BIN)/python benchmarks/factored.py
 	$(BIN)/python benchmarks/lds_text.py
 	$(BIN)/python benchmarks/store.py
+	$(BIN)/python benchmarks/peft_lora.py
