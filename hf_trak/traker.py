@@ -127,13 +127,10 @@ class TRAKer:
     def _source(self, data, data_collator) -> ExampleSource:
         return ExampleSource.for_model(data, self.model, self.task, data_collator)
 
-    def _sample_train_batch(self, num_examples: int, seed: int) -> dict:
-        if self.train_source is None:
-            raise RuntimeError(
-                f"{type(self.task).__name__} needs training examples: call featurize(...) first, "
-                "or pass train_dataset= to TRAKer.from_pretrained."
-            )
-        return self.train_source.sample(num_examples, seed)
+    @property
+    def _train_sampler(self):
+        """``(num_examples, seed) -> batch`` of the featurized train split (CLIP's contrast set), if any."""
+        return self.train_source.sample if self.train_source is not None else None
 
     # ------------------------------------------------------------- features
     def featurize(
@@ -163,7 +160,7 @@ class TRAKer:
                 self.args.torch_dtype,
                 batch_size or self.args.batch_size,
                 self.args.overwrite if overwrite is None else overwrite,
-                self._sample_train_batch,
+                self._train_sampler,
             )
         self.config, self.checkpoints = self.store.config, list(checkpoints)
         return self
@@ -183,7 +180,7 @@ class TRAKer:
                 source,
                 rows,
                 batch_size or self.args.batch_size,
-                self._sample_train_batch,
+                self._train_sampler,
                 show_progress=self.state.is_main_process,
             )
         return features, len(source)

@@ -73,3 +73,12 @@ def test_model_outputs_keep_no_state_between_checkpoints():
     bound = [view.task for view in views]
     assert bound[0] is not task and bound[0] is not bound[1]
     assert not torch.equal(bound[0].contrast_image_embeds, bound[1].contrast_image_embeds)
+
+
+def test_clip_scoring_from_a_store_needs_the_train_split_and_then_matches(tmp_path):
+    model, train, targets = tiny_clip(), clip_pairs(12), clip_pairs(3, seed=1)
+    traker = TRAKer(model, proj_dim=16, save_dir=str(tmp_path / "trak")).featurize(train, [model.state_dict()])
+    with pytest.raises(RuntimeError, match="needs training examples.*train_dataset="):
+        TRAKer.from_pretrained(str(tmp_path / "trak"), model).score(targets)
+    loaded = TRAKer.from_pretrained(str(tmp_path / "trak"), model, train_dataset=train)
+    np.testing.assert_array_equal(loaded.score(targets), traker.score(targets))
