@@ -40,3 +40,4 @@ bench: install
 	$(BIN)/python benchmarks/lds_text.py
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/peft_lora.py
+	$(BIN)/python benchmarks/precision.py --threads 2

@@ -1,9 +1,11 @@
 """What the tests and benchmarks share: tiny random-init Hugging Face models, small datasets (no
-downloads), the digits LDS harness, and the environment of the processes tests start.
+downloads), the environment of the processes tests start, the digits LDS harness and the
+float64 TRAK reference with its parity cases (over 300 lines: every shared fixture is here).
 
 Needs the ``dev`` extra (scikit-learn); nothing in hf_trak imports it.
 """
 
+import copy
 import functools
 import os
 from dataclasses import dataclass
@@ -24,8 +26,11 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from .arguments import TRAKArguments
+from .data import ExampleSource
 from .digits import digit_images as digits_split
 from .evaluate import lds, make_subsets, model_outputs
+from .model_outputs import AutoModelOutput, ClassificationModelOutput, call_model, without_labels
 from .traker import TRAKer
 
 VOCAB = 40
@@ -241,3 +246,88 @@ def digits_lds(num_subsets: int = 64, num_checkpoints: int = 5) -> DigitsLDS:
     full = np.ones(NUM_TRAIN, dtype=bool)
     checkpoints = [train_mlp(train, full, seed=seed).state_dict() for seed in range(num_checkpoints)]
     return DigitsLDS(train, test, checkpoints, subset_masks, np.stack(outputs))
+
+
+# ----------------------------------------------------------------------------- float64 reference
+def _double(batch):
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+LAMBDA_SCALE = TRAKArguments().lambda_scale  # the default λ = LAMBDA_SCALE · tr(XᵀX)/k
+
+
+def kernel_scores(train_features, target_features, out_to_loss, lambda_reg=None) -> np.ndarray:
+    """float64 TRAK scores from per-checkpoint features X_m (n × k), T_m (b × k) and Q_m (n,), by the formula."""
+    total = 0
+    for x, t in zip(train_features, target_features):
+        x, t = torch.as_tensor(x).double(), torch.as_tensor(t).double()
+        xtx = x.T @ x
+        lam = LAMBDA_SCALE * torch.trace(xtx) / xtx.shape[0] if lambda_reg is None else lambda_reg
+        inverse = torch.linalg.inv(xtx + lam * torch.eye(xtx.shape[0], dtype=torch.float64))
+        total = total + x @ (inverse / inverse.abs().mean()) @ t.T
+    q = torch.stack([torch.as_tensor(q).double() for q in out_to_loss]).mean(0)
+    return (total / len(train_features) * q[:, None]).numpy()
+
+
+def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_names=None):
+    """float64 TRAK by the formula: per-example autograd gradients on unpadded examples, direct inversion.
+
+    Gradients are taken with respect to ``param_names`` (default: all parameters); ``checkpoints``
+    are full state dicts. Q of classification heads is 1 − softmax(logits)_y computed here;
+    other heads use the task's Q (checked against closed forms in test_model_outputs).
+    """
+    model = copy.deepcopy(model).double()
+    task = AutoModelOutput.from_model(model)
+    parameters = dict(model.named_parameters())
+    all_names = list(parameters)
+    names = all_names if param_names is None else list(param_names)
+    p = sum(parameters[name].numel() for name in names)
+
+    def features(task, weights, data):
+        rows, qs = [], []
+        for example in ExampleSource.for_model(data, model, task).batches(1):
+            example = _double(example)
+            params = {name: weights[name].clone().requires_grad_(name in names) for name in all_names}
+            output = task.get_output(model, params, {}, example)
+            grads = torch.autograd.grad(output, [params[name] for name in names], allow_unused=True)
+            grads = [torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)]
+            rows.append(torch.cat([g.reshape(-1) for g in grads]) / np.sqrt(p))
+            if isinstance(task, ClassificationModelOutput):
+                logits = call_model(model, weights, {}, without_labels(example)).logits
+                qs.append(1 - torch.softmax(logits[0], -1)[example["labels"][0]])
+            else:
+                qs.append(task.get_out_to_loss_grad(model, weights, {}, example)[0])
+        return torch.stack(rows), torch.stack(qs).detach()
+
+    xs, ts, qs = [], [], []
+    train_source = ExampleSource.for_model(train, model, task)
+    for checkpoint in checkpoints:
+        weights = {name: checkpoint[name].double() for name in all_names}
+        bound = task.at_checkpoint(model, weights, {}, lambda n, seed: _double(train_source.sample(n, seed)))
+        x, q = features(bound, weights, train)
+        xs.append(x), qs.append(q), ts.append(features(bound, weights, targets)[0])
+    return kernel_scores(xs, ts, qs, lambda_reg)
+
+
+# The closed-form parity cases: (model, train split, target split) for each head.
+CASES = {
+    "image": (tiny_vit, lambda: digits(24), lambda: digits(6, offset=100)),
+    "text": (tiny_bert, lambda: token_sequences(24), lambda: token_sequences(6, seed=1)),
+    "clip": (tiny_clip, lambda: clip_pairs(20), lambda: clip_pairs(5, seed=1)),
+    "causal_lm": (tiny_gpt2, lambda: lm_sequences(20), lambda: lm_sequences(5, seed=1)),
+}
+
+
+PARITY_CASES = [("image", None), ("image", 1e-3), ("text", None), ("text", 1e-3), ("clip", None), ("causal_lm", None)]
+
+
+def identity_traker(case, lambda_reg):
+    """``TRAKer`` with the identity projector (raw gradients, float32) featurized on one of ``CASES``, at
+    three checkpoints: ``(traker, model, train, targets, checkpoints)``."""
+    make_model, make_train, make_targets = CASES[case]
+    model, train, targets = make_model(), make_train(), make_targets()
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1), perturbed_state_dict(model, seed=2)]
+    traker = TRAKer(
+        model, projector="identity", proj_dim=None, dtype=torch.float32, save_dir=None, lambda_reg=lambda_reg
+    )
+    return traker.featurize(train, checkpoints, batch_size=5), model, train, targets, checkpoints

@@ -17,13 +17,13 @@ from hf_trak.testing import (
     clip_pairs,
     digits,
     lm_sequences,
+    reference_scores,
     tiny_bert,
     tiny_clip,
     tiny_gpt2,
     tiny_vit,
     token_sequences,
 )
-from tests.test_scores import reference_scores
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict  # noqa: E402
