@@ -80,17 +80,22 @@ def adapter_parameter_names(model: nn.Module) -> List[str]:
     return [name for name, _ in model.named_parameters() if name in adapter]
 
 
-def is_adapter_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> bool:
-    """Whether ``state_dict`` holds adapter tensors of the PEFT ``model`` under peft's saved names only."""
-    if not is_peft_model(model):
-        return False
+def with_adapter_if_partial(state_dict: Mapping[str, Tensor], model: nn.Module, source: str) -> Mapping[str, Tensor]:
+    """A PEFT model's adapter-only state dict (peft's saved names only) completed with the model's own tensors;
+    any other state dict as given."""
+    if not is_peft_model(model) or not state_dict:
+        return state_dict
     key_map = adapter_key_map(model)
-    return bool(state_dict) and all(name in key_map for name in state_dict)
+    if not all(name in key_map for name in state_dict):
+        return state_dict
+    return with_adapter(model, state_dict, source, key_map)
 
 
-def with_adapter(model: nn.Module, adapter_state: Mapping[str, Tensor], source: str) -> Dict[str, Tensor]:
+def with_adapter(
+    model: nn.Module, adapter_state: Mapping[str, Tensor], source: str, key_map: Optional[Dict[str, str]] = None
+) -> Dict[str, Tensor]:
     """``model``'s state with the adapter tensors of ``adapter_state`` (saved names) put in their places."""
-    key_map = adapter_key_map(model)
+    key_map = key_map or adapter_key_map(model)
     state = dict(model.state_dict())
     unknown = sorted(set(adapter_state) - set(key_map))
     missing = sorted(set(key_map) - set(adapter_state))

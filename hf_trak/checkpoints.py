@@ -40,7 +40,7 @@ def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Te
     if isinstance(checkpoint, nn.Module):
         return checkpoint.state_dict()
     if isinstance(checkpoint, Mapping):
-        return _with_adapter_if_partial(checkpoint, model, "the state dict")
+        return adapters.with_adapter_if_partial(checkpoint, model, "the state dict")
     path = os.fspath(checkpoint)
     if os.path.isfile(path):
         state_dict = (
@@ -48,7 +48,7 @@ def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Te
             if path.endswith(".safetensors")
             else torch.load(path, map_location="cpu", weights_only=True)
         )
-        return _with_adapter_if_partial(state_dict, model, path)
+        return adapters.with_adapter_if_partial(state_dict, model, path)
     if os.path.isdir(path) and adapters.is_adapter_folder(path):
         return adapters.read_adapter_folder(path, model)
     if os.path.isdir(path) and hasattr(type(model), "from_pretrained"):
@@ -57,13 +57,6 @@ def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Te
     raise FileNotFoundError(
         f"Checkpoint {path!r} is neither a weights file nor a save_pretrained folder of {type(model).__name__}."
     )
-
-
-def _with_adapter_if_partial(state_dict: Mapping[str, Tensor], model: nn.Module, source: str) -> Mapping[str, Tensor]:
-    """A PEFT model's adapter-only state dict completed with the model's own tensors; others as given."""
-    if adapters.is_adapter_state_dict(state_dict, model):
-        return adapters.with_adapter(model, state_dict, source)
-    return state_dict
 
 
 def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.device) -> Tuple[dict, dict]:

@@ -72,12 +72,14 @@ def shard_scores(
     if num_targets == 0:
         return
     kernels = [store.load_kernel(m)["kernel"].to(device, torch.float64) for m in range(num_checkpoints)]
-    out_to_loss = torch.from_numpy(np.mean([store.out_to_loss(m) for m in range(num_checkpoints)], axis=0))
-    shards = zip(*(store.shards(m) for m in range(num_checkpoints)))
-    for shard in tqdm(list(shards), desc="Scoring train shards", disable=None if show_progress else True):
-        start, rows = shard[0][0], len(shard[0][1])
+    shards = zip(*(store.shards(m) for m in range(num_checkpoints)))  # read lazily, one shard of each m at a time
+    progress = dict(
+        total=len(store.shard_ranges()), desc="Scoring train shards", disable=None if show_progress else True
+    )
+    for shard in tqdm(shards, **progress):
+        start = shard[0][0]
         phis = [preconditioned(as_tensor(features), kernel) for (_, features, _), kernel in zip(shard, kernels)]
-        q = out_to_loss[start : start + rows]
+        q = torch.from_numpy(np.mean([out_to_loss for _, _, out_to_loss in shard], axis=0))  # mean_m Q_m[rows]
         for offset in range(0, num_targets, target_block_size):
             block = [t[offset : offset + target_block_size] for t in targets]
             yield start, offset, score_block(phis, block, q)
