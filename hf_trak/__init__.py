@@ -5,6 +5,15 @@ __version__ = "0.1.0"
 from .arguments import TRAKArguments  # noqa: E402
 from .attribute import Attribution, attribute  # noqa: E402
 from .config import TRAKConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    CorruptStoreError,
+    HubError,
+    InvalidArgumentError,
+    InvalidInputError,
+    OutputExistsError,
+    StoreMismatchError,
+    TRAKError,
+)
 from .model_outputs import (  # noqa: E402
     AbstractModelOutput,
     AutoModelOutput,
@@ -25,6 +34,13 @@ __all__ = [
     "CausalLMModelOutput",
     "ClassificationModelOutput",
     "CLIPModelOutput",
+    "CorruptStoreError",
+    "HubError",
+    "InvalidArgumentError",
+    "InvalidInputError",
+    "OutputExistsError",
+    "StoreMismatchError",
+    "TRAKError",
     "ImageClassificationModelOutput",
     "SequenceClassificationModelOutput",
     "TopK",

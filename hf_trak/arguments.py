@@ -18,7 +18,10 @@ from typing import List, Optional
 
 import torch
 
+from .errors import InvalidArgumentError, check_positive_int
+
 PROJECTORS = ("rademacher", "normal", "identity", "factored")
+NONFINITE_POLICIES = ("error", "exclude")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -56,6 +59,12 @@ class TRAKArguments:
     batch_size: int = _field(32, "examples per forward/backward pass", scope="run")
     target_block_size: int = _field(4096, "targets scored together against one train shard", scope="run")
     device: Optional[str] = _field(None, "where gradients are computed (default: the model's)", scope="run")
+    on_nonfinite: str = _field(
+        "error",
+        "a row with NaN/inf inputs or gradients: error (name it) or exclude (its scores are NaN, recorded in the store)",
+        scope="run",
+        choices=NONFINITE_POLICIES,
+    )
     overwrite: bool = _field(False, "replace a store made with other settings", scope="featurize")
     max_checkpoints: Optional[int] = _field(
         None, "TRAKHFTrainer: featurize the last N saved checkpoints (default: all)", scope="trainer"
@@ -67,24 +76,25 @@ class TRAKArguments:
         if isinstance(self.grad_wrt, str):
             self.grad_wrt = [self.grad_wrt]
         for name in ("batch_size", "target_block_size", "shard_size"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("param_chunk_numel", "max_checkpoints"):
             if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
+                check_positive_int(name, getattr(self, name))
         if self.projector != "identity" or self.proj_dim is not None:
-            _check_positive_int("proj_dim", self.proj_dim)
+            check_positive_int("proj_dim", self.proj_dim)
         _check_choice("projector", self.projector, PROJECTORS)
         _check_choice("dtype", self.dtype, STORAGE_DTYPES)
+        _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
-            raise ValueError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
+            raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
         if self.lambda_reg is not None and not self.lambda_reg >= 0:
-            raise ValueError(f"lambda_reg must be >= 0 (or None to derive it), got {self.lambda_reg!r}.")
+            raise InvalidArgumentError(f"lambda_reg must be >= 0 (or None to derive it), got {self.lambda_reg!r}.")
         if not self.lambda_scale > 0:
-            raise ValueError(f"lambda_scale must be > 0, got {self.lambda_scale!r}.")
+            raise InvalidArgumentError(f"lambda_scale must be > 0, got {self.lambda_scale!r}.")
         if isinstance(self.max_projector_cache_bytes, bool) or not (
             isinstance(self.max_projector_cache_bytes, int) and self.max_projector_cache_bytes >= 0
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"max_projector_cache_bytes must be an integer >= 0, got {self.max_projector_cache_bytes!r}."
             )
 
@@ -156,11 +166,6 @@ def _is_list(annotation) -> bool:
     return typing.get_origin(annotation) in (list, List)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+        raise InvalidArgumentError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")

@@ -6,6 +6,7 @@ from importlib import resources
 import jinja2
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from .files import write_text
 from .store import FeatureStore
 
 
@@ -36,7 +37,7 @@ def render_dataset_card(store: FeatureStore, repo_id: str = "<user>/<features-re
 
 
 def write_dataset_card(store: FeatureStore, repo_id: str = "<user>/<features-repo>") -> None:
-    render_dataset_card(store, repo_id).save(os.path.join(store.root, "README.md"))
+    write_text(os.path.join(store.root, "README.md"), str(render_dataset_card(store, repo_id)))
 
 
 def render_trainer_section(features_repo: str, num_checkpoints: int) -> str:

@@ -27,6 +27,7 @@ from .arguments import TRAKArguments
 from .checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, PerExampleGradients, select_parameters
+from .config import STORE_VERSION
 from .masks import AttentionMaskAdapter
 from .model_outputs import AbstractModelOutput, call_model, without_labels
 from .projectors import make_projector
@@ -55,14 +56,21 @@ def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
 
 class FeatureMap:
     """z ↦ x = P_mᵀ ∇_θ f(z; θ_m) / √p for ``model`` with ``task`` and the settings of ``args``
-    (``args=None``: no features, for views that only evaluate f or Q)."""
+    (``args=None``: no features, for views that only evaluate f or Q). ``store_version``: the
+    store format the features are for (older stores keep the factored projector's old sizes)."""
 
     def __init__(
-        self, model: nn.Module, task: AbstractModelOutput, args: Optional[TRAKArguments], device: torch.device
+        self,
+        model: nn.Module,
+        task: AbstractModelOutput,
+        args: Optional[TRAKArguments],
+        device: torch.device,
+        store_version: int = STORE_VERSION,
     ):
         self.model, self.task, self.device = model, task, torch.device(device)
         self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
         self.param_names, self.num_params, self.projector = [], 0, None
+        self.store_version = store_version
         if args is not None:
             self._make_projector(args)
 
@@ -72,8 +80,9 @@ class FeatureMap:
         parameters = dict(model.named_parameters())
         self.num_params = sum(parameters[name].numel() for name in self.param_names)
         if args.projector == "factored":
+            sizing = "fill" if self.store_version >= 3 else "legacy"
             self.projector = FactoredGradientProjector(
-                model, self.param_names, args.proj_dim, args.projector_seed, self.device
+                model, self.param_names, args.proj_dim, args.projector_seed, self.device, sizing=sizing
             )
         else:
             numels = {name: parameters[name].numel() for name in self.param_names}

@@ -11,7 +11,11 @@
 The arguments mirror the Python API: ``--model`` is what ``hf_trak.attribute`` takes (a
 folder, a Hub id or a Trainer ``output_dir`` of ``checkpoint-N`` folders), ``--dataset``
 what ``load_dataset`` takes (or a ``save_to_disk`` folder), ``--processor`` defaults to the
-one saved with the model. Errors a user can fix are printed as one line (exit status 2).
+one saved with the model. Errors are printed as one line, ``hf-trak: error: ...``, with exit
+status 2 for usage (a bad option or setting) and 1 for a failure (bad input, a store that
+does not match, an output that exists, the Hub); ``--debug`` (or ``HF_TRAK_DEBUG=1``) shows
+the traceback instead. Outputs are checked before any work and never overwritten unless
+``--overwrite`` is given.
 """
 
 import argparse
@@ -23,15 +27,28 @@ from typing import List, Optional
 import numpy as np
 
 from .arguments import FEATURIZE_SCOPES, TRAKArguments, add_arguments, parsed_settings
+from .errors import InvalidArgumentError, OutputExistsError
+from .files import check_output
 
 logger = logging.getLogger("hf_trak")
 
-USER_ERRORS = (ValueError, KeyError, OSError, TypeError, RuntimeError)
+DEBUG_VARIABLE = "HF_TRAK_DEBUG"
 # score and top-k read the store's settings; they take the run settings, and the task to build f.
 SCORE_SCOPES, SCORE_NAMES = ("run",), ("task",)
 
 
 # ----------------------------------------------------------------------------- arguments
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", required=True, help="load_dataset name or path, or a save_to_disk folder")
@@ -39,11 +56,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-files", nargs="+", default=None, help="load_dataset data_files")
     group.add_argument("--train-split", default="train")
     group.add_argument("--target-split", default="test")
-    group.add_argument("--max-train-examples", type=int, default=None, help="use the first N train examples")
-    group.add_argument("--max-target-examples", type=int, default=None, help="use the first N targets")
+    group.add_argument("--max-train-examples", type=positive_int, default=None, help="use the first N train examples")
+    group.add_argument("--max-target-examples", type=positive_int, default=None, help="use the first N targets")
     group.add_argument("--text-column", nargs="+", default=None, help="text column(s) (default: the string ones)")
     group.add_argument("--image-column", default=None, help="image column (default: the Image one)")
-    group.add_argument("--max-length", type=int, default=None, help="tokenizer truncation length")
+    group.add_argument("--max-length", type=positive_int, default=None, help="tokenizer truncation length")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -68,9 +85,17 @@ def _add_features_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--from-hub", metavar="REPO_ID", help="a features repo pushed with push")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors as one line, ``hf-trak: error: ...`` (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"hf-trak: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-trak", description="TRAK data attribution for Hugging Face models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (and show tracebacks)")
+    parser = OneLineParser(prog="hf-trak", description="TRAK data attribution for Hugging Face models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     featurize = commands.add_parser("featurize", help="project per-example gradients of the train split")
@@ -87,19 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_arguments(command, required=False)
         _add_data_arguments(command)
         add_arguments(command, SCORE_SCOPES, SCORE_NAMES)
+        command.add_argument(
+            "--train-subset", action="store_true",
+            help="the train split is a subset of the featurized rows (e.g. --max-train-examples): score those",
+        )  # fmt: skip
+        command.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
         if name == "score":
             command.add_argument("--output", default=None, help="also write the scores to this .npy file")
             command.add_argument("--name", default=None, help="name in the store (default: the target split)")
         else:
-            command.add_argument("--k", type=int, default=10)
+            command.add_argument("--k", type=positive_int, default=10)
             command.add_argument("--output", required=True, help="folder for the top-k dataset (save_to_disk)")
             command.add_argument("--report", default=None, help="also write a report (.png or .html)")
 
     report = commands.add_parser("report", help="PNG grid (images) or HTML page (text) of a top-k dataset")
     report.add_argument("--top-k", required=True, help="a folder written by hf-trak top-k")
     report.add_argument("--output", required=True, help="report.png or report.html")
-    report.add_argument("--num-targets", type=int, default=8)
-    report.add_argument("--k", type=int, default=None, help="show the first k of each (default: all)")
+    report.add_argument("--num-targets", type=positive_int, default=8)
+    report.add_argument("--k", type=positive_int, default=None, help="show the first k of each (default: all)")
+    report.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
     push = commands.add_parser("push", help="upload a feature store as a Hub dataset repo")
     push.add_argument("--save-dir", required=True)
@@ -110,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train a small ViT on digits with TRAKHFTrainer and attribute it")
     demo.add_argument("--output-dir", default="trak_demo")
-    demo.add_argument("--num-subsets", type=int, default=24, help="retrained models for the LDS figure")
+    demo.add_argument("--num-subsets", type=positive_int, default=24, help="retrained models for the LDS figure")
     return parser
 
 
@@ -119,6 +150,9 @@ def load_split(args, split: str, limit: Optional[int]):
     """One split of ``--dataset`` (load_dataset, or a save_to_disk folder), its first ``limit`` rows."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
+    from .loading import local_or_hub
+
+    local_or_hub(args.dataset, "dataset")
     if os.path.isdir(args.dataset) and os.path.exists(os.path.join(args.dataset, "dataset_dict.json")):
         splits = load_from_disk(args.dataset)
         if split not in splits:
@@ -190,7 +224,8 @@ def _target_scores(args):
     train, prepared = _prepared_split(args, model, task, processor, args.train_split, args.max_train_examples)
     settings = parsed_settings(args, SCORE_SCOPES)
     traker = TRAKer.from_pretrained(
-        save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, **settings
+        save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, train_subset=args.train_subset,
+        **settings,
     )
     raw_targets, targets = _prepared_split(args, model, task, processor, args.target_split, args.max_target_examples)
     return traker.score(targets), traker, train, raw_targets
@@ -203,7 +238,7 @@ def featurize(args) -> None:
 
     settings = TRAKArguments(**parsed_settings(args, FEATURIZE_SCOPES))  # checked before anything is loaded
     if settings.save_dir is None:
-        raise ValueError("featurize writes a feature store: pass --save-dir.")
+        raise InvalidArgumentError("featurize writes a feature store: pass --save-dir.")
     model, checkpoints = resolve_model(args.model, args.base_model)
     traker = TRAKer(model, args=settings)
     processor = _processor(args, args.model)
@@ -213,28 +248,55 @@ def featurize(args) -> None:
         print(f"Featurized {len(train)} examples at {len(traker.checkpoints)} checkpoint(s) into {args.save_dir}")
 
 
+def _npy_path(path: str) -> str:
+    return path if path.endswith(".npy") else path + ".npy"
+
+
 def score(args) -> None:
+    from .files import save_npy
+    from .store import FeatureStore
+
+    in_store = bool(args.save_dir) and not args.train_subset  # a subset's scores are not the store's rows
+    if args.output:
+        check_output(_npy_path(args.output), args.overwrite)
+    if in_store:
+        path = FeatureStore.load(args.save_dir).scores_path(args.name or args.target_split)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            check_output(path, args.overwrite, option="--name (scores in the store)")
+        except (PermissionError, FileExistsError, NotADirectoryError, FileNotFoundError) as error:
+            if isinstance(error, OutputExistsError):
+                raise
+            raise PermissionError(
+                f"Cannot write scores into {args.save_dir} ({error}): pass --output scores.npy to write them "
+                "elsewhere, or make the store writable."
+            ) from error
+    elif not args.output:
+        raise InvalidArgumentError("Pass --output scores.npy: these scores cannot be kept in the store.")
     scores, traker, _, _ = _target_scores(args)
     if scores is None:
         return
-    if args.save_dir:
-        print(f"Scores {scores.shape} saved to {traker.save_scores(scores, args.name or args.target_split)}")
     if args.output:
-        np.save(args.output, scores)
-        print(f"Scores {scores.shape} written to {args.output}")
+        print(f"Scores {scores.shape} written to {save_npy(args.output, scores)}")
+    if in_store:
+        path = traker.save_scores(scores, args.name or args.target_split, overwrite=args.overwrite)
+        print(f"Scores {scores.shape} saved to {path}")
 
 
 def top_k(args) -> None:
     from .attribute import top_k_dataset
-    from .report import write_report
+    from .files import atomic_folder
+    from .report import check_report_path, write_report
 
-    if os.path.exists(args.output):
-        raise FileExistsError(f"{args.output} exists: choose another --output (nothing was overwritten).")
+    check_output(args.output, args.overwrite)
+    if args.report:
+        check_report_path(args.report)
+        check_output(args.report, args.overwrite, option="--report")
     scores, _, train, raw_targets = _target_scores(args)
     if scores is None:
         return
     top = top_k_dataset(scores, train, raw_targets, args.k)
-    top.save_to_disk(args.output)
+    atomic_folder(args.output, top.save_to_disk, overwrite=args.overwrite)
     print(f"Top-{args.k} proponents and opponents of {scores.shape[1]} targets written to {args.output}")
     if args.report:
         print(f"Report written to {write_report(top, args.report)}")
@@ -243,8 +305,10 @@ def top_k(args) -> None:
 def report(args) -> None:
     from datasets import load_from_disk
 
-    from .report import write_report
+    from .report import check_report_path, write_report
 
+    check_report_path(args.output)
+    check_output(args.output, args.overwrite)
     path = write_report(load_from_disk(args.top_k), args.output, num_targets=args.num_targets, k=args.k)
     print(f"Report written to {path}")
 
@@ -273,10 +337,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         COMMANDS[args.command](args)
-    except USER_ERRORS as error:
-        if args.verbose:
+    except Exception as error:  # one line for every failure; the traceback on request
+        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
-        parser.exit(2, f"hf-trak {args.command}: error: {error}\n")
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, KeyError) and error.args:  # KeyError quotes its message
+            message = str(error.args[0])
+        parser.exit(2 if isinstance(error, InvalidArgumentError) else 1, f"hf-trak: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ from typing import List, Optional
 
 CONFIG_NAME = "trak_config.json"
 # 1: hf_trak 0.1.0. 2: K and XtX kept in float64, λ's scale recorded (lambda_scale), checkpoint
-# fingerprints recorded as featurize loads each checkpoint, PEFT adapter provenance. Version 1
-# stores load and score unchanged (their missing fields take the version-1 values).
-STORE_VERSION = 2
+# fingerprints recorded as featurize loads each checkpoint, PEFT adapter provenance. 3: the
+# train split's row hashes (train_rows.arrow, train_hashes), shard checksums, excluded rows, and
+# the factored projector's sizes filling proj_dim. Older stores load and score unchanged (their
+# missing fields take the old values).
+STORE_VERSION = 3
 
 # Fields that give the features their meaning: scoring with another value is wrong.
 FEATURE_FIELDS = (
@@ -31,7 +33,7 @@ RESUME_FIELDS = FEATURE_FIELDS + (
     "lambda_scale",
     "num_checkpoints",
     "num_train_examples",
-    "train_fingerprint",
+    "train_hashes",
     "shard_size",
 )
 
@@ -45,7 +47,9 @@ class TRAKConfig:
     the differentiated parameters (p = ``num_params`` elements), ``dtype`` the storage
     dtype of the features, ``lambda_reg`` the requested λ (None: derived per checkpoint).
     ``lambda_scale`` gives λ = lambda_scale · tr(XtX)/k when ``lambda_reg`` is None.
-    ``train_fingerprint`` identifies the train split (``datasets`` fingerprint), and
+    ``train_hashes`` identify the train split's rows in order (sha256 per shard of its row
+    hashes, ``hf_trak.provenance``; ``train_fingerprint`` is ``datasets``' fingerprint, for
+    information), ``excluded_rows`` the rows excluded for non-finite values (scores NaN), and
     ``checkpoint_fingerprints[m]`` the weights of checkpoint m (sha256 of its parameters; ""
     until featurize has loaded it);
     ``checkpoint_sources[m]`` says where they came from (a path, or "state_dict").
@@ -79,6 +83,8 @@ class TRAKConfig:
     adapter_config: Optional[dict] = None
     base_model: str = ""
     base_fingerprint: str = ""
+    train_hashes: List[str] = dataclasses.field(default_factory=list)
+    excluded_rows: List[int] = dataclasses.field(default_factory=list)
 
     def to_json_string(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -90,6 +96,8 @@ class TRAKConfig:
     def mismatches(self, other: "TRAKConfig", resume: bool = False) -> List[str]:
         """Human-readable differences in the fields that matter (``resume``: for continuing a run)."""
         fields = RESUME_FIELDS if resume else FEATURE_FIELDS
+        if resume and not self.train_hashes:  # a store written before row hashes: datasets' fingerprint
+            fields = tuple("train_fingerprint" if name == "train_hashes" else name for name in fields)
         found = []
         for name in fields:
             stored, given = getattr(self, name), getattr(other, name)
@@ -99,9 +107,18 @@ class TRAKConfig:
                     for key in sorted(set(stored) | set(given))
                     if stored.get(key) != given.get(key)
                 ]
+            elif name == "train_hashes" and stored != given:
+                found.append(_split_difference(stored, given))
             elif stored != given:
                 found.append(f"{name}: stored {_short(stored)}, given {_short(given)}")
         return found
+
+
+def _split_difference(stored: List[str], given: List[str]) -> str:
+    if len(stored) != len(given):
+        return f"train split: {len(given)} shard(s) of rows given, {len(stored)} stored"
+    shard = next(i for i, (a, b) in enumerate(zip(stored, given)) if a != b)
+    return f"train split: other rows in shard {shard} (shuffled, filtered or re-tokenized?)"
 
 
 def _short(value) -> str:

@@ -12,6 +12,7 @@ TRAK needs a fixed row order), ``batch_size`` rows at a time.
 import inspect
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
@@ -64,6 +65,7 @@ class ExampleSource:
             self._check_columns(data.column_names)
             wanted = [name for name in data.column_names if name in self.keep]
             self._formatted = data.with_format("torch" if data_collator is None else None, columns=wanted)
+            self._numpy = data.with_format("numpy", columns=wanted)
 
     @classmethod
     def for_model(cls, data, model: nn.Module, task, data_collator: Optional[Collator] = None) -> "ExampleSource":
@@ -128,6 +130,29 @@ class ExampleSource:
         """The ``datasets`` fingerprint of the split (what its rows are), or its size if it has none."""
         data = self.data.dataset if self.is_dataloader else self.data
         return getattr(data, "_fingerprint", None) or f"{type(data).__name__}-{len(self)}"
+
+    def rows(self, start: int = 0, stop: Optional[int] = None, chunk_size: int = 1024) -> Iterator[dict]:
+        """Rows ``[start, stop)`` one at a time as ``{column: numpy array}``, unpadded: the values
+        batches are made of (``hf_trak.inputs`` checks and hashes them)."""
+        stop = len(self) if stop is None else stop
+        for begin in range(start, stop, chunk_size):
+            end = min(begin + chunk_size, stop)
+            if self.is_dataloader:
+                for i in range(begin, end):
+                    row = self.data.dataset[i]
+                    if not isinstance(row, Mapping):
+                        raise TypeError(
+                            f"The DataLoader must yield dict batches (column -> tensor); its dataset gives "
+                            f"{type(row).__name__} rows."
+                        )
+                    row = dict(row)
+                    if "label" in row and "labels" not in row:
+                        row["labels"] = row.pop("label")
+                    yield {name: np.asarray(value) for name, value in row.items() if name in self.keep}
+                continue
+            chunk = self._numpy[begin:end]
+            for i in range(end - begin):
+                yield {name: np.asarray(values[i]) for name, values in chunk.items()}
 
     def batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
         """Batches of tensors of rows ``[start, stop)``, in dataset order (a DataLoader: its own batch size)."""

@@ -20,9 +20,10 @@ Rademacher with entries ±1/√k (E[P Pᵀ] = I), or the identity where a side i
 than its target size, so E⟨P_rᵀ A P_c, P_rᵀ B P_c⟩ = ⟨A, B⟩ for every layer; features
 are scaled by √proj_dim to keep the dense projector's convention E⟨Pᵀa, Pᵀb⟩ = k⟨a, b⟩.
 
-Per-layer sizes: matrix l (r × c) gets a share b_l = proj_dim · rc / p of the dimensions
-(p: all differentiated elements), split as k_r ≈ √(b_l r/c), k_c ≈ b_l / k_r, so the
-total is at most ``proj_dim``. LDS against the dense projector on the same parameters
+Per-layer sizes: matrix l (r × c) gets a share b_l ∝ rc of the dimensions (at least one;
+p: all differentiated elements), split as k_r ≈ √(b_l r/c), k_c ≈ b_l / k_r; what flooring
+leaves is added so that the total is ``proj_dim`` (``_filled_sizes``; stores before
+version 3 keep their sizes, at most ``proj_dim``). LDS against the dense projector on the same parameters
 (``benchmarks/lds_digits.py``, ``benchmarks/lds_text.py``, mean ± std over seeds): digits
 0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024; text 0.212 ±
 0.014 vs 0.217 ± 0.001 at k = 1024 but 0.186 vs 0.260 at k = 256, where each layer gets
@@ -34,6 +35,7 @@ dimensions in one dense block.
 The model output function must return Σ_i f(z_i) when given a batch (the shipped ones do).
 """
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -42,9 +44,12 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import InvalidArgumentError
 from .gradients import PerExampleGradients
 from .model_outputs import AbstractModelOutput
 from .projectors import IdentityProjector, RandomProjector, seeded_generator
+
+logger = logging.getLogger(__name__)
 
 FACTORABLE = (nn.Linear, Conv1D, nn.Embedding)
 
@@ -96,6 +101,7 @@ class FactoredGradientProjector:
         seed: projection seed; checkpoint ``model_id`` gets independent factors.
         device: where the factors live.
         kind: ``"rademacher"``, or ``"identity"`` (all factors identity: the exact gradients).
+        sizing: ``"fill"`` (sizes summing to ``proj_dim``) or ``"legacy"`` (stores before version 3).
     """
 
     def __init__(
@@ -106,8 +112,9 @@ class FactoredGradientProjector:
         seed: int,
         device: torch.device,
         kind: str = "rademacher",
+        sizing: str = "fill",
     ):
-        self.model, self.seed, self.kind = model, seed, kind
+        self.model, self.seed, self.kind, self.sizing = model, seed, kind, sizing
         self.device = torch.device(device)
         parameters = dict(model.named_parameters())
         names_by_id = {id(parameter): name for name, parameter in parameters.items()}
@@ -136,36 +143,98 @@ class FactoredGradientProjector:
 
     def _size_targets(self, proj_dim: int, fallback: List[str], parameters: Mapping[str, nn.Parameter]) -> None:
         """Give each matrix a share of ``proj_dim`` proportional to its size, split k_r:k_c as r:c."""
-        fallback_numel = sum(parameters[n].numel() for n in fallback)
-        total_numel = sum(t.rows * t.cols for t in self.targets) + fallback_numel
+        if self.kind == "identity":
+            for target in self.targets:
+                target.k_rows, target.k_cols = target.rows, target.cols
+            fallback_dim = None
+        elif self.sizing == "legacy":
+            fallback_dim = self._legacy_sizes(proj_dim, fallback, parameters)
+        else:
+            fallback_dim = self._filled_sizes(proj_dim, fallback, parameters)
         offset = 0
         for target in self.targets:
-            if self.kind == "identity":
-                target.k_rows, target.k_cols = target.rows, target.cols
-            else:
-                budget = max(1.0, proj_dim * target.rows * target.cols / total_numel)
-                k_rows = int(math.sqrt(budget * target.rows / target.cols))
-                target.k_rows = max(1, min(target.rows, k_rows, int(budget)))
-                target.k_cols = max(1, min(target.cols, int(budget // target.k_rows)))
             target.offset = offset
             offset += target.size
         self.fallback_offset = offset
         self.fallback_projector = None
         if fallback:
             numels = {name: parameters[name].numel() for name in fallback}
-            k = max(1, int(proj_dim * fallback_numel / total_numel))
             self.fallback_projector = (
                 IdentityProjector(numels, self.device)
                 if self.kind == "identity"
-                else RandomProjector(numels, k, "rademacher", self.seed, self.device)
+                else RandomProjector(numels, fallback_dim, "rademacher", self.seed, self.device)
             )
             offset += self.fallback_projector.proj_dim
         if self.kind != "identity" and offset > proj_dim:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"proj_dim={proj_dim} is too small for {len(self.targets)} factored matrices "
                 f"(each needs at least one dimension); use proj_dim >= {offset}."
             )
+        if self.kind != "identity" and self.sizing == "fill" and offset < proj_dim:
+            logger.warning(
+                "The factored projector gives k=%d features for proj_dim=%d: every projected matrix has its full "
+                "size (k_rows = rows, k_cols = cols) or no step of k_rows or k_cols fits the rest.", offset, proj_dim
+            )
         self.proj_dim = offset
+
+    def _legacy_sizes(self, proj_dim: int, fallback: List[str], parameters) -> int:
+        """Sizes of stores before version 3 (total at most proj_dim, often below): b_l = max(1, proj_dim·rc/p)."""
+        fallback_numel = sum(parameters[n].numel() for n in fallback)
+        total_numel = sum(t.rows * t.cols for t in self.targets) + fallback_numel
+        for target in self.targets:
+            budget = max(1.0, proj_dim * target.rows * target.cols / total_numel)
+            k_rows = int(math.sqrt(budget * target.rows / target.cols))
+            target.k_rows = max(1, min(target.rows, k_rows, int(budget)))
+            target.k_cols = max(1, min(target.cols, int(budget // target.k_rows)))
+        return max(1, int(proj_dim * fallback_numel / total_numel))
+
+    def _filled_sizes(self, proj_dim: int, fallback: List[str], parameters) -> int:
+        """Sizes summing to ``proj_dim``: each matrix (and the dense fallback block) gets at least one
+        dimension and otherwise a share b_l ∝ r·c of the rest (water-filling), k_r ≈ √(b_l r/c), k_c =
+        ⌊b_l/k_r⌋; what flooring leaves goes to the fallback block, else one row or column at a time to
+        the matrices that can take it. Returns the fallback block's size."""
+        sizes = [t.rows * t.cols for t in self.targets] + ([sum(parameters[n].numel() for n in fallback)] if fallback else [])
+        minimum = len(sizes)
+        if proj_dim < minimum:
+            raise InvalidArgumentError(
+                f"proj_dim={proj_dim} is too small for {minimum} factored blocks (one dimension each): "
+                f"use proj_dim >= {minimum}."
+            )
+        budgets, floor = [0.0] * len(sizes), set()
+        while True:  # blocks whose proportional share is below 1 get exactly 1
+            free = [i for i in range(len(sizes)) if i not in floor]
+            rest = proj_dim - len(floor)
+            total = sum(sizes[i] for i in free)
+            small = [i for i in free if rest * sizes[i] / total < 1]
+            if not small:
+                break
+            floor.update(small)
+        for i in range(len(sizes)):
+            budgets[i] = 1.0 if i in floor else rest * sizes[i] / total
+        for target, budget in zip(self.targets, budgets):
+            k_rows = int(math.sqrt(budget * target.rows / target.cols))
+            target.k_rows = max(1, min(target.rows, k_rows, int(budget)))
+            target.k_cols = max(1, min(target.cols, int(budget // target.k_rows)))
+        fallback_dim = max(1, int(budgets[-1])) if fallback else 0
+        left = proj_dim - sum(t.size for t in self.targets) - fallback_dim
+        if fallback:
+            return fallback_dim + left
+        by_size = sorted(self.targets, key=lambda t: -t.rows * t.cols)
+        progress = True
+        while left > 0 and progress:
+            progress = False
+            for target in by_size:
+                if target.k_cols < target.cols and target.k_rows <= left:
+                    target.k_cols += 1
+                    left -= target.k_rows
+                    progress = True
+                elif target.k_rows < target.rows and target.k_cols <= left:
+                    target.k_rows += 1
+                    left -= target.k_cols
+                    progress = True
+                if left == 0:
+                    break
+        return fallback_dim
 
     # ----------------------------------------------------------------- factors
     def factor(self, model_id: int, target: _Target, side: str) -> Tensor:

@@ -11,8 +11,13 @@ For checkpoint m, loaded once (``FeatureMap.at``):
 3. XᵀX_m = Σ_shards X_sᵀX_s (float64) is summed over processes (a k × k all-reduce: no
    features travel) and the main process writes λ_m and K_m (``hf_trak.kernel``).
 
-Settings, train split and shard layout are checked for the whole store before anything is
-written; a shard only appears once complete, so a killed run resumes where it stopped.
+Every row of the train split is checked and hashed first (``hf_trak.inputs``), so bad
+input fails before anything is written; settings, train rows and shard layout are checked
+against an existing store before anything is computed. A shard only appears once complete,
+so a killed run resumes where it stopped; a resume redoes shards and kernels that do not
+read back as written. With ``on_nonfinite="exclude"``, a row whose inputs, features or Q
+are not finite gets features 0 (so XᵀX is that of the other rows) and Q = NaN (so its
+scores are NaN), and is listed in the config's ``excluded_rows``.
 """
 
 import dataclasses
@@ -21,6 +26,7 @@ import os
 import shutil
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
@@ -31,7 +37,10 @@ from .checkpoint_view import CheckpointView, FeatureMap
 from .checkpoints import Checkpoint, checkpoint_source
 from .config import TRAKConfig
 from .data import ExampleSource
+from .errors import InvalidInputError, OutputExistsError
+from .inputs import scan_split
 from .kernel import gram, regularized_inverse, resolve_lambda
+from .provenance import first_difference, shard_hashes
 from .store import FeatureStore, as_tensor
 
 logger = logging.getLogger(__name__)
@@ -48,34 +57,74 @@ def featurize_store(
     batch_size: int,
     overwrite: bool,
     sample_train_batch: Callable[[int, int], dict],
+    on_nonfinite: str = "error",
 ) -> FeatureStore:
     """Write (or complete) the store of ``source``'s features at ``checkpoints``; returns it."""
     if not checkpoints:
         raise ValueError("featurize needs at least one checkpoint (a state dict, model or save_pretrained folder).")
     if state.num_processes > 1 and save_dir is None:
         raise ValueError("save_dir is required with several processes: they share the feature store.")
+    scan = scan_split(source, feature_map.task, feature_map.model, "train", on_nonfinite, state.is_main_process)
     config = dataclasses.replace(
         config,
         num_checkpoints=len(checkpoints),
         num_train_examples=len(source),
         train_fingerprint=source.fingerprint,
+        train_hashes=shard_hashes(scan.row_hashes, _shard_ranges(len(source), config.shard_size)),
+        excluded_rows=scan.nonfinite_rows,
         checkpoint_fingerprints=[""] * len(checkpoints),
         checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
     )
+    _check_resumed_rows(save_dir, scan.row_hashes, overwrite)
     FeatureStore.validate(save_dir, config, overwrite)  # every process refuses alike, before any write
     store = FeatureStore.create_or_resume(save_dir, config, overwrite=overwrite) if state.is_main_process else None
+    if store is not None and store.row_hashes() is None:
+        store.save_row_hashes(scan.row_hashes)
     state.wait_for_everyone()
     store = store or FeatureStore.load(save_dir)
     recorded = list(store.config.checkpoint_fingerprints)  # as found: every process decides alike
+    excluded = set(scan.nonfinite_rows)
     for model_id, checkpoint in enumerate(checkpoints):
         view = feature_map.at(checkpoint, model_id, sample_train_batch)
         _record_fingerprint(store, view, recorded[model_id], checkpoint, state, overwrite)
-        _write_missing_shards(store, view, source, state, storage_dtype, batch_size)
+        _write_missing_shards(store, view, source, state, storage_dtype, batch_size, on_nonfinite, excluded)
         _write_kernel(store, model_id, feature_map.dim, feature_map.device, state)
     if state.is_main_process:
+        if on_nonfinite == "exclude":
+            _record_excluded_rows(store)
         write_dataset_card(store)
     state.wait_for_everyone()
-    return store
+    return store if state.is_main_process else FeatureStore.load(save_dir)  # with what the main process recorded
+
+
+def _shard_ranges(num_rows: int, shard_size: int):
+    return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
+
+
+def _check_resumed_rows(save_dir: Optional[str], row_hashes, overwrite: bool) -> None:
+    """Refuse to resume a store made from other train rows, naming the first differing row."""
+    if save_dir is None or overwrite or not os.path.isfile(os.path.join(save_dir, "trak_config.json")):
+        return
+    existing = FeatureStore.load(save_dir)
+    stored = existing.row_hashes()
+    if stored is None or not FeatureStore._holds_work(save_dir):
+        return
+    row = first_difference(stored, row_hashes)
+    if row is not None:
+        raise OutputExistsError(
+            f"{save_dir} holds features of another train split: {len(row_hashes)} rows given, {len(stored)} stored, "
+            f"first differing row {row}. Pass the split it was made from (same rows, same order), another "
+            "save_dir, or overwrite=True to delete them."
+        )
+
+
+def _record_excluded_rows(store: FeatureStore) -> None:
+    """The rows whose Q is NaN at some checkpoint (excluded for non-finite values), in the config."""
+    rows = set(store.config.excluded_rows)
+    for model_id in range(store.config.num_checkpoints):
+        for start, _, out_to_loss in store.shards(model_id):
+            rows.update((start + np.flatnonzero(np.isnan(out_to_loss))).tolist())
+    store.record_excluded_rows(sorted(rows))
 
 
 def _record_fingerprint(store, view: CheckpointView, recorded: str, checkpoint, state, overwrite: bool) -> None:
@@ -97,7 +146,13 @@ def _record_fingerprint(store, view: CheckpointView, recorded: str, checkpoint, 
     state.wait_for_everyone()
 
 
-def _write_missing_shards(store, view: CheckpointView, source, state, storage_dtype, batch_size: int) -> None:
+def _write_missing_shards(
+    store, view: CheckpointView, source, state, storage_dtype, batch_size: int, on_nonfinite: str, excluded: set
+) -> None:
+    if state.is_main_process:  # corrupt shards are reported and deleted, once
+        for start, stop in store.shard_ranges():
+            store.has_valid_shard(view.model_id, start, stop)
+    state.wait_for_everyone()
     missing = [(a, b) for a, b in store.shard_ranges() if not store.has_shard(view.model_id, a, b)]
     state.wait_for_everyone()  # every process has the same list before any shard is written
     with state.split_between_processes(missing) as mine:
@@ -111,8 +166,11 @@ def _write_missing_shards(store, view: CheckpointView, source, state, storage_dt
                 features, out_to_loss = [], []
                 for batch in source.batches(batch_size, start, stop):
                     projected, prepared = view.features(batch)
+                    q = view.out_to_loss(prepared).float()
+                    offset = start + sum(len(block) for block in features)
+                    projected, q = _finite_rows(projected, q, offset, view.model_id, on_nonfinite, excluded)
                     features.append(projected.to(storage_dtype).cpu())
-                    out_to_loss.append(view.out_to_loss(prepared).float().cpu())
+                    out_to_loss.append(q.cpu())
                     bar.update(len(projected))
                 features = torch.cat(features)
                 if len(features) != stop - start:
@@ -124,8 +182,32 @@ def _write_missing_shards(store, view: CheckpointView, source, state, storage_dt
     state.wait_for_everyone()
 
 
+def _finite_rows(features, q, offset: int, model_id: int, on_nonfinite: str, excluded: set):
+    """``(features, Q)`` of a batch of rows from ``offset``, its non-finite rows refused or excluded
+    (features 0, Q NaN)."""
+    bad = ~torch.isfinite(features).all(dim=1) | ~torch.isfinite(q)
+    for row in excluded.intersection(range(offset, offset + len(q))):
+        bad[row - offset] = True
+    if not bad.any():
+        return features, q
+    rows = (offset + torch.nonzero(bad).reshape(-1)).tolist()
+    if on_nonfinite == "error":
+        raise InvalidInputError(
+            f"Row {rows[0]} of the train split has non-finite gradients or Q at checkpoint {model_id} (NaN/inf): "
+            "check that row and the checkpoint's weights, or pass on_nonfinite='exclude' (hf-trak: "
+            "--on-nonfinite exclude) to give it NaN scores."
+        )
+    logger.warning("Checkpoint %d: excluding train row(s) %s (non-finite inputs, gradients or Q).", model_id, rows)
+    features, q = features.clone(), q.clone()
+    features[bad], q[bad] = 0.0, float("nan")
+    return features, q
+
+
 def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: PartialState) -> None:
     """XᵀX_m over every shard (each process sums its share; one k × k all-reduce), then λ_m and K_m."""
+    if state.is_main_process:
+        store.has_valid_kernel(model_id)  # a corrupt K_m is reported and deleted, to be redone
+    state.wait_for_everyone()
     if store.has_kernel(model_id):
         return
     xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)

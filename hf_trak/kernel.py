@@ -34,6 +34,7 @@ to the scale of the gradients. ``benchmarks/lds_digits.py`` sweeps the scale on 
 0.1 is the best compromise across k.
 """
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -81,7 +82,10 @@ def score_block(phis: Sequence[Tensor], target_features: Sequence[Tensor], out_t
 def merge_top_k(
     best: Optional[Tuple[Tensor, Tensor]], scores: Tensor, row_offset: int, k: int, largest: bool
 ) -> Tuple[Tensor, Tensor]:
-    """Running top-k over train rows: merge ``scores`` (rows × b) into ``best`` = (values, indices), each (k' × b)."""
+    """Running top-k over train rows: merge ``scores`` (rows × b) into ``best`` = (values, indices), each (k' × b).
+
+    NaN scores (rows excluded for non-finite values) rank last either way."""
+    scores = scores.nan_to_num(nan=-math.inf if largest else math.inf, posinf=math.inf, neginf=-math.inf)
     indices = torch.arange(row_offset, row_offset + scores.shape[0], device=scores.device)[:, None].expand_as(scores)
     if best is not None:
         scores = torch.cat([best[0], scores])

@@ -23,12 +23,34 @@ CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 ModelOrCheckpoints = Union[nn.Module, str, os.PathLike, Sequence[Checkpoint]]
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a Hub id (``org/name``): it starts with
+    ``.``, ``~`` or ``/``, holds a backslash or more than one ``/``, or its parent folder exists."""
+    if name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1:
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def local_or_hub(name_or_path: Union[str, os.PathLike], what: str = "model") -> str:
+    """``name_or_path`` (``~`` expanded), refusing at once a local path that does not exist (instead of
+    trying it as a Hub id, with retries)."""
+    name = os.path.expanduser(os.fspath(name_or_path))
+    if not os.path.exists(name) and looks_like_local_path(os.fspath(name_or_path)):
+        raise FileNotFoundError(f"The {what} {os.fspath(name_or_path)!r} does not exist (no such file or folder).")
+    return name
+
+
 def load_model(name_or_path: str, base_model: Optional[str] = None, **kwargs) -> PreTrainedModel:
     """The model of a ``save_pretrained`` folder or Hub repo, with the head its config names.
 
     A PEFT adapter folder gives its ``PeftModel``, on ``base_model`` or the base its config names.
     """
     import transformers
+
+    name_or_path = local_or_hub(name_or_path)
+    if base_model is not None:
+        base_model = local_or_hub(base_model, "base model")
 
     if is_adapter_folder(name_or_path):
         return load_adapter_model(name_or_path, base_model)
@@ -63,7 +85,7 @@ def resolve_model(
     if isinstance(model_or_checkpoints, nn.Module):
         return model_or_checkpoints, [model_or_checkpoints]
     if isinstance(model_or_checkpoints, (str, os.PathLike)):
-        path = os.fspath(model_or_checkpoints)
+        path = local_or_hub(model_or_checkpoints)
         folders = trainer_checkpoints(path)
         if folders:
             return resolve_model(folders, base_model)
@@ -73,7 +95,7 @@ def resolve_model(
     if not checkpoints:
         raise ValueError("No checkpoints given: pass a model, a model folder, or a list of checkpoint folders.")
     models = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, nn.Module)]
-    paths = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, (str, os.PathLike))]
+    paths = [local_or_hub(c, "checkpoint") for c in checkpoints if isinstance(c, (str, os.PathLike))]
     if not models and not paths:
         raise ValueError("With state dicts as checkpoints, pass the model itself to TRAKer instead.")
     return (models[-1] if models else load_model(os.fspath(paths[-1]), base_model)), checkpoints
@@ -81,6 +103,7 @@ def resolve_model(
 
 def load_processor(name_or_path: str):
     """The processor saved with a model (multimodal, tokenizer or image processor), or None."""
+    name_or_path = local_or_hub(name_or_path, "processor")
     for auto in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
         try:
             return auto.from_pretrained(name_or_path)

@@ -20,12 +20,22 @@ import contextlib
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 Batch = Mapping[str, Tensor]
+
+
+class LabelSpace(NamedTuple):
+    """Labels a head accepts: integers in [0, size), or ``ignore_index`` (positions without a label).
+    ``size_name`` is the config attribute giving ``size``; ``noun`` what one label is."""
+
+    size: int
+    ignore_index: Optional[int]
+    size_name: str
+    noun: str
 
 
 def call_model(model: nn.Module, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor], inputs: Batch):
@@ -95,6 +105,11 @@ class AbstractModelOutput(ABC):
         """JSON-serialisable settings that change f or Q (recorded with stored features)."""
         return {}
 
+    def label_space(self, model: nn.Module) -> Optional[LabelSpace]:
+        """The values ``labels`` may take for ``model`` (checked on every row before compute), or None:
+        not checked (the default, for custom tasks)."""
+        return None
+
 
 class ClassificationModelOutput(AbstractModelOutput):
     """Multiclass margin, for single-label classification heads.
@@ -126,6 +141,10 @@ class ClassificationModelOutput(AbstractModelOutput):
                 "AbstractModelOutput with a model output function for your loss, or set "
                 "config.problem_type='single_label_classification' if the model is trained with cross-entropy."
             )
+
+    def label_space(self, model: nn.Module) -> Optional[LabelSpace]:
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        return LabelSpace(num_labels, None, "num_labels", "class of the model's head") if num_labels else None
 
     @staticmethod
     def _is_label(logits: Tensor, labels: Tensor) -> Tensor:
@@ -183,6 +202,10 @@ class CausalLMModelOutput(AbstractModelOutput):
     def get_out_to_loss_grad(self, model, weights, buffers, batch) -> Tensor:
         logits = _logits(call_model(model, weights, buffers, without_labels(batch)))
         return (1.0 - self._sequence_log_prob(logits, batch["labels"]).exp()).detach()
+
+    def label_space(self, model: nn.Module) -> Optional[LabelSpace]:
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        return LabelSpace(vocab_size, -100, "vocab_size", "token id of the vocabulary") if vocab_size else None
 
     @staticmethod
     def _sequence_log_prob(logits: Tensor, labels: Tensor) -> Tensor:

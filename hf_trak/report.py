@@ -16,6 +16,8 @@ from datasets import ClassLabel, Dataset, Image
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
+from .errors import InvalidArgumentError
+from .files import atomic_write, write_text
 from .processing import LABEL_COLUMNS, is_text
 
 META_COLUMNS = ("target", "kind", "rank", "train_index", "score")
@@ -156,8 +158,7 @@ def write_image_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optio
                 row = top_k[int(row_index)]
                 lines = [f"{row['score']:+.4f} #{row['train_index']}", _caption(top_k, row, "", text, label)]
                 grid.paste(_cell(to_pil(row[column]), lines, color, font), (offset + slot * CELL, top))
-    grid.save(path)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
@@ -187,16 +188,19 @@ def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Option
             }
         )
     page = jinja2.Environment(autoescape=True).from_string(HTML_TEMPLATE).render(targets=targets)
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(page)
-    return path
+    return write_text(path, page)
+
+
+def check_report_path(path: str) -> str:
+    """The report kind ``path``'s suffix names: "png" or "html" (else ``InvalidArgumentError``)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".png", ".html", ".htm"):
+        raise InvalidArgumentError(f"Report path {path!r} must end in .png (images) or .html (text).")
+    return "png" if suffix == ".png" else "html"
 
 
 def write_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
     """A ``.png`` grid (image examples) or ``.html`` page (text examples), chosen by ``path``'s suffix."""
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".png":
+    if check_report_path(path) == "png":
         return write_image_report(top_k, path, num_targets, k)
-    if suffix in (".html", ".htm"):
-        return write_text_report(top_k, path, num_targets, k)
-    raise ValueError(f"Report path {path!r} must end in .png (images) or .html (text).")
+    return write_text_report(top_k, path, num_targets, k)

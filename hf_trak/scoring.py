@@ -13,6 +13,7 @@ With several processes each scores a contiguous share of the targets and the mai
 gathers the shares (``gather_to_main``).
 """
 
+import math
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint_view import FeatureMap
 from .checkpoints import Checkpoint
 from .data import ExampleSource
+from .errors import InvalidInputError
 from .kernel import merge_top_k, preconditioned, score_block
 from .store import FeatureStore, as_tensor
 
@@ -43,8 +45,11 @@ def target_features(
     batch_size: int,
     sample_train_batch: Optional[Callable[[int, int], dict]] = None,
     show_progress: bool = True,
+    on_nonfinite: str = "error",
 ) -> List[Tensor]:
-    """[T_m for each checkpoint]: features of targets ``rows`` of ``source``, each (len(rows), k) float32, CPU."""
+    """[T_m for each checkpoint]: features of targets ``rows`` of ``source``, each (len(rows), k) float32, CPU.
+
+    A target whose features are not finite is refused (``on_nonfinite="error"``) or kept: its scores are NaN."""
     features = []
     with tqdm(
         total=len(rows) * len(checkpoints), desc="Featurizing targets", disable=None if show_progress else True
@@ -53,7 +58,14 @@ def target_features(
             view = feature_map.at(checkpoint, model_id, sample_train_batch)
             blocks = [torch.empty(0, feature_map.dim)]
             for batch in source.batches(batch_size, rows.start, rows.stop):
+                offset = rows.start + sum(len(block) for block in blocks)
                 blocks.append(view.features(batch)[0].cpu())
+                bad = torch.nonzero(~torch.isfinite(blocks[-1]).all(dim=1)).reshape(-1)
+                if len(bad) and on_nonfinite == "error":
+                    raise InvalidInputError(
+                        f"Target row {offset + int(bad[0])} has non-finite gradients at checkpoint {model_id} "
+                        "(NaN/inf): check that row, or pass on_nonfinite='exclude' to give it NaN scores."
+                    )
                 bar.update(len(blocks[-1]))
             features.append(torch.cat(blocks))
     return features
@@ -102,15 +114,31 @@ def top_k(
     k: int,
     largest: bool,
     show_progress: bool = True,
+    train_rows: Optional[np.ndarray] = None,
 ) -> TopK:
-    """The ``k`` train rows with the largest (or smallest) score of each target, merged shard by shard."""
-    k = min(k, store.config.num_train_examples)
+    """The ``k`` train rows with the largest (or smallest) score of each target, merged shard by shard.
+
+    ``train_rows``: only these stored rows compete, and indices are positions in ``train_rows``."""
+    n = store.config.num_train_examples
+    k = min(k, n if train_rows is None else len(train_rows))
+    allowed = None
+    if train_rows is not None:
+        allowed = torch.zeros(n, dtype=torch.bool)
+        allowed[torch.from_numpy(np.asarray(train_rows))] = True
     best = {}
     for start, offset, block in shard_scores(store, targets, device, target_block_size, show_progress):
+        if allowed is not None:
+            outside = ~allowed[start : start + block.shape[0]].to(block.device)
+            block[outside] = -math.inf if largest else math.inf
         best[offset] = merge_top_k(best.get(offset), block, start, k, largest)
     indices = [best[offset][1].T.cpu().numpy() for offset in sorted(best)] or [np.empty((0, k), np.int64)]
     values = [best[offset][0].T.cpu().numpy() for offset in sorted(best)] or [np.empty((0, k), np.float32)]
-    return TopK(np.concatenate(indices), np.concatenate(values))
+    indices = np.concatenate(indices)
+    if train_rows is not None:  # stored row -> its position in train_rows
+        position = np.full(n, -1, dtype=np.int64)
+        position[np.asarray(train_rows)[::-1]] = np.arange(len(train_rows))[::-1]
+        indices = position[indices]
+    return TopK(indices, np.concatenate(values))
 
 
 def gather_to_main(state: PartialState, value):

@@ -3,6 +3,7 @@
 Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")`` works)::
 
     trak_config.json                        TRAKConfig: model, task, projection, parameters, train set
+    train_rows.arrow                        index, row_hash (uint64): the featurized split's rows (provenance)
     README.md                               dataset card (model_cards/trak_features_card.md)
     checkpoint-<m>/features-<start>-<stop>.arrow   rows [start, stop): index (int64),
                                             features (fixed-size list of float16/32: x_i = P_mᵀg_i/√p),
@@ -11,9 +12,12 @@ Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")``
     scores/<name>.arrow                     target_index (int64), scores (fixed-size list of float32, n)
 
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
-write any shard and a run can resume by skipping complete ones. A shard is written to a
-hidden temporary file and renamed, so it is only visible once complete. Arrow IPC files
-are read memory-mapped, zero-copy, into numpy. Nothing is pickled.
+write any shard and a run can resume by skipping complete ones. Every file is written to a
+hidden temporary file and renamed (with the umask's permissions), so it is only visible once
+complete. A shard records its row count and the CRC-32 of its columns in its schema
+metadata: a resume redoes a shard that does not match (with a warning naming it) and
+scoring refuses it (``CorruptStoreError``). Arrow IPC files are read memory-mapped,
+zero-copy, into numpy. Nothing is pickled.
 """
 
 import dataclasses
@@ -23,7 +27,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+import zlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,24 +36,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, TRAKConfig
+from .errors import CorruptStoreError, OutputExistsError
+from .files import atomic_write, write_text
 
 logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = re.compile(r"features-(\d+)-(\d+)\.arrow$")
 KERNEL_NAME = "kernel.safetensors"
-
-
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)``, then rename to ``path``: readers never see a partial file."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as file:
-        file.write(text)
+ROW_HASHES_NAME = "train_rows.arrow"
+ROWS_KEY, CHECKSUM_KEY = b"hf_trak.rows", b"hf_trak.crc32"
 
 
 def _read_table(path: str) -> pa.Table:
@@ -69,15 +65,24 @@ def fixed_size_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
-def write_arrow(path: str, columns: Dict[str, pa.Array]) -> None:
+def _checksum(arrays: Sequence[np.ndarray]) -> int:
+    crc = 0
+    for array in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), crc)
+    return crc
+
+
+def write_arrow(path: str, columns: Dict[str, pa.Array], metadata: Optional[dict] = None) -> None:
     """Write one record batch of ``columns`` as an Arrow IPC file, atomically."""
     table = pa.table(columns)
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
 
     def write(tmp):
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
@@ -102,19 +107,32 @@ class FeatureStore:
 
     @classmethod
     def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> Optional[List[str]]:
-        """How the store at ``root`` differs from ``config`` for resuming (None: there is no store).
+        """How the store at ``root`` differs from ``config`` for resuming (None: there is no store, or one
+        holding no computed file yet, which a rerun simply replaces).
 
-        Raises, writing nothing, if it differs and ``overwrite`` is False.
+        Raises ``OutputExistsError``, writing nothing, if it differs and ``overwrite`` is False.
         """
         if root is None or not os.path.isfile(os.path.join(root, CONFIG_NAME)):
             return None
         mismatches = cls.load(root).config.mismatches(config, resume=True)
+        if mismatches and not cls._holds_work(root):
+            logger.info("Replacing the settings of %s, which holds no features yet.", root)
+            return None
         if mismatches and not overwrite:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{root} holds features made with other settings ({'; '.join(mismatches)}). Choose another "
                 "save_dir, or pass overwrite=True to delete them."
             )
         return mismatches
+
+    @staticmethod
+    def _holds_work(root: str) -> bool:
+        """Whether ``root`` holds a shard, kernel or scores (anything computed)."""
+        for _, _, names in os.walk(root):
+            if any(SHARD_PATTERN.search(name) or name in (KERNEL_NAME,) or name.endswith(".arrow") for name in names
+                   if not name.startswith(".") and name != ROW_HASHES_NAME):  # fmt: skip
+                return True
+        return False
 
     @classmethod
     def create_or_resume(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> "FeatureStore":
@@ -124,9 +142,7 @@ class FeatureStore:
         """
         if root is None:
             temporary = tempfile.TemporaryDirectory(prefix="hf_trak-")
-            _atomic_write(
-                os.path.join(temporary.name, CONFIG_NAME), lambda tmp: _write_text(tmp, config.to_json_string())
-            )
+            write_text(os.path.join(temporary.name, CONFIG_NAME), config.to_json_string())
             return cls(temporary.name, config, temporary)
         mismatches = cls.validate(root, config, overwrite)
         if mismatches == []:
@@ -136,7 +152,7 @@ class FeatureStore:
             logger.warning("Deleting the features in %s (overwrite=True).", root)
             shutil.rmtree(root)
         os.makedirs(root, exist_ok=True)
-        _atomic_write(os.path.join(root, CONFIG_NAME), lambda tmp: _write_text(tmp, config.to_json_string()))
+        write_text(os.path.join(root, CONFIG_NAME), config.to_json_string())
         return cls(root, config)
 
     def checkpoint_dir(self, model_id: int) -> str:
@@ -154,25 +170,52 @@ class FeatureStore:
         return os.path.isfile(self.shard_path(model_id, start, stop))
 
     def write_shard(self, model_id: int, start: int, features: np.ndarray, out_to_loss: np.ndarray) -> None:
-        """Rows ``[start, start + len(features))`` of checkpoint ``model_id``."""
+        """Rows ``[start, start + len(features))`` of checkpoint ``model_id``, with their row count and CRC-32."""
         stop = start + len(features)
+        features = np.ascontiguousarray(features)
+        out_to_loss = np.asarray(out_to_loss, dtype=np.float32)
         os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
         write_arrow(
             self.shard_path(model_id, start, stop),
             {
                 "index": pa.array(np.arange(start, stop, dtype=np.int64)),
                 "features": fixed_size_list(features),
-                "out_to_loss": pa.array(np.asarray(out_to_loss, dtype=np.float32)),
+                "out_to_loss": pa.array(out_to_loss),
             },
+            metadata={ROWS_KEY: str(stop - start), CHECKSUM_KEY: str(_checksum([features, out_to_loss]))},
         )
 
     def shard(self, model_id: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(features (rows, k) zero-copy view, out_to_loss (rows,))`` of rows ``[start, stop)``."""
+        """``(features (rows, k) zero-copy view, out_to_loss (rows,))`` of rows ``[start, stop)``, checked
+        against the row count and checksum recorded when it was written (``CorruptStoreError`` names it)."""
         path = self.shard_path(model_id, start, stop)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Shard {path} is missing: run featurize again to complete the store.")
-        table = _read_table(path)
-        return fixed_size_list_to_numpy(table.column("features")), table.column("out_to_loss").to_numpy()
+        fix = "run featurize again with the same arguments to redo it"
+        try:
+            table = _read_table(path)
+            features = fixed_size_list_to_numpy(table.column("features"))
+            out_to_loss = table.column("out_to_loss").to_numpy()
+        except (pa.ArrowException, OSError, KeyError, ValueError) as error:
+            raise CorruptStoreError(f"Shard {path} is corrupt ({error}): {fix}.") from error
+        metadata = table.schema.metadata or {}
+        if len(features) != stop - start or (ROWS_KEY in metadata and int(metadata[ROWS_KEY]) != stop - start):
+            raise CorruptStoreError(f"Shard {path} holds {len(features)} rows, not {stop - start}: {fix}.")
+        if CHECKSUM_KEY in metadata and int(metadata[CHECKSUM_KEY]) != _checksum([features, out_to_loss]):
+            raise CorruptStoreError(f"Shard {path} does not match its checksum (altered after writing): {fix}.")
+        return features, out_to_loss
+
+    def has_valid_shard(self, model_id: int, start: int, stop: int) -> bool:
+        """Whether the shard exists and reads back as written (a corrupt one is reported and deleted)."""
+        if not self.has_shard(model_id, start, stop):
+            return False
+        try:
+            self.shard(model_id, start, stop)
+            return True
+        except CorruptStoreError as error:
+            logger.warning("%s Redoing it.", error)
+            os.remove(self.shard_path(model_id, start, stop))
+            return False
 
     def shards(self, model_id: int) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
         """``(start, features, out_to_loss)`` of every shard, in row order."""
@@ -190,6 +233,18 @@ class FeatureStore:
     def has_kernel(self, model_id: int) -> bool:
         return os.path.isfile(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME))
 
+    def has_valid_kernel(self, model_id: int) -> bool:
+        """Whether K_m exists and reads (a corrupt one is reported and deleted, to be redone)."""
+        if not self.has_kernel(model_id):
+            return False
+        try:
+            self.load_kernel(model_id)
+            return True
+        except CorruptStoreError as error:
+            logger.warning("%s Redoing it.", error)
+            os.remove(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME))
+            return False
+
     def save_kernel(self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float) -> None:
         tensors = {
             "xtx": xtx.contiguous(),
@@ -197,13 +252,18 @@ class FeatureStore:
             "lambda_reg": torch.tensor(lambda_reg, dtype=torch.float64),
         }
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
     def load_kernel(self, model_id: int) -> Dict[str, torch.Tensor]:
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
+            raise CorruptStoreError(
+                f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
+            ) from error
 
     def is_complete(self) -> bool:
         return all(self.config.checkpoint_fingerprints) and all(
@@ -219,15 +279,45 @@ class FeatureStore:
             changes["base_fingerprint"] = base_fingerprint
         self.config = dataclasses.replace(self.config, **changes)
         text = self.config.to_json_string()
-        _atomic_write(os.path.join(self.root, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
+        write_text(os.path.join(self.root, CONFIG_NAME), text)
+
+    # ------------------------------------------------------------ provenance
+    def save_row_hashes(self, row_hashes: np.ndarray) -> None:
+        """The featurized split's row hashes (``hf_trak.inputs``), in row order."""
+        write_arrow(
+            os.path.join(self.root, ROW_HASHES_NAME),
+            {"index": pa.array(np.arange(len(row_hashes), dtype=np.int64)), "row_hash": pa.array(row_hashes)},
+        )
+
+    def row_hashes(self) -> Optional[np.ndarray]:
+        """The featurized split's row hashes, or None for a store written before they were recorded."""
+        path = os.path.join(self.root, ROW_HASHES_NAME)
+        if not os.path.isfile(path):
+            return None
+        try:
+            return _read_table(path).column("row_hash").to_numpy()
+        except (pa.ArrowException, KeyError) as error:
+            raise CorruptStoreError(f"{path} is corrupt ({error}): run featurize again to rewrite it.") from error
+
+    def record_excluded_rows(self, rows: Sequence[int]) -> None:
+        """Record the rows excluded for non-finite inputs or gradients (their features are 0, Q is NaN)."""
+        self.config = dataclasses.replace(self.config, excluded_rows=sorted(set(rows)))
+        text = self.config.to_json_string()
+        write_text(os.path.join(self.root, CONFIG_NAME), text)
 
     # ----------------------------------------------------------------- scores
-    def save_scores(self, name: str, scores: np.ndarray) -> str:
-        """Write ``scores`` (n × m) as ``scores/<name>.arrow``, one row per target; returns the path."""
+    def scores_path(self, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"Scores name {name!r} must be letters, digits, '_', '.' or '-'.")
+        return os.path.join(self.root, "scores", f"{name}.arrow")
+
+    def save_scores(self, name: str, scores: np.ndarray, overwrite: bool = False) -> str:
+        """Write ``scores`` (n × m) as ``scores/<name>.arrow``, one row per target; returns the path.
+        Existing scores of that name are only replaced with ``overwrite``."""
+        path = self.scores_path(name)
+        if os.path.exists(path) and not overwrite:
+            raise OutputExistsError(f"{path} exists: choose another name, or pass overwrite=True to replace it.")
         os.makedirs(os.path.join(self.root, "scores"), exist_ok=True)
-        path = os.path.join(self.root, "scores", f"{name}.arrow")
         write_arrow(
             path,
             {

@@ -24,9 +24,12 @@ from .checkpoint_view import FeatureMap
 from .checkpoints import Checkpoint
 from .config import STORE_VERSION, TRAKConfig
 from .data import ExampleSource
+from .errors import StoreMismatchError, check_positive_int
 from .featurize import featurize_store, verify_checkpoints
 from .hub import download_store, push_store
+from .inputs import scan_split
 from .model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
+from .provenance import split_rows
 from .scoring import TopK, gather_to_main, scores, target_features, top_k
 from .store import FeatureStore
 
@@ -48,6 +51,7 @@ class TRAKer:
             (the default) keeps the features in a temporary folder.
         accelerator: an ``accelerate.Accelerator`` to split work across its processes (one
             is started when launched with several processes); the default device is then its.
+        store_version: the store format to make features for (``from_pretrained`` passes the stored one).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class TRAKer:
         *,
         args: Optional[TRAKArguments] = None,
         accelerator=None,
+        store_version: int = STORE_VERSION,
         **settings,
     ):
         if isinstance(task, str):
@@ -75,7 +80,7 @@ class TRAKer:
             self.device = self.state.device
         else:
             self.device = next(model.parameters()).device
-        self.feature_map = FeatureMap(model, self.task, self.args, self.device)
+        self.feature_map = FeatureMap(model, self.task, self.args, self.device, store_version)
         adapter = adapter_provenance(model) or {}
         args = self.args
         self.config = TRAKConfig(
@@ -95,13 +100,14 @@ class TRAKer:
             model_revision=getattr(getattr(model, "config", None), "_commit_hash", None),
             shard_size=args.shard_size,
             hf_trak_version=__version__,
-            store_version=STORE_VERSION,
+            store_version=store_version,
             adapter_config=adapter.get("config"),
             base_model=adapter.get("base_model", ""),
         )
         self.store: Optional[FeatureStore] = None
         self.checkpoints: List[Checkpoint] = []
         self.train_source: Optional[ExampleSource] = None  # the featurized split: CLIP draws its contrast set here
+        self.train_rows: Optional[np.ndarray] = None  # with a train subset: the stored row of each of its rows
 
     @property
     def save_dir(self) -> Optional[str]:
@@ -148,6 +154,7 @@ class TRAKer:
         resumes it (complete shards are kept); a store made otherwise is only replaced with
         ``overwrite=True``. ``batch_size``/``overwrite`` default to ``args``'.
         """
+        batch_size = check_positive_int("batch_size", batch_size or self.args.batch_size)
         self.train_source = self._source(train_dataset, data_collator)
         with eval_mode(self.model):
             self.store = featurize_store(
@@ -158,11 +165,12 @@ class TRAKer:
                 self.args.save_dir,
                 self.state,
                 self.args.torch_dtype,
-                batch_size or self.args.batch_size,
+                batch_size,
                 self.args.overwrite if overwrite is None else overwrite,
                 self._train_sampler,
+                self.args.on_nonfinite,
             )
-        self.config, self.checkpoints = self.store.config, list(checkpoints)
+        self.config, self.checkpoints, self.train_rows = self.store.config, list(checkpoints), None
         return self
 
     # ---------------------------------------------------------------- scores
@@ -170,7 +178,9 @@ class TRAKer:
         """(this process's contiguous share of the targets featurized at every checkpoint, each loaded once;
         the number of targets)."""
         self._require_store()
+        batch_size = check_positive_int("batch_size", batch_size or self.args.batch_size)
         source = self._source(targets, data_collator)
+        scan_split(source, self.task, self.model, "target", self.args.on_nonfinite, self.state.is_main_process)
         with self.state.split_between_processes(list(range(len(source)))) as mine:
             rows = range(mine[0], mine[-1] + 1) if mine else range(0)
         with eval_mode(self.model):
@@ -179,9 +189,10 @@ class TRAKer:
                 self.checkpoints,
                 source,
                 rows,
-                batch_size or self.args.batch_size,
+                batch_size,
                 self._train_sampler,
                 show_progress=self.state.is_main_process,
+                on_nonfinite=self.args.on_nonfinite,
             )
         return features, len(source)
 
@@ -193,26 +204,30 @@ class TRAKer:
         out: Optional[np.ndarray] = None,
         target_block_size: Optional[int] = None,
     ) -> Optional[np.ndarray]:
-        """TRAK scores, shape (len(train), len(targets)), float32.
+        """TRAK scores, shape (len(train), len(targets)), float32 (NaN for excluded train rows).
 
         Train features are read one memory-mapped shard at a time; pass ``out`` (e.g. an
         ``np.memmap``) when the score matrix is larger than memory. With several processes,
         each scores a contiguous share of the targets and the main process returns the whole
-        matrix (the others return None).
+        matrix (the others return None). With a train subset (``from_pretrained(...,
+        train_subset=True)``) the rows are those of the subset.
         """
+        block_size = check_positive_int("target_block_size", target_block_size or self.args.target_block_size)
+        num_rows = self.config.num_train_examples if self.train_rows is None else len(self.train_rows)
+        if out is not None and (out.shape[0] != num_rows or out.ndim != 2):
+            raise ValueError(f"out has shape {out.shape}, expected ({num_rows}, number of targets).")
         features, num_targets = self._target_features(targets, batch_size, data_collator)
-        shape = (self.config.num_train_examples, num_targets)
-        if out is not None and out.shape != shape:
-            raise ValueError(f"out has shape {out.shape}, expected {shape}.")
-        block_size = target_block_size or self.args.target_block_size
+        if out is not None and out.shape != (num_rows, num_targets):
+            raise ValueError(f"out has shape {out.shape}, expected {(num_rows, num_targets)}.")
         show = self.state.is_main_process
-        if self.state.num_processes == 1:
+        if self.state.num_processes == 1 and self.train_rows is None:
             return scores(self.store, features, self.device, block_size, out, show_progress=show)
         parts = gather_to_main(self.state, scores(self.store, features, self.device, block_size, show_progress=show))
         if parts is None:
             return None
-        out = np.empty(shape, dtype=np.float32) if out is None else out
-        out[:] = np.concatenate(parts, axis=1)
+        full = np.concatenate(parts, axis=1)
+        out = np.empty((num_rows, num_targets), dtype=np.float32) if out is None else out
+        out[:] = full if self.train_rows is None else full[self.train_rows]
         return out
 
     def top_k(
@@ -225,18 +240,24 @@ class TRAKer:
         target_block_size: Optional[int] = None,
     ) -> Optional[TopK]:
         """The k proponents (``largest=True``) or opponents of each target, without the full score matrix
-        (on the main process with several processes; None on the others)."""
+        (on the main process with several processes; None on the others). Excluded train rows
+        (NaN scores) rank last."""
+        check_positive_int("k", k)
+        block_size = check_positive_int("target_block_size", target_block_size or self.args.target_block_size)
         features, _ = self._target_features(targets, batch_size, data_collator)
-        block_size = target_block_size or self.args.target_block_size
-        mine = top_k(self.store, features, self.device, block_size, k, largest, self.state.is_main_process)
+        show = self.state.is_main_process
+        mine = top_k(self.store, features, self.device, block_size, k, largest, show, self.train_rows)
         parts = gather_to_main(self.state, mine)
         if parts is None:
             return None
         return TopK(*(np.concatenate([part[i] for part in parts]) for i in range(2)))
 
-    def save_scores(self, scores: np.ndarray, name: str) -> str:
-        """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path."""
-        path = self._require_store().save_scores(name, scores)
+    def save_scores(self, scores: np.ndarray, name: str, overwrite: bool = False) -> str:
+        """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path.
+        Scores saved under ``name`` before are only replaced with ``overwrite``."""
+        if self.train_rows is not None:
+            raise ValueError("Scores of a train subset are not kept in the store (its rows are the full split's).")
+        path = self._require_store().save_scores(name, scores, overwrite=overwrite)
         write_dataset_card(self.store)
         return path
 
@@ -254,6 +275,8 @@ class TRAKer:
         checkpoints: Optional[Sequence[Checkpoint]] = None,
         task=None,
         train_dataset=None,
+        train_subset: bool = False,
+        data_collator: Optional[Callable] = None,
         **settings,
     ) -> "TRAKer":
         """Score against the features in ``save_dir`` (written by ``featurize`` or downloaded).
@@ -261,8 +284,12 @@ class TRAKer:
         ``checkpoints``: those the features were made at; by default their recorded paths,
         or ``model`` itself for a single checkpoint. Each is loaded once, to check its
         weights against the recorded fingerprint; the model, task, parameters and projection
-        must match the stored settings. ``train_dataset`` is only needed by tasks that sample
-        training examples (CLIP). ``settings``: run settings (``device``, ``batch_size``...).
+        must match the stored settings. ``train_dataset``: the split the features were made
+        from, to pair scores with its rows (needed by tasks that sample training examples,
+        CLIP); it is checked row by row against the store before any forward pass
+        (``StoreMismatchError`` names the first differing row). ``train_subset=True`` accepts
+        a subset of its rows instead, and scores then cover that subset. ``settings``: run
+        settings (``device``, ``batch_size``...).
         """
         store = FeatureStore.load(save_dir)
         if not store.is_complete():
@@ -282,17 +309,22 @@ class TRAKer:
             shard_size=stored.shard_size,
             save_dir=save_dir,
         )
-        traker = cls(model, task, args=args, **settings)
+        traker = cls(model, task, args=args, store_version=stored.store_version, **settings)
         mismatches = stored.mismatches(traker.config)
         if mismatches:
-            raise ValueError(
+            raise StoreMismatchError(
                 f"The features in {save_dir} were made with other settings than this model and task: "
                 + "; ".join(mismatches)
             )
         traker.store, traker.config = store, stored
+        if train_dataset is not None:  # the cheap check first: no checkpoint is loaded for a wrong split
+            traker.train_source = traker._source(train_dataset, data_collator)
+            scan = scan_split(traker.train_source, traker.task, model, "train", traker.args.on_nonfinite,
+                              traker.state.is_main_process)  # fmt: skip
+            traker.train_rows = split_rows(store, scan.row_hashes, subset=train_subset)
+        elif train_subset:
+            raise ValueError("train_subset=True needs the subset as train_dataset.")
         traker.checkpoints = verify_checkpoints(traker.feature_map, store, checkpoints)
-        if train_dataset is not None:
-            traker.train_source = traker._source(train_dataset, None)
         return traker
 
     def push_to_hub(

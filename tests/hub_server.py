@@ -36,6 +36,7 @@ class HubState:
     def __init__(self):
         self.repos, self.lfs_objects, self.lock = {}, {}, threading.Lock()
         self.requests = []  # (method, path) of every request, for assertions
+        self.write_token = None  # if set, API writes (POST) without "Bearer <write_token>" get 401
         self.ranges = []  # (path, Range header) of every ranged download
 
     def entry(self, repo: dict, path: str) -> dict:
@@ -87,6 +88,11 @@ class HubHandler(BaseHTTPRequestHandler):
     # --------------------------------------------------------------- dispatch
     def _route(self, routes):
         self.state.requests.append((self.command, self.path))
+        token = self.state.write_token
+        if token and self.command == "POST" and self.headers.get("Authorization") != f"Bearer {token}":
+            self._body()
+            message = "Invalid credentials in Authorization header"
+            return self._json(401, {"error": message}, {"X-Error-Message": message})
         path = urlparse(self.path).path
         for pattern, handler in routes:
             match = re.fullmatch(pattern, path)
@@ -294,8 +300,9 @@ class HubHandler(BaseHTTPRequestHandler):
 class HubServer:
     """``with HubServer() as hub: ...`` serves on a free loopback port at ``hub.url`` until the block ends."""
 
-    def __init__(self):
+    def __init__(self, write_token: str = None):
         self.state = HubState()
+        self.state.write_token = write_token
         handler = type("Handler", (HubHandler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True

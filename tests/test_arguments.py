@@ -27,6 +27,7 @@ NON_DEFAULT = dict(
     batch_size=5,
     target_block_size=9,
     device="cpu",
+    on_nonfinite="exclude",
     overwrite=True,
     max_checkpoints=2,
 )

@@ -77,26 +77,28 @@ def test_featurize_score_top_k_report_match_the_python_api(workspace):
     assert done.returncode == 0 and open(workspace / "again.html").read().count("<section>") == 2
 
     refused = hf_trak_cli("top-k", "--save-dir", "feats", *data, "--output", "top", cwd=workspace)
-    assert refused.returncode == 2 and "nothing was overwritten" in refused.stderr
+    assert refused.returncode == 1 and refused.stderr == (
+        "hf-trak: error: top exists: choose another --output, or pass --overwrite to replace it.\n"
+    )
     assert load_from_disk(str(workspace / "top")).to_dict() == top.to_dict()
     refused = hf_trak_cli("report", "--top-k", "top", "--output", "grid.png", cwd=workspace)
-    assert refused.returncode == 2 and "no image column" in refused.stderr
+    assert refused.returncode == 1 and "no image column" in refused.stderr
 
 
 def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(workspace):
     DatasetDict(train=raw_text(8).remove_columns("label")).save_to_disk(workspace / "unlabeled")
     done = hf_trak_cli("featurize", "--model", "model", "--dataset", "unlabeled", "--save-dir", "feats", cwd=workspace)
-    assert done.returncode == 2 and "labels" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "labels" in done.stderr and "Traceback" not in done.stderr
 
     args = ["featurize", "--model", "model", "--dataset", "data", "--save-dir", "feats"]
     assert hf_trak_cli(*args, "--proj-dim", "16", cwd=workspace).returncode == 0
     before = open(workspace / "feats" / "trak_config.json").read()
     done = hf_trak_cli(*args, "--proj-dim", "24", cwd=workspace)
-    assert done.returncode == 2 and "overwrite" in done.stderr and "proj_dim" in done.stderr
+    assert done.returncode == 1 and "overwrite" in done.stderr and "proj_dim" in done.stderr
     assert open(workspace / "feats" / "trak_config.json").read() == before
 
     done = hf_trak_cli("score", "--save-dir", "nowhere", "--dataset", "data", cwd=workspace)
-    assert done.returncode == 2 and "nowhere" in done.stderr
+    assert done.returncode == 1 and "nowhere" in done.stderr
 
 
 def test_push_then_score_against_the_pushed_features(workspace):

@@ -87,12 +87,51 @@ def test_random_factors_preserve_inner_products_in_expectation():
 def test_factored_traker_end_to_end_and_dimension_budget():
     model, data = tiny_gpt2(), lm_sequences(12)
     traker = TRAKer(model, projector="factored", proj_dim=300, save_dir=None)
-    assert traker.featurizer.proj_dim <= 300 and traker.config.feature_dim == traker.featurizer.proj_dim
+    assert traker.featurizer.proj_dim == 300 and traker.config.feature_dim == 300
     assert traker.param_names == factorable_parameter_names(model)
     scores = traker.featurize(data, [model.state_dict()], batch_size=5).score(lm_sequences(4, seed=1))
     assert scores.shape == (12, 4) and np.isfinite(scores).all()
-    with pytest.raises(ValueError, match="too small"):
+    blocks = len(traker.featurizer.targets)
+    with pytest.raises(ValueError, match=f"proj_dim=3 is too small for {blocks} factored blocks .*proj_dim >= {blocks}"):
         TRAKer(model, projector="factored", proj_dim=3, save_dir=None)
+    assert TRAKer(model, projector="factored", proj_dim=blocks, save_dir=None).featurizer.proj_dim == blocks
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_factored_gives_the_proj_dim_asked_on_a_small_hidden_big_vocab_bert(fallback):
+    """Issue 12: a BERT with hidden 32 and a 30k vocabulary refused proj_dim 256-1965 with a minimum that moved,
+    and gave 1972 features for 2048."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    names = factorable_parameter_names(model)
+    if fallback:  # LayerNorms go through the dense fallback block
+        names = names + [name for name, _ in model.named_parameters() if "LayerNorm" in name]
+    minimum = None
+    for proj_dim in [40, 64, 100, 256, 300, 777, 1024, 1965, 1972, 2048, 4096, 8192]:
+        projector = FactoredGradientProjector(model, names, proj_dim, seed=0, device="cpu")
+        assert projector.proj_dim == proj_dim
+        sizes = [t.size for t in projector.targets]
+        assert min(sizes) >= 1 and sum(sizes) + (projector.fallback_projector.proj_dim if fallback else 0) == proj_dim
+        biggest = max(projector.targets, key=lambda t: t.rows * t.cols)
+        assert biggest.name.endswith("word_embeddings.weight") and biggest.size == max(sizes)
+    with pytest.raises(ValueError, match=r"use proj_dim >= (\d+)") as error:
+        FactoredGradientProjector(model, names, 10, seed=0, device="cpu")
+    minimum = int(str(error.value).split(">= ")[1].rstrip("."))
+    assert minimum == len(projector.targets) + fallback
+    assert FactoredGradientProjector(model, names, minimum, seed=0, device="cpu").proj_dim == minimum
+
+
+def test_stores_made_before_version_3_keep_their_factored_sizes(tmp_path):
+    model, data, targets = tiny_bert(), token_sequences(10), token_sequences(3, seed=1)
+    old = TRAKer(model, projector="factored", proj_dim=100, save_dir=str(tmp_path / "v2"), store_version=2)
+    assert old.featurizer.proj_dim < 100  # the old sizes: at most proj_dim
+    expected = old.featurize(data, [model.state_dict()]).score(targets)
+    loaded = TRAKer.from_pretrained(str(tmp_path / "v2"), model, train_dataset=data)
+    assert loaded.featurizer.proj_dim == old.featurizer.proj_dim
+    np.testing.assert_array_equal(loaded.score(targets), expected)
 
 
 def test_factored_features_do_not_depend_on_batch_size():

@@ -12,6 +12,7 @@ from datasets import load_dataset
 
 from hf_trak import TRAKer
 from hf_trak.card import render_trainer_section
+from hf_trak.config import STORE_VERSION
 from hf_trak.store import FeatureStore
 from hf_trak.testing import digits, perturbed_state_dict, subprocess_env, tiny_vit
 
@@ -38,6 +39,7 @@ def test_layout_is_arrow_safetensors_and_json_only(tmp_path):
         "checkpoint-1/features-000000008-000000016.arrow",
         "checkpoint-1/features-000000016-000000020.arrow",
         "checkpoint-1/kernel.safetensors",
+        "train_rows.arrow",
         "trak_config.json",
     ]
     config = FeatureStore.load(traker.save_dir).config
@@ -83,7 +85,7 @@ def test_other_settings_are_refused_and_nothing_is_overwritten(tmp_path):
         TRAKer(model, proj_dim=32, projector_seed=1, save_dir=traker.save_dir, shard_size=8).featurize(
             digits(20), checkpoints, batch_size=4
         )
-    with pytest.raises(FileExistsError, match="train_fingerprint"):
+    with pytest.raises(FileExistsError, match="another train split: 20 rows given, 20 stored, first differing row 0"):
         TRAKer(model, proj_dim=32, save_dir=traker.save_dir, shard_size=8).featurize(digits(20, offset=1), checkpoints)
     after = {name: open(os.path.join(traker.save_dir, "checkpoint-0", name), "rb").read() for name in before}
     assert after == before
@@ -160,9 +162,11 @@ def test_a_version_1_store_loads_and_scores_as_before(tmp_path):
     current = TRAKer(model, proj_dim=16, save_dir=root, dtype=torch.float32).featurize(train, [model.state_dict()])
     expected = current.score(targets)
     config = json.load(open(os.path.join(root, "trak_config.json")))
-    assert config["store_version"] == 2
-    for field in ("store_version", "lambda_scale", "adapter_config", "base_model", "base_fingerprint"):
+    assert config["store_version"] == STORE_VERSION
+    for field in ("store_version", "lambda_scale", "adapter_config", "base_model", "base_fingerprint", "train_hashes",
+                  "excluded_rows"):  # fmt: skip
         del config[field]
+    os.remove(os.path.join(root, "train_rows.arrow"))
     with open(os.path.join(root, "trak_config.json"), "w") as file:
         json.dump(config, file)
     kernel_path = os.path.join(root, "checkpoint-0", "kernel.safetensors")
