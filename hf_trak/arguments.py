@@ -20,7 +20,7 @@ import torch
 
 from .errors import InvalidArgumentError, check_positive_int
 
-PROJECTORS = ("rademacher", "normal", "identity", "factored")
+PROJECTORS = ("auto", "rademacher", "normal", "identity", "factored")
 NONFINITE_POLICIES = ("error", "exclude")
 STORAGE_DTYPES = ("float16", "float32")
 
@@ -39,7 +39,10 @@ class TRAKArguments:
     )
     proj_dim: Optional[int] = _field(2048, "k, the feature dimension (ignored by the identity projector)")
     projector: str = _field(
-        "rademacher", "rademacher, normal, identity (raw gradients) or factored", choices=PROJECTORS
+        "auto",
+        "auto (factored for large p·k, else rademacher; see hf_trak.checkpoint_view.choose_projector), rademacher, "
+        "normal, identity (raw gradients) or factored",
+        choices=PROJECTORS,
     )
     projector_seed: int = _field(0, "seed of the projection (checkpoint m gets its own matrix)")
     lambda_reg: Optional[float] = _field(None, "λ added to XᵀX (default: lambda_scale · tr(XᵀX)/k per checkpoint)")
@@ -61,7 +64,7 @@ class TRAKArguments:
     device: Optional[str] = _field(None, "where gradients are computed (default: the model's)", scope="run")
     on_nonfinite: str = _field(
         "error",
-        "a row with NaN/inf inputs or gradients: error (name it) or exclude (its scores are NaN, recorded in the store)",
+        "a row with NaN/inf inputs or gradients: error (names it) or exclude (scores NaN, listed in the store)",
         scope="run",
         choices=NONFINITE_POLICIES,
     )

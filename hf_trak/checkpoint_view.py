@@ -15,6 +15,7 @@ checkpoint once. A task that depends on other examples (CLIP's contrast set) is 
 the checkpoint by ``task.at_checkpoint`` the first time the view needs it.
 """
 
+import dataclasses
 import logging
 import math
 from typing import Callable, Mapping, Optional, Tuple
@@ -25,9 +26,9 @@ from torch import Tensor, nn
 from .adapters import adapter_parameter_names, is_peft_model
 from .arguments import TRAKArguments
 from .checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
+from .config import STORE_VERSION
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, PerExampleGradients, select_parameters
-from .config import STORE_VERSION
 from .masks import AttentionMaskAdapter
 from .model_outputs import AbstractModelOutput, call_model, without_labels
 from .projectors import make_projector
@@ -35,6 +36,38 @@ from .projectors import make_projector
 logger = logging.getLogger(__name__)
 
 SampleTrainBatch = Callable[[int, int], dict]
+
+
+# projector="auto": a dense projection matrix of p·k elements up to this size (1 GiB in float32, e.g. a
+# 130k-parameter model at k = 2048) is affordable; beyond it, the factored projector is used when the
+# Linear/Conv1D/Embedding layers hold at least AUTO_MIN_FACTORABLE_SHARE of the p selected elements.
+# (benchmarks/factored.py: on a BERT-small-sized classifier dense costs 183× factored per example.)
+AUTO_DENSE_MAX_ELEMENTS = 2**28
+AUTO_MIN_FACTORABLE_SHARE = 0.9
+
+
+def choose_projector(model: nn.Module, args: TRAKArguments) -> Tuple[str, str]:
+    """``(projector, why)``: ``args.projector``, or for ``"auto"`` rademacher when p·k ≤
+    ``AUTO_DENSE_MAX_ELEMENTS`` and factored otherwise (if the factorable layers hold most of p)."""
+    if args.projector != "auto":
+        return args.projector, f"projector={args.projector!r} was asked for"
+    selected = differentiated_parameters(model, dataclasses.replace(args, projector="rademacher"))
+    numels = {name: parameter.numel() for name, parameter in model.named_parameters()}
+    p, k = sum(numels[name] for name in selected), args.proj_dim
+    size = f"p·k = {p:,}·{k:,} = {p * k:,}"
+    if p * k <= AUTO_DENSE_MAX_ELEMENTS:
+        return "rademacher", f"{size} ≤ 2^28 elements: a dense Rademacher projection"
+    factorable = set(factorable_parameter_names(model))
+    share = sum(numels[name] for name in selected if name in factorable) / p
+    if share >= AUTO_MIN_FACTORABLE_SHARE:
+        return "factored", (
+            f"{size} > 2^28 elements and Linear/Conv1D/Embedding layers hold {share:.1%} of p: the factored "
+            "projector (a dense one would regenerate a p × k matrix per batch)"
+        )
+    return "rademacher", (
+        f"{size} > 2^28 elements, but Linear/Conv1D/Embedding layers hold only {share:.1%} of p: a dense "
+        "Rademacher projection (slow at this size; pass grad_wrt= to differentiate fewer parameters)"
+    )
 
 
 def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
@@ -71,8 +104,12 @@ class FeatureMap:
         self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
         self.param_names, self.num_params, self.projector = [], 0, None
         self.store_version = store_version
+        self.projector_kind, self.projector_reason = None, ""
         if args is not None:
-            self._make_projector(args)
+            self.projector_kind, self.projector_reason = choose_projector(model, args)
+            if args.projector == "auto":
+                logger.info("projector='auto' chose %s: %s.", self.projector_kind, self.projector_reason)
+            self._make_projector(dataclasses.replace(args, projector=self.projector_kind))
 
     def _make_projector(self, args: TRAKArguments) -> None:
         model = self.model

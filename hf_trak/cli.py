@@ -24,8 +24,6 @@ import os
 import sys
 from typing import List, Optional
 
-import numpy as np
-
 from .arguments import FEATURIZE_SCOPES, TRAKArguments, add_arguments, parsed_settings
 from .errors import InvalidArgumentError, OutputExistsError
 from .files import check_output
@@ -224,7 +222,12 @@ def _target_scores(args):
     train, prepared = _prepared_split(args, model, task, processor, args.train_split, args.max_train_examples)
     settings = parsed_settings(args, SCORE_SCOPES)
     traker = TRAKer.from_pretrained(
-        save_dir, model, checkpoints=checkpoints, task=task, train_dataset=prepared, train_subset=args.train_subset,
+        save_dir,
+        model,
+        checkpoints=checkpoints,
+        task=task,
+        train_dataset=prepared,
+        train_subset=args.train_subset,
         **settings,
     )
     raw_targets, targets = _prepared_split(args, model, task, processor, args.target_split, args.max_target_examples)

@@ -46,7 +46,8 @@ class TRAKConfig:
     k it gave (p for the identity projector, at most ``proj_dim`` when factored); ``param_names``
     the differentiated parameters (p = ``num_params`` elements), ``dtype`` the storage
     dtype of the features, ``lambda_reg`` the requested λ (None: derived per checkpoint).
-    ``lambda_scale`` gives λ = lambda_scale · tr(XtX)/k when ``lambda_reg`` is None.
+    ``projector`` is the projector used (``projector_reason`` says why, e.g. what
+    ``projector="auto"`` chose). ``lambda_scale`` gives λ = lambda_scale · tr(XtX)/k when ``lambda_reg`` is None.
     ``train_hashes`` identify the train split's rows in order (sha256 per shard of its row
     hashes, ``hf_trak.provenance``; ``train_fingerprint`` is ``datasets``' fingerprint, for
     information), ``excluded_rows`` the rows excluded for non-finite values (scores NaN), and
@@ -84,6 +85,7 @@ class TRAKConfig:
     base_model: str = ""
     base_fingerprint: str = ""
     train_hashes: List[str] = dataclasses.field(default_factory=list)
+    projector_reason: str = ""
     excluded_rows: List[int] = dataclasses.field(default_factory=list)
 
     def to_json_string(self) -> str:

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import (
     PrinterCallback,
     Trainer,
@@ -119,7 +120,8 @@ def _run_demo(output_dir: str, num_subsets: int, proj_dim: int) -> dict:
     print(f"Report: {write_report(top, os.path.join(output_dir, 'report.png'), num_targets=8)}")
 
     masks = make_subsets(len(train), num_subsets, seed=0)
-    outputs = np.stack([subset_outputs(train, test, mask, seed, output_dir) for seed, mask in enumerate(masks, 1)])
+    retraining = tqdm(list(enumerate(masks, 1)), desc="LDS: retraining on half subsets", unit="model")
+    outputs = np.stack([subset_outputs(train, test, mask, seed, output_dir) for seed, mask in retraining])
     figure = lds(scores, masks, outputs).mean
     random = lds(np.random.default_rng(0).normal(size=scores.shape), masks, outputs).mean
     print(f"LDS over {num_subsets} retrained half-subset models: {figure:.2f} (random scores: {random:.2f})")

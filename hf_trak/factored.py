@@ -173,7 +173,9 @@ class FactoredGradientProjector:
         if self.kind != "identity" and self.sizing == "fill" and offset < proj_dim:
             logger.warning(
                 "The factored projector gives k=%d features for proj_dim=%d: every projected matrix has its full "
-                "size (k_rows = rows, k_cols = cols) or no step of k_rows or k_cols fits the rest.", offset, proj_dim
+                "size (k_rows = rows, k_cols = cols) or no step of k_rows or k_cols fits the rest.",
+                offset,
+                proj_dim,
             )
         self.proj_dim = offset
 
@@ -193,7 +195,9 @@ class FactoredGradientProjector:
         dimension and otherwise a share b_l ∝ r·c of the rest (water-filling), k_r ≈ √(b_l r/c), k_c =
         ⌊b_l/k_r⌋; what flooring leaves goes to the fallback block, else one row or column at a time to
         the matrices that can take it. Returns the fallback block's size."""
-        sizes = [t.rows * t.cols for t in self.targets] + ([sum(parameters[n].numel() for n in fallback)] if fallback else [])
+        sizes = [t.rows * t.cols for t in self.targets] + (
+            [sum(parameters[n].numel() for n in fallback)] if fallback else []
+        )
         minimum = len(sizes)
         if proj_dim < minimum:
             raise InvalidArgumentError(

@@ -9,7 +9,9 @@ For checkpoint m, loaded once (``FeatureMap.at``):
 2. each missing shard [start, stop) of x_i and Q_i is written, every process taking a
    contiguous share of them (``PartialState.split_between_processes``);
 3. XᵀX_m = Σ_shards X_sᵀX_s (float64) is summed over processes (a k × k all-reduce: no
-   features travel) and the main process writes λ_m and K_m (``hf_trak.kernel``).
+   features travel) and the main process writes λ_m and K_m (``hf_trak.kernel``);
+4. each process writes Φ_m = X_m K_m for its share of the shards (formed in float64,
+   stored in the features' dtype), so that scoring reads Φ and never forms it.
 
 Every row of the train split is checked and hashed first (``hf_trak.inputs``), so bad
 input fails before anything is written; settings, train rows and shard layout are checked
@@ -39,9 +41,9 @@ from .config import TRAKConfig
 from .data import ExampleSource
 from .errors import InvalidInputError, OutputExistsError
 from .inputs import scan_split
-from .kernel import gram, regularized_inverse, resolve_lambda
+from .kernel import gram, preconditioned, regularized_inverse, resolve_lambda
 from .provenance import first_difference, shard_hashes
-from .store import FeatureStore, as_tensor
+from .store import PRECONDITIONED, FeatureStore, as_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def featurize_store(
         view = feature_map.at(checkpoint, model_id, sample_train_batch)
         _record_fingerprint(store, view, recorded[model_id], checkpoint, state, overwrite)
         _write_missing_shards(store, view, source, state, storage_dtype, batch_size, on_nonfinite, excluded)
-        _write_kernel(store, model_id, feature_map.dim, feature_map.device, state)
+        finalize_checkpoint(store, model_id, feature_map.device, state)
     if state.is_main_process:
         if on_nonfinite == "exclude":
             _record_excluded_rows(store)
@@ -203,6 +205,12 @@ def _finite_rows(features, q, offset: int, model_id: int, on_nonfinite: str, exc
     return features, q
 
 
+def finalize_checkpoint(store: FeatureStore, model_id: int, device, state: PartialState) -> None:
+    """Once every shard of checkpoint m is written: K_m (``_write_kernel``), then Φ_m (``_write_preconditioned``)."""
+    _write_kernel(store, model_id, store.config.feature_dim, device, state)
+    _write_preconditioned(store, model_id, device, state)
+
+
 def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: PartialState) -> None:
     """XᵀX_m over every shard (each process sums its share; one k × k all-reduce), then λ_m and K_m."""
     if state.is_main_process:
@@ -219,6 +227,27 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
         lambda_reg = resolve_lambda(xtx, store.config.lambda_reg, store.config.lambda_scale)
         store.save_kernel(model_id, xtx.cpu(), regularized_inverse(xtx, lambda_reg).cpu(), lambda_reg)
         logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
+    state.wait_for_everyone()
+
+
+def _write_preconditioned(store: FeatureStore, model_id: int, device, state: PartialState) -> None:
+    """Φ_m = X_m K_m of every shard (formed in float64, ``hf_trak.kernel.preconditioned``; stored in the
+    features' dtype with Q), each process a share: scoring T targets then costs one read of Φ and n·k·T."""
+    if state.is_main_process:
+        for start, stop in store.shard_ranges():
+            store.has_valid_shard(model_id, start, stop, PRECONDITIONED)  # a corrupt Φ shard is redone
+    state.wait_for_everyone()
+    missing = [(a, b) for a, b in store.shard_ranges() if not store.has_shard(model_id, a, b, PRECONDITIONED)]
+    state.wait_for_everyone()
+    if not missing:
+        return
+    kernel = store.load_kernel(model_id)["kernel"].to(device, torch.float64)
+    dtype = getattr(torch, store.config.dtype)
+    with state.split_between_processes(missing) as mine:
+        for start, stop in mine:
+            features, out_to_loss = store.shard(model_id, start, stop)
+            phi = preconditioned(as_tensor(features), kernel).to(dtype).cpu().numpy()
+            store.write_shard(model_id, start, phi, out_to_loss, PRECONDITIONED)
     state.wait_for_everyone()
 
 

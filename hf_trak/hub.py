@@ -26,7 +26,9 @@ def hub_failure(action: str, error: Exception) -> HubError:
     if isinstance(error, RepositoryNotFoundError) or status == 404:
         cause = "the repository does not exist or the token cannot see it"
     elif status in (401, 403):
-        cause = f"the Hub refused the token (HTTP {status}): pass a token with write access (--token or `hf auth login`)"
+        cause = (
+            f"the Hub refused the token (HTTP {status}): pass a token with write access (--token or `hf auth login`)"
+        )
     elif isinstance(error, HfHubHTTPError):
         cause = f"the Hub answered HTTP {status}: {str(error).splitlines()[0]}"
     elif any(word in type(error).__name__ for word in ("Connect", "Timeout", "Network", "Offline")):

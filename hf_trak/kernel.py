@@ -66,17 +66,29 @@ def preconditioned(features: Tensor, kernel: Tensor) -> Tensor:
     return (features.to(device=kernel.device, dtype=torch.float64) @ kernel.double()).float()
 
 
+# On the CPU, score_block converts Φ to float32 a chunk of rows at a time so that each chunk is
+# multiplied while in cache: 2 MiB of rows for a few targets (benchmarks/query.py, n = 200k, k = 2048:
+# one target then costs about one read of the store, 2.2x that with whole-shard conversion), 8 MiB
+# for blocks of at least SMALL_BLOCK targets (a GEMM, more efficient on larger chunks).
+ROW_CHUNK_BYTES, GEMM_ROW_CHUNK_BYTES, SMALL_BLOCK = 2**21, 2**23, 64
+
+
 def score_block(phis: Sequence[Tensor], target_features: Sequence[Tensor], out_to_loss: Tensor) -> Tensor:
     """mean_m(Φ_m[rows] T_mᵀ) ⊙ Q[rows] for one block of train rows and targets: (rows × b) float32.
 
-    ``phis[m]`` is Φ_m[rows] (``preconditioned``), ``target_features[m]`` T_m (b × k) and
-    ``out_to_loss`` mean_m(Q_m)[rows].
+    ``phis[m]`` is Φ_m[rows] (stored, in any float dtype, or from ``preconditioned``),
+    ``target_features[m]`` T_m (b × k) and ``out_to_loss`` mean_m(Q_m)[rows].
     """
-    total = None
+    rows, k = phis[0].shape
+    device = phis[0].device
+    chunk_bytes = ROW_CHUNK_BYTES if target_features[0].shape[0] < SMALL_BLOCK else GEMM_ROW_CHUNK_BYTES
+    chunk = rows if device.type != "cpu" else max(1, chunk_bytes // (4 * k))
+    total = torch.zeros(rows, target_features[0].shape[0], device=device)
     for phi, targets in zip(phis, target_features):
-        block = phi @ targets.to(device=phi.device, dtype=torch.float32).T
-        total = block if total is None else total.add_(block)
-    return total.div_(len(phis)).mul_(out_to_loss.to(total.device)[:, None])
+        targets = targets.to(device=device, dtype=torch.float32).T.contiguous()
+        for start in range(0, rows, chunk):
+            total[start : start + chunk].addmm_(phi[start : start + chunk].float(), targets)
+    return total.div_(len(phis)).mul_(out_to_loss.to(device)[:, None])
 
 
 def merge_top_k(
@@ -85,10 +97,12 @@ def merge_top_k(
     """Running top-k over train rows: merge ``scores`` (rows × b) into ``best`` = (values, indices), each (k' × b).
 
     NaN scores (rows excluded for non-finite values) rank last either way."""
-    scores = scores.nan_to_num(nan=-math.inf if largest else math.inf, posinf=math.inf, neginf=-math.inf)
-    indices = torch.arange(row_offset, row_offset + scores.shape[0], device=scores.device)[:, None].expand_as(scores)
-    if best is not None:
-        scores = torch.cat([best[0], scores])
-        indices = torch.cat([best[1], indices])
-    values, position = scores.topk(min(k, scores.shape[0]), dim=0, largest=largest)
+    if scores.isnan().any():
+        scores = scores.nan_to_num(nan=-math.inf if largest else math.inf, posinf=math.inf, neginf=-math.inf)
+    values, position = scores.topk(min(k, scores.shape[0]), dim=0, largest=largest)  # the block's own top-k
+    indices = position + row_offset
+    if best is None:
+        return values, indices
+    values, indices = torch.cat([best[0], values]), torch.cat([best[1], indices])
+    values, position = values.topk(min(k, values.shape[0]), dim=0, largest=largest)
     return values, indices.gather(0, position)

@@ -2,10 +2,11 @@
 
 1. ``target_features``: T_m, the targets' features at each checkpoint m (loaded once per
    call), kept on the CPU: M × T × k float32.
-2. ``shard_scores``: for each train shard (read memory-mapped), Φ_m = X_m K_m once per
-   checkpoint (float64, ``hf_trak.kernel``), then the score blocks
-   τ[rows, block] = mean_m(Φ_m T_m[block]ᵀ) ⊙ Q̄[rows] for blocks of ``target_block_size``
-   targets. Cost: n·k² + n·k·T flops; memory: a shard's Φ and one (shard × block) block.
+2. ``shard_scores``: for each train shard, Φ_m = X_m K_m as featurize stored it (read
+   memory-mapped; formed here, in float64, for stores before version 3), then the score
+   blocks τ[rows, block] = mean_m(Φ_m T_m[block]ᵀ) ⊙ Q̄[rows] for blocks of
+   ``target_block_size`` targets. Cost: one read of Φ and n·k·T flops (n·k² more for old
+   stores); memory: a shard's Φ and one (shard × block) block.
 3. ``scores`` writes the blocks into an (n × T) array; ``top_k`` merges them into the k
    largest (or smallest) per target without the full matrix.
 
@@ -27,7 +28,7 @@ from .checkpoints import Checkpoint
 from .data import ExampleSource
 from .errors import InvalidInputError
 from .kernel import merge_top_k, preconditioned, score_block
-from .store import FeatureStore, as_tensor
+from .store import PRECONDITIONED, FeatureStore, as_tensor
 
 
 class TopK(NamedTuple):
@@ -83,18 +84,31 @@ def shard_scores(
     num_checkpoints, num_targets = len(targets), len(targets[0])
     if num_targets == 0:
         return
-    kernels = [store.load_kernel(m)["kernel"].to(device, torch.float64) for m in range(num_checkpoints)]
-    shards = zip(*(store.shards(m) for m in range(num_checkpoints)))  # read lazily, one shard of each m at a time
+    shards = zip(*(preconditioned_shards(store, m, device) for m in range(num_checkpoints)))  # lazily
     progress = dict(
         total=len(store.shard_ranges()), desc="Scoring train shards", disable=None if show_progress else True
     )
     for shard in tqdm(shards, **progress):
         start = shard[0][0]
-        phis = [preconditioned(as_tensor(features), kernel) for (_, features, _), kernel in zip(shard, kernels)]
+        phis = [phi for _, phi, _ in shard]
         q = torch.from_numpy(np.mean([out_to_loss for _, _, out_to_loss in shard], axis=0))  # mean_m Q_m[rows]
         for offset in range(0, num_targets, target_block_size):
             block = [t[offset : offset + target_block_size] for t in targets]
             yield start, offset, score_block(phis, block, q)
+
+
+def preconditioned_shards(store: FeatureStore, model_id: int, device) -> Iterator[Tuple[int, Tensor, np.ndarray]]:
+    """``(start, Φ_m[rows] on device (stored dtype), Q_m[rows])`` shard by shard: the stored Φ (read memory-mapped; its
+    checksum is checked when featurize resumes, ``FeatureStore.verify``), or for stores before version 3
+    Φ = X K formed from the features."""
+    if store.has_preconditioned(model_id):
+        for start, stop in store.shard_ranges():
+            phi, out_to_loss = store.shard(model_id, start, stop, PRECONDITIONED, verify=False)
+            yield start, as_tensor(phi).to(device=device), out_to_loss
+        return
+    kernel = store.load_kernel(model_id)["kernel"].to(device, torch.float64)
+    for start, features, out_to_loss in store.shards(model_id):
+        yield start, preconditioned(as_tensor(features), kernel), out_to_loss
 
 
 def scores(store: FeatureStore, targets: List[Tensor], device, target_block_size: int, out=None, show_progress=True):

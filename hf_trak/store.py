@@ -9,6 +9,8 @@ Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")``
                                             features (fixed-size list of float16/32: x_i = P_mᵀg_i/√p),
                                             out_to_loss (float32: Q_i)
     checkpoint-<m>/kernel.safetensors       xtx (k × k), kernel K_m = (XtX + λI)⁻¹/mean|·| (k × k), lambda_reg
+    checkpoint-<m>/preconditioned-<start>-<stop>.arrow   index, phi (Φ_m = X_m K_m, in the features'
+                                            dtype), out_to_loss: what scoring reads (version 3 on)
     scores/<name>.arrow                     target_index (int64), scores (fixed-size list of float32, n)
 
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
@@ -41,10 +43,12 @@ from .files import atomic_write, write_text
 
 logger = logging.getLogger(__name__)
 
-SHARD_PATTERN = re.compile(r"features-(\d+)-(\d+)\.arrow$")
+SHARD_PATTERN = re.compile(r"(features|preconditioned)-(\d+)-(\d+)\.arrow$")
 KERNEL_NAME = "kernel.safetensors"
 ROW_HASHES_NAME = "train_rows.arrow"
 ROWS_KEY, CHECKSUM_KEY = b"hf_trak.rows", b"hf_trak.crc32"
+FEATURES, PRECONDITIONED = "features", "preconditioned"
+COLUMNS = {FEATURES: "features", PRECONDITIONED: "phi"}
 
 
 def _read_table(path: str) -> pa.Table:
@@ -163,59 +167,80 @@ class FeatureStore:
         n, size = self.config.num_train_examples, self.config.shard_size
         return [(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def shard_path(self, model_id: int, start: int, stop: int) -> str:
-        return os.path.join(self.checkpoint_dir(model_id), f"features-{start:09d}-{stop:09d}.arrow")
+    def shard_path(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> str:
+        """The file of rows [start, stop) of checkpoint ``model_id``: ``kind`` "features" (X, Q) or
+        "preconditioned" (Φ = XK, Q)."""
+        return os.path.join(self.checkpoint_dir(model_id), f"{kind}-{start:09d}-{stop:09d}.arrow")
 
-    def has_shard(self, model_id: int, start: int, stop: int) -> bool:
-        return os.path.isfile(self.shard_path(model_id, start, stop))
+    def has_shard(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> bool:
+        return os.path.isfile(self.shard_path(model_id, start, stop, kind))
 
-    def write_shard(self, model_id: int, start: int, features: np.ndarray, out_to_loss: np.ndarray) -> None:
+    def write_shard(
+        self, model_id: int, start: int, features: np.ndarray, out_to_loss: np.ndarray, kind: str = FEATURES
+    ) -> None:
         """Rows ``[start, start + len(features))`` of checkpoint ``model_id``, with their row count and CRC-32."""
         stop = start + len(features)
         features = np.ascontiguousarray(features)
         out_to_loss = np.asarray(out_to_loss, dtype=np.float32)
         os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
         write_arrow(
-            self.shard_path(model_id, start, stop),
+            self.shard_path(model_id, start, stop, kind),
             {
                 "index": pa.array(np.arange(start, stop, dtype=np.int64)),
-                "features": fixed_size_list(features),
+                COLUMNS[kind]: fixed_size_list(features),
                 "out_to_loss": pa.array(out_to_loss),
             },
             metadata={ROWS_KEY: str(stop - start), CHECKSUM_KEY: str(_checksum([features, out_to_loss]))},
         )
 
-    def shard(self, model_id: int, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
-        """``(features (rows, k) zero-copy view, out_to_loss (rows,))`` of rows ``[start, stop)``, checked
-        against the row count and checksum recorded when it was written (``CorruptStoreError`` names it)."""
-        path = self.shard_path(model_id, start, stop)
+    def shard(
+        self, model_id: int, start: int, stop: int, kind: str = FEATURES, verify: bool = True
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """``(features (rows, k) zero-copy view, out_to_loss (rows,))`` of rows ``[start, stop)`` (``kind``
+        "preconditioned": Φ instead of X), checked against the row count recorded when it was written and,
+        with ``verify``, its checksum (``CorruptStoreError`` names the file)."""
+        path = self.shard_path(model_id, start, stop, kind)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Shard {path} is missing: run featurize again to complete the store.")
         fix = "run featurize again with the same arguments to redo it"
         try:
             table = _read_table(path)
-            features = fixed_size_list_to_numpy(table.column("features"))
+            features = fixed_size_list_to_numpy(table.column(COLUMNS[kind]))
             out_to_loss = table.column("out_to_loss").to_numpy()
         except (pa.ArrowException, OSError, KeyError, ValueError) as error:
             raise CorruptStoreError(f"Shard {path} is corrupt ({error}): {fix}.") from error
         metadata = table.schema.metadata or {}
         if len(features) != stop - start or (ROWS_KEY in metadata and int(metadata[ROWS_KEY]) != stop - start):
             raise CorruptStoreError(f"Shard {path} holds {len(features)} rows, not {stop - start}: {fix}.")
-        if CHECKSUM_KEY in metadata and int(metadata[CHECKSUM_KEY]) != _checksum([features, out_to_loss]):
+        if verify and CHECKSUM_KEY in metadata and int(metadata[CHECKSUM_KEY]) != _checksum([features, out_to_loss]):
             raise CorruptStoreError(f"Shard {path} does not match its checksum (altered after writing): {fix}.")
         return features, out_to_loss
 
-    def has_valid_shard(self, model_id: int, start: int, stop: int) -> bool:
+    def has_valid_shard(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> bool:
         """Whether the shard exists and reads back as written (a corrupt one is reported and deleted)."""
-        if not self.has_shard(model_id, start, stop):
+        if not self.has_shard(model_id, start, stop, kind):
             return False
         try:
-            self.shard(model_id, start, stop)
+            self.shard(model_id, start, stop, kind)
             return True
         except CorruptStoreError as error:
             logger.warning("%s Redoing it.", error)
-            os.remove(self.shard_path(model_id, start, stop))
+            os.remove(self.shard_path(model_id, start, stop, kind))
             return False
+
+    def has_preconditioned(self, model_id: int) -> bool:
+        """Whether Φ_m is stored for every shard (stores before version 3 hold none: scoring forms it)."""
+        return all(self.has_shard(model_id, a, b, PRECONDITIONED) for a, b in self.shard_ranges())
+
+    def verify(self) -> None:
+        """Read every shard and kernel and check row counts and checksums (``CorruptStoreError`` names the
+        first bad file)."""
+        for model_id in range(self.config.num_checkpoints):
+            self.load_kernel(model_id)
+            for start, stop in self.shard_ranges():
+                for kind in (FEATURES, PRECONDITIONED):
+                    if kind == FEATURES or self.has_shard(model_id, start, stop, kind):
+                        self.shard(model_id, start, stop, kind)
 
     def shards(self, model_id: int) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
         """``(start, features, out_to_loss)`` of every shard, in row order."""
@@ -266,8 +291,12 @@ class FeatureStore:
             ) from error
 
     def is_complete(self) -> bool:
-        return all(self.config.checkpoint_fingerprints) and all(
-            self.has_kernel(m) for m in range(self.config.num_checkpoints)
+        """Every checkpoint's fingerprint and kernel, and (version 3 on) its Φ shards, are written."""
+        checkpoints = range(self.config.num_checkpoints)
+        return (
+            all(self.config.checkpoint_fingerprints)
+            and all(self.has_kernel(m) for m in checkpoints)
+            and (self.config.store_version < 3 or all(self.has_preconditioned(m) for m in checkpoints))
         )
 
     def record_checkpoint(self, model_id: int, fingerprint: str, base_fingerprint: Optional[str] = None) -> None:

@@ -62,12 +62,16 @@ def run_cli(argv, capsys, monkeypatch, debug: bool = False):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["top-k", "--save-dir", "s", "--dataset", "d", "--output", "o", "--k", "-3"], "argument --k: expected a positive integer"),
-        (["featurize", "--model", "m", "--dataset", "d", "--save-dir", "s", "--proj-dim", "2.5"], "--proj-dim: invalid int"),
-        (["report", "--top-k", "t", "--output", "r.html", "--num-targets", "0"], "expected a positive integer, got '0'"),
+        (["top-k", "--save-dir", "s", "--dataset", "d", "--output", "o", "--k", "-3"],
+         "argument --k: expected a positive integer"),
+        (["featurize", "--model", "m", "--dataset", "d", "--save-dir", "s", "--proj-dim", "2.5"],
+         "--proj-dim: invalid int"),
+        (["report", "--top-k", "t", "--output", "r.html", "--num-targets", "0"],
+         "expected a positive integer, got '0'"),
         (["featurize", "--model", "m", "--dataset", "d", "--save-dir", "s", "--batch-size", "0"],
          "hf-trak: error: batch_size must be a positive integer, got 0."),
-        (["featurize", "--model", "m", "--dataset", "d"], "hf-trak: error: featurize writes a feature store: pass --save-dir."),
+        (["featurize", "--model", "m", "--dataset", "d"],
+         "hf-trak: error: featurize writes a feature store: pass --save-dir."),
         (["report", "--top-k", "t", "--output", "r.pdf"], "hf-trak: error: Report path 'r.pdf' must end in .png"),
     ],
 )  # fmt: skip
@@ -96,7 +100,9 @@ def test_the_installed_script_prints_one_line(tmp_path):
     assert done.returncode == 2 and "--k: expected a positive integer, got '0'" in done.stderr
     done = subprocess.run(script, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == ["hf-trak: error: s holds no TRAK features (trak_config.json is missing)."]
+    assert done.stderr.strip().splitlines() == [
+        "hf-trak: error: s holds no TRAK features (trak_config.json is missing)."
+    ]
 
 
 def test_every_error_class_is_a_trak_error_and_the_builtin_that_fits():
@@ -105,7 +111,9 @@ def test_every_error_class_is_a_trak_error_and_the_builtin_that_fits():
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert issubclass(cls, TRAKError)
-    assert issubclass(errors.InvalidArgumentError, ValueError) and issubclass(errors.OutputExistsError, FileExistsError)
+    assert issubclass(errors.InvalidArgumentError, ValueError) and issubclass(
+        errors.OutputExistsError, FileExistsError
+    )
     assert issubclass(errors.CorruptStoreError, OSError) and issubclass(errors.StoreMismatchError, ValueError)
     import hf_trak
 

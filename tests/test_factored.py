@@ -92,7 +92,9 @@ def test_factored_traker_end_to_end_and_dimension_budget():
     scores = traker.featurize(data, [model.state_dict()], batch_size=5).score(lm_sequences(4, seed=1))
     assert scores.shape == (12, 4) and np.isfinite(scores).all()
     blocks = len(traker.featurizer.targets)
-    with pytest.raises(ValueError, match=f"proj_dim=3 is too small for {blocks} factored blocks .*proj_dim >= {blocks}"):
+    with pytest.raises(
+        ValueError, match=f"proj_dim=3 is too small for {blocks} factored blocks .*proj_dim >= {blocks}"
+    ):
         TRAKer(model, projector="factored", proj_dim=3, save_dir=None)
     assert TRAKer(model, projector="factored", proj_dim=blocks, save_dir=None).featurizer.proj_dim == blocks
 

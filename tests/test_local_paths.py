@@ -42,7 +42,10 @@ def test_the_cli_names_a_missing_checkpoint_in_one_line(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as done:
         main(["featurize", "--model", "./no_such_ckpt", "--dataset", "d", "--save-dir", "s"])
     assert done.value.code == 1
-    assert capsys.readouterr().err == "hf-trak: error: The model './no_such_ckpt' does not exist (no such file or folder).\n"
+    assert (
+        capsys.readouterr().err
+        == "hf-trak: error: The model './no_such_ckpt' does not exist (no such file or folder).\n"
+    )
     tiny_vit().save_pretrained("model")
     with pytest.raises(SystemExit) as done:
         main(["featurize", "--model", "model", "--dataset", "./no_such_data", "--save-dir", "s", "--no-processor"])

@@ -71,7 +71,10 @@ def test_score_refuses_existing_outputs_before_any_work_and_overwrites_on_reques
     store_before = digest("feats")
     np.save("s.npy", np.zeros(3))
     code, out = cli([*score, "--output", "s.npy", "--name", "other"], capsys)
-    assert code == 1 and out.err == "hf-trak: error: s.npy exists: choose another --output, or pass --overwrite to replace it.\n"
+    assert (
+        code == 1
+        and out.err == "hf-trak: error: s.npy exists: choose another --output, or pass --overwrite to replace it.\n"
+    )
     assert "Featurizing" not in out.err and digest("feats") == store_before  # refused before any work
     np.testing.assert_array_equal(np.load("s.npy"), np.zeros(3))
     code, out = cli([*score, "--output", "t.npy"], capsys)  # the store already holds scores named "test"

@@ -46,8 +46,9 @@ def test_another_train_split_is_refused_before_any_checkpoint_is_loaded(featuriz
             lambda row, i: {"pixel_values": np.asarray(row["pixel_values"]) * (1.5 if i == 17 else 1.0)},
             with_indices=True,
         ),
-        "swapped labels": lambda: train.map(lambda row, i: {"labels": (row["labels"] + (i == 3)) % 10},
-                                            with_indices=True),  # fmt: skip
+        "swapped labels": lambda: train.map(
+            lambda row, i: {"labels": (row["labels"] + (i == 3)) % 10}, with_indices=True
+        ),  # fmt: skip
     }[variant]()
 
     class Unloadable(dict):
@@ -117,6 +118,8 @@ def test_text_features_are_checked_with_the_tokens_fed_to_the_model(tmp_path):
     model, train = tiny_bert(), token_sequences(12)
     root = str(tmp_path / "store")
     TRAKer(model, proj_dim=16, save_dir=root).featurize(train, [model.state_dict()])
-    retokenized = train.map(lambda row: {"input_ids": row["input_ids"][:-1], "attention_mask": row["attention_mask"][:-1]})
+    retokenized = train.map(
+        lambda row: {"input_ids": row["input_ids"][:-1], "attention_mask": row["attention_mask"][:-1]}
+    )
     with pytest.raises(StoreMismatchError, match="row 0 is not the featurized row 0"):
         TRAKer.from_pretrained(root, model, train_dataset=retokenized)

@@ -15,6 +15,7 @@ import torch
 from hf_trak import TRAKer
 from hf_trak.cli import main
 from hf_trak.errors import CorruptStoreError
+from hf_trak.store import FeatureStore
 from hf_trak.testing import digits, tiny_vit
 
 
@@ -74,19 +75,24 @@ def corrupt(path, how: str) -> None:
     open(path, "wb").write(data)
 
 
+@pytest.mark.parametrize("kind", ["features", "preconditioned"])
 @pytest.mark.parametrize("how", ["truncated", "emptied", "flipped"])
-def test_a_corrupt_shard_is_named_by_scoring_and_redone_by_a_resume(tmp_path, how, caplog):
+def test_a_corrupt_shard_is_named_and_redone_by_a_resume(tmp_path, kind, how, caplog):
     clean = featurize(tmp_path / "clean")
     expected = clean.score(digits(3, offset=30))
     featurize(tmp_path / "store")
-    shard = tmp_path / "store" / "checkpoint-0" / "features-000000005-000000010.arrow"
+    shard = tmp_path / "store" / "checkpoint-0" / f"{kind}-000000005-000000010.arrow"
     corrupt(shard, how)
-    loaded = TRAKer.from_pretrained(str(tmp_path / "store"), tiny_vit())
     with pytest.raises(CorruptStoreError, match=rf"Shard {shard} .*run featurize again"):
-        loaded.score(digits(3, offset=30))
+        FeatureStore.load(str(tmp_path / "store")).verify()  # every row count and checksum
+    if kind == "preconditioned" and how != "flipped":  # scoring reads Φ, checking its structure (not its CRC)
+        loaded = TRAKer.from_pretrained(str(tmp_path / "store"), tiny_vit())
+        with pytest.raises(CorruptStoreError, match=rf"Shard {shard} .*run featurize again"):
+            loaded.score(digits(3, offset=30))
     with caplog.at_level(logging.WARNING, logger="hf_trak"):
         resumed = featurize(tmp_path / "store")
     assert any(str(shard) in record.getMessage() and "Redoing" in record.getMessage() for record in caplog.records)
+    FeatureStore.load(str(tmp_path / "store")).verify()
     np.testing.assert_array_equal(resumed.score(digits(3, offset=30)), expected)
 
 
@@ -96,7 +102,7 @@ def test_a_corrupt_kernel_is_named_and_redone(tmp_path, caplog):
     kernel = tmp_path / "store" / "checkpoint-0" / "kernel.safetensors"
     corrupt(kernel, "truncated")
     with pytest.raises(CorruptStoreError, match=rf"{kernel} is corrupt"):
-        TRAKer.from_pretrained(str(tmp_path / "store"), tiny_vit()).score(digits(2, offset=30))
+        FeatureStore.load(str(tmp_path / "store")).verify()
     with caplog.at_level(logging.WARNING, logger="hf_trak"):
         featurize(tmp_path / "store")
     assert any(str(kernel) in record.getMessage() for record in caplog.records)

@@ -165,3 +165,27 @@ def test_explicit_and_derived_lambda():
     assert float(derived["lambda_reg"]) == pytest.approx(expected, rel=1e-6)
     explicit = TRAKer(model, proj_dim=16, save_dir=None, lambda_reg=0.25).featurize(train, [model.state_dict()])
     assert float(explicit.store.load_kernel(0)["lambda_reg"]) == 0.25
+
+
+def test_scoring_reads_the_stored_preconditioned_features_and_matches_forming_them(tmp_path, monkeypatch):
+    """Issue 14: a query costs one read of Φ = XK (stored by featurize) and n·k·T, never n·k²."""
+    import os
+
+    import hf_trak.scoring
+    from hf_trak.store import PRECONDITIONED
+
+    model, train, targets = tiny_vit(), digits(30), digits(7, offset=60)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
+        root = str(tmp_path / str(dtype))
+        traker = TRAKer(model, proj_dim=64, save_dir=root, shard_size=8, dtype=dtype)
+        traker.featurize(train, [model.state_dict(), perturbed_state_dict(model, seed=2)])
+        with monkeypatch.context() as patched:
+            patched.setattr(hf_trak.scoring, "preconditioned", lambda *a: pytest.fail("Φ was formed at query time"))
+            stored = traker.score(targets)
+            top = traker.top_k(targets, k=3)
+        for m in range(2):
+            for start, stop in traker.store.shard_ranges():
+                os.remove(traker.store.shard_path(m, start, stop, PRECONDITIONED))
+        formed = traker.score(targets)  # a store without Φ (before version 3): formed per shard, in float64
+        np.testing.assert_allclose(stored, formed, rtol=0, atol=tolerance * np.abs(formed).max())
+        np.testing.assert_array_equal(top.indices, np.argsort(-stored, axis=0, kind="stable")[:3].T)

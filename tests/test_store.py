@@ -35,10 +35,16 @@ def test_layout_is_arrow_safetensors_and_json_only(tmp_path):
         "checkpoint-0/features-000000008-000000016.arrow",
         "checkpoint-0/features-000000016-000000020.arrow",
         "checkpoint-0/kernel.safetensors",
+        "checkpoint-0/preconditioned-000000000-000000008.arrow",
+        "checkpoint-0/preconditioned-000000008-000000016.arrow",
+        "checkpoint-0/preconditioned-000000016-000000020.arrow",
         "checkpoint-1/features-000000000-000000008.arrow",
         "checkpoint-1/features-000000008-000000016.arrow",
         "checkpoint-1/features-000000016-000000020.arrow",
         "checkpoint-1/kernel.safetensors",
+        "checkpoint-1/preconditioned-000000000-000000008.arrow",
+        "checkpoint-1/preconditioned-000000008-000000016.arrow",
+        "checkpoint-1/preconditioned-000000016-000000020.arrow",
         "train_rows.arrow",
         "trak_config.json",
     ]
@@ -50,7 +56,9 @@ def test_layout_is_arrow_safetensors_and_json_only(tmp_path):
 def test_load_dataset_reads_each_checkpoint_as_a_config(tmp_path):
     traker, _, _ = _featurized(tmp_path)
     for m in range(2):
-        rows = load_dataset(traker.save_dir, f"checkpoint-{m}", split="train").with_format("numpy")
+        rows = load_dataset(
+            traker.save_dir, f"checkpoint-{m}", split="train", cache_dir=str(tmp_path / "cache")
+        ).with_format("numpy")
         assert rows.features["features"].feature.dtype == "float16"
         np.testing.assert_array_equal(rows["index"], np.arange(20))
         np.testing.assert_array_equal(np.stack(rows["features"]), traker.store.features(m))
@@ -68,7 +76,9 @@ def test_saved_scores_round_trip_and_appear_in_the_card(tmp_path):
     scores = traker.score(digits(3, offset=50))
     traker.save_scores(scores, "test-digits")
     np.testing.assert_array_equal(traker.store.load_scores("test-digits"), scores)
-    rows = load_dataset(traker.save_dir, "scores-test-digits", split="train").with_format("numpy")
+    rows = load_dataset(
+        traker.save_dir, "scores-test-digits", split="train", cache_dir=str(tmp_path / "cache")
+    ).with_format("numpy")
     np.testing.assert_array_equal(np.stack(rows["scores"]).T, scores)
     card = open(os.path.join(traker.save_dir, "README.md")).read()
     assert "config_name: scores-test-digits" in card and "config_name: checkpoint-1" in card
@@ -142,7 +152,7 @@ def test_featurize_killed_with_sigkill_resumes_to_identical_features(tmp_path):
     resumed, complete = FeatureStore.load(root), FeatureStore.load(reference)
     assert resumed.is_complete()
     for m in range(2):
-        indices = load_dataset(root, f"checkpoint-{m}", split="train")["index"]
+        indices = load_dataset(root, f"checkpoint-{m}", split="train", cache_dir=str(tmp_path / "cache"))["index"]
         np.testing.assert_array_equal(np.asarray(indices), np.arange(600))  # no row lost, none duplicated
         np.testing.assert_array_equal(resumed.features(m), complete.features(m))
         np.testing.assert_array_equal(resumed.out_to_loss(m), complete.out_to_loss(m))
@@ -164,9 +174,12 @@ def test_a_version_1_store_loads_and_scores_as_before(tmp_path):
     config = json.load(open(os.path.join(root, "trak_config.json")))
     assert config["store_version"] == STORE_VERSION
     for field in ("store_version", "lambda_scale", "adapter_config", "base_model", "base_fingerprint", "train_hashes",
-                  "excluded_rows"):  # fmt: skip
+                  "excluded_rows", "projector_reason"):  # fmt: skip
         del config[field]
     os.remove(os.path.join(root, "train_rows.arrow"))
+    for name in os.listdir(os.path.join(root, "checkpoint-0")):
+        if name.startswith("preconditioned-"):  # version 1 and 2 stores hold no Φ: scoring forms it
+            os.remove(os.path.join(root, "checkpoint-0", name))
     with open(os.path.join(root, "trak_config.json"), "w") as file:
         json.dump(config, file)
     kernel_path = os.path.join(root, "checkpoint-0", "kernel.safetensors")

@@ -1,0 +1,155 @@
+"""Query cost against a large store: one target's top-10, and 1000 targets, next to their floors.
+
+    python benchmarks/query.py [--num-examples 200000] [--proj-dim 2048] [--targets 1000] [--threads 2]
+
+Builds a synthetic float16 store (n × k Gaussian features in 4096-row shards, Q uniform)
+and finalizes it as featurize does (XᵀX, K and the stored Φ = XK, ``finalize_checkpoint``).
+Then, in a fresh process each (so that peak memory is the query's own), the median of
+``--repeats`` runs of:
+
+* ``TRAKer.top_k``'s path (``hf_trak.scoring.top_k``) for 1 target, k = 10, against one read
+  of the store's Φ shards into memory (the floor of any exact query);
+* the same for ``--targets`` targets, against the GEMM floor: Φ (n × k, float32, in memory)
+  times Tᵀ (k × T) in one ``torch.mm``;
+* the path of stores before version 3, which forms Φ = XK per call (n·k² float64 flops),
+  for one target.
+
+Peak memory is the query process's peak resident set during the queries minus what it held
+before them (Linux: ``/proc/self/clear_refs``), next to one shard's Φ in float32 and the n × T
+score matrix. Memory-mapped pages of the store count while touched.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+QUERY = r"""
+import json, sys, time
+import numpy as np, torch
+from hf_trak.scoring import top_k
+from hf_trak.store import FeatureStore
+root, kind = sys.argv[1], sys.argv[5]
+num_targets, repeats, threads = (int(value) for value in sys.argv[2:5])
+torch.set_num_threads(threads)
+store = FeatureStore.load(root)
+k = store.config.feature_dim
+targets = [torch.from_numpy(np.random.default_rng(1).standard_normal((num_targets, k)).astype(np.float32))]
+if kind == "old":  # a store before version 3: hide the stored Φ
+    store.has_preconditioned = lambda model_id: False
+def status(field):  # kB, from /proc/self/status (Linux)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident set (VmHWM) to the current one
+before = status("VmRSS")
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    result = top_k(store, targets, torch.device("cpu"), 4096, 10, True, show_progress=False)
+    times.append(time.perf_counter() - start)
+peak = status("VmHWM") - before
+print(json.dumps({"seconds": float(np.median(times)), "peak_mb": peak / 1024, "top": result.indices[0].tolist()}))
+"""
+
+
+def synthetic_store(root: str, n: int, k: int, shard_size: int):
+    from accelerate import PartialState
+
+    from hf_trak.config import STORE_VERSION, TRAKConfig
+    from hf_trak.featurize import finalize_checkpoint
+    from hf_trak.store import FeatureStore
+
+    config = TRAKConfig(model_class="-", name_or_path="", task="-", task_settings={}, projector="rademacher",
+                        proj_dim=k, projector_seed=0, param_names=[], num_params=0, lambda_reg=None,
+                        dtype="float16")  # fmt: skip
+    config = dataclasses.replace(
+        config, feature_dim=k, num_checkpoints=1, num_train_examples=n, shard_size=shard_size,
+        store_version=STORE_VERSION, checkpoint_fingerprints=["-"],
+    )  # fmt: skip
+    store = FeatureStore.create_or_resume(root, config)
+    rng = np.random.default_rng(0)
+    for start, stop in store.shard_ranges():
+        features = (rng.standard_normal((stop - start, k), dtype=np.float32) / np.sqrt(k)).astype(np.float16)
+        store.write_shard(0, start, features, rng.uniform(0.01, 1.0, stop - start).astype(np.float32))
+    finalize_checkpoint(store, 0, torch.device("cpu"), PartialState())
+    return store
+
+
+def run_query(root: str, num_targets: int, repeats: int, threads: int, kind: str = "stored") -> dict:
+    done = subprocess.run([sys.executable, "-c", QUERY, root, str(num_targets), str(repeats), str(threads), kind],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def read_once(store) -> float:
+    """Seconds to read every Φ shard of checkpoint 0 into memory (page cache warm, as for the queries)."""
+    from hf_trak.store import PRECONDITIONED
+
+    start = time.perf_counter()
+    for begin, stop in store.shard_ranges():
+        phi, q = store.shard(0, begin, stop, PRECONDITIONED, verify=False)
+        np.array(phi), np.array(q)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-examples", type=int, default=200_000)
+    parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument("--targets", type=int, default=1000)
+    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-old", action="store_true", help="skip the before-version-3 path (minutes at n=200k)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n, k, t = args.num_examples, args.proj_dim, args.targets
+    with tempfile.TemporaryDirectory() as folder:
+        root = os.path.join(folder, "store")
+        start = time.perf_counter()
+        store = synthetic_store(root, n, k, args.shard_size)
+        print(f"synthetic store: n={n:,}, k={k}, float16, {args.shard_size}-row shards; built and finalized in "
+              f"{time.perf_counter() - start:.0f} s ({args.threads} threads)")  # fmt: skip
+        reads = sorted(read_once(store) for _ in range(args.repeats))
+        read = reads[len(reads) // 2]
+        single = run_query(root, 1, args.repeats, args.threads)
+        many = run_query(root, t, args.repeats, args.threads)
+        phi = np.concatenate([np.array(p, dtype=np.float32) for _, p, _ in _phi_shards(store)])
+        targets = torch.randn(k, t)
+        floors = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            torch.mm(torch.from_numpy(phi), targets)
+            floors.append(time.perf_counter() - start)
+        floor = float(np.median(floors))
+        del phi
+        shard_mb = args.shard_size * k * 4 / 2**20
+        print(f"one read of the store's Φ ({n * k * 2 / 1e9:.2f} GB): {read:.3f} s")
+        print(f"single target, top-10: {single['seconds']:.3f} s = {single['seconds'] / read:.2f}x one read "
+              f"(goal <= 2x); peak memory +{single['peak_mb']:.0f} MB")  # fmt: skip
+        print(f"{t} targets, top-10: {many['seconds']:.2f} s = {many['seconds'] / floor:.2f}x the GEMM floor "
+              f"n·k·T ({floor:.2f} s; goal <= 1.5x); peak memory +{many['peak_mb']:.0f} MB "
+              f"(one shard's Φ in float32: {shard_mb:.0f} MB; n × T scores: {n * t * 4 / 2**20:.0f} MB)")  # fmt: skip
+        if not args.skip_old:
+            old = run_query(root, 1, 1, args.threads, kind="old")
+            assert old["top"] == single["top"], "the stored Φ and Φ formed per call must give the same top-10"
+            print(f"single target, stores before version 3 (Φ = XK formed per call): {old['seconds']:.1f} s "
+                  f"= {old['seconds'] / single['seconds']:.0f}x the stored-Φ query")  # fmt: skip
+
+
+def _phi_shards(store):
+    from hf_trak.store import PRECONDITIONED
+
+    for begin, stop in store.shard_ranges():
+        phi, q = store.shard(0, begin, stop, PRECONDITIONED, verify=False)
+        yield begin, phi, q
+
+
+if __name__ == "__main__":
+    main()
