@@ -33,7 +33,8 @@ test-fast: quality  # the tests not marked slow (no subprocesses, no retraining)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
-	$(BIN)/python -m pip install -q --no-deps "traker==0.3.2"
+	$(BIN)/python -m pip install -q --no-deps "traker==0.3.2" "kronfluence==1.0.1"
+	$(BIN)/python -m pip install -q einops einconv opt-einsum
 	$(BIN)/python benchmarks/featurize.py
 	$(BIN)/python benchmarks/lds_digits.py
 	$(BIN)/python benchmarks/factored.py
@@ -41,3 +42,5 @@ bench: install
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/peft_lora.py
 	$(BIN)/python benchmarks/precision.py --threads 2
+	$(BIN)/python benchmarks/query.py
+	$(BIN)/python benchmarks/lds.py

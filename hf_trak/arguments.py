@@ -22,6 +22,8 @@ from .errors import InvalidArgumentError, check_positive_int
 
 PROJECTORS = ("auto", "rademacher", "normal", "identity", "factored")
 NONFINITE_POLICIES = ("error", "exclude")
+TRAIN_WEIGHTS = ("out_to_loss", "none")
+KERNELS = ("global", "per_module")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -47,6 +49,17 @@ class TRAKArguments:
     projector_seed: int = _field(0, "seed of the projection (checkpoint m gets its own matrix)")
     lambda_reg: Optional[float] = _field(None, "λ added to XᵀX (default: lambda_scale · tr(XᵀX)/k per checkpoint)")
     lambda_scale: float = _field(0.1, "with lambda_reg unset, λ = lambda_scale · tr(XᵀX)/k")
+    kernel: str = _field(
+        "global",
+        "global (one k × k kernel) or per_module (block-diagonal: one kernel per projected matrix, each with its own "
+        "λ; factored projector)",
+        choices=KERNELS,
+    )
+    train_weight: str = _field(
+        "out_to_loss",
+        "train-side weight of the scores: out_to_loss (TRAK's Q_i = ∂ℓ/∂f, averaged over checkpoints) or none",
+        choices=TRAIN_WEIGHTS,
+    )
     dtype: str = _field("float16", "storage dtype of the train features", choices=STORAGE_DTYPES)
     grad_wrt: Optional[List[str]] = _field(
         None, "parameter names to differentiate, or 'all' (default: the trainable ones)"
@@ -88,6 +101,8 @@ class TRAKArguments:
         _check_choice("projector", self.projector, PROJECTORS)
         _check_choice("dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        _check_choice("train_weight", self.train_weight, TRAIN_WEIGHTS)
+        _check_choice("kernel", self.kernel, KERNELS)
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
         if self.lambda_reg is not None and not self.lambda_reg >= 0:

@@ -27,6 +27,7 @@ from .adapters import adapter_parameter_names, is_peft_model
 from .arguments import TRAKArguments
 from .checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
 from .config import STORE_VERSION
+from .errors import InvalidArgumentError
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, PerExampleGradients, select_parameters
 from .masks import AttentionMaskAdapter
@@ -139,6 +140,21 @@ class FeatureMap:
     def dim(self) -> int:
         """k, the feature dimension."""
         return self.projector.proj_dim
+
+    def kernel_blocks(self, kernel: str) -> list:
+        """[offset, size] of each per-module kernel block (one per projected matrix of the factored projector,
+        and one for its dense fallback); [] for a global kernel."""
+        if kernel == "global" or self.projector is None:
+            return []
+        if not isinstance(self.projector, FactoredGradientProjector):
+            raise InvalidArgumentError(
+                f"kernel='per_module' needs features made per projected matrix, which the factored projector "
+                f"gives and the {self.projector_kind} one does not: pass projector='factored'."
+            )
+        blocks = [[target.offset, target.size] for target in self.projector.targets]
+        if self.projector.fallback_projector is not None:
+            blocks.append([self.projector.fallback_offset, self.projector.fallback_projector.proj_dim])
+        return blocks
 
     def at(
         self, checkpoint: Checkpoint, model_id: int, sample_train_batch: Optional[SampleTrainBatch] = None

@@ -31,6 +31,9 @@ RESUME_FIELDS = FEATURE_FIELDS + (
     "dtype",
     "lambda_reg",
     "lambda_scale",
+    "train_weight",
+    "kernel",
+    "kernel_blocks",
     "num_checkpoints",
     "num_train_examples",
     "train_hashes",
@@ -86,6 +89,9 @@ class TRAKConfig:
     base_fingerprint: str = ""
     train_hashes: List[str] = dataclasses.field(default_factory=list)
     projector_reason: str = ""
+    train_weight: str = "out_to_loss"
+    kernel: str = "global"
+    kernel_blocks: List[List[int]] = dataclasses.field(default_factory=list)
     excluded_rows: List[int] = dataclasses.field(default_factory=list)
 
     def to_json_string(self) -> str:

@@ -115,7 +115,7 @@ class ExampleSource:
         padding = {"input_ids": self.pad_token_id, "labels": -100}.get(name, 0)
         return pad_sequence(values, batch_first=True, padding_value=padding)
 
-    def _batch(self, indices) -> dict:
+    def batch(self, indices) -> dict:
         """The examples at ``indices`` (a slice or a list of row numbers) as one batch of tensors."""
         if not self.is_dataloader:
             return self._select(self._collate(self._formatted[indices]))
@@ -159,10 +159,10 @@ class ExampleSource:
         stop = len(self) if stop is None else stop
         size = (self.data.batch_size or batch_size) if self.is_dataloader else batch_size
         for begin in range(start, stop, size):
-            yield self._batch(slice(begin, min(begin + size, stop)))
+            yield self.batch(slice(begin, min(begin + size, stop)))
 
     def sample(self, num_examples: int, seed: int) -> dict:
         """``num_examples`` examples drawn without replacement with ``seed``, as one batch."""
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randperm(len(self), generator=generator)[: min(num_examples, len(self))].tolist()
-        return self._batch(indices)
+        return self.batch(indices)

@@ -41,7 +41,14 @@ from .config import TRAKConfig
 from .data import ExampleSource
 from .errors import InvalidInputError, OutputExistsError
 from .inputs import scan_split
-from .kernel import gram, preconditioned, regularized_inverse, resolve_lambda
+from .kernel import (
+    block_regularized_inverse,
+    column_scale,
+    gram,
+    preconditioned,
+    regularized_inverse,
+    resolve_lambda,
+)
 from .provenance import first_difference, shard_hashes
 from .store import PRECONDITIONED, FeatureStore, as_tensor
 
@@ -224,15 +231,23 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
             xtx += gram(as_tensor(store.shard(model_id, start, stop)[0]).to(device))
     xtx = reduce(xtx, reduction="sum")
     if state.is_main_process:
-        lambda_reg = resolve_lambda(xtx, store.config.lambda_reg, store.config.lambda_scale)
-        store.save_kernel(model_id, xtx.cpu(), regularized_inverse(xtx, lambda_reg).cpu(), lambda_reg)
+        config = store.config
+        if config.kernel == "per_module":
+            kernel, lambda_reg = block_regularized_inverse(xtx, config.kernel_blocks, config.lambda_reg,
+                                                           config.lambda_scale)  # fmt: skip
+        else:
+            lambda_reg = resolve_lambda(xtx, config.lambda_reg, config.lambda_scale)
+            kernel = regularized_inverse(xtx, lambda_reg)
+        scale = column_scale(xtx, kernel, store.config.num_train_examples)
+        store.save_kernel(model_id, xtx.cpu(), kernel.cpu(), lambda_reg, scale.cpu())
         logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
     state.wait_for_everyone()
 
 
 def _write_preconditioned(store: FeatureStore, model_id: int, device, state: PartialState) -> None:
-    """Φ_m = X_m K_m of every shard (formed in float64, ``hf_trak.kernel.preconditioned``; stored in the
-    features' dtype with Q), each process a share: scoring T targets then costs one read of Φ and n·k·T."""
+    """Φ_m/s_m = X_m K_m/s_m of every shard (formed in float64, ``hf_trak.kernel.preconditioned``; stored in the
+    features' dtype with Q; s_m: ``column_scale``), each process a share: scoring T targets then costs one read
+    of Φ and n·k·T."""
     if state.is_main_process:
         for start, stop in store.shard_ranges():
             store.has_valid_shard(model_id, start, stop, PRECONDITIONED)  # a corrupt Φ shard is redone
@@ -241,12 +256,13 @@ def _write_preconditioned(store: FeatureStore, model_id: int, device, state: Par
     state.wait_for_everyone()
     if not missing:
         return
-    kernel = store.load_kernel(model_id)["kernel"].to(device, torch.float64)
+    saved = store.load_kernel(model_id)
+    kernel, scale = saved["kernel"].to(device, torch.float64), saved["phi_scale"].to(device, torch.float64)
     dtype = getattr(torch, store.config.dtype)
     with state.split_between_processes(missing) as mine:
         for start, stop in mine:
             features, out_to_loss = store.shard(model_id, start, stop)
-            phi = preconditioned(as_tensor(features), kernel).to(dtype).cpu().numpy()
+            phi = (preconditioned(as_tensor(features), kernel, scale)).to(dtype).cpu().numpy()
             store.write_shard(model_id, start, phi, out_to_loss, PRECONDITIONED)
     state.wait_for_everyone()
 

@@ -61,9 +61,44 @@ def regularized_inverse(xtx: Tensor, lambda_reg: float) -> Tensor:
     return inverse / inverse.abs().mean()
 
 
-def preconditioned(features: Tensor, kernel: Tensor) -> Tensor:
-    """Φ = X K for a block of train features (rows × k), formed in float64 (see the module's note), float32."""
-    return (features.to(device=kernel.device, dtype=torch.float64) @ kernel.double()).float()
+def block_regularized_inverse(
+    xtx: Tensor, blocks: Sequence[Tuple[int, int]], lambda_reg: Optional[float], lambda_scale: float
+) -> Tuple[Tensor, float]:
+    """Per-module kernel: K = blockdiag_b((XᵀX_bb + λ_b I)⁻¹), float64, with λ_b = lambda_reg, or
+    lambda_scale · tr(XᵀX_bb)/k_b for block b = [offset, offset + k_b) of the features (one per projected
+    matrix). Each block then adds O(1) to a score whatever its gradients' scale, so K is not rescaled by
+    mean|K| (which the blocks of smallest gradients would dominate). Returns K and the mean λ_b."""
+    kernel = torch.zeros_like(xtx, dtype=torch.float64)
+    lambdas = []
+    for offset, size in blocks:
+        block = slice(offset, offset + size)
+        sub = xtx[block, block].double()
+        lambda_b = resolve_lambda(sub, lambda_reg, lambda_scale)
+        if lambda_b <= 0:  # a block whose features are all zero (a parameter without gradient)
+            lambda_b = 1.0
+        inverse = torch.linalg.inv(sub + lambda_b * torch.eye(size, dtype=torch.float64, device=xtx.device))
+        kernel[block, block] = inverse
+        lambdas.append(lambda_b)
+    return kernel, float(sum(lambdas) / len(lambdas))
+
+
+def column_scale(xtx: Tensor, kernel: Tensor, num_rows: int) -> Tensor:
+    """s_j = RMS over rows of column j of Φ = XK, from ΦᵀΦ = K XᵀX K (no pass over X); 1 where Φ_j = 0.
+
+    Φ is stored as Φ/s so that every column uses the storage dtype's precision: kernels of
+    very different scales (per-module blocks) otherwise leave most of Φ below float16's
+    smallest normal number (6·10⁻⁵). Scoring multiplies the targets by s instead."""
+    k = kernel.double()
+    squares = torch.einsum("ij,jk,ki->i", k, xtx.double(), k).clamp(min=0)  # diag(K XᵀX K) (K symmetric)
+    scale = (squares / max(num_rows, 1)).sqrt()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def preconditioned(features: Tensor, kernel: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """Φ = X K (divided column-wise by ``scale``, if given) for a block of train features (rows × k), formed in
+    float64 (see the module's note), float32."""
+    phi = features.to(device=kernel.device, dtype=torch.float64) @ kernel.double()
+    return (phi if scale is None else phi / scale).float()
 
 
 # On the CPU, score_block converts Φ to float32 a chunk of rows at a time so that each chunk is

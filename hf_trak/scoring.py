@@ -4,7 +4,8 @@
    call), kept on the CPU: M × T × k float32.
 2. ``shard_scores``: for each train shard, Φ_m = X_m K_m as featurize stored it (read
    memory-mapped; formed here, in float64, for stores before version 3), then the score
-   blocks τ[rows, block] = mean_m(Φ_m T_m[block]ᵀ) ⊙ Q̄[rows] for blocks of
+   blocks τ[rows, block] = mean_m(Φ_m T_m[block]ᵀ) ⊙ Q̄[rows] (Q̄ = 1 with
+   ``train_weight="none"``) for blocks of
    ``target_block_size`` targets. Cost: one read of Φ and n·k·T flops (n·k² more for old
    stores); memory: a shard's Φ and one (shard × block) block.
 3. ``scores`` writes the blocks into an (n × T) array; ``top_k`` merges them into the k
@@ -84,6 +85,7 @@ def shard_scores(
     num_checkpoints, num_targets = len(targets), len(targets[0])
     if num_targets == 0:
         return
+    targets = [t * phi_scale(store, m) for m, t in enumerate(targets)]  # Φ is stored as Φ/s: (Φ/s)(T ⊙ s)ᵀ = ΦTᵀ
     shards = zip(*(preconditioned_shards(store, m, device) for m in range(num_checkpoints)))  # lazily
     progress = dict(
         total=len(store.shard_ranges()), desc="Scoring train shards", disable=None if show_progress else True
@@ -92,15 +94,24 @@ def shard_scores(
         start = shard[0][0]
         phis = [phi for _, phi, _ in shard]
         q = torch.from_numpy(np.mean([out_to_loss for _, _, out_to_loss in shard], axis=0))  # mean_m Q_m[rows]
+        if store.config.train_weight == "none":
+            q = torch.where(q.isnan(), q, torch.ones_like(q))  # excluded rows stay NaN
         for offset in range(0, num_targets, target_block_size):
             block = [t[offset : offset + target_block_size] for t in targets]
             yield start, offset, score_block(phis, block, q)
 
 
+def phi_scale(store: FeatureStore, model_id: int) -> Tensor:
+    """s_m, the column scale Φ_m is stored with (1 where Φ is formed per call, in stores before version 3)."""
+    if not store.has_preconditioned(model_id):
+        return torch.ones(())
+    return store.load_kernel(model_id).get("phi_scale", torch.ones(())).float()
+
+
 def preconditioned_shards(store: FeatureStore, model_id: int, device) -> Iterator[Tuple[int, Tensor, np.ndarray]]:
-    """``(start, Φ_m[rows] on device (stored dtype), Q_m[rows])`` shard by shard: the stored Φ (read memory-mapped; its
-    checksum is checked when featurize resumes, ``FeatureStore.verify``), or for stores before version 3
-    Φ = X K formed from the features."""
+    """``(start, Φ_m[rows]/s_m on device (stored dtype), Q_m[rows])`` shard by shard: the stored Φ (read
+    memory-mapped; its checksum is checked when featurize resumes, ``FeatureStore.verify``), or for stores before
+    version 3 Φ = X K formed from the features."""
     if store.has_preconditioned(model_id):
         for start, stop in store.shard_ranges():
             phi, out_to_loss = store.shard(model_id, start, stop, PRECONDITIONED, verify=False)

@@ -8,9 +8,10 @@ Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")``
     checkpoint-<m>/features-<start>-<stop>.arrow   rows [start, stop): index (int64),
                                             features (fixed-size list of float16/32: x_i = P_mᵀg_i/√p),
                                             out_to_loss (float32: Q_i)
-    checkpoint-<m>/kernel.safetensors       xtx (k × k), kernel K_m = (XtX + λI)⁻¹/mean|·| (k × k), lambda_reg
-    checkpoint-<m>/preconditioned-<start>-<stop>.arrow   index, phi (Φ_m = X_m K_m, in the features'
-                                            dtype), out_to_loss: what scoring reads (version 3 on)
+    checkpoint-<m>/kernel.safetensors       xtx (k × k), kernel K_m = (XtX + λI)⁻¹/mean|·| (k × k), lambda_reg,
+                                            phi_scale s_m (k,: RMS of Φ_m's columns; version 3 on)
+    checkpoint-<m>/preconditioned-<start>-<stop>.arrow   index, phi (Φ_m/s_m, Φ_m = X_m K_m, in the
+                                            features' dtype), out_to_loss: what scoring reads (version 3 on)
     scores/<name>.arrow                     target_index (int64), scores (fixed-size list of float32, n)
 
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
@@ -270,11 +271,14 @@ class FeatureStore:
             os.remove(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME))
             return False
 
-    def save_kernel(self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float) -> None:
+    def save_kernel(
+        self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float, phi_scale: torch.Tensor
+    ) -> None:
         tensors = {
             "xtx": xtx.contiguous(),
             "kernel": kernel.contiguous(),
             "lambda_reg": torch.tensor(lambda_reg, dtype=torch.float64),
+            "phi_scale": phi_scale.contiguous(),
         }
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         atomic_write(path, lambda tmp: save_file(tensors, tmp))

@@ -14,7 +14,7 @@ from hf_trak.trainer import make_traker
 NON_DEFAULT = dict(
     task="image_classification",
     proj_dim=16,
-    projector="normal",
+    projector="factored",
     projector_seed=3,
     lambda_reg=0.5,
     lambda_scale=0.2,
@@ -28,6 +28,8 @@ NON_DEFAULT = dict(
     target_block_size=9,
     device="cpu",
     on_nonfinite="exclude",
+    kernel="per_module",
+    train_weight="none",
     overwrite=True,
     max_checkpoints=2,
 )
@@ -72,8 +74,9 @@ def test_every_setting_is_reachable_from_the_trainer_and_reaches_the_traker(tmp_
     trak_args = TRAKArguments(**NON_DEFAULT)
     traker = make_traker(trak_args, tiny_vit(), str(tmp_path))
     assert traker.args == trak_args
-    assert traker.param_names == ["classifier.weight"] and traker.featurizer.projector.kind == "normal"
-    assert traker.featurizer.gradients.chunks == [["classifier.weight"]]
+    assert traker.param_names == ["classifier.weight"] and traker.config.projector == "factored"
+    assert traker.config.kernel == "per_module" and traker.config.kernel_blocks == [[0, 16]]
+    assert traker.config.train_weight == "none" and traker.featurizer.proj_dim == 16
     assert traker.config.shard_size == 7 and traker.config.lambda_scale == 0.2 and traker.config.dtype == "float32"
     # The store defaults to <output_dir>/trak only when save_dir is unset.
     unset = make_traker(dataclasses.replace(trak_args, save_dir=None), tiny_vit(), str(tmp_path))

@@ -189,3 +189,56 @@ def test_scoring_reads_the_stored_preconditioned_features_and_matches_forming_th
         formed = traker.score(targets)  # a store without Φ (before version 3): formed per shard, in float64
         np.testing.assert_allclose(stored, formed, rtol=0, atol=tolerance * np.abs(formed).max())
         np.testing.assert_array_equal(top.indices, np.argsort(-stored, axis=0, kind="stable")[:3].T)
+
+
+def test_train_weight_none_drops_q_and_nothing_else(tmp_path):
+    """``train_weight="none"``: τ = mean_m(Φ_m T_mᵀ), i.e. TRAK's scores divided by Q̄ row by row."""
+    model, train, targets = tiny_vit(), digits(16), digits(5, offset=40)
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=3)]
+    kwargs = dict(proj_dim=48, dtype=torch.float32, shard_size=6)
+    trak = TRAKer(model, **kwargs).featurize(train, checkpoints)
+    unweighted = TRAKer(model, train_weight="none", save_dir=str(tmp_path / "s"), **kwargs)
+    unweighted.featurize(train, checkpoints)
+    q = np.mean([trak.store.out_to_loss(m) for m in range(2)], axis=0)
+    expected = trak.score(targets) / q[:, None]
+    np.testing.assert_allclose(unweighted.score(targets), expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
+    assert TRAKer.from_pretrained(str(tmp_path / "s"), model, checkpoints).config.train_weight == "none"
+
+
+def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_features():
+    """``kernel="per_module"``: τ = Σ_b x_b (XᵀX_bb + λ_b I)⁻¹ t_b ⊙ Q over the factored projector's blocks, with
+    λ_b = 0.1 tr(XᵀX_bb)/k_b, recomputed here from the stored features."""
+    model, train, targets = tiny_bert(), token_sequences(24), token_sequences(4, seed=1)
+    traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", dtype=torch.float32)
+    traker.featurize(train, [model.state_dict()])
+    blocks = traker.config.kernel_blocks
+    assert sum(size for _, size in blocks) == 96 and blocks[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(blocks, blocks[1:]))  # the blocks tile the features
+    x = traker.store.features(0).astype(np.float64)
+    t = traker._target_features(targets, None, None)[0][0].numpy().astype(np.float64)
+    kernel = np.zeros((96, 96))
+    for offset, size in blocks:
+        b = slice(offset, offset + size)
+        xtx = x[:, b].T @ x[:, b]
+        kernel[b, b] = np.linalg.inv(xtx + LAMBDA_SCALE * np.trace(xtx) / size * np.eye(size))
+    expected = (x @ kernel @ t.T) * traker.store.out_to_loss(0)[:, None]
+    np.testing.assert_allclose(traker.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="kernel='per_module' needs .* projector='factored'"):
+        TRAKer(tiny_vit(), proj_dim=16, projector="rademacher", kernel="per_module")
+
+
+def test_a_float16_store_keeps_the_precision_of_per_module_kernels(tmp_path):
+    """Φ is stored column-scaled (``hf_trak.kernel.column_scale``), so that kernels whose blocks differ by orders
+    of magnitude keep float16's relative precision in every column (a per-module K rescaled by mean|K| once left
+    99.8% of an unscaled float16 Φ at 0). Stored Φ against Φ formed in float64 from the same float16 features:"""
+    import os
+
+    from hf_trak.store import PRECONDITIONED
+
+    model, train, targets = tiny_vit(), digits(40), digits(5, offset=50)
+    traker = TRAKer(model, proj_dim=256, projector="factored", kernel="per_module", save_dir=str(tmp_path / "s"))
+    stored = traker.featurize(train, [model.state_dict()]).score(targets)
+    for start, stop in traker.store.shard_ranges():
+        os.remove(traker.store.shard_path(0, start, stop, PRECONDITIONED))
+    formed = traker.score(targets)
+    np.testing.assert_allclose(stored, formed, rtol=0, atol=2e-3 * np.abs(formed).max())

@@ -1,0 +1,250 @@
+"""The LDS suite: hf_trak's estimators against kronfluence's EK-FAC and K-FAC and a cosine baseline.
+
+    python benchmarks/lds.py [--tasks image text lm] [--models 5] [--proj-dim 2048] [--threads 2]
+
+For each task of ``benchmarks/lds_suite.py`` (ground truth from ``lds_ground_truth.py``,
+shipped in ``benchmarks/lds_data``): K models trained on the whole train split (seeds
+0..K-1), then each method's scores with the first model (K=1) and with all K (scores
+averaged over models for the peers, TRAK's ensemble for hf_trak), their LDS against the
+retrained models (f averaged over the two seeds of each half), and their time. Methods:
+
+* ``trak``: hf_trak's TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k);
+* ``trak, no Q``: the same features with ``train_weight="none"``; ``no Q, λ×10``: also
+  ``lambda_scale=1``; ``no Q, per-module``: factored projection and ``kernel="per_module"``
+  (a kernel per projected matrix, each with λ_b = 0.1·tr_b/k_b), and with ``λ×10``;
+* ``ekfac``, ``kfac``: kronfluence 1.0 (``pip install hf_trak[bench]``), damping and modules
+  at its defaults (nn.Linear and nn.Conv2d; GPT-2's Conv1D layers are converted to
+  nn.Linear for it), f as the measurement and the training loss as the loss;
+* ``cosine``: cosine of the last hidden state (CLS token; GPT-2: mean over tokens), same
+  label only for classifiers.
+
+Noise: r is the agreement (Spearman, mean over targets) of two retrainings on the same 32
+halves. The LDS is measured against their mean, whose reliability is 2r/(1 + r)
+(Spearman-Brown), so no attribution can exceed a correlation of √(2r/(1 + r)) with it: the
+task's noise ceiling.
+"""
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lds_ground_truth import DATA
+from lds_suite import TASKS
+from scipy.stats import rankdata
+from torch import nn
+
+from hf_trak import TRAKer
+from hf_trak.data import ExampleSource
+from hf_trak.evaluate import lds
+from hf_trak.model_outputs import AutoModelOutput, CausalLMModelOutput
+
+
+def ground_truth(name: str, folder: str = DATA):
+    data = np.load(os.path.join(folder, f"{name}.npz"))
+    masks = np.unpackbits(data["masks"], axis=1)[:, : int(data["num_train"])].astype(bool)
+    return masks, data["outputs"]
+
+
+def seed_agreement(outputs: np.ndarray) -> float:
+    """r: mean over targets of the Spearman correlation, across subsets, of the two seeds' outputs."""
+    a, b = (rankdata(outputs[i], axis=0) for i in (0, 1))
+    a, b = a - a.mean(0), b - b.mean(0)
+    return float(((a * b).sum(0) / np.sqrt((a**2).sum(0) * (b**2).sum(0))).mean())
+
+
+# ---------------------------------------------------------------------------------------------- hf_trak
+def noise_ceiling(outputs: np.ndarray) -> float:
+    """√(2r/(1+r)): the highest correlation any attribution can have with the two seeds' mean."""
+    r = seed_agreement(outputs)
+    return float(np.sqrt(max(0.0, 2 * r / (1 + r))))
+
+
+def trak_scores(task, models, proj_dim: int, **settings) -> np.ndarray:
+    traker = TRAKer(task.make_model(0), proj_dim=proj_dim, **settings)
+    traker.featurize(task.train, [model.state_dict() for model in models], batch_size=50)
+    return traker.score(task.targets, batch_size=50)
+
+
+# ------------------------------------------------------------------------------------------- kronfluence
+def margin_task(is_lm: bool):
+    """A kronfluence ``Task``: the head's loss to train (sampled labels for the true Fisher), hf_trak's f
+    (the margin) as the measurement."""
+    from kronfluence.task import Task
+
+    def logits_of(batch, model):
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    class MarginTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = logits_of(batch, model)
+            labels = batch["labels"]
+            if is_lm:
+                logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(F.softmax(logits.detach().float(), -1), 1).squeeze(-1)
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            logits = logits_of(batch, model).float()
+            if is_lm:
+                token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+                log_p = (-token_loss.sum(1)).clamp(max=-1e-6)
+                return (log_p - torch.log(-torch.expm1(log_p))).sum()
+            is_label = torch.arange(logits.shape[-1]) == batch["labels"][:, None]
+            others = logits.masked_fill(is_label, -torch.inf).logsumexp(-1)
+            return (logits[is_label] - others).sum()
+
+        def get_attention_mask(self, batch):
+            return batch.get("attention_mask")
+
+    return MarginTask()
+
+
+def as_linear(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose transformers ``Conv1D`` layers (GPT-2) are ``nn.Linear``, which kronfluence tracks."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                linear.weight.data.copy_(child.weight.data.T)
+                linear.bias.data.copy_(child.bias.data)
+                setattr(parent, name, linear)
+    return model
+
+
+def kronfluence_scores(task, models, strategy: str) -> np.ndarray:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    is_lm = isinstance(AutoModelOutput.resolve(models[0]), CausalLMModelOutput)
+    total = 0
+    for number, trained in enumerate(models):
+        torch.manual_seed(number)  # the sampled labels of kronfluence's true Fisher
+        model = as_linear(trained).eval()
+        influence_task = margin_task(is_lm)
+        model = prepare_model(model, influence_task)
+        train = ExampleSource.for_model(task.train, trained, AutoModelOutput.resolve(trained))
+        targets = ExampleSource.for_model(task.targets, trained, AutoModelOutput.resolve(trained))
+        with tempfile.TemporaryDirectory() as folder:
+            analyzer = Analyzer(f"{task.name}-{number}", model, influence_task, cpu=True, disable_tqdm=True,
+                                output_dir=folder)  # fmt: skip
+            analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=lambda rows: _either(rows, train, targets)))
+            analyzer.fit_all_factors(strategy, _Tagged(len(train), "train"), per_device_batch_size=50,
+                                     factor_args=FactorArguments(strategy=strategy))  # fmt: skip
+            analyzer.compute_pairwise_scores(
+                "scores", strategy, query_dataset=_Tagged(len(targets), "target"),
+                train_dataset=_Tagged(len(train), "train"), per_device_query_batch_size=50,
+                per_device_train_batch_size=50,
+            )  # fmt: skip
+            scores = analyzer.load_pairwise_scores("scores")["all_modules"].numpy().T  # (n × T)
+        total = total + scores
+    # kronfluence scores ∇f·H⁻¹∇ℓ_i; upweighting example i moves f by −that, TRAK's sign is +.
+    return -total / len(models)
+
+
+class _Tagged(torch.utils.data.Dataset):
+    def __init__(self, n, tag):
+        self.n, self.tag = n, tag
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return self.tag, index
+
+
+def _either(rows, train, targets):
+    source = train if rows[0][0] == "train" else targets
+    return source.batch([index for _, index in rows])
+
+
+# ------------------------------------------------------------------------------------------------ cosine
+@torch.no_grad()
+def cosine_scores(task, models) -> np.ndarray:
+    total = 0
+    for model in models:
+        embeddings = []
+        for split in (task.train, task.targets):
+            source = ExampleSource.for_model(split, model, AutoModelOutput.resolve(model))
+            batch = source.batch(list(range(len(split))))
+            hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+            last = hidden.hidden_states[-1]
+            if isinstance(AutoModelOutput.resolve(model), CausalLMModelOutput):
+                mask = batch["attention_mask"][..., None].float()
+                last = (last * mask).sum(1) / mask.sum(1)
+            else:
+                last = last[:, 0]
+            embeddings.append(F.normalize(last.float(), dim=-1))
+        total = total + (embeddings[0] @ embeddings[1].T).numpy()
+    scores = total / len(models)
+    if "labels" in task.train.column_names and not isinstance(AutoModelOutput.resolve(models[0]), CausalLMModelOutput):
+        same = np.asarray(task.train["labels"])[:, None] == np.asarray(task.targets["labels"])[None]
+        scores = np.where(same, scores, 0.0)
+    return scores
+
+
+PER_MODULE = dict(projector="factored", kernel="per_module")
+METHODS = {
+    "trak": lambda task, models, k: trak_scores(task, models, k),
+    "trak, no Q": lambda task, models, k: trak_scores(task, models, k, train_weight="none"),
+    "no Q, λ×10": lambda task, models, k: trak_scores(task, models, k, train_weight="none", lambda_scale=1.0),
+    "no Q, per-module": lambda task, models, k: trak_scores(task, models, k, train_weight="none", **PER_MODULE),
+    "no Q, per-module, λ×10": lambda task, models, k: trak_scores(
+        task, models, k, train_weight="none", lambda_scale=1.0, **PER_MODULE
+    ),
+    "ekfac": lambda task, models, k: kronfluence_scores(task, models, "ekfac"),
+    "kfac": lambda task, models, k: kronfluence_scores(task, models, "kfac"),
+    "cosine": lambda task, models, k: cosine_scores(task, models),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--models", type=int, default=5)
+    parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default=DATA, help="folder of the ground truth (lds_ground_truth.py)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)  # vmap fallbacks, kronfluence's GradScaler
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    rows = []
+    for name in args.tasks:
+        task = TASKS[name]()
+        masks, outputs = ground_truth(name, args.data)
+        truth = outputs.mean(0)
+        started = time.perf_counter()
+        models = [task.train_model(seed) for seed in range(args.models)]
+        print(f"{name}: n={len(task.train)}, {len(task.targets)} targets, {masks.shape[0]} halves × "
+              f"{outputs.shape[0]} seeds, seed agreement r={seed_agreement(outputs):.3f}, noise ceiling "
+              f"{noise_ceiling(outputs):.3f}; "
+              f"{args.models} models trained in {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+        for method in args.methods:
+            for count in sorted({1, args.models}):
+                started = time.perf_counter()
+                scores = METHODS[method](task, models[:count], args.proj_dim)
+                seconds = time.perf_counter() - started
+                value = lds(scores, masks, truth).mean
+                rows.append((name, method, count, value, seconds))
+                print(f"  {method:<12} K={count}: LDS {value:.3f} ({seconds:.1f} s)", flush=True)
+    print("\n| task | method | K | LDS | seconds |\n| --- | --- | --- | --- | --- |")
+    for name, method, count, value, seconds in rows:
+        print(f"| {name} | {method} | {count} | {value:.3f} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The query and LDS-suite benchmarks run end to end on tiny sizes (their real sizes are for ``make bench``)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hf_trak.testing import subprocess_env
+
+pytestmark = pytest.mark.slow
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def run(script, *args, cwd):
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_query_benchmark_prints_its_ratios(tmp_path):
+    out = run("query.py", "--num-examples", "3000", "--proj-dim", "64", "--targets", "20", "--repeats", "1",
+              "--shard-size", "512", cwd=tmp_path)  # fmt: skip
+    assert "x one read" in out and "x the GEMM floor" in out and "before version 3" in out
+
+
+def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
+    """The ground truth files hold 32 halves × 2 seeds for each task (64 retrained models), and lds.py reads them."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        from lds import ground_truth, noise_ceiling
+        from lds_suite import TASKS
+    finally:
+        sys.path.remove(BENCHMARKS)
+    for name, make in TASKS.items():
+        masks, outputs = ground_truth(name)
+        task = make()
+        assert masks.shape == (32, len(task.train)) and (masks.sum(1) == len(task.train) // 2).all()
+        assert outputs.shape == (2, 32, len(task.targets)) and np.isfinite(outputs).all()
+        assert 0 < noise_ceiling(outputs) <= 1.0
+    fake = tmp_path / "gt"
+    fake.mkdir()
+    masks = np.random.default_rng(0).random((6, 600)) < 0.5
+    outputs = np.random.default_rng(1).random((2, 6, 100)).astype(np.float32)
+    np.savez(fake / "image.npz", masks=np.packbits(masks, axis=1), num_train=600, outputs=outputs)
+    out = run("lds.py", "--tasks", "image", "--methods", "trak", "cosine", "--models", "1", "--proj-dim", "32",
+              "--data", str(fake), cwd=tmp_path)  # fmt: skip
+    assert "| image | trak | 1 |" in out and "| image | cosine | 1 |" in out
