@@ -4,8 +4,8 @@ Each task gives a train split, a target split (both of model inputs, ``labels`` 
 a model factory and a deterministic training loop, so that ``benchmarks/lds_ground_truth.py``
 can retrain on random halves and ``benchmarks/lds.py`` can train the K attributed models.
 
-* ``image``: ``ViTForImageClassification`` (the demo's, 18k parameters) on 600 of
-  scikit-learn's digits; 100 test digits as targets.
+* ``image``: ``ViTForImageClassification`` (the demo's model and training settings, 18k
+  parameters) on 600 of scikit-learn's digits; 100 test digits as targets.
 * ``text``: ``BertForSequenceClassification`` (2 layers, hidden 32) on 400 synthetic
   token sequences whose class is the keyword group most present (10% of labels flipped);
   100 targets.
@@ -22,15 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
+from hf_trak import demo
 from hf_trak.data import ExampleSource
 from hf_trak.model_outputs import AutoModelOutput
 
@@ -75,16 +69,8 @@ def image_task() -> SuiteTask:
     def split(start, stop):
         return Dataset.from_dict({"pixel_values": pixels[start:stop], "labels": digits.target[start:stop]})
 
-    def make_model(seed):
-        torch.manual_seed(seed)
-        config = ViTConfig(
-            image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, num_labels=10, attn_implementation="eager",
-        )  # fmt: skip
-        return ViTForImageClassification(config)
-
-    return SuiteTask("image", split(0, 600), split(600, 700), make_model, epochs=20, batch_size=32,
-                     learning_rate=5e-3)  # fmt: skip
+    return SuiteTask("image", split(0, 600), split(600, 700), demo.make_model, epochs=demo.EPOCHS,
+                     batch_size=demo.BATCH_SIZE, learning_rate=demo.LEARNING_RATE)  # fmt: skip
 
 
 def _keyword_sequences(n: int, seed: int, vocab: int = 64, groups: int = 3, words: int = 4, flip: float = 0.1):

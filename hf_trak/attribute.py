@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Value
 
+from .errors import check_positive_int
 from .kernel import merge_top_k
 from .loading import ModelOrCheckpoints, resolve_model
 from .processing import display_columns, prepare_split
@@ -110,6 +111,7 @@ def attribute(
     function (None: the splits already hold model inputs). ``traker_kwargs`` go to ``TRAKer``
     (``proj_dim``, ``projector``, ``accelerator``...).
     """
+    check_positive_int("k", k)
     model, checkpoints = resolve_model(model_or_checkpoints)
     traker = TRAKer(model, task=task, save_dir=save_dir, **traker_kwargs)
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .card import write_dataset_card
 from .checkpoint_view import CheckpointView, FeatureMap
 from .checkpoints import Checkpoint, checkpoint_source
-from .config import TRAKConfig
+from .config import CONFIG_NAME, TRAKConfig
 from .data import ExampleSource
 from .errors import InvalidInputError, OutputExistsError
 from .inputs import scan_split
@@ -50,7 +50,7 @@ from .kernel import (
     resolve_lambda,
 )
 from .provenance import first_difference, shard_hashes
-from .store import PRECONDITIONED, FeatureStore, as_tensor
+from .store import PRECONDITIONED, FeatureStore, as_tensor, shard_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def featurize_store(
         num_checkpoints=len(checkpoints),
         num_train_examples=len(source),
         train_fingerprint=source.fingerprint,
-        train_hashes=shard_hashes(scan.row_hashes, _shard_ranges(len(source), config.shard_size)),
+        train_hashes=shard_hashes(scan.row_hashes, shard_ranges(len(source), config.shard_size)),
         excluded_rows=scan.nonfinite_rows,
         checkpoint_fingerprints=[""] * len(checkpoints),
         checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
@@ -106,13 +106,9 @@ def featurize_store(
     return store if state.is_main_process else FeatureStore.load(save_dir)  # with what the main process recorded
 
 
-def _shard_ranges(num_rows: int, shard_size: int):
-    return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
-
-
 def _check_resumed_rows(save_dir: Optional[str], row_hashes, overwrite: bool) -> None:
     """Refuse to resume a store made from other train rows, naming the first differing row."""
-    if save_dir is None or overwrite or not os.path.isfile(os.path.join(save_dir, "trak_config.json")):
+    if save_dir is None or overwrite or not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
         return
     existing = FeatureStore.load(save_dir)
     stored = existing.row_hashes()

@@ -90,6 +90,11 @@ def write_arrow(path: str, columns: Dict[str, pa.Array], metadata: Optional[dict
     atomic_write(path, write)
 
 
+def shard_ranges(num_rows: int, shard_size: int) -> List[Tuple[int, int]]:
+    """The fixed row ranges [s·shard_size, (s+1)·shard_size) ∩ [0, num_rows) of the shards."""
+    return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
+
+
 def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(matrix).reshape(-1)), matrix.shape[1])
 
@@ -134,8 +139,8 @@ class FeatureStore:
     def _holds_work(root: str) -> bool:
         """Whether ``root`` holds a shard, kernel or scores (anything computed)."""
         for _, _, names in os.walk(root):
-            if any(SHARD_PATTERN.search(name) or name in (KERNEL_NAME,) or name.endswith(".arrow") for name in names
-                   if not name.startswith(".") and name != ROW_HASHES_NAME):  # fmt: skip
+            computed = [name for name in names if name == KERNEL_NAME or name.endswith(".arrow")]
+            if any(not name.startswith(".") and name != ROW_HASHES_NAME for name in computed):
                 return True
         return False
 
@@ -165,8 +170,7 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- shards
     def shard_ranges(self) -> List[Tuple[int, int]]:
-        n, size = self.config.num_train_examples, self.config.shard_size
-        return [(start, min(start + size, n)) for start in range(0, n, size)]
+        return shard_ranges(self.config.num_train_examples, self.config.shard_size)
 
     def shard_path(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> str:
         """The file of rows [start, stop) of checkpoint ``model_id``: ``kind`` "features" (X, Q) or

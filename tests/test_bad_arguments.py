@@ -41,13 +41,23 @@ def traker():
         (lambda t: t.top_k(digits(2, offset=9), k=0), "k must be a positive integer, got 0"),
         (lambda t: t.top_k(digits(2, offset=9), k=2.0), "k must be a positive integer, got 2.0"),
         (lambda t: t.score(digits(2, offset=9), batch_size=-1), "batch_size must be a positive integer"),
+        (lambda t: t.score(digits(2, offset=9), batch_size=0), "batch_size must be a positive integer, got 0"),
+        (lambda t: t.top_k(digits(2, offset=9), target_block_size=0), "target_block_size must be a positive"),
         (lambda t: t.score(digits(2, offset=9), target_block_size=-2), "target_block_size must be a positive"),
         (lambda t: t.featurize(digits(6), [t.model.state_dict()], batch_size=-8), "batch_size must be a positive"),
+        (lambda t: t.featurize(digits(6), [t.model.state_dict()], batch_size=0), "batch_size must be a positive"),
     ],
 )
 def test_call_arguments_are_checked_before_any_work(traker, call, message):
     with pytest.raises(InvalidArgumentError, match=message):
         call(traker)
+
+
+def test_attribute_checks_k_before_loading_anything():
+    import hf_trak
+
+    with pytest.raises(InvalidArgumentError, match="k must be a positive integer, got -3"):
+        hf_trak.attribute("./no_such_model", train=digits(2), targets=digits(1), k=-3)
 
 
 def run_cli(argv, capsys, monkeypatch, debug: bool = False):
