@@ -23,11 +23,11 @@ are scaled by √proj_dim to keep the dense projector's convention E⟨Pᵀa, P�
 Per-layer sizes: matrix l (r × c) gets a share b_l ∝ rc of the dimensions (at least one;
 p: all differentiated elements), split as k_r ≈ √(b_l r/c), k_c ≈ b_l / k_r; what flooring
 leaves is added so that the total is ``proj_dim`` (``_filled_sizes``; stores before
-version 3 keep their sizes, at most ``proj_dim``). LDS against the dense projector on the same parameters
-(``benchmarks/lds_digits.py``, ``benchmarks/lds_text.py``, mean ± std over seeds): digits
-0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024; text 0.212 ±
-0.014 vs 0.217 ± 0.001 at k = 1024 but 0.186 vs 0.260 at k = 256, where each layer gets
-only a few dimensions: use k ≥ 1024. (Equal square blocks per layer, as in LoGra, lost
+version 3 keep their sizes, at most ``proj_dim``). LDS against the dense projector on the
+same parameters (mean ± std over seeds): text (``benchmarks/lds_text.py``) 0.221 ± 0.017
+vs 0.217 ± 0.001 at k = 1024 but 0.180 vs 0.260 at k = 256, where each layer gets only a
+few dimensions: use k ≥ 1024; digits (``benchmarks/lds_digits.py``, with the sizes before
+version 3) 0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024. (Equal square blocks per layer, as in LoGra, lost
 0.045 on digits at k = 256.) Parameters of other layers (LayerNorm, position
 tensors, convolutions) fall back to the dense ``vmap(grad)`` path, with their share of
 dimensions in one dense block.

@@ -105,7 +105,7 @@ def phi_scale(store: FeatureStore, model_id: int) -> Tensor:
     """s_m, the column scale Φ_m is stored with (1 where Φ is formed per call, in stores before version 3)."""
     if not store.has_preconditioned(model_id):
         return torch.ones(())
-    return store.load_kernel(model_id).get("phi_scale", torch.ones(())).float()
+    return store.load_kernel(model_id, ["phi_scale"]).get("phi_scale", torch.ones(())).float()
 
 
 def preconditioned_shards(store: FeatureStore, model_id: int, device) -> Iterator[Tuple[int, Tensor, np.ndarray]]:

@@ -36,6 +36,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, TRAKConfig
@@ -287,12 +288,17 @@ class FeatureStore:
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
-    def load_kernel(self, model_id: int) -> Dict[str, torch.Tensor]:
+    def load_kernel(self, model_id: int, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """The tensors of K_m's file (only ``names`` of them, if given: a query needs the k-vector phi_scale,
+        not the two k × k matrices)."""
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
         try:
-            return load_file(path)
+            if names is None:
+                return load_file(path)
+            with safe_open(path, framework="pt") as file:
+                return {name: file.get_tensor(name) for name in names if name in file.keys()}
         except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
             raise CorruptStoreError(
                 f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
