@@ -27,8 +27,9 @@ version 3 keep their sizes, at most ``proj_dim``). LDS against the dense project
 same parameters (mean ± std over seeds): text (``benchmarks/lds_text.py``) 0.221 ± 0.017
 vs 0.217 ± 0.001 at k = 1024 but 0.180 vs 0.260 at k = 256, where each layer gets only a
 few dimensions: use k ≥ 1024; digits (``benchmarks/lds_digits.py``, with the sizes before
-version 3) 0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024. (Equal square blocks per layer, as in LoGra, lost
-0.045 on digits at k = 256.) Parameters of other layers (LayerNorm, position
+version 3) 0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024.
+(Equal square blocks per layer, as in LoGra, lost 0.045 on digits at k = 256.)
+Parameters of other layers (LayerNorm, position
 tensors, convolutions) fall back to the dense ``vmap(grad)`` path, with their share of
 dimensions in one dense block.
 
