@@ -11,7 +11,10 @@ retrained models (f averaged over the two seeds of each half), and their time. M
 * ``trak``: hf_trak's TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k);
 * ``trak, no Q``: the same features with ``train_weight="none"``; ``no Q, λ×10``: also
   ``lambda_scale=1``; ``no Q, per-module``: factored projection and ``kernel="per_module"``
-  (a kernel per projected matrix, each with λ_b = 0.1·tr_b/k_b), and with ``λ×10``;
+  (a kernel per projected matrix, each with λ_b = 0.1·tr_b/k_b), and with ``λ×10``, and
+  with ``kernel_from="tokens"`` (each block's Gram matrix sums per-token gradients) or
+  ``"ekfac"`` (EK-FAC in projected space: eigenbases of the per-token Kronecker factors,
+  eigenvalues fitted to the examples), with and without Q;
 * ``ekfac``, ``kfac``: kronfluence 1.0 (``pip install hf_trak[bench]``), damping and modules
   at its defaults (nn.Linear and nn.Conv2d; GPT-2's Conv1D layers are converted to
   nn.Linear for it), f as the measurement and the training loss as the loss;
@@ -204,6 +207,13 @@ METHODS = {
     "no Q, per-module, λ×10": lambda task, models, k: trak_scores(
         task, models, k, train_weight="none", lambda_scale=1.0, **PER_MODULE
     ),
+    "no Q, per-module, tokens": lambda task, models, k: trak_scores(
+        task, models, k, train_weight="none", kernel_from="tokens", **PER_MODULE
+    ),
+    "no Q, per-module, ekfac": lambda task, models, k: trak_scores(
+        task, models, k, train_weight="none", kernel_from="ekfac", **PER_MODULE
+    ),
+    "per-module, ekfac": lambda task, models, k: trak_scores(task, models, k, kernel_from="ekfac", **PER_MODULE),
     "ekfac": lambda task, models, k: kronfluence_scores(task, models, "ekfac"),
     "kfac": lambda task, models, k: kronfluence_scores(task, models, "kfac"),
     "cosine": lambda task, models, k: cosine_scores(task, models),

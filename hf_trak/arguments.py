@@ -24,6 +24,7 @@ PROJECTORS = ("auto", "rademacher", "normal", "identity", "factored")
 NONFINITE_POLICIES = ("error", "exclude")
 TRAIN_WEIGHTS = ("out_to_loss", "none")
 KERNELS = ("global", "per_module")
+KERNEL_SOURCES = ("examples", "tokens", "ekfac")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -54,6 +55,13 @@ class TRAKArguments:
         "global (one k × k kernel) or per_module (block-diagonal: one kernel per projected matrix, each with its own "
         "λ; factored projector)",
         choices=KERNELS,
+    )
+    kernel_from: str = _field(
+        "examples",
+        "each per-module kernel from: the examples' features (XᵀX blocks), tokens (Σ_i Σ_t z_it z_itᵀ of the "
+        "projected per-token gradients), or ekfac (EK-FAC in projected space: the Kronecker factors' eigenbases, "
+        "eigenvalues fitted to the examples); tokens and ekfac need the factored projector",
+        choices=KERNEL_SOURCES,
     )
     train_weight: str = _field(
         "out_to_loss",
@@ -103,6 +111,11 @@ class TRAKArguments:
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _check_choice("train_weight", self.train_weight, TRAIN_WEIGHTS)
         _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("kernel_from", self.kernel_from, KERNEL_SOURCES)
+        if self.kernel_from != "examples" and self.kernel != "per_module":
+            raise InvalidArgumentError(
+                f"kernel_from={self.kernel_from!r} builds a kernel per projected matrix: pass kernel='per_module' too."
+            )
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
         if self.lambda_reg is not None and not self.lambda_reg >= 0:

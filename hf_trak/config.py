@@ -34,6 +34,7 @@ RESUME_FIELDS = FEATURE_FIELDS + (
     "train_weight",
     "kernel",
     "kernel_blocks",
+    "kernel_from",
     "num_checkpoints",
     "num_train_examples",
     "train_hashes",
@@ -92,6 +93,7 @@ class TRAKConfig:
     train_weight: str = "out_to_loss"
     kernel: str = "global"
     kernel_blocks: List[List[int]] = dataclasses.field(default_factory=list)
+    kernel_from: str = "examples"
     excluded_rows: List[int] = dataclasses.field(default_factory=list)
 
     def to_json_string(self) -> str:

@@ -141,6 +141,18 @@ class FactoredGradientProjector:
         self._size_targets(proj_dim, fallback, parameters)
         self.fallback_gradients = PerExampleGradients(model, fallback) if fallback else None
         self._factors: Dict[Tuple[int, str, str], Tensor] = {}
+        # Kernel statistics, accumulated while ``statistics`` is a dict (``start_statistics``), before the
+        # √proj_dim scaling, under "block_<b>" for kernel block b (each target, then the fallback block):
+        # "tokens": Σ_{i,t} z_it z_itᵀ of the projected per-token gradients z_it = (P_rᵀu_t)⊗(P_cᵀv_t);
+        # "ekfac": for a weight, its Kronecker factors Σ_{i,t} (P_rᵀu_t)(P_rᵀu_t)ᵀ ("block_<b>_rows") and
+        # Σ_{i,t} (P_cᵀv_t)(P_cᵀv_t)ᵀ ("block_<b>_cols"); for a bias its per-token Gram matrix. The fallback
+        # block gets its per-example Gram matrix.
+        self.statistics: Optional[Dict[str, Tensor]] = None
+        self.statistics_kind = "tokens"
+
+    def start_statistics(self, kind: str) -> None:
+        """Accumulate ``kind`` ("tokens" or "ekfac") kernel statistics from now on (see ``__init__``)."""
+        self.statistics, self.statistics_kind = {}, kind
 
     def _size_targets(self, proj_dim: int, fallback: List[str], parameters: Mapping[str, nn.Parameter]) -> None:
         """Give each matrix a share of ``proj_dim`` proportional to its size, split k_r:k_c as r:c."""
@@ -272,6 +284,7 @@ class FactoredGradientProjector:
         if self.fallback_gradients is not None:
             for grads in self.fallback_gradients(task, weights, buffers, batch):
                 out[:, self.fallback_offset :] += self.fallback_projector.project(grads, model_id)
+            self._add_gram(f"block_{len(self.targets)}", out[:, self.fallback_offset :])
         if self.kind != "identity":
             out.mul_(math.sqrt(self.proj_dim))
         return out
@@ -310,6 +323,7 @@ class FactoredGradientProjector:
             for handle in handles:
                 handle.remove()
         targets = {target.name: target for target in self.targets}
+        position = {target.name: index for index, target in enumerate(self.targets)}
         for (use, inputs, _), delta in zip(records, deltas):
             if delta is None:
                 continue
@@ -320,10 +334,25 @@ class FactoredGradientProjector:
                 u, v = self._projected_pair(use.module, inputs, delta, rows, cols)
                 projected = torch.einsum("btr,btc->brc", u, v).reshape(batch_size, -1)
                 out[:, target.offset : target.offset + target.size] += projected
+                block = f"block_{position[use.weight]}"
+                if self.statistics is not None and self.statistics_kind == "tokens":
+                    self._add_gram(block, torch.einsum("btr,btc->btrc", u, v).reshape(-1, target.size))
+                elif self.statistics is not None:
+                    self._add_gram(block + "_rows", u.reshape(-1, target.k_rows))
+                    self._add_gram(block + "_cols", v.reshape(-1, target.k_cols))
             if use.bias is not None:
                 target = targets[use.bias]
-                summed = delta.sum(1) @ self.factor(model_id, target, "rows")
-                out[:, target.offset : target.offset + target.size] += summed
+                tokens = delta @ self.factor(model_id, target, "rows")
+                out[:, target.offset : target.offset + target.size] += tokens.sum(1)
+                self._add_gram(f"block_{position[use.bias]}", tokens.reshape(-1, target.size))
+
+    def _add_gram(self, name: str, rows: Tensor) -> None:
+        if self.statistics is None:
+            return
+        rows = rows.double()
+        rows = rows[torch.isfinite(rows).all(dim=1)]  # a row excluded for non-finite values adds nothing
+        gram = rows.T @ rows
+        self.statistics[name] = gram + self.statistics[name] if name in self.statistics else gram
 
     @staticmethod
     def _projected_pair(module: nn.Module, inputs: Tensor, delta: Tensor, rows: Tensor, cols: Tensor):

@@ -42,9 +42,11 @@ from .data import ExampleSource
 from .errors import InvalidInputError, OutputExistsError
 from .inputs import scan_split
 from .kernel import (
-    block_regularized_inverse,
+    block_diagonal,
     column_scale,
+    eigen_block_inverse,
     gram,
+    gram_block_inverse,
     preconditioned,
     regularized_inverse,
     resolve_lambda,
@@ -158,7 +160,13 @@ def _write_missing_shards(
         for start, stop in store.shard_ranges():
             store.has_valid_shard(view.model_id, start, stop)
     state.wait_for_everyone()
-    missing = [(a, b) for a, b in store.shard_ranges() if not store.has_shard(view.model_id, a, b)]
+    kernel_from = store.config.kernel_from
+    statistics = kernel_from != "examples"  # the per-token statistics a kernel needs, written beside each shard
+    missing = [
+        (a, b)
+        for a, b in store.shard_ranges()
+        if not store.has_shard(view.model_id, a, b) or (statistics and not store.has_statistics(view.model_id, a, b))
+    ]
     state.wait_for_everyone()  # every process has the same list before any shard is written
     with state.split_between_processes(missing) as mine:
         with tqdm(
@@ -169,6 +177,8 @@ def _write_missing_shards(
         ) as bar:
             for start, stop in mine:
                 features, out_to_loss = [], []
+                if statistics:
+                    view.map.projector.start_statistics(kernel_from)
                 for batch in source.batches(batch_size, start, stop):
                     projected, prepared = view.features(batch)
                     q = view.out_to_loss(prepared).float()
@@ -183,6 +193,9 @@ def _write_missing_shards(
                         f"The data yielded {len(features)} examples for rows [{start}, {stop}) "
                         "(a DataLoader with drop_last=True?)."
                     )
+                if statistics:  # written before the shard: a shard on disk always has its statistics
+                    store.write_statistics(view.model_id, start, stop, view.map.projector.statistics)
+                    view.map.projector.statistics = None
                 store.write_shard(view.model_id, start, features.numpy(), torch.cat(out_to_loss).numpy())
     state.wait_for_everyone()
 
@@ -215,29 +228,77 @@ def finalize_checkpoint(store: FeatureStore, model_id: int, device, state: Parti
 
 
 def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: PartialState) -> None:
-    """XᵀX_m over every shard (each process sums its share; one k × k all-reduce), then λ_m and K_m."""
+    """XᵀX_m over every shard (each process sums its share; one k × k all-reduce), then λ_m and K_m: global,
+    or per module from XᵀX's blocks, the per-token Gram matrices, or EK-FAC's bases (``kernel_from``)."""
     if state.is_main_process:
         store.has_valid_kernel(model_id)  # a corrupt K_m is reported and deleted, to be redone
     state.wait_for_everyone()
     if store.has_kernel(model_id):
         return
+    config = store.config
+    statistics = _summed_statistics(store, model_id, device) if config.kernel_from != "examples" else {}
+    bases = _kronecker_bases(statistics) if config.kernel_from == "ekfac" else {}
     xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    moments = {b: torch.zeros(len(q_rows), len(q_cols), dtype=torch.float64, device=device)
+               for b, (q_rows, q_cols) in bases.items()}  # fmt: skip
     with state.split_between_processes(store.shard_ranges()) as mine:
         for start, stop in mine:
-            xtx += gram(as_tensor(store.shard(model_id, start, stop)[0]).to(device))
+            features = as_tensor(store.shard(model_id, start, stop)[0]).to(device)
+            xtx += gram(features)
+            for b, (q_rows, q_cols) in bases.items():  # Λ_b = Σ_i (Q_rᵀ X_i Q_c)², X_i the block as k_r × k_c
+                offset, size = config.kernel_blocks[b]
+                block = features[:, offset : offset + size].double().reshape(-1, len(q_rows), len(q_cols))
+                moments[b] += (q_rows.T @ block @ q_cols).square().sum(0)
     xtx = reduce(xtx, reduction="sum")
+    moments = {b: reduce(moment, reduction="sum") for b, moment in moments.items()}
     if state.is_main_process:
-        config = store.config
         if config.kernel == "per_module":
-            kernel, lambda_reg = block_regularized_inverse(xtx, config.kernel_blocks, config.lambda_reg,
-                                                           config.lambda_scale)  # fmt: skip
+            kernel, lambda_reg = _per_module_kernel(config, xtx, statistics, bases, moments)
         else:
             lambda_reg = resolve_lambda(xtx, config.lambda_reg, config.lambda_scale)
             kernel = regularized_inverse(xtx, lambda_reg)
-        scale = column_scale(xtx, kernel, store.config.num_train_examples)
+        scale = column_scale(xtx, kernel, config.num_train_examples)
         store.save_kernel(model_id, xtx.cpu(), kernel.cpu(), lambda_reg, scale.cpu())
         logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
     state.wait_for_everyone()
+
+
+def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, moments: dict):
+    """(K, mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix, or XᵀX_bb."""
+    inverses, lambdas = [], []
+    scale = config.feature_dim / config.num_params  # the statistics are of P_mᵀg, the features of P_mᵀg/√p · √k
+    for b, (offset, size) in enumerate(config.kernel_blocks):
+        if b in bases:
+            inverse, lambda_b = eigen_block_inverse(*bases[b], moments[b], config.lambda_reg, config.lambda_scale)
+        else:
+            block = (
+                statistics[f"block_{b}"] * scale if statistics else xtx[offset : offset + size, offset : offset + size]
+            )
+            inverse, lambda_b = gram_block_inverse(block, config.lambda_reg, config.lambda_scale)
+        inverses.append(inverse)
+        lambdas.append(lambda_b)
+    return block_diagonal(inverses, config.kernel_blocks), float(sum(lambdas) / len(lambdas))
+
+
+def _summed_statistics(store: FeatureStore, model_id: int, device) -> dict:
+    """Each kernel statistic (``FactoredGradientProjector.statistics``) summed over the shards."""
+    total = {}
+    for start, stop in store.shard_ranges():
+        for name, tensor in store.statistics(model_id, start, stop).items():
+            total[name] = total[name] + tensor.to(device) if name in total else tensor.to(device)
+    return total
+
+
+def _kronecker_bases(statistics: dict) -> dict:
+    """{block: (Q_r, Q_c)}: eigenvectors of each weight block's Kronecker factors."""
+    bases = {}
+    for name in statistics:
+        if name.endswith("_rows"):
+            block = name[: -len("_rows")]
+            bases[int(block.split("_")[1])] = tuple(
+                torch.linalg.eigh(statistics[f"{block}_{side}"].double())[1] for side in ("rows", "cols")
+            )
+    return bases
 
 
 def _write_preconditioned(store: FeatureStore, model_id: int, device, state: PartialState) -> None:

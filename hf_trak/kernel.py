@@ -61,25 +61,36 @@ def regularized_inverse(xtx: Tensor, lambda_reg: float) -> Tensor:
     return inverse / inverse.abs().mean()
 
 
-def block_regularized_inverse(
-    xtx: Tensor, blocks: Sequence[Tuple[int, int]], lambda_reg: Optional[float], lambda_scale: float
+def gram_block_inverse(gram: Tensor, lambda_reg: Optional[float], lambda_scale: float) -> Tuple[Tensor, float]:
+    """(G + λ_b I)⁻¹ (float64) and λ_b = lambda_reg, or lambda_scale · tr(G)/k_b (1 for an all-zero block)."""
+    gram = gram.double()
+    lambda_b = resolve_lambda(gram, lambda_reg, lambda_scale)
+    lambda_b = lambda_b if lambda_b > 0 else 1.0  # a parameter without gradient
+    identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return torch.linalg.inv(gram + lambda_b * identity), lambda_b
+
+
+def eigen_block_inverse(
+    rows_basis: Tensor, cols_basis: Tensor, eigenvalues: Tensor, lambda_reg: Optional[float], lambda_scale: float
 ) -> Tuple[Tensor, float]:
-    """Per-module kernel: K = blockdiag_b((XᵀX_bb + λ_b I)⁻¹), float64, with λ_b = lambda_reg, or
-    lambda_scale · tr(XᵀX_bb)/k_b for block b = [offset, offset + k_b) of the features (one per projected
-    matrix). Each block then adds O(1) to a score whatever its gradients' scale, so K is not rescaled by
-    mean|K| (which the blocks of smallest gradients would dominate). Returns K and the mean λ_b."""
-    kernel = torch.zeros_like(xtx, dtype=torch.float64)
-    lambdas = []
-    for offset, size in blocks:
-        block = slice(offset, offset + size)
-        sub = xtx[block, block].double()
-        lambda_b = resolve_lambda(sub, lambda_reg, lambda_scale)
-        if lambda_b <= 0:  # a block whose features are all zero (a parameter without gradient)
-            lambda_b = 1.0
-        inverse = torch.linalg.inv(sub + lambda_b * torch.eye(size, dtype=torch.float64, device=xtx.device))
-        kernel[block, block] = inverse
-        lambdas.append(lambda_b)
-    return kernel, float(sum(lambdas) / len(lambdas))
+    """EK-FAC's inverse in projected space for one weight block (k_r·k_c features, row-major):
+    Q diag(1/(Λ + λ_b)) Qᵀ with Q = Q_r ⊗ Q_c the eigenbases of the Kronecker factors and Λ (k_r × k_c) the
+    examples' second moments in that basis (Σ_i (Q_rᵀ X_i Q_c)²); λ_b = lambda_reg, or lambda_scale · mean(Λ)
+    (= lambda_scale · tr(XᵀX_bb)/k_b, as for the other kernels)."""
+    basis = torch.kron(rows_basis.double(), cols_basis.double())
+    eigenvalues = eigenvalues.double().reshape(-1)
+    lambda_b = float(lambda_reg) if lambda_reg is not None else lambda_scale * float(eigenvalues.mean())
+    lambda_b = lambda_b if lambda_b > 0 else 1.0
+    return (basis / (eigenvalues + lambda_b)) @ basis.T, lambda_b
+
+
+def block_diagonal(inverses: Sequence[Tensor], blocks: Sequence[Tuple[int, int]]) -> Tensor:
+    """The k × k matrix with ``inverses[b]`` on block b = (offset, size) of the diagonal, 0 elsewhere."""
+    dim = sum(size for _, size in blocks)
+    kernel = torch.zeros(dim, dim, dtype=torch.float64, device=inverses[0].device)
+    for inverse, (offset, size) in zip(inverses, blocks):
+        kernel[offset : offset + size, offset : offset + size] = inverse
+    return kernel
 
 
 def column_scale(xtx: Tensor, kernel: Tensor, num_rows: int) -> Tensor:

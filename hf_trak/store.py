@@ -12,6 +12,8 @@ Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")``
                                             phi_scale s_m (k,: RMS of Φ_m's columns; version 3 on)
     checkpoint-<m>/preconditioned-<start>-<stop>.arrow   index, phi (Φ_m/s_m, Φ_m = X_m K_m, in the
                                             features' dtype), out_to_loss: what scoring reads (version 3 on)
+    checkpoint-<m>/kernel-statistics-<start>-<stop>.safetensors   per-token kernel statistics of those rows
+                                            (``kernel_from`` "tokens" or "ekfac"; see ``FactoredGradientProjector``)
     scores/<name>.arrow                     target_index (int64), scores (fixed-size list of float32, n)
 
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
@@ -233,6 +235,25 @@ class FeatureStore:
             logger.warning("%s Redoing it.", error)
             os.remove(self.shard_path(model_id, start, stop, kind))
             return False
+
+    def statistics_path(self, model_id: int, start: int, stop: int) -> str:
+        return os.path.join(self.checkpoint_dir(model_id), f"kernel-statistics-{start:09d}-{stop:09d}.safetensors")
+
+    def has_statistics(self, model_id: int, start: int, stop: int) -> bool:
+        return os.path.isfile(self.statistics_path(model_id, start, stop))
+
+    def write_statistics(self, model_id: int, start: int, stop: int, statistics: Dict[str, torch.Tensor]) -> None:
+        """The kernel statistics of rows [start, stop) (``kernel_from`` "tokens" or "ekfac"), by name."""
+        tensors = {name: tensor.contiguous().cpu() for name, tensor in statistics.items()}
+        os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
+        atomic_write(self.statistics_path(model_id, start, stop), lambda tmp: save_file(tensors, tmp))
+
+    def statistics(self, model_id: int, start: int, stop: int) -> Dict[str, torch.Tensor]:
+        path = self.statistics_path(model_id, start, stop)
+        try:
+            return load_file(path)
+        except Exception as error:
+            raise CorruptStoreError(f"{path} is corrupt ({error}): delete it and run featurize again.") from error
 
     def has_preconditioned(self, model_id: int) -> bool:
         """Whether Φ_m is stored for every shard (stores before version 3 hold none: scoring forms it)."""

@@ -29,6 +29,7 @@ NON_DEFAULT = dict(
     device="cpu",
     on_nonfinite="exclude",
     kernel="per_module",
+    kernel_from="tokens",
     train_weight="none",
     overwrite=True,
     max_checkpoints=2,

@@ -15,9 +15,11 @@ from hf_trak.testing import (
     digits,
     identity_traker,
     kernel_scores,
+    lm_sequences,
     perturbed_state_dict,
     reference_scores,
     tiny_bert,
+    tiny_gpt2,
     tiny_vit,
     token_sequences,
 )
@@ -242,3 +244,54 @@ def test_a_float16_store_keeps_the_precision_of_per_module_kernels(tmp_path):
         os.remove(traker.store.shard_path(0, start, stop, PRECONDITIONED))
     formed = traker.score(targets)
     np.testing.assert_allclose(stored, formed, rtol=0, atol=2e-3 * np.abs(formed).max())
+
+
+def test_token_kernels_equal_example_kernels_when_every_example_is_one_token():
+    """``kernel_from="tokens"`` sums z_it z_itᵀ over tokens; with one token per example that is XᵀX's blocks."""
+    model = tiny_bert()
+    one_token = token_sequences(20, min_len=1, max_len=1)
+    assert {len(ids) for ids in one_token["input_ids"]} == {1}
+    kwargs = dict(proj_dim=128, projector="factored", kernel="per_module", dtype=torch.float32, shard_size=7)
+    targets = token_sequences(4, seed=3, min_len=1, max_len=1)
+    tokens = TRAKer(model, kernel_from="tokens", **kwargs).featurize(one_token, [model.state_dict()])
+    examples = TRAKer(model, **kwargs).featurize(one_token, [model.state_dict()])
+    expected = examples.score(targets)
+    np.testing.assert_allclose(tokens.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    longer = token_sequences(20)  # several tokens: the kernels differ
+    a = TRAKer(model, kernel_from="tokens", **kwargs).featurize(longer, [model.state_dict()]).store.load_kernel(0)
+    b = TRAKer(model, **kwargs).featurize(longer, [model.state_dict()]).store.load_kernel(0)
+    assert not torch.allclose(a["kernel"], b["kernel"], rtol=1e-3)
+    with pytest.raises(ValueError, match="kernel_from=.tokens. .* kernel=.per_module."):
+        TRAKer(model, proj_dim=16, projector="factored", kernel_from="tokens")
+
+
+def test_ekfac_kernels_follow_their_definition_in_projected_space(tmp_path):
+    """``kernel_from="ekfac"``: for a weight block, K_b = Q diag(1/(Λ + λ_b)) Qᵀ with Q = Q_r ⊗ Q_c the eigenbases
+    of the stored per-token Kronecker factors and Λ = diag(Qᵀ X_bᵀX_b Q), λ_b = 0.1·mean(Λ); a bias block inverts
+    its per-token Gram matrix (× k/p). Recomputed here in numpy from the stored statistics and features."""
+    model, train, targets = tiny_gpt2(), lm_sequences(16), lm_sequences(3, seed=5)
+    traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", kernel_from="ekfac",
+                    train_weight="none", dtype=torch.float32, shard_size=6, save_dir=str(tmp_path / "s"))  # fmt: skip
+    traker.featurize(train, [model.state_dict()])
+    store, config = traker.store, traker.store.config
+    statistics = {}
+    for start, stop in store.shard_ranges():
+        for name, tensor in store.statistics(0, start, stop).items():
+            statistics[name] = statistics.get(name, 0) + tensor.double().numpy()
+    x = store.features(0).astype(np.float64)
+    kernel = np.zeros((96, 96))
+    for b, (offset, size) in enumerate(config.kernel_blocks):
+        block = slice(offset, offset + size)
+        if f"block_{b}_rows" in statistics:
+            q = np.kron(
+                np.linalg.eigh(statistics[f"block_{b}_rows"])[1], np.linalg.eigh(statistics[f"block_{b}_cols"])[1]
+            )
+            moments = np.diag(q.T @ x[:, block].T @ x[:, block] @ q)
+            kernel[block, block] = (q / (moments + LAMBDA_SCALE * moments.mean())) @ q.T
+        else:
+            gram = statistics[f"block_{b}"] * config.feature_dim / config.num_params
+            kernel[block, block] = np.linalg.inv(gram + LAMBDA_SCALE * np.trace(gram) / size * np.eye(size))
+    assert any(f"block_{b}_rows" in statistics for b in range(len(config.kernel_blocks)))
+    t = traker._target_features(targets, None, None)[0][0].numpy().astype(np.float64)
+    expected = x @ kernel @ t.T
+    np.testing.assert_allclose(traker.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
