@@ -156,12 +156,14 @@ def _record_fingerprint(store, view: CheckpointView, recorded: str, checkpoint, 
 def _write_missing_shards(
     store, view: CheckpointView, source, state, storage_dtype, batch_size: int, on_nonfinite: str, excluded: set
 ) -> None:
-    if state.is_main_process:  # corrupt shards are reported and deleted, once
-        for start, stop in store.shard_ranges():
-            store.has_valid_shard(view.model_id, start, stop)
-    state.wait_for_everyone()
     kernel_from = store.config.kernel_from
     statistics = kernel_from != "examples"  # the per-token statistics a kernel needs, written beside each shard
+    if state.is_main_process:  # corrupt shards (and statistics) are reported and deleted, once
+        for start, stop in store.shard_ranges():
+            store.has_valid_shard(view.model_id, start, stop)
+            if statistics:
+                store.has_valid_statistics(view.model_id, start, stop)
+    state.wait_for_everyone()
     missing = [
         (a, b)
         for a, b in store.shard_ranges()

@@ -54,20 +54,23 @@ def gram(features: Tensor) -> Tensor:
     return features.T @ features
 
 
+def _inverse(gram: Tensor, lambda_reg: float) -> Tensor:
+    """(G + λI)⁻¹ in float64."""
+    identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return torch.linalg.inv(gram.double() + lambda_reg * identity)
+
+
 def regularized_inverse(xtx: Tensor, lambda_reg: float) -> Tensor:
     """K = (XtX + λI)⁻¹ / mean|(XtX + λI)⁻¹|, float64 (see the module's note on precision)."""
-    regularized = xtx.double() + lambda_reg * torch.eye(xtx.shape[0], dtype=torch.float64, device=xtx.device)
-    inverse = torch.linalg.inv(regularized)
+    inverse = _inverse(xtx, lambda_reg)
     return inverse / inverse.abs().mean()
 
 
 def gram_block_inverse(gram: Tensor, lambda_reg: Optional[float], lambda_scale: float) -> Tuple[Tensor, float]:
     """(G + λ_b I)⁻¹ (float64) and λ_b = lambda_reg, or lambda_scale · tr(G)/k_b (1 for an all-zero block)."""
-    gram = gram.double()
     lambda_b = resolve_lambda(gram, lambda_reg, lambda_scale)
     lambda_b = lambda_b if lambda_b > 0 else 1.0  # a parameter without gradient
-    identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    return torch.linalg.inv(gram + lambda_b * identity), lambda_b
+    return _inverse(gram, lambda_b), lambda_b
 
 
 def eigen_block_inverse(

@@ -93,6 +93,19 @@ def write_arrow(path: str, columns: Dict[str, pa.Array], metadata: Optional[dict
     atomic_write(path, write)
 
 
+def _readable_or_removed(path: str, read) -> bool:
+    """Whether ``path`` exists and ``read()`` succeeds; a corrupt file is reported and deleted, to be redone."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        read()
+        return True
+    except CorruptStoreError as error:
+        logger.warning("%s Redoing it.", error)
+        os.remove(path)
+        return False
+
+
 def shard_ranges(num_rows: int, shard_size: int) -> List[Tuple[int, int]]:
     """The fixed row ranges [s·shard_size, (s+1)·shard_size) ∩ [0, num_rows) of the shards."""
     return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
@@ -226,15 +239,8 @@ class FeatureStore:
 
     def has_valid_shard(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> bool:
         """Whether the shard exists and reads back as written (a corrupt one is reported and deleted)."""
-        if not self.has_shard(model_id, start, stop, kind):
-            return False
-        try:
-            self.shard(model_id, start, stop, kind)
-            return True
-        except CorruptStoreError as error:
-            logger.warning("%s Redoing it.", error)
-            os.remove(self.shard_path(model_id, start, stop, kind))
-            return False
+        path = self.shard_path(model_id, start, stop, kind)
+        return _readable_or_removed(path, lambda: self.shard(model_id, start, stop, kind))
 
     def statistics_path(self, model_id: int, start: int, stop: int) -> str:
         return os.path.join(self.checkpoint_dir(model_id), f"kernel-statistics-{start:09d}-{stop:09d}.safetensors")
@@ -252,8 +258,15 @@ class FeatureStore:
         path = self.statistics_path(model_id, start, stop)
         try:
             return load_file(path)
-        except Exception as error:
-            raise CorruptStoreError(f"{path} is corrupt ({error}): delete it and run featurize again.") from error
+        except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
+            raise CorruptStoreError(
+                f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
+            ) from error
+
+    def has_valid_statistics(self, model_id: int, start: int, stop: int) -> bool:
+        """Whether the shard's kernel statistics exist and read (corrupt ones are reported and deleted)."""
+        path = self.statistics_path(model_id, start, stop)
+        return _readable_or_removed(path, lambda: self.statistics(model_id, start, stop))
 
     def has_preconditioned(self, model_id: int) -> bool:
         """Whether Φ_m is stored for every shard (stores before version 3 hold none: scoring forms it)."""
@@ -287,15 +300,8 @@ class FeatureStore:
 
     def has_valid_kernel(self, model_id: int) -> bool:
         """Whether K_m exists and reads (a corrupt one is reported and deleted, to be redone)."""
-        if not self.has_kernel(model_id):
-            return False
-        try:
-            self.load_kernel(model_id)
-            return True
-        except CorruptStoreError as error:
-            logger.warning("%s Redoing it.", error)
-            os.remove(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME))
-            return False
+        path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
+        return _readable_or_removed(path, lambda: self.load_kernel(model_id))
 
     def save_kernel(
         self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float, phi_scale: torch.Tensor

@@ -107,3 +107,18 @@ def test_a_corrupt_kernel_is_named_and_redone(tmp_path, caplog):
         featurize(tmp_path / "store")
     assert any(str(kernel) in record.getMessage() for record in caplog.records)
     assert read_all(tmp_path / "store" / "checkpoint-0") == expected
+
+
+def test_corrupt_kernel_statistics_are_redone_with_their_shard(tmp_path, caplog):
+    kwargs = dict(projector="factored", kernel="per_module", kernel_from="tokens")
+    expected = featurize(tmp_path / "clean", **kwargs).score(digits(3, offset=30))
+    featurize(tmp_path / "store", **kwargs)
+    statistics = tmp_path / "store" / "checkpoint-0" / "kernel-statistics-000000005-000000010.safetensors"
+    corrupt(statistics, "truncated")
+    os.remove(tmp_path / "store" / "checkpoint-0" / "kernel.safetensors")  # the kernel is made from them
+    with caplog.at_level(logging.WARNING, logger="hf_trak"):
+        resumed = featurize(tmp_path / "store", **kwargs)
+    assert any(
+        str(statistics) in record.getMessage() and "Redoing" in record.getMessage() for record in caplog.records
+    )
+    np.testing.assert_array_equal(resumed.score(digits(3, offset=30)), expected)
