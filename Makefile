@@ -43,4 +43,5 @@ bench: install
 	$(BIN)/python benchmarks/peft_lora.py
 	$(BIN)/python benchmarks/precision.py --threads 2
 	$(BIN)/python benchmarks/query.py
+	$(BIN)/python benchmarks/explore.py
 	$(BIN)/python benchmarks/lds.py

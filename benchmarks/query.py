@@ -12,7 +12,13 @@ Then, in a fresh process each (so that peak memory is the query's own), the medi
 * the same for ``--targets`` targets, against the GEMM floor: Φ (n × k, float32, in memory)
   times Tᵀ (k × T) in one ``torch.mm``;
 * the path of stores before version 3, which forms Φ = XK per call (n·k² float64 flops),
-  for one target.
+  for one target;
+* the explorer's faiss index (``hf_trak.index.FeatureIndex``, in this process): its build
+  time, one target's top-10 with the exact index (``"Flat"``) and an approximate one
+  (``--ivf`` lists, searching ``--nprobe`` of them), and the approximate one's recall@10
+  against the exact top-10 over ``--recall-targets`` targets. Recall depends on the data: ``--clusters C`` draws the
+  features around C centers (train and targets alike, as real features cluster by class and
+  content); ``--clusters 0`` is isotropic noise, the worst case for any approximate index.
 
 Peak memory is the query process's peak resident set during the queries minus what it held
 before them (Linux: ``/proc/self/clear_refs``), next to one shard's Φ in float32 and the n × T
@@ -58,7 +64,14 @@ print(json.dumps({"seconds": float(np.median(times)), "peak_mb": peak / 1024, "t
 """
 
 
-def synthetic_store(root: str, n: int, k: int, shard_size: int):
+def synthetic_features(rng, rows: int, centers: np.ndarray) -> np.ndarray:
+    """(rows, k) float32: a random center each (none: 0) plus isotropic noise of the same energy, both ~1/√k."""
+    k = centers.shape[1] if len(centers) else None
+    noise = rng.standard_normal((rows, k), dtype=np.float32) / np.sqrt(k)
+    return noise if not len(centers) else noise + centers[rng.integers(0, len(centers), rows)]
+
+
+def synthetic_store(root: str, n: int, k: int, shard_size: int, centers: np.ndarray):
     from accelerate import PartialState
 
     from hf_trak.config import STORE_VERSION, TRAKConfig
@@ -75,7 +88,7 @@ def synthetic_store(root: str, n: int, k: int, shard_size: int):
     store = FeatureStore.create_or_resume(root, config)
     rng = np.random.default_rng(0)
     for start, stop in store.shard_ranges():
-        features = (rng.standard_normal((stop - start, k), dtype=np.float32) / np.sqrt(k)).astype(np.float16)
+        features = synthetic_features(rng, stop - start, centers).astype(np.float16)
         store.write_shard(0, start, features, rng.uniform(0.01, 1.0, stop - start).astype(np.float32))
     finalize_checkpoint(store, 0, torch.device("cpu"), PartialState())
     return store
@@ -107,15 +120,23 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-old", action="store_true", help="skip the before-version-3 path (minutes at n=200k)")
+    parser.add_argument("--clusters", type=int, default=100, help="centers the features are drawn around (0: none)")
+    parser.add_argument("--ivf", type=int, default=1024, help="lists of the approximate index (IVF<n>,Flat)")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256],
+                        help="lists the approximate index searches per query (one line each)")  # fmt: skip
+    parser.add_argument("--recall-targets", type=int, default=200)
+    parser.add_argument("--skip-index", action="store_true", help="skip the faiss index figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, k, t = args.num_examples, args.proj_dim, args.targets
+    rng = np.random.default_rng(123)
+    centers = rng.standard_normal((args.clusters, k), dtype=np.float32) / np.sqrt(k)
     with tempfile.TemporaryDirectory() as folder:
         root = os.path.join(folder, "store")
         start = time.perf_counter()
-        store = synthetic_store(root, n, k, args.shard_size)
-        print(f"synthetic store: n={n:,}, k={k}, float16, {args.shard_size}-row shards; built and finalized in "
-              f"{time.perf_counter() - start:.0f} s ({args.threads} threads)")  # fmt: skip
+        store = synthetic_store(root, n, k, args.shard_size, centers)
+        print(f"synthetic store: n={n:,}, k={k}, float16, {args.shard_size}-row shards, {args.clusters} clusters; "
+              f"built and finalized in {time.perf_counter() - start:.0f} s ({args.threads} threads)")  # fmt: skip
         reads = sorted(read_once(store) for _ in range(args.repeats))
         read = reads[len(reads) // 2]
         single = run_query(root, 1, args.repeats, args.threads)
@@ -141,6 +162,47 @@ def main():
             assert old["top"] == single["top"], "the stored Φ and Φ formed per call must give the same top-10"
             print(f"single target, stores before version 3 (Φ = XK formed per call): {old['seconds']:.1f} s "
                   f"= {old['seconds'] / single['seconds']:.0f}x the stored-Φ query")  # fmt: skip
+        if not args.skip_index:
+            targets = torch.from_numpy(synthetic_features(rng, args.recall_targets, centers))
+            index_figures(store, targets, single["seconds"], args)
+
+
+def median_seconds(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _searched(index, targets: torch.Tensor, repeats: int):
+    """(one target's top-10 seconds, median; every target's top-10 rows) with ``index``."""
+    latency = median_seconds(lambda: index.search([targets[:1]], 10), repeats)
+    return latency, index.search([targets], 10).indices
+
+
+def index_figures(store, targets: torch.Tensor, streamed: float, args) -> None:
+    """Build time, one target's top-10 latency (vs ``streamed``, the store query's), and recall@10."""
+    from hf_trak.index import FeatureIndex
+
+    gib = store.config.num_train_examples * store.config.feature_dim * 4 / 2**30
+    start = time.perf_counter()
+    latency, truth = _searched(FeatureIndex(store, "Flat"), targets, args.repeats)
+    print(f"faiss exact index (Flat, {gib:.2f} GiB float32 in memory): built and searched in "
+          f"{time.perf_counter() - start:.0f} s; single target, top-10: {latency:.3f} s "
+          f"({streamed / latency:.1f}x faster than reading the store)")  # fmt: skip
+    factory = f"IVF{args.ivf},Flat"
+    start = time.perf_counter()
+    approximate = FeatureIndex(store, factory)
+    built = time.perf_counter() - start
+    for nprobe in args.nprobe:
+        approximate.nprobe = nprobe
+        latency, found = _searched(approximate, targets, args.repeats)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+        print(f"faiss approximate index ({factory}, built (trained) in {built:.0f} s), nprobe={nprobe}: single "
+              f"target, top-10: {latency * 1000:.1f} ms ({streamed / latency:.0f}x faster than reading the "
+              f"store); recall@10 {recall:.3f} over {len(targets)} targets")  # fmt: skip
 
 
 def _phi_shards(store):

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .app import explore  # noqa: E402  (Gradio is imported when explore is called)
 from .arguments import TRAKArguments  # noqa: E402
 from .attribute import Attribution, attribute  # noqa: E402
 from .config import TRAKConfig  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "ClassificationModelOutput",
     "CLIPModelOutput",
     "CorruptStoreError",
+    "explore",
     "HubError",
     "InvalidArgumentError",
     "InvalidInputError",

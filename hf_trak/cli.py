@@ -6,6 +6,7 @@
     hf-trak report    --top-k top_k --output report.html
     hf-trak push      --save-dir imdb-trak --repo-id me/imdb-trak
     hf-trak score     --from-hub someone/imdb-trak --model someone/imdb-bert --dataset imdb
+    hf-trak explore   --store imdb-trak --train-dataset imdb           (a Gradio app: pip install 'hf_trak[app]')
     hf-trak demo
 
 The arguments mirror the Python API: ``--model`` is what ``hf_trak.attribute`` takes (a
@@ -49,7 +50,8 @@ def positive_int(text: str) -> int:
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", required=True, help="load_dataset name or path, or a save_to_disk folder")
+    group.add_argument("--dataset", "--train-dataset", dest="dataset", required=True,
+                       help="load_dataset name or path, or a save_to_disk folder")  # fmt: skip
     group.add_argument("--dataset-config", default=None, help="load_dataset configuration name")
     group.add_argument("--data-files", nargs="+", default=None, help="load_dataset data_files")
     group.add_argument("--train-split", default="train")
@@ -130,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--k", type=positive_int, default=None, help="show the first k of each (default: all)")
     report.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
+    explore = commands.add_parser("explore", help="browse targets' proponents and opponents in a Gradio app")
+    stores = explore.add_mutually_exclusive_group(required=True)
+    stores.add_argument("--store", "--save-dir", dest="save_dir", help="a feature store written by featurize")
+    stores.add_argument("--from-hub", metavar="REPO_ID", help="a features repo pushed with push")
+    _add_model_arguments(explore, required=False)
+    _add_data_arguments(explore)
+    explore.add_argument("--k", type=positive_int, default=10, help="proponents and opponents shown")
+    explore.add_argument(
+        "--index", default=None,
+        help="query a faiss index: 'exact', or a faiss factory string such as IVF1024,Flat (approximate); "
+        "default: exact scores read from the store",
+    )  # fmt: skip
+    explore.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1; 0.0.0.0: all)")
+    explore.add_argument("--port", type=positive_int, default=None, help="port (default: Gradio's, 7860 up)")
+
     push = commands.add_parser("push", help="upload a feature store as a Hub dataset repo")
     push.add_argument("--save-dir", required=True)
     push.add_argument("--repo-id", required=True)
@@ -163,30 +180,11 @@ def load_split(args, split: str, limit: Optional[int]):
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
-def _model_folder(model: Optional[str]) -> Optional[str]:
-    """The folder a model is loaded from: ``model``, or the last ``checkpoint-N`` of a Trainer output_dir."""
-    from .loading import trainer_checkpoints
-
-    folders = trainer_checkpoints(model) if model is not None else []
-    return folders[-1] if folders else model
-
-
 def _processor(args, model: Optional[str]):
-    """``--processor``, else the one saved with the model or, for an adapter, its base model (None with
-    ``--no-processor`` or if there is none)."""
-    from .adapters import adapter_base_model, is_adapter_folder
-    from .loading import load_processor
+    """``--processor``, else the one saved with the model (None with ``--no-processor``)."""
+    from .loading import processor_for
 
-    source = args.processor or _model_folder(model)
-    if args.no_processor or source is None:
-        return None
-    processor = load_processor(source)
-    if processor is None and is_adapter_folder(source):
-        source = adapter_base_model(source, args.base_model)
-        processor = load_processor(source)
-    if processor is None:
-        logger.info("No processor found in %s: the dataset must hold model inputs.", source)
-    return processor
+    return None if args.no_processor else processor_for(model, args.processor, args.base_model)
 
 
 def _prepared_split(args, model, task, processor, split: str, limit: Optional[int]):
@@ -202,22 +200,16 @@ def _target_scores(args):
     """``(scores, TRAKer, raw train split, raw target split)`` against the features of ``--save-dir``
     or ``--from-hub``; scores are None on processes other than the main one."""
     from .hub import download_store
-    from .loading import resolve_model
+    from .loading import resolve_store_model
     from .model_outputs import AutoModelOutput
     from .store import FeatureStore
     from .traker import TRAKer
 
     save_dir = args.save_dir or download_store(args.from_hub)
     stored = FeatureStore.load(save_dir).config
-    recorded = [path for path in stored.checkpoint_sources if os.path.isdir(path)]
-    model_path = args.model or (recorded[-1] if recorded else stored.name_or_path or None)
-    if not model_path:
-        raise ValueError(f"The features in {save_dir} record no model folder: pass --model.")
-    model, checkpoints = resolve_model(model_path, args.base_model)
+    model, model_path, checkpoints = resolve_store_model(stored, args.model, args.base_model, save_dir)
     if args.checkpoints:
         checkpoints = args.checkpoints
-    elif len(checkpoints) != stored.num_checkpoints or not all(isinstance(c, str) for c in checkpoints):
-        checkpoints = None  # the recorded ones, or the model itself for a single checkpoint
     task, processor = AutoModelOutput.resolve(model, args.task), _processor(args, model_path)
     train, prepared = _prepared_split(args, model, task, processor, args.train_split, args.max_train_examples)
     settings = parsed_settings(args, SCORE_SCOPES)
@@ -325,13 +317,44 @@ def push(args) -> None:
     print(f"Pushed {args.save_dir} to {url}")
 
 
+def explore(args) -> None:
+    from .app import explore as start
+    from .app import require_gradio
+
+    require_gradio()  # before any loading
+    train = load_split(args, args.train_split, args.max_train_examples)
+    try:
+        targets = load_split(args, args.target_split, args.max_target_examples)
+    except (ValueError, KeyError) as error:  # a dataset without that split: new inputs only
+        logger.warning("No target split %r (%s): targets are new inputs and train rows.", args.target_split, error)
+        targets = None
+    text_column = args.text_column[0] if args.text_column and len(args.text_column) == 1 else args.text_column
+    processor = None if args.no_processor else (args.processor or "auto")
+    blocks = start(
+        args.save_dir or args.from_hub, train, model=args.model, processor=processor, targets=targets,
+        checkpoints=args.checkpoints,
+        index=args.index, k=args.k, server_name=args.host, server_port=args.port, base_model=args.base_model,
+        text_column=text_column, image_column_name=args.image_column, max_length=args.max_length,
+    )  # fmt: skip
+    print(f"hf_trak explorer running on {blocks.local_url} (Ctrl+C stops it)", flush=True)
+    blocks.block_thread()
+
+
 def demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.output_dir, num_subsets=args.num_subsets)
 
 
-COMMANDS = {"featurize": featurize, "score": score, "top-k": top_k, "report": report, "push": push, "demo": demo}
+COMMANDS = {
+    "featurize": featurize,
+    "score": score,
+    "top-k": top_k,
+    "report": report,
+    "explore": explore,
+    "push": push,
+    "demo": demo,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -38,7 +38,8 @@ def select_parameters(model: nn.Module, grad_wrt: GradWrt = None) -> List[str]:
     else:
         unknown = [name for name in grad_wrt if name not in parameters]
         if unknown:
-            raise ValueError(f"grad_wrt names parameters that {type(model).__name__} does not have: {unknown}.")
+            shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+            raise ValueError(f"grad_wrt names parameters that {type(model).__name__} does not have: {shown}.")
         wanted = set(grad_wrt)
         names = [name for name in parameters if name in wanted]
     if not names:

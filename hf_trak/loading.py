@@ -9,13 +9,16 @@ adapter folder loads on its base model (``hf_trak.adapters``).
 import logging
 import os
 import re
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedModel
 
-from .adapters import is_adapter_folder, load_adapter_model
+from .adapters import adapter_base_model, is_adapter_folder, load_adapter_model
 from .checkpoints import Checkpoint
+
+if TYPE_CHECKING:
+    from .config import TRAKConfig
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +113,47 @@ def load_processor(name_or_path: str):
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.debug("No %s in %s: %s", auto.__name__, name_or_path, error)
     return None
+
+
+def model_folder(model: Optional[str]) -> Optional[str]:
+    """The folder a model is loaded from: ``model``, or the last ``checkpoint-N`` of a Trainer output_dir."""
+    folders = trainer_checkpoints(model) if model is not None else []
+    return folders[-1] if folders else model
+
+
+def processor_for(
+    model: Optional[str], processor: Optional[str] = None, base_model: Optional[str] = None, store_root: str = ""
+):
+    """``processor`` (a folder or Hub id), else the one saved with ``model`` or, for an adapter, its base
+    model; None if there is none (the split must then hold model inputs)."""
+    source = processor or model_folder(model)
+    if source is None:
+        return None
+    found = load_processor(source)
+    if found is None and is_adapter_folder(source):
+        source = adapter_base_model(source, base_model)
+        found = load_processor(source)
+    if found is None:
+        logger.info("No processor found in %s: the dataset must hold model inputs.", source)
+    return found
+
+
+def resolve_store_model(
+    config: "TRAKConfig", model: Union[None, nn.Module, str] = None, base_model: Optional[str] = None, root: str = ""
+) -> Tuple[nn.Module, Optional[str], Optional[List[Checkpoint]]]:
+    """``(model, its folder or Hub id, checkpoints)`` to score against a store with ``config``.
+
+    ``model``: a model, folder or Hub id; by default the last checkpoint folder the store records
+    (if it still exists) or the model it names. ``checkpoints`` is None where they are not the
+    store's (``TRAKer.from_pretrained`` then uses the recorded ones, or the model for one checkpoint).
+    """
+    recorded = [path for path in config.checkpoint_sources if os.path.isdir(path)]
+    if model is None:
+        model = recorded[-1] if recorded else config.name_or_path or None
+    if model is None:
+        raise ValueError(f"The features in {root or 'the store'} record no model folder: pass the model.")
+    path = None if isinstance(model, nn.Module) else os.fspath(model)
+    model, checkpoints = resolve_model(model, base_model)
+    if len(checkpoints) != config.num_checkpoints or not all(isinstance(c, str) for c in checkpoints):
+        checkpoints = None
+    return model, path, checkpoints

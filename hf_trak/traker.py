@@ -307,6 +307,11 @@ class TRAKer:
                 "same arguments to resume it."
             )
         stored = store.config
+        if stored.model_class not in ("", type(model).__name__):
+            raise StoreMismatchError(
+                f"The features in {save_dir} were made for a {stored.model_class} ({stored.name_or_path or 'no path'}"
+                f" recorded), not a {type(model).__name__}: pass the model they were made with."
+            )
         settings.setdefault("grad_wrt", stored.param_names)
         args = TRAKArguments(
             proj_dim=stored.proj_dim,

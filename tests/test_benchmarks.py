@@ -22,8 +22,11 @@ def run(script, *args, cwd):
 
 def test_query_benchmark_prints_its_ratios(tmp_path):
     out = run("query.py", "--num-examples", "3000", "--proj-dim", "64", "--targets", "20", "--repeats", "1",
-              "--shard-size", "512", cwd=tmp_path)  # fmt: skip
+              "--shard-size", "512", "--ivf", "16", "--nprobe", "1", "16", "--recall-targets", "20",
+              cwd=tmp_path)  # fmt: skip
     assert "x one read" in out and "x the GEMM floor" in out and "before version 3" in out
+    assert "faiss exact index" in out and "nprobe=16: " in out  # nprobe = every list: exact
+    assert "nprobe=16: " in out.splitlines()[-1] and out.splitlines()[-1].endswith("recall@10 1.000 over 20 targets")
 
 
 def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
@@ -48,3 +51,22 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     out = run("lds.py", "--tasks", "image", "--methods", "trak", "cosine", "--models", "1", "--proj-dim", "32",
               "--data", str(fake), cwd=tmp_path)  # fmt: skip
     assert "| image | trak | 1 |" in out and "| image | cosine | 1 |" in out
+
+
+def test_explore_benchmark_times_a_query_on_a_demo_like_store(tmp_path):
+    pytest.importorskip("faiss")
+    from transformers import ViTImageProcessor
+
+    import hf_trak
+    from hf_trak.demo import NUM_TRAIN
+    from hf_trak.digits import digit_images
+    from hf_trak.testing import tiny_vit
+
+    model, processor = tiny_vit(), ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
+    model.save_pretrained(str(tmp_path / "model"))
+    processor.save_pretrained(str(tmp_path / "model"))
+    hf_trak.attribute(str(tmp_path / "model"), digit_images(0, NUM_TRAIN), digit_images(0, 1), processor=processor,
+                      save_dir=str(tmp_path / "demo" / "trak"), proj_dim=32)  # fmt: skip
+    out = run("explore.py", "--demo-dir", str(tmp_path / "demo"), "--repeats", "1", cwd=tmp_path)
+    assert "no index (reads the store): n=600, 1 checkpoints, k=32" in out and "exact faiss index" in out
+    assert "IVF8,Flat, nprobe=4: recall@10" in out

@@ -1,0 +1,296 @@
+"""The explorer's engine (``Explorer``, ``FeatureIndex``) and app (``ExplorerApp``) without a browser.
+
+Every query is checked against a second path: ``attribute()``'s top-k, ``TRAKer.top_k``, or
+the score matrix indexed by hand.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+from transformers import ViTImageProcessor
+
+import hf_trak
+from hf_trak import InvalidArgumentError, InvalidInputError, TRAKer
+from hf_trak.explorer import Explorer
+from hf_trak.testing import (
+    digit_images,
+    digits,
+    perturbed_state_dict,
+    subprocess_env,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_vit,
+    token_sequences,
+    word_tokenizer,
+)
+
+pytest.importorskip("faiss")
+SETTINGS = dict(proj_dim=32, dtype=torch.float32)
+
+
+def raw_text(n, seed=0):
+    return token_sequences(n, seed=seed).select_columns(["text", "labels"]).rename_column("labels", "label")
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory):
+    """A text classifier saved at two checkpoints with its tokenizer, and its store over 40 raw rows."""
+    root = tmp_path_factory.mktemp("text")
+    model, tokenizer = tiny_bert(), word_tokenizer()
+    folders = []
+    for step, seed in ((1, None), (2, 3)):
+        folder = str(root / f"checkpoint-{step}")
+        if seed is not None:
+            model.load_state_dict(perturbed_state_dict(model, seed, scale=0.3))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(folder)
+    train, targets = raw_text(40), raw_text(6, seed=1)
+    result = hf_trak.attribute(folders, train, targets, processor=tokenizer, k=5, save_dir=str(root / "store"),
+                               shard_size=16, **SETTINGS)  # fmt: skip
+    return dict(root=root, store=str(root / "store"), train=train, targets=targets, result=result, folders=folders)
+
+
+def _top(result, target, kind):
+    rows = result.top_k.filter(lambda r: r["target"] == target and r["kind"] == kind)
+    return list(rows["train_index"]), np.array(rows["score"])
+
+
+@pytest.mark.parametrize("index", [None, "exact"])
+def test_a_target_row_gives_attributes_top_k_and_the_checkpoints_agreement(text_store, index):
+    explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"],
+                                   index=index, k=5)  # fmt: skip
+    assert len(explorer.views) == 2 and explorer.text_columns == ["text"] and explorer.label_column == "label"
+    scores = text_store["result"].scores
+    for target in range(6):
+        query = explorer.query(explorer.target_example(target))
+        assert query.label == text_store["targets"][target]["label"]
+        for kind, found in (("proponent", query.proponents), ("opponent", query.opponents)):
+            rows, values = _top(text_store["result"], target, kind)
+            assert [n.row for n in found] == rows
+            np.testing.assert_allclose([n.score for n in found], values, rtol=1e-4, atol=1e-6 * np.abs(values).max())
+            assert [n.example["text"] for n in found] == [text_store["train"][r]["text"] for r in rows]
+        # Agreement, second path: each checkpoint's share τ_m = Q̄ ⊙ Φ_m t_m from the stored Φ, by hand.
+        traker = explorer.traker
+        features, _, _ = explorer.target_features(explorer.target_example(target))
+        store, shares = traker.store, []
+        q = np.mean([store.out_to_loss(m) for m in range(2)], axis=0)
+        for m in range(2):
+            phi = np.concatenate([store.shard(m, a, b, "preconditioned")[0] for a, b in store.shard_ranges()])
+            scale = store.load_kernel(m, ["phi_scale"])["phi_scale"].numpy()
+            shares.append(q * (phi @ (features[m][0].numpy() * scale)))
+        ensemble = set(np.argsort(-scores[:, target])[:5])
+        expected = [len(ensemble & set(np.argsort(-share)[:5])) / 5 for share in shares]
+        assert query.agreement == pytest.approx(expected)
+    assert any(share < 1 for share in query.agreement)  # the checkpoints differ (else the check is vacuous)
+
+
+def test_a_new_input_is_attributed_for_the_prediction_or_a_chosen_label(text_store):
+    explorer = Explorer.from_store(text_store["store"], text_store["train"], k=4)
+    text = "5 6 7 8 9"
+    model = explorer.model
+    inputs = word_tokenizer()([text], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]  # the model loaded is the last checkpoint
+    predicted = int(logits.argmax())
+    for label in (None, (predicted + 1) % 3):
+        query = explorer.query(explorer.new_example(text), label=label)
+        attributed = predicted if label is None else label
+        assert query.label == attributed
+        assert query.prediction.startswith(f"LABEL_{predicted} (p = {float(logits.softmax(-1)[predicted]):.2f})")
+        target = raw_text(1).map(lambda row: {"text": text, "label": attributed})
+        expected = hf_trak.attribute(text_store["folders"], text_store["train"], target, processor=word_tokenizer(),
+                                     k=4, save_dir=text_store["store"], shard_size=16, **SETTINGS)  # fmt: skip
+        assert [n.row for n in query.proponents] == _top(expected, 0, "proponent")[0]
+        assert [n.row for n in query.opponents] == _top(expected, 0, "opponent")[0]
+    # Longer than the model takes (16 positions): truncated like a pipeline, as the first 16 tokens.
+    long = explorer.query(explorer.new_example(" ".join(["7"] * 40)))
+    short = explorer.query(explorer.new_example(" ".join(["7"] * 16)))
+    assert [n.row for n in long.proponents] == [n.row for n in short.proponents]
+
+
+def test_bad_inputs_are_named(text_store):
+    explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"])
+    with pytest.raises(InvalidInputError, match="Enter a text"):
+        explorer.new_example("   ")
+    with pytest.raises(InvalidInputError, match="Target rows are 0 to 5, not 6"):
+        explorer.target_example(6)
+
+
+def test_the_index_is_the_brute_force_top_k_with_excluded_rows_and_several_checkpoints():
+    """``FeatureIndex`` ("Flat", and IVF probing every list) against ``TRAKer.top_k`` on a store with two
+    checkpoints, an excluded row, shards of 5 and no Q."""
+    from hf_trak.index import FeatureIndex
+
+    model, train = tiny_vit(), digits(23)
+    train = train.map(
+        lambda row, i: {"pixel_values": np.full((1, 8, 8), np.nan)} if i == 9 else row, with_indices=True
+    )
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, 1, scale=0.2)]
+    for weight in ("out_to_loss", "none"):
+        traker = TRAKer(model, on_nonfinite="exclude", shard_size=5, train_weight=weight, **SETTINGS)
+        traker.featurize(train, checkpoints)
+        targets = digits(7, offset=40)
+        for largest in (True, False):
+            expected = traker.top_k(targets, k=6, largest=largest)
+            features, _ = traker._target_features(targets, None, None)
+            for factory, nprobe in (("Flat", 1), ("IVF2,Flat", 2)):
+                found = FeatureIndex(traker.store, factory, nprobe=nprobe).search(features, 6, largest)
+                np.testing.assert_array_equal(found.indices, expected.indices)
+                np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-4, atol=1e-5)
+            everything = FeatureIndex(traker.store).search(features, 23, largest)
+            assert (everything.indices[:, -1] == 9).all()  # the excluded row ranks last
+    with pytest.raises(InvalidArgumentError, match="Cannot build the faiss index 'IVF64,Flat' over 23 rows"):
+        FeatureIndex(traker.store, "IVF64,Flat")
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image")
+    model = tiny_vit()
+    processor = ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
+    model.save_pretrained(str(root / "model"))
+    processor.save_pretrained(str(root / "model"))
+    train, targets = digit_images(30), digit_images(4, offset=30)
+    result = hf_trak.attribute(str(root / "model"), train, targets, processor=processor, k=3,
+                               save_dir=str(root / "store"), **SETTINGS)  # fmt: skip
+    return dict(root=root, store=str(root / "store"), train=train, targets=targets, result=result)
+
+
+def test_images_an_uploaded_one_and_a_wrong_size(image_store):
+    explorer = Explorer.from_store(image_store["store"], image_store["train"], k=3)
+    assert explorer.image_column == "image" and explorer.text_columns == []
+    target = image_store["targets"][2]
+    uploaded = explorer.query(explorer.new_example(image=target["image"].convert("RGB")), label=target["label"])
+    assert [n.row for n in uploaded.proponents] == _top(image_store["result"], 2, "proponent")[0]
+    with pytest.raises(InvalidInputError, match=r"The image is 16×16 pixels; this model takes 8×8 .*upload a 8×8"):
+        explorer.new_example(image=PILImage.new("L", (16, 16)))
+    with pytest.raises(InvalidInputError, match="Upload an image"):
+        explorer.new_example()
+
+
+def test_a_causal_lm_is_explored_by_its_text(tmp_path):
+    model, tokenizer = tiny_gpt2(), word_tokenizer()
+    model.save_pretrained(str(tmp_path / "lm"))
+    tokenizer.save_pretrained(str(tmp_path / "lm"))
+    train = token_sequences(20).select_columns(["text"])
+    expected = hf_trak.attribute(str(tmp_path / "lm"), train, train.select([3]), processor=tokenizer, k=3,
+                                 save_dir=str(tmp_path / "store"), **SETTINGS)  # fmt: skip
+    explorer = Explorer.from_store(str(tmp_path / "store"), train, k=3)
+    query = explorer.query(explorer.new_example(train[3]["text"]))
+    assert query.label is None and query.prediction.startswith("mean token log-probability")
+    assert [n.row for n in query.proponents] == _top(expected, 0, "proponent")[0]
+
+
+def test_the_app_shows_a_store_that_does_not_match_in_the_page(text_store):
+    gradio = pytest.importorskip("gradio")
+    blocks = hf_trak.explore(text_store["store"], raw_text(39), launch=False)  # one row fewer than the store
+    shown = [c.value for c in blocks.blocks.values() if isinstance(c, gradio.Markdown)]
+    assert any("Error:" in text and "39 rows" in text for text in shown), shown
+    blocks = hf_trak.explore(text_store["store"], text_store["train"], model=tiny_vit(), launch=False)
+    shown = [c.value for c in blocks.blocks.values() if isinstance(c, gradio.Markdown)]
+    assert any("Error:" in text and "made for a BertForSequenceClassification" in text for text in shown), shown
+
+
+def test_the_app_handlers_show_results_and_errors_in_the_page(text_store):
+    pytest.importorskip("gradio")
+    from hf_trak.app import ExplorerApp
+
+    explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=5)
+    app = ExplorerApp(explorer)
+    message, summary, proponents, opponents, shown, text, label = app.on_target_row(2)
+    rows, _ = _top(text_store["result"], 2, "proponent")
+    assert message == "" and f"Top proponent:** train row {rows[0]}" in summary
+    assert [row[1] for row in proponents] == rows and shown[0] == rows
+    assert text == text_store["targets"][2]["text"]
+
+    class Click:  # what Gradio passes a Dataframe's select handler: (row, column)
+        index = (0, 1)
+
+    message, summary, *_ = app.on_select(shown, Click(), 0)
+    assert message == "" and f"**Target:** train row {rows[0]} ·" in summary
+    message, summary, *_ = app.on_attribute("", "the prediction")
+    assert message.startswith("**Error:** Enter a text") and not isinstance(summary, str)  # summary left as it was
+    message, *_ = app.on_target_row(99)
+    assert "Target rows are 0 to 5" in message and "Traceback" not in message
+
+
+def test_importing_hf_trak_and_its_cli_does_not_import_gradio_or_faiss_and_a_missing_extra_is_named():
+    script = textwrap.dedent("""
+        import sys
+        import hf_trak, hf_trak.cli
+        assert not {"gradio", "faiss"} & set(sys.modules), sorted({"gradio", "faiss"} & set(sys.modules))
+        sys.modules["gradio"] = None  # as if not installed
+        try:
+            hf_trak.explore("store", None)
+        except ImportError as error:
+            print("ERROR:", error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ERROR: hf_trak's explorer needs Gradio: pip install 'hf_trak[app]'." in result.stdout
+    cli = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['gradio'] = None; from hf_trak.cli import main; main()",
+         "explore", "--store", os.devnull, "--dataset", os.devnull],
+        env=subprocess_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert (
+        cli.returncode == 1
+        and cli.stderr == "hf-trak: error: hf_trak's explorer needs Gradio: pip install 'hf_trak[app]'.\n"
+    )
+
+
+def test_the_space_app_without_its_variables_says_which_to_set(monkeypatch):
+    gradio = pytest.importorskip("gradio")
+    import runpy
+
+    for name in ("HF_TRAK_STORE", "HF_TRAK_DATASET"):
+        monkeypatch.delenv(name, raising=False)
+    space = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "space", "app.py")
+    blocks = runpy.run_path(space)["demo"]
+    shown = [c.value for c in blocks.blocks.values() if isinstance(c, gradio.Markdown)]
+    assert any("Set the Space variables HF\\_TRAK\\_STORE, HF\\_TRAK\\_DATASET" in text for text in shown), shown
+
+
+def test_clip_takes_a_caption_and_an_image(tmp_path):
+    """CLIP with a processor function: the columns named give the page a text box and an image upload."""
+    from hf_trak.testing import tiny_clip
+
+    model, tokenizer = tiny_clip(), word_tokenizer()
+    images = ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
+    model.save_pretrained(str(tmp_path / "clip"))
+
+    def process(batch):
+        inputs = dict(tokenizer([c + " [SEP]" for c in batch["caption"]], padding="max_length", max_length=8))
+        inputs.pop("token_type_ids", None)
+        inputs["pixel_values"] = images([image.convert("L") for image in batch["image"]])["pixel_values"]
+        return inputs
+
+    pairs = digit_images(24).map(lambda row, i: {"caption": " ".join(str(3 + (i * 7 + j) % 30) for j in range(4))},
+                                 with_indices=True).remove_columns("label")  # fmt: skip
+    train, targets = pairs.select(range(20)), pairs.select(range(20, 24))
+    expected = hf_trak.attribute(str(tmp_path / "clip"), train, targets, processor=process, k=3,
+                                 save_dir=str(tmp_path / "store"), **SETTINGS)  # fmt: skip
+    explorer = Explorer.from_store(str(tmp_path / "store"), train, processor=process, text_column="caption",
+                                   image_column_name="image", k=3)  # fmt: skip
+    assert explorer.text_columns == ["caption"] and explorer.image_column == "image" and explorer.label_column is None
+    target = targets[1]
+    query = explorer.query(explorer.new_example(target["caption"], target["image"]))
+    assert query.prediction.startswith("image–text logit") and query.label is None
+    assert [n.row for n in query.proponents] == _top(expected, 1, "proponent")[0]
+    assert [n.row for n in query.opponents] == _top(expected, 1, "opponent")[0]
+    with pytest.raises(InvalidInputError, match="Upload an image"):
+        explorer.new_example(target["caption"])
+    pytest.importorskip("gradio")
+    from hf_trak.app import ExplorerApp
+
+    app = ExplorerApp(explorer)  # a text box and an image upload, no label
+    assert len(app.texts) == 1 and app.image is not None and app.label is None
+    message, summary, *_ = app.on_attribute(target["caption"], target["image"])
+    assert message == "" and f"Top proponent:** train row {query.proponents[0].row} " in summary
