@@ -14,6 +14,7 @@ message in the page; the server keeps running. Needs ``pip install 'hf_trak[app]
 """
 
 import logging
+import sys
 from typing import Any, Optional
 
 from .explorer import Explorer, Query
@@ -219,6 +220,8 @@ def explore(
     index: Optional[str] = None,
     k: int = 10,
     launch: bool = True,
+    block: Optional[bool] = None,
+    quiet: bool = False,
     server_name: Optional[str] = None,
     server_port: Optional[int] = None,
     title: str = "hf_trak explorer",
@@ -232,8 +235,10 @@ def explore(
     scores from the store), ``"exact"`` or a faiss factory string (``hf_trak.index``);
     ``explorer_kwargs`` go to ``Explorer.from_store`` (``base_model``, ``text_column``,
     ``device``...). With ``launch`` the app is served on ``server_name:server_port`` (default:
-    Gradio's, ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` or 127.0.0.1:7860 up); this call
-    returns at once (``blocks.block_thread()`` waits). Returns the Gradio ``Blocks``.
+    Gradio's, ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` or 127.0.0.1:7860 up) and, as
+    Gradio's ``launch`` does, serves until interrupted in a script and returns at once in a
+    notebook or REPL (``block`` True/False decides instead); ``quiet`` hides Gradio's own
+    message with the URL (``blocks.local_url``). Returns the Gradio ``Blocks``.
     """
     require_gradio()
     try:
@@ -244,5 +249,8 @@ def explore(
         logger.error("The explorer cannot start: %s", error)
         app = ExplorerApp(None, error=str(error), title=title)
     if launch:
-        app.blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=True)
+        app.blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet)
+        interactive = hasattr(sys, "ps1") or "ipykernel" in sys.modules
+        if block or (block is None and not interactive):
+            app.blocks.block_thread()
     return app.blocks

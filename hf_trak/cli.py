@@ -333,7 +333,8 @@ def explore(args) -> None:
     blocks = start(
         args.save_dir or args.from_hub, train, model=args.model, processor=processor, targets=targets,
         checkpoints=args.checkpoints,
-        index=args.index, k=args.k, server_name=args.host, server_port=args.port, base_model=args.base_model,
+        index=args.index, k=args.k, block=False, quiet=True, server_name=args.host, server_port=args.port,
+        base_model=args.base_model,
         text_column=text_column, image_column_name=args.image_column, max_length=args.max_length,
     )  # fmt: skip
     print(f"hf_trak explorer running on {blocks.local_url} (Ctrl+C stops it)", flush=True)
