@@ -17,7 +17,8 @@ retrained models (f averaged over the two seeds of each half), and their time. M
   eigenvalues fitted to the examples), with and without Q;
 * ``ekfac``, ``kfac``: kronfluence 1.0 (``pip install hf_trak[bench]``), damping and modules
   at its defaults (nn.Linear and nn.Conv2d; GPT-2's Conv1D layers are converted to
-  nn.Linear for it), f as the measurement and the training loss as the loss;
+  nn.Linear for it; factors of the true Fisher), f as the measurement and the training
+  loss as the loss; ``ekfac, empirical Fisher``: its factors from the training labels;
 * ``cosine``: cosine of the last hidden state (CLS token; GPT-2: mean over tokens), same
   label only for classifiers.
 
@@ -126,7 +127,9 @@ def as_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-def kronfluence_scores(task, models, strategy: str) -> np.ndarray:
+def kronfluence_scores(task, models, strategy: str, empirical_fisher: bool = False) -> np.ndarray:
+    """Mean over models of kronfluence's pairwise scores (K-FAC or EK-FAC factors of the true Fisher, sampled
+    labels, as kronfluence defaults; ``empirical_fisher``: of the training labels' gradients)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -144,8 +147,9 @@ def kronfluence_scores(task, models, strategy: str) -> np.ndarray:
             analyzer = Analyzer(f"{task.name}-{number}", model, influence_task, cpu=True, disable_tqdm=True,
                                 output_dir=folder)  # fmt: skip
             analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=lambda rows: _either(rows, train, targets)))
+            factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical_fisher)
             analyzer.fit_all_factors(strategy, _Tagged(len(train), "train"), per_device_batch_size=50,
-                                     factor_args=FactorArguments(strategy=strategy))  # fmt: skip
+                                     factor_args=factor_args)  # fmt: skip
             analyzer.compute_pairwise_scores(
                 "scores", strategy, query_dataset=_Tagged(len(targets), "target"),
                 train_dataset=_Tagged(len(train), "train"), per_device_query_batch_size=50,
@@ -215,6 +219,7 @@ METHODS = {
     ),
     "per-module, ekfac": lambda task, models, k: trak_scores(task, models, k, kernel_from="ekfac", **PER_MODULE),
     "ekfac": lambda task, models, k: kronfluence_scores(task, models, "ekfac"),
+    "ekfac, empirical Fisher": lambda task, models, k: kronfluence_scores(task, models, "ekfac", True),
     "kfac": lambda task, models, k: kronfluence_scores(task, models, "kfac"),
     "cosine": lambda task, models, k: cosine_scores(task, models),
 }
