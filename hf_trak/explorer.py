@@ -252,11 +252,6 @@ class Explorer:
                 f"resize: upload a {size}×{size} image."
             )
 
-    def prepare(self, raw: Dataset) -> Dataset:
-        """Raw rows → model inputs, as the store's train split was prepared."""
-        return prepare_split(raw, self.traker.model, self.traker.task, self.processor, self.text_column,
-                             self.image_column_name, self.max_length)  # fmt: skip
-
     def _one_row(self, example: Dict[str, Any], label: Optional[int]) -> Dataset:
         """``example`` as a one-row raw split with the train split's column types, labelled ``label``."""
         columns = {name: value for name, value in example.items() if name in self.train.column_names}
