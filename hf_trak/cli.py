@@ -187,13 +187,17 @@ def _processor(args, model: Optional[str]):
     return None if args.no_processor else processor_for(model, args.processor, args.base_model)
 
 
+def _text_column(args):
+    """``--text-column``: one name, a pair, or None."""
+    return args.text_column[0] if args.text_column and len(args.text_column) == 1 else args.text_column
+
+
 def _prepared_split(args, model, task, processor, split: str, limit: Optional[int]):
     """``(raw split, model inputs)`` of one split of ``--dataset``."""
     from .processing import prepare_split
 
     raw = load_split(args, split, limit)
-    text_column = args.text_column[0] if args.text_column and len(args.text_column) == 1 else args.text_column
-    return raw, prepare_split(raw, model, task, processor, text_column, args.image_column, args.max_length)
+    return raw, prepare_split(raw, model, task, processor, _text_column(args), args.image_column, args.max_length)
 
 
 def _target_scores(args):
@@ -328,14 +332,13 @@ def explore(args) -> None:
     except (ValueError, KeyError) as error:  # a dataset without that split: new inputs only
         logger.warning("No target split %r (%s): targets are new inputs and train rows.", args.target_split, error)
         targets = None
-    text_column = args.text_column[0] if args.text_column and len(args.text_column) == 1 else args.text_column
     processor = None if args.no_processor else (args.processor or "auto")
     blocks = start(
         args.save_dir or args.from_hub, train, model=args.model, processor=processor, targets=targets,
         checkpoints=args.checkpoints,
         index=args.index, k=args.k, block=False, quiet=True, server_name=args.host, server_port=args.port,
         base_model=args.base_model,
-        text_column=text_column, image_column_name=args.image_column, max_length=args.max_length,
+        text_column=_text_column(args), image_column_name=args.image_column, max_length=args.max_length,
     )  # fmt: skip
     print(f"hf_trak explorer running on {blocks.local_url} (Ctrl+C stops it)", flush=True)
     blocks.block_thread()

@@ -121,9 +121,7 @@ def model_folder(model: Optional[str]) -> Optional[str]:
     return folders[-1] if folders else model
 
 
-def processor_for(
-    model: Optional[str], processor: Optional[str] = None, base_model: Optional[str] = None, store_root: str = ""
-):
+def processor_for(model: Optional[str], processor: Optional[str] = None, base_model: Optional[str] = None):
     """``processor`` (a folder or Hub id), else the one saved with ``model`` or, for an adapter, its base
     model; None if there is none (the split must then hold model inputs)."""
     source = processor or model_folder(model)
