@@ -106,6 +106,20 @@ def _readable_or_removed(path: str, read) -> bool:
         return False
 
 
+def _load_safetensors(path: str, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (only ``names`` of them, if given); ``CorruptStoreError`` if it does not
+    read."""
+    try:
+        if names is None:
+            return load_file(path)
+        with safe_open(path, framework="pt") as file:
+            return {name: file.get_tensor(name) for name in names if name in file.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
+        raise CorruptStoreError(
+            f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
+        ) from error
+
+
 def shard_ranges(num_rows: int, shard_size: int) -> List[Tuple[int, int]]:
     """The fixed row ranges [s·shard_size, (s+1)·shard_size) ∩ [0, num_rows) of the shards."""
     return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
@@ -255,13 +269,7 @@ class FeatureStore:
         atomic_write(self.statistics_path(model_id, start, stop), lambda tmp: save_file(tensors, tmp))
 
     def statistics(self, model_id: int, start: int, stop: int) -> Dict[str, torch.Tensor]:
-        path = self.statistics_path(model_id, start, stop)
-        try:
-            return load_file(path)
-        except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
-            raise CorruptStoreError(
-                f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
-            ) from error
+        return _load_safetensors(self.statistics_path(model_id, start, stop))
 
     def has_valid_statistics(self, model_id: int, start: int, stop: int) -> bool:
         """Whether the shard's kernel statistics exist and read (corrupt ones are reported and deleted)."""
@@ -321,15 +329,7 @@ class FeatureStore:
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
-        try:
-            if names is None:
-                return load_file(path)
-            with safe_open(path, framework="pt") as file:
-                return {name: file.get_tensor(name) for name in names if name in file.keys()}
-        except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
-            raise CorruptStoreError(
-                f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
-            ) from error
+        return _load_safetensors(path, names)
 
     def is_complete(self) -> bool:
         """Every checkpoint's fingerprint and kernel, and (version 3 on) its Φ shards, are written."""

@@ -159,7 +159,7 @@ class TRAKer:
         resumes it (complete shards are kept); a store made otherwise is only replaced with
         ``overwrite=True``. ``batch_size``/``overwrite`` default to ``args``'.
         """
-        batch_size = check_positive_int("batch_size", self.args.batch_size if batch_size is None else batch_size)
+        batch_size = self._positive_setting("batch_size", batch_size)
         self.train_source = self._source(train_dataset, data_collator)
         with eval_mode(self.model):
             self.store = featurize_store(
@@ -183,7 +183,7 @@ class TRAKer:
         """(this process's contiguous share of the targets featurized at every checkpoint, each loaded once;
         the number of targets)."""
         self._require_store()
-        batch_size = check_positive_int("batch_size", self.args.batch_size if batch_size is None else batch_size)
+        batch_size = self._positive_setting("batch_size", batch_size)
         source = self._source(targets, data_collator)
         scan_split(source, self.task, self.model, "target", self.args.on_nonfinite, self.state.is_main_process)
         with self.state.split_between_processes(list(range(len(source)))) as mine:
@@ -217,9 +217,7 @@ class TRAKer:
         matrix (the others return None). With a train subset (``from_pretrained(...,
         train_subset=True)``) the rows are those of the subset.
         """
-        block_size = check_positive_int(
-            "target_block_size", self.args.target_block_size if target_block_size is None else target_block_size
-        )
+        block_size = self._positive_setting("target_block_size", target_block_size)
         num_rows = self.config.num_train_examples if self.train_rows is None else len(self.train_rows)
         if out is not None and (out.shape[0] != num_rows or out.ndim != 2):
             raise ValueError(f"out has shape {out.shape}, expected ({num_rows}, number of targets).")
@@ -250,9 +248,7 @@ class TRAKer:
         (on the main process with several processes; None on the others). Excluded train rows
         (NaN scores) rank last."""
         check_positive_int("k", k)
-        block_size = check_positive_int(
-            "target_block_size", self.args.target_block_size if target_block_size is None else target_block_size
-        )
+        block_size = self._positive_setting("target_block_size", target_block_size)
         features, _ = self._target_features(targets, batch_size, data_collator)
         show = self.state.is_main_process
         mine = top_k(self.store, features, self.device, block_size, k, largest, show, self.train_rows)
@@ -269,6 +265,11 @@ class TRAKer:
         path = self._require_store().save_scores(name, scores, overwrite=overwrite)
         write_dataset_card(self.store)
         return path
+
+    def _positive_setting(self, name: str, value: Optional[int]) -> int:
+        """``value``, or the ``args`` setting ``name`` when None; refused unless a positive integer (0 is not
+        "the default")."""
+        return check_positive_int(name, getattr(self.args, name) if value is None else value)
 
     def _require_store(self) -> FeatureStore:
         if self.store is None:
