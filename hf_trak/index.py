@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidArgumentError
-from .scoring import TopK, phi_scale, preconditioned_shards
+from .scoring import TopK, phi_scale, preconditioned_shards, train_weights
 from .store import FeatureStore, as_tensor
 
 logger = logging.getLogger(__name__)
@@ -81,9 +81,7 @@ class _StoreVectors(Sequence):
     def _next_shard(self) -> None:
         parts = [next(shards) for shards in self._shards]
         start = parts[0][0]
-        q = np.mean([out_to_loss for _, _, out_to_loss in parts], axis=0)
-        if self.store.config.train_weight == "none":
-            q = np.where(np.isnan(q), q, 1.0)
+        q = train_weights(self.store, [out_to_loss for _, _, out_to_loss in parts])
         self.excluded[start : start + len(q)] = np.isnan(q)
         weight = np.nan_to_num(q, nan=0.0).astype(np.float32)[:, None] / self.num_checkpoints
         self._block = np.concatenate([vectors.float().numpy() * weight for _, vectors, _ in parts], axis=1)

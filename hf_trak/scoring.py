@@ -93,12 +93,17 @@ def shard_scores(
     for shard in tqdm(shards, **progress):
         start = shard[0][0]
         phis = [phi for _, phi, _ in shard]
-        q = torch.from_numpy(np.mean([out_to_loss for _, _, out_to_loss in shard], axis=0))  # mean_m Q_m[rows]
-        if store.config.train_weight == "none":
-            q = torch.where(q.isnan(), q, torch.ones_like(q))  # excluded rows stay NaN
+        q = torch.from_numpy(train_weights(store, [out_to_loss for _, _, out_to_loss in shard]))
         for offset in range(0, num_targets, target_block_size):
             block = [t[offset : offset + target_block_size] for t in targets]
             yield start, offset, score_block(phis, block, q)
+
+
+def train_weights(store: FeatureStore, out_to_loss: Sequence[np.ndarray]) -> np.ndarray:
+    """Q̄[rows], the train-side weight of the scores: mean_m Q_m[rows] over the checkpoints, or 1 with
+    ``train_weight="none"``; NaN for rows excluded for non-finite values either way."""
+    q = np.mean(out_to_loss, axis=0)
+    return np.where(np.isnan(q), q, np.ones_like(q)) if store.config.train_weight == "none" else q
 
 
 def phi_scale(store: FeatureStore, model_id: int) -> Tensor:
