@@ -162,15 +162,11 @@ class ExplorerApp:
     def _failed(self, error: Exception) -> list:
         return [_message(error)] + [self.gr.update() for _ in self._outputs()[1:]]
 
-    def _label_name(self, label: Optional[int]) -> str:
-        names = self.explorer.label_names
-        return names[label] if label is not None and 0 <= label < len(names) else ("" if label is None else str(label))
-
     def _show(self, query: Query, what: str, fill: bool = True) -> list:
         explorer = self.explorer
         lines = [f"**Target:** {what} · **prediction:** {query.prediction}"]
         if query.label is not None:
-            lines[0] += f" · **attributed label:** {self._label_name(query.label)}"
+            lines[0] += f" · **attributed label:** {explorer.label_name(query.label)}"
         if query.proponents:
             top = query.proponents[0]
             lines.append(f"**Top proponent:** train row {top.row} (score {top.score:.4g})")
@@ -180,12 +176,12 @@ class ExplorerApp:
                          f"checkpoint's own top-{len(query.proponents)}): {shares}")  # fmt: skip
         shown = ([n.row for n in query.proponents], [n.row for n in query.opponents])
         widgets = []
-        for i, name in enumerate(explorer.text_columns):
+        for name in explorer.text_columns:
             widgets.append(query.target.get(name, "") if fill else self.gr.update())
         if self.image is not None:
             widgets.append(query.target.get(explorer.image_column) if fill else self.gr.update())
         if self.label is not None:
-            widgets.append(self._label_name(query.label) if fill and query.label is not None else self.gr.update())
+            widgets.append(explorer.label_name(query.label) if fill and query.label is not None else self.gr.update())
         if self.target_view is not None:
             widgets.append(enlarged(query.target.get(explorer.image_column)))
         return ["", "\n\n".join(lines), self._render(query.proponents), self._render(query.opponents), shown] + widgets
@@ -197,7 +193,7 @@ class ExplorerApp:
         label_column = explorer.label_column
         rows = []
         for rank, n in enumerate(neighbors):
-            label = [self._label_name(n.example.get(label_column))] if label_column else []
+            label = [explorer.label_name(n.example.get(label_column))] if label_column else []
             texts = [str(n.example.get(name, ""))[:TEXT_PREVIEW] for name in explorer.text_columns]
             rows.append([rank, n.row, round(n.score, 6)] + label + texts)
         return rows
@@ -206,7 +202,7 @@ class ExplorerApp:
         explorer = self.explorer
         parts = [f"#{neighbor.row}", f"{neighbor.score:+.3g}"]
         if explorer.label_column:
-            parts.insert(1, self._label_name(neighbor.example.get(explorer.label_column)))
+            parts.insert(1, explorer.label_name(neighbor.example.get(explorer.label_column)))
         parts += [str(neighbor.example.get(name, ""))[:60] for name in explorer.text_columns]
         return " · ".join(parts)
 

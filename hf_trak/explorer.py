@@ -218,6 +218,13 @@ class Explorer:
         id2label = getattr(self.model.config, "id2label", None) or {}
         return [str(id2label.get(i, i)) for i in range(num_labels)]
 
+    def label_name(self, label: Optional[int]) -> str:
+        """The name of label ``label`` (``label_names``), its number if it has none, "" for None."""
+        names = self.label_names
+        if label is None:
+            return ""
+        return names[label] if 0 <= label < len(names) else str(label)
+
     def new_example(self, text: Union[None, str, List[str]] = None, image=None) -> Dict[str, Any]:
         """A raw example from a new input: ``text`` (one string per text column) and/or ``image``.
         Classifiers attribute the predicted label unless ``query(label=...)`` chooses another."""
@@ -282,8 +289,7 @@ class Explorer:
         if isinstance(self.task, ClassificationModelOutput):
             probabilities = output.logits.float().softmax(-1)[0]
             label = int(probabilities.argmax())
-            names = self.label_names
-            return f"{names[label] if label < len(names) else label} (p = {float(probabilities[label]):.2f})", label
+            return f"{self.label_name(label)} (p = {float(probabilities[label]):.2f})", label
         if isinstance(self.task, CausalLMModelOutput):
             return (
                 f"mean token log-probability {-float(output.loss):.3f} (perplexity {float(output.loss.exp()):.1f})",
@@ -299,12 +305,13 @@ class Explorer:
         ``label`` (classifiers): default the example's own, else the model's prediction."""
         if label is None and self.label_column is not None:
             label = example.get(self.label_column)
+        predicting = self.label_column is not None and label is None  # the prediction becomes the label
         with eval_mode(self.model):
-            unlabelled = self._one_row(example, 0 if self.label_column else None)
-            prediction, predicted = self.predict(self._batch(unlabelled))
-            if self.label_column is not None and label is None:
+            batch = self._batch(self._one_row(example, 0 if predicting else label))  # 0: a placeholder
+            prediction, predicted = self.predict(batch)
+            if predicting:
                 label = predicted
-            batch = self._batch(self._one_row(example, label)) if self.label_column else self._batch(unlabelled)
+                batch["labels"] = torch.full_like(batch["labels"], predicted)
             features = [view.features(batch)[0].cpu() for view in self.views]
         if not all(torch.isfinite(t).all() for t in features):
             raise InvalidInputError("This target's gradients are not finite (NaN/inf): check the input.")
@@ -333,7 +340,7 @@ class Explorer:
         """Top-k proponents and opponents of ``example`` (a raw row; see the module docstring).
 
         ``label``: the label to attribute (classifiers): default the example's own, else the prediction."""
-        k = min(check_positive_int("k", k or self.k), len(self.train))
+        k = min(check_positive_int("k", self.k if k is None else k), len(self.train))
         with self._lock:  # one query at a time: a server calls from several threads
             features, prediction, label = self.target_features(example, label)
             top, top_scores, bottom, bottom_scores, agreement = self.rank(features, k)
