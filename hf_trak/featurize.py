@@ -321,7 +321,7 @@ def _write_preconditioned(store: FeatureStore, model_id: int, device, state: Par
     with state.split_between_processes(missing) as mine:
         for start, stop in mine:
             features, out_to_loss = store.shard(model_id, start, stop)
-            phi = (preconditioned(as_tensor(features), kernel, scale)).to(dtype).cpu().numpy()
+            phi = preconditioned(as_tensor(features), kernel, scale).to(dtype).cpu().numpy()
             store.write_shard(model_id, start, phi, out_to_loss, PRECONDITIONED)
     state.wait_for_everyone()
 
