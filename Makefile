@@ -45,3 +45,4 @@ bench: install
 	$(BIN)/python benchmarks/query.py
 	$(BIN)/python benchmarks/explore.py
 	$(BIN)/python benchmarks/lds.py
+	$(BIN)/python benchmarks/estimator_cost.py

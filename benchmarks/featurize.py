@@ -51,7 +51,7 @@ class LogitsOnly(nn.Module):
 
 def run_hf_trak(model, data, proj_dim, batch_size):
     start = time.perf_counter()
-    traker = TRAKer(model, proj_dim=proj_dim, dtype=torch.float32, save_dir=None, device="cpu")
+    traker = TRAKer(model, proj_dim=proj_dim, dtype=torch.float32, save_dir=None, device="cpu", estimator="trak")
     traker.featurize(data, [model.state_dict()], batch_size=batch_size)
     return time.perf_counter() - start, traker
 

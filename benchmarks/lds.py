@@ -8,7 +8,11 @@ shipped in ``benchmarks/lds_data``): K models trained on the whole train split (
 averaged over models for the peers, TRAK's ensemble for hf_trak), their LDS against the
 retrained models (f averaged over the two seeds of each half), and their time. Methods:
 
-* ``trak``: hf_trak's TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k);
+* ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.estimator``: on these
+  models no Q, factored projection with a kernel per projected matrix, from per-token gradients
+  for the causal LM);
+* ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
+  the base of the settings below;
 * ``trak, no Q``: the same features with ``train_weight="none"``; ``no Q, λ×10``: also
   ``lambda_scale=1``; ``no Q, per-module``: factored projection and ``kernel="per_module"``
   (a kernel per projected matrix, each with λ_b = 0.1·tr_b/k_b), and with ``λ×10``, and
@@ -68,8 +72,9 @@ def noise_ceiling(outputs: np.ndarray) -> float:
     return float(np.sqrt(max(0.0, 2 * r / (1 + r))))
 
 
-def trak_scores(task, models, proj_dim: int, **settings) -> np.ndarray:
-    traker = TRAKer(task.make_model(0), proj_dim=proj_dim, **settings)
+def trak_scores(task, models, proj_dim: int, estimator: str = "trak", **settings) -> np.ndarray:
+    """Scores of hf_trak with ``settings`` over ``estimator``'s (the seeds' TRAK unless named)."""
+    traker = TRAKer(task.make_model(0), proj_dim=proj_dim, estimator=estimator, **settings)
     traker.featurize(task.train, [model.state_dict() for model in models], batch_size=50)
     return traker.score(task.targets, batch_size=50)
 
@@ -204,6 +209,7 @@ def cosine_scores(task, models) -> np.ndarray:
 
 PER_MODULE = dict(projector="factored", kernel="per_module")
 METHODS = {
+    "hf_trak (default)": lambda task, models, k: trak_scores(task, models, k, estimator="hf_trak"),
     "trak": lambda task, models, k: trak_scores(task, models, k),
     "trak, no Q": lambda task, models, k: trak_scores(task, models, k, train_weight="none"),
     "no Q, λ×10": lambda task, models, k: trak_scores(task, models, k, train_weight="none", lambda_scale=1.0),
@@ -255,7 +261,7 @@ def main():
                 seconds = time.perf_counter() - started
                 value = lds(scores, masks, truth).mean
                 rows.append((name, method, count, value, seconds))
-                print(f"  {method:<12} K={count}: LDS {value:.3f} ({seconds:.1f} s)", flush=True)
+                print(f"  {method:<24} K={count}: LDS {value:.3f} ({seconds:.1f} s)", flush=True)
     print("\n| task | method | K | LDS | seconds |\n| --- | --- | --- | --- | --- |")
     for name, method, count, value, seconds in rows:
         print(f"| {name} | {method} | {count} | {value:.3f} | {seconds:.1f} |")

@@ -8,9 +8,8 @@ import logging
 import numpy as np
 import torch
 
-from hf_trak import TRAKArguments
 from hf_trak.evaluate import lds
-from hf_trak.testing import NUM_TARGETS, NUM_TRAIN, digits_lds
+from hf_trak.testing import LAMBDA_SCALE, NUM_TARGETS, NUM_TRAIN, digits_lds
 
 
 def main():
@@ -20,7 +19,7 @@ def main():
         np.random.default_rng(0).normal(size=(NUM_TRAIN, NUM_TARGETS)), setup.subset_masks, setup.subset_outputs
     ).mean
     print(f"random scores: LDS {random_lds:+.3f}")
-    default_scale = TRAKArguments().lambda_scale
+    default_scale = LAMBDA_SCALE  # TRAK's (estimator='trak', which lds_of uses)
     for proj_dim in (256, 1024):
         print(
             f"proj_dim {proj_dim:5d}  {'lambda = 0 (traker default)':36s} LDS "

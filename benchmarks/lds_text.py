@@ -78,6 +78,7 @@ def main():
             for seed in range(3):
                 traker = TRAKer(
                     model,
+                    estimator="trak",
                     projector=projector,
                     proj_dim=proj_dim,
                     projector_seed=seed,

@@ -44,7 +44,8 @@ def featurize_seconds(model, data, proj_dim: int, projector: str, repeats: int):
     times, size = [], 0
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as save_dir:
-            traker = TRAKer(model, proj_dim=proj_dim, projector=projector, save_dir=os.path.join(save_dir, "trak"))
+            traker = TRAKer(model, proj_dim=proj_dim, projector=projector, save_dir=os.path.join(save_dir, "trak"),
+                            estimator="trak")  # fmt: skip
             start = time.perf_counter()
             traker.featurize(data, [model], batch_size=32)
             times.append(time.perf_counter() - start)

@@ -22,9 +22,10 @@ from .errors import InvalidArgumentError, check_positive_int
 
 PROJECTORS = ("auto", "rademacher", "normal", "identity", "factored")
 NONFINITE_POLICIES = ("error", "exclude")
-TRAIN_WEIGHTS = ("out_to_loss", "none")
-KERNELS = ("global", "per_module")
-KERNEL_SOURCES = ("examples", "tokens", "ekfac")
+ESTIMATORS = ("hf_trak", "trak")
+TRAIN_WEIGHTS = ("auto", "out_to_loss", "none")
+KERNELS = ("auto", "global", "per_module")
+KERNEL_SOURCES = ("auto", "examples", "tokens", "ekfac")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -41,31 +42,45 @@ class TRAKArguments:
         None, "model output function: text_classification, image_classification, causal_lm, clip (default: the head)"
     )
     proj_dim: Optional[int] = _field(2048, "k, the feature dimension (ignored by the identity projector)")
+    estimator: str = _field(
+        "hf_trak",
+        "what the settings left at auto become (hf_trak.estimator): hf_trak (the LDS suite's choice: no Q, per-module "
+        "kernels on the factored projector, from per-token gradients for causal LMs) or trak (TRAK as the seeds "
+        "define it: Q, one global kernel, λ = 0.1·tr/k)",
+        choices=ESTIMATORS,
+    )
     projector: str = _field(
         "auto",
-        "auto (factored for large p·k, else rademacher; see hf_trak.checkpoint_view.choose_projector), rademacher, "
-        "normal, identity (raw gradients) or factored",
+        "auto (see hf_trak.checkpoint_view.choose_projector: hf_trak: factored when Linear/Conv1D/Embedding layers "
+        "hold ≥ 0.9 of p; trak: factored for large p·k; else rademacher), rademacher, normal, identity (raw "
+        "gradients) or factored",
         choices=PROJECTORS,
     )
     projector_seed: int = _field(0, "seed of the projection (checkpoint m gets its own matrix)")
     lambda_reg: Optional[float] = _field(None, "λ added to XᵀX (default: lambda_scale · tr(XᵀX)/k per checkpoint)")
-    lambda_scale: float = _field(0.1, "with lambda_reg unset, λ = lambda_scale · tr(XᵀX)/k")
+    lambda_scale: Optional[float] = _field(
+        None,
+        "with lambda_reg unset, λ = lambda_scale · tr(XᵀX)/k (per block: tr_b/k_b) (default: 0.1; hf_trak with a "
+        "global kernel: 1)",
+    )
     kernel: str = _field(
-        "global",
+        "auto",
         "global (one k × k kernel) or per_module (block-diagonal: one kernel per projected matrix, each with its own "
-        "λ; factored projector)",
+        "λ; factored projector) (auto: hf_trak: per_module with the factored projector, else global; trak: global)",
         choices=KERNELS,
     )
     kernel_from: str = _field(
-        "examples",
+        "auto",
         "each per-module kernel from: the examples' features (XᵀX blocks), tokens (Σ_i Σ_t z_it z_itᵀ of the "
         "projected per-token gradients), or ekfac (EK-FAC in projected space: the Kronecker factors' eigenbases, "
-        "eigenvalues fitted to the examples); tokens and ekfac need the factored projector",
+        "eigenvalues fitted to the examples); tokens and ekfac need the factored projector (auto: hf_trak: tokens "
+        "for a causal LM's per-module kernels, else examples; trak: examples)",
         choices=KERNEL_SOURCES,
     )
     train_weight: str = _field(
-        "out_to_loss",
-        "train-side weight of the scores: out_to_loss (TRAK's Q_i = ∂ℓ/∂f, averaged over checkpoints) or none",
+        "auto",
+        "train-side weight of the scores: out_to_loss (TRAK's Q_i = ∂ℓ/∂f, averaged over checkpoints) or none "
+        "(auto: hf_trak: none; trak: out_to_loss)",
         choices=TRAIN_WEIGHTS,
     )
     dtype: str = _field("float16", "storage dtype of the train features", choices=STORAGE_DTYPES)
@@ -109,10 +124,11 @@ class TRAKArguments:
         _check_choice("projector", self.projector, PROJECTORS)
         _check_choice("dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("train_weight", self.train_weight, TRAIN_WEIGHTS)
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("kernel_from", self.kernel_from, KERNEL_SOURCES)
-        if self.kernel_from != "examples" and self.kernel != "per_module":
+        if self.kernel_from not in ("auto", "examples") and self.kernel == "global":
             raise InvalidArgumentError(
                 f"kernel_from={self.kernel_from!r} builds a kernel per projected matrix: pass kernel='per_module' too."
             )
@@ -120,7 +136,7 @@ class TRAKArguments:
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
         if self.lambda_reg is not None and not self.lambda_reg >= 0:
             raise InvalidArgumentError(f"lambda_reg must be >= 0 (or None to derive it), got {self.lambda_reg!r}.")
-        if not self.lambda_scale > 0:
+        if self.lambda_scale is not None and not self.lambda_scale > 0:
             raise InvalidArgumentError(f"lambda_scale must be > 0, got {self.lambda_scale!r}.")
         if isinstance(self.max_projector_cache_bytes, bool) or not (
             isinstance(self.max_projector_cache_bytes, int) and self.max_projector_cache_bytes >= 0

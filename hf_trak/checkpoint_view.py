@@ -45,28 +45,41 @@ SampleTrainBatch = Callable[[int, int], dict]
 # (benchmarks/factored.py: on a BERT-small-sized classifier dense costs 183× factored per example.)
 AUTO_DENSE_MAX_ELEMENTS = 2**28
 AUTO_MIN_FACTORABLE_SHARE = 0.9
+# estimator="hf_trak" takes the factored projector (for its per-module kernels) when k gives each factored
+# matrix at least this many dimensions on average; below, a dense projection keeps the features meaningful.
+AUTO_MIN_DIMS_PER_MATRIX = 4
 
 
 def choose_projector(model: nn.Module, args: TRAKArguments) -> Tuple[str, str]:
-    """``(projector, why)``: ``args.projector``, or for ``"auto"`` rademacher when p·k ≤
-    ``AUTO_DENSE_MAX_ELEMENTS`` and factored otherwise (if the factorable layers hold most of p)."""
+    """``(projector, why)``: ``args.projector``, or for ``"auto"`` the factored projector when the
+    Linear/Conv1D/Embedding layers hold at least ``AUTO_MIN_FACTORABLE_SHARE`` of the p selected elements
+    and either ``args.estimator`` is ``"hf_trak"`` (its per-module kernels need it; with k at least
+    ``AUTO_MIN_DIMS_PER_MATRIX`` per factored matrix) or p·k exceeds ``AUTO_DENSE_MAX_ELEMENTS``;
+    rademacher otherwise."""
     if args.projector != "auto":
         return args.projector, f"projector={args.projector!r} was asked for"
     selected = differentiated_parameters(model, dataclasses.replace(args, projector="rademacher"))
     numels = {name: parameter.numel() for name, parameter in model.named_parameters()}
     p, k = sum(numels[name] for name in selected), args.proj_dim
     size = f"p·k = {p:,}·{k:,} = {p * k:,}"
-    if p * k <= AUTO_DENSE_MAX_ELEMENTS:
-        return "rademacher", f"{size} ≤ 2^28 elements: a dense Rademacher projection"
     factorable = set(factorable_parameter_names(model))
     share = sum(numels[name] for name in selected if name in factorable) / p
+    layers = "Linear/Conv1D/Embedding layers hold"
+    matrices = sum(1 for name in selected if name in factorable)
+    if share >= AUTO_MIN_FACTORABLE_SHARE and args.estimator == "hf_trak" and k >= AUTO_MIN_DIMS_PER_MATRIX * matrices:
+        return "factored", (
+            f"estimator='hf_trak', {layers} {share:.1%} of p and k = {k:,} ≥ {AUTO_MIN_DIMS_PER_MATRIX} per factored "
+            f"matrix ({matrices}): the factored projector (per-module kernels)"
+        )
+    if p * k <= AUTO_DENSE_MAX_ELEMENTS:
+        return "rademacher", f"{size} ≤ 2^28 elements: a dense Rademacher projection"
     if share >= AUTO_MIN_FACTORABLE_SHARE:
         return "factored", (
-            f"{size} > 2^28 elements and Linear/Conv1D/Embedding layers hold {share:.1%} of p: the factored "
+            f"{size} > 2^28 elements and {layers} {share:.1%} of p: the factored "
             "projector (a dense one would regenerate a p × k matrix per batch)"
         )
     return "rademacher", (
-        f"{size} > 2^28 elements, but Linear/Conv1D/Embedding layers hold only {share:.1%} of p: a dense "
+        f"{size} > 2^28 elements, but {layers} only {share:.1%} of p: a dense "
         "Rademacher projection (slow at this size; pass grad_wrt= to differentiate fewer parameters)"
     )
 

@@ -26,9 +26,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from .arguments import TRAKArguments
 from .data import ExampleSource
 from .digits import digit_images as digits_split
+from .estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE
 from .evaluate import lds, make_subsets, model_outputs
 from .model_outputs import AutoModelOutput, ClassificationModelOutput, call_model, without_labels
 from .traker import TRAKer
@@ -229,7 +229,9 @@ class DigitsLDS:
     subset_outputs: np.ndarray
 
     def lds_of(self, num_checkpoints: int = None, **traker_kwargs) -> float:
-        """LDS of hf_trak's scores with ``traker_kwargs`` (``TRAKArguments`` fields) at the first checkpoints."""
+        """LDS of hf_trak's scores with ``traker_kwargs`` (``TRAKArguments`` fields; over the seeds' TRAK,
+        ``estimator="trak"``, unless another estimator is named) at the first checkpoints."""
+        traker_kwargs.setdefault("estimator", "trak")
         checkpoints = self.checkpoints[:num_checkpoints]
         traker = TRAKer(DigitsMLP(), task="image_classification", save_dir=None, **traker_kwargs)
         traker.featurize(self.train, checkpoints, batch_size=100)
@@ -253,24 +255,25 @@ def _double(batch):
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
-LAMBDA_SCALE = TRAKArguments().lambda_scale  # the default λ = LAMBDA_SCALE · tr(XᵀX)/k
-
-
-def kernel_scores(train_features, target_features, out_to_loss, lambda_reg=None) -> np.ndarray:
-    """float64 TRAK scores from per-checkpoint features X_m (n × k), T_m (b × k) and Q_m (n,), by the formula."""
+def kernel_scores(
+    train_features, target_features, out_to_loss, lambda_reg=None, lambda_scale=LAMBDA_SCALE, weighted=True
+) -> np.ndarray:
+    """float64 TRAK scores from per-checkpoint features X_m (n × k), T_m (b × k) and Q_m (n,), by the formula
+    (``weighted=False``: without Q, as ``train_weight="none"``; λ = lambda_scale·tr/k unless ``lambda_reg``)."""
     total = 0
     for x, t in zip(train_features, target_features):
         x, t = torch.as_tensor(x).double(), torch.as_tensor(t).double()
         xtx = x.T @ x
-        lam = LAMBDA_SCALE * torch.trace(xtx) / xtx.shape[0] if lambda_reg is None else lambda_reg
+        lam = lambda_scale * torch.trace(xtx) / xtx.shape[0] if lambda_reg is None else lambda_reg
         inverse = torch.linalg.inv(xtx + lam * torch.eye(xtx.shape[0], dtype=torch.float64))
         total = total + x @ (inverse / inverse.abs().mean()) @ t.T
     q = torch.stack([torch.as_tensor(q).double() for q in out_to_loss]).mean(0)
-    return (total / len(train_features) * q[:, None]).numpy()
+    return (total / len(train_features) * (q[:, None] if weighted else 1)).numpy()
 
 
-def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_names=None):
+def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_names=None, estimator="trak"):
     """float64 TRAK by the formula: per-example autograd gradients on unpadded examples, direct inversion.
+    ``estimator="hf_trak"``: its global-kernel form (no Q, λ = 1·tr/k), what it uses with the identity projector.
 
     Gradients are taken with respect to ``param_names`` (default: all parameters); ``checkpoints``
     are full state dicts. Q of classification heads is 1 − softmax(logits)_y computed here;
@@ -306,6 +309,8 @@ def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_
         bound = task.at_checkpoint(model, weights, {}, lambda n, seed: _double(train_source.sample(n, seed)))
         x, q = features(bound, weights, train)
         xs.append(x), qs.append(q), ts.append(features(bound, weights, targets)[0])
+    if estimator == "hf_trak":
+        return kernel_scores(xs, ts, qs, lambda_reg, GLOBAL_LAMBDA_SCALE, weighted=False)
     return kernel_scores(xs, ts, qs, lambda_reg)
 
 
@@ -321,13 +326,19 @@ CASES = {
 PARITY_CASES = [("image", None), ("image", 1e-3), ("text", None), ("text", 1e-3), ("clip", None), ("causal_lm", None)]
 
 
-def identity_traker(case, lambda_reg):
+def identity_traker(case, lambda_reg, estimator="trak"):
     """``TRAKer`` with the identity projector (raw gradients, float32) featurized on one of ``CASES``, at
     three checkpoints: ``(traker, model, train, targets, checkpoints)``."""
     make_model, make_train, make_targets = CASES[case]
     model, train, targets = make_model(), make_train(), make_targets()
     checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1), perturbed_state_dict(model, seed=2)]
     traker = TRAKer(
-        model, projector="identity", proj_dim=None, dtype=torch.float32, save_dir=None, lambda_reg=lambda_reg
+        model,
+        projector="identity",
+        proj_dim=None,
+        dtype=torch.float32,
+        save_dir=None,
+        lambda_reg=lambda_reg,
+        estimator=estimator,
     )
     return traker.featurize(train, checkpoints, batch_size=5), model, train, targets, checkpoints

@@ -31,6 +31,7 @@ NON_DEFAULT = dict(
     kernel="per_module",
     kernel_from="tokens",
     train_weight="none",
+    estimator="trak",
     overwrite=True,
     max_checkpoints=2,
 )

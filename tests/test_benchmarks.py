@@ -48,9 +48,21 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     masks = np.random.default_rng(0).random((6, 600)) < 0.5
     outputs = np.random.default_rng(1).random((2, 6, 100)).astype(np.float32)
     np.savez(fake / "image.npz", masks=np.packbits(masks, axis=1), num_train=600, outputs=outputs)
-    out = run("lds.py", "--tasks", "image", "--methods", "trak", "cosine", "--models", "1", "--proj-dim", "32",
-              "--data", str(fake), cwd=tmp_path)  # fmt: skip
-    assert "| image | trak | 1 |" in out and "| image | cosine | 1 |" in out
+    out = run("lds.py", "--tasks", "image", "--methods", "hf_trak (default)", "trak", "cosine", "--models", "1",
+              "--proj-dim", "32", "--data", str(fake), cwd=tmp_path)  # fmt: skip
+    assert (
+        "| image | hf_trak (default) | 1 |" in out
+        and "| image | trak | 1 |" in out
+        and "| image | cosine | 1 |" in out
+    )
+
+
+def test_the_estimator_cost_benchmark_compares_the_two_estimators_in_one_run(tmp_path):
+    out = run("estimator_cost.py", "--num-examples", "8", "--proj-dim", "512", "--repeats", "1", cwd=tmp_path)
+    lines = out.splitlines()
+    assert any("gpt2" in line and "hf_trak" in line and "per_module kernel from tokens" in line for line in lines)
+    assert any("bert" in line and "trak    : factored projector, global kernel" in line for line in lines)
+    assert sum("hf_trak / trak: time" in line for line in lines) == 2
 
 
 def test_explore_benchmark_times_a_query_on_a_demo_like_store(tmp_path):

@@ -81,6 +81,7 @@ def test_a_target_row_gives_attributes_top_k_and_the_checkpoints_agreement(text_
         features, _, _ = explorer.target_features(explorer.target_example(target))
         store, shares = traker.store, []
         q = np.mean([store.out_to_loss(m) for m in range(2)], axis=0)
+        q = q if store.config.train_weight == "out_to_loss" else np.ones_like(q)  # Q̄, or 1 (the default)
         for m in range(2):
             phi = np.concatenate([store.shard(m, a, b, "preconditioned")[0] for a, b in store.shard_ranges()])
             scale = store.load_kernel(m, ["phi_scale"])["phi_scale"].numpy()

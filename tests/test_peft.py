@@ -91,7 +91,7 @@ def test_lora_scores_match_float64_reference_on_adapter_parameters(tmp_path, cas
     first.save_pretrained(tmp_path / "checkpoint-1")
     second.save_pretrained(tmp_path / "checkpoint-2")
     train, targets = DATA[case][0](), DATA[case][1]()
-    traker = TRAKer(first, projector="identity", proj_dim=None, dtype=torch.float32, save_dir=None)
+    traker = TRAKer(first, projector="identity", proj_dim=None, dtype=torch.float32, save_dir=None, estimator="trak")
     if projector == "factored":
         traker.featurizer = FactoredGradientProjector(
             first, traker.param_names, proj_dim=1, seed=0, device="cpu", kind="identity"

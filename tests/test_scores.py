@@ -10,6 +10,7 @@ from hf_trak.gradients import PerExampleGradients, select_parameters
 from hf_trak.masks import to_4d_attention_mask
 from hf_trak.model_outputs import AutoModelOutput
 from hf_trak.testing import (
+    GLOBAL_LAMBDA_SCALE,
     LAMBDA_SCALE,
     PARITY_CASES,
     digits,
@@ -25,8 +26,9 @@ from hf_trak.testing import (
 )
 
 
+@pytest.mark.parametrize("estimator", ["trak", "hf_trak"])
 @pytest.mark.parametrize("case,lambda_reg", PARITY_CASES)
-def test_identity_projector_scores_match_float64_reference(case, lambda_reg):
+def test_identity_projector_scores_match_float64_reference(case, lambda_reg, estimator):
     """float32 hf_trak end to end against float64 TRAK by the formula.
 
     Where the error comes from (issue 15): K = (XtX + λI)⁻¹ has eigenvalues up to 1/λ where
@@ -43,10 +45,13 @@ def test_identity_projector_scores_match_float64_reference(case, lambda_reg):
     to test against, so the tolerance, 1e-5 · max |score|, sits between what the analysis
     separates: 7× above the gradient residue measured at 1 and 2 threads, 10-20× below the
     errors of a float32 kernel path, which this test therefore catches.
+
+    ``estimator="trak"`` is the seeds' TRAK (Q, λ = 0.1·tr/k); ``"hf_trak"``, the default, uses one global
+    kernel with the identity projector: no Q and λ = 1·tr/k (``hf_trak.estimator``).
     """
-    traker, model, train, targets, checkpoints = identity_traker(case, lambda_reg)
+    traker, model, train, targets, checkpoints = identity_traker(case, lambda_reg, estimator)
     scores = traker.score(targets, batch_size=4)
-    expected = reference_scores(model, train, targets, checkpoints, lambda_reg)
+    expected = reference_scores(model, train, targets, checkpoints, lambda_reg, estimator=estimator)
     assert scores.shape == (len(train), len(targets))
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     if lambda_reg is not None:
@@ -62,7 +67,7 @@ def test_kernel_path_is_as_precise_as_float64_on_the_same_features(case, lambda_
     about eps32 · √k ≤ 3e-6 relative (k ≤ 1937); the tolerance is 1e-5 · max |score|.
     The float32 kernel path it replaced was off by up to 1.5e-4 here.
     """
-    traker, *_, targets, _ = identity_traker(case, lambda_reg)
+    traker, *_, targets, _ = identity_traker(case, lambda_reg, "trak")
     scores = traker.score(targets, batch_size=4)
     target_features, _ = traker._target_features(targets, 4, None)  # as score() made them
     expected = kernel_scores(
@@ -162,10 +167,14 @@ def test_trainable_parameters_only_are_differentiated():
     assert TRAKer(model, proj_dim=8, save_dir=None).num_params == sum(weights[n].numel() for n in names)
 
 
-def test_explicit_and_derived_lambda():
+@pytest.mark.parametrize("estimator,scale", [("trak", LAMBDA_SCALE), ("hf_trak", GLOBAL_LAMBDA_SCALE)])
+def test_explicit_and_derived_lambda(estimator, scale):
+    """λ = scale·tr(XᵀX)/k for a global kernel: 0.1 for TRAK, 1 for hf_trak's (no Q) global kernel."""
     model, train = tiny_vit(), digits(12)
-    derived = TRAKer(model, proj_dim=16, save_dir=None).featurize(train, [model.state_dict()]).store.load_kernel(0)
-    expected = LAMBDA_SCALE * float(torch.trace(derived["xtx"].double())) / 16
+    traker = TRAKer(model, proj_dim=16, save_dir=None, estimator=estimator).featurize(train, [model.state_dict()])
+    assert traker.config.kernel == "global" and traker.config.lambda_scale == scale
+    derived = traker.store.load_kernel(0)
+    expected = scale * float(torch.trace(derived["xtx"].double())) / 16
     assert float(derived["lambda_reg"]) == pytest.approx(expected, rel=1e-6)
     explicit = TRAKer(model, proj_dim=16, save_dir=None, lambda_reg=0.25).featurize(train, [model.state_dict()])
     assert float(explicit.store.load_kernel(0)["lambda_reg"]) == 0.25
@@ -199,7 +208,7 @@ def test_train_weight_none_drops_q_and_nothing_else(tmp_path):
     """``train_weight="none"``: τ = mean_m(Φ_m T_mᵀ), i.e. TRAK's scores divided by Q̄ row by row."""
     model, train, targets = tiny_vit(), digits(16), digits(5, offset=40)
     checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=3)]
-    kwargs = dict(proj_dim=48, dtype=torch.float32, shard_size=6)
+    kwargs = dict(proj_dim=48, dtype=torch.float32, shard_size=6, estimator="trak")
     trak = TRAKer(model, **kwargs).featurize(train, checkpoints)
     unweighted = TRAKer(model, train_weight="none", save_dir=str(tmp_path / "s"), **kwargs)
     unweighted.featurize(train, checkpoints)
@@ -213,7 +222,8 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
     """``kernel="per_module"``: τ = Σ_b x_b (XᵀX_bb + λ_b I)⁻¹ t_b ⊙ Q over the factored projector's blocks, with
     λ_b = 0.1 tr(XᵀX_bb)/k_b, recomputed here from the stored features."""
     model, train, targets = tiny_bert(), token_sequences(24), token_sequences(4, seed=1)
-    traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", dtype=torch.float32)
+    traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", dtype=torch.float32,
+                    train_weight="out_to_loss")  # fmt: skip
     traker.featurize(train, [model.state_dict()])
     blocks = traker.config.kernel_blocks
     assert sum(size for _, size in blocks) == 96 and blocks[0][0] == 0
@@ -264,7 +274,9 @@ def test_token_kernels_equal_example_kernels_when_every_example_is_one_token():
     b = TRAKer(model, **kwargs).featurize(longer, [model.state_dict()]).store.load_kernel(0)
     assert not torch.allclose(a["kernel"], b["kernel"], rtol=1e-3)
     with pytest.raises(ValueError, match="kernel_from=.tokens. .* kernel=.per_module."):
-        TRAKer(model, proj_dim=16, projector="factored", kernel_from="tokens")
+        TRAKer(model, proj_dim=16, projector="factored", kernel="global", kernel_from="tokens")
+    with pytest.raises(ValueError, match="kernel_from=.tokens. .* kernel=.per_module."):  # auto gives global here
+        TRAKer(model, proj_dim=16, projector="rademacher", kernel_from="tokens")
 
 
 def test_ekfac_kernels_follow_their_definition_in_projected_space(tmp_path):

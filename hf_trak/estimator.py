@@ -1,0 +1,52 @@
+"""What the settings left at ``"auto"`` become: the estimator presets.
+
+``TRAKArguments.estimator`` names a preset for the fields a user did not set; explicit
+values always win, and the store records the values used (``TRAKConfig``), so a store
+scores the same whatever the defaults become later.
+
+* ``"trak"``: TRAK as the seeds define it: τ = mean_m(X_m K_m T_mᵀ) ⊙ Q̄ with Q_i = ∂ℓ/∂f
+  (``train_weight="out_to_loss"``), one global kernel K_m = (XᵀX + λI)⁻¹ with
+  λ = 0.1·tr(XᵀX)/k, and the dense projector unless p·k is too large for it.
+* ``"hf_trak"`` (the default), chosen by the LDS suite (``benchmarks/lds.py``, the README's
+  table): no Q (``"none"``); the factored projector when Linear/Conv1D/Embedding layers hold
+  at least 0.9 of p, with a kernel per projected matrix (``"per_module"``, λ_b = 0.1·tr_b/k_b),
+  built from per-token gradients for a causal LM (``kernel_from="tokens"``: every token is a
+  term of its loss) and from the examples otherwise; with another projector, one global
+  kernel with λ = 1·tr(XᵀX)/k (the suite's best global λ).
+"""
+
+import dataclasses
+
+from .arguments import TRAKArguments
+from .errors import InvalidArgumentError
+from .model_outputs import AbstractModelOutput, CausalLMModelOutput
+
+LAMBDA_SCALE = 0.1  # λ = 0.1·tr/k: TRAK's kernel, and hf_trak's per-module blocks
+GLOBAL_LAMBDA_SCALE = 1.0  # hf_trak with one global kernel (no Q): the suite's best λ for it
+
+
+def resolve_estimator(args: TRAKArguments, projector: str, task: AbstractModelOutput) -> TRAKArguments:
+    """``args`` with ``train_weight``, ``kernel``, ``kernel_from`` and ``lambda_scale`` set: their explicit values,
+    else ``args.estimator``'s for this ``projector`` (the one ``choose_projector`` chose) and model output."""
+    classic = args.estimator == "trak"
+    train_weight = args.train_weight
+    if train_weight == "auto":
+        train_weight = "out_to_loss" if classic else "none"
+    kernel = args.kernel
+    if kernel == "auto":
+        kernel = "per_module" if projector == "factored" and not classic else "global"
+    kernel_from = args.kernel_from
+    if kernel_from == "auto":
+        per_token = kernel == "per_module" and isinstance(task, CausalLMModelOutput) and not classic
+        kernel_from = "tokens" if per_token else "examples"
+    if kernel_from != "examples" and kernel != "per_module":
+        raise InvalidArgumentError(
+            f"kernel_from={kernel_from!r} builds a kernel per projected matrix, and the {projector} projector gives a "
+            "global kernel: pass kernel='per_module' and projector='factored'."
+        )
+    lambda_scale = args.lambda_scale
+    if lambda_scale is None:
+        lambda_scale = GLOBAL_LAMBDA_SCALE if kernel == "global" and not classic else LAMBDA_SCALE
+    return dataclasses.replace(
+        args, train_weight=train_weight, kernel=kernel, kernel_from=kernel_from, lambda_scale=lambda_scale
+    )

@@ -1,0 +1,103 @@
+"""``estimator``: what the settings left at "auto" become (``hf_trak.estimator``), and that the store records it."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_trak import TRAKArguments, TRAKer
+from hf_trak.checkpoint_view import AUTO_MIN_DIMS_PER_MATRIX, choose_projector
+from hf_trak.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE
+from hf_trak.testing import digits, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit
+
+
+@pytest.mark.parametrize("make_model,kernel_from", [(tiny_bert, "examples"), (tiny_gpt2, "tokens")])
+def test_hf_trak_takes_per_module_kernels_without_q_and_per_token_statistics_for_causal_lms(make_model, kernel_from):
+    traker = TRAKer(make_model(), proj_dim=512)
+    config = traker.config
+    assert config.projector == "factored" and "estimator='hf_trak'" in config.projector_reason
+    assert (config.train_weight, config.kernel, config.kernel_from) == ("none", "per_module", kernel_from)
+    assert config.lambda_scale == LAMBDA_SCALE and len(config.kernel_blocks) > 1
+
+
+def test_trak_is_the_seeds_estimator():
+    config = TRAKer(tiny_gpt2(), proj_dim=512, estimator="trak").config
+    assert config.projector == "rademacher"  # p·k is small: TRAK's dense projection
+    assert (config.train_weight, config.kernel, config.kernel_from) == ("out_to_loss", "global", "examples")
+    assert config.lambda_scale == LAMBDA_SCALE and config.kernel_blocks == []
+
+
+def test_hf_trak_falls_back_to_a_global_kernel_with_its_lambda_where_the_projector_is_dense():
+    model = tiny_bert()
+    matrices = len(TRAKer(model, proj_dim=512).config.kernel_blocks)
+    small = AUTO_MIN_DIMS_PER_MATRIX * matrices - 1  # too few dimensions to factor every matrix
+    kind, reason = choose_projector(model, TRAKArguments(proj_dim=small))
+    assert kind == "rademacher" and "≤ 2^28" in reason
+    config = TRAKer(model, proj_dim=small).config
+    assert (config.projector, config.kernel, config.train_weight) == ("rademacher", "global", "none")
+    assert config.lambda_scale == GLOBAL_LAMBDA_SCALE
+
+
+def test_explicit_settings_win_over_the_estimator():
+    settings = dict(kernel_from="ekfac", train_weight="out_to_loss", lambda_scale=0.3)
+    config = TRAKer(tiny_gpt2(), proj_dim=512, **settings).config
+    assert (config.projector, config.kernel, config.kernel_from) == ("factored", "per_module", "ekfac")
+    assert (config.train_weight, config.lambda_scale) == ("out_to_loss", 0.3)
+    config = TRAKer(tiny_gpt2(), proj_dim=512, estimator="trak", projector="factored", kernel="per_module").config
+    assert (config.kernel, config.kernel_from, config.train_weight) == ("per_module", "examples", "out_to_loss")
+
+
+def test_a_store_keeps_its_estimator_when_the_defaults_differ(tmp_path):
+    """from_pretrained scores with the stored settings: a store made with estimator='trak' scores as TRAK, not as
+    today's default, and equals the scores of the TRAKer that made it."""
+    model, train, targets = tiny_vit(), digits(12), digits(3, offset=30)
+    made = TRAKer(model, proj_dim=32, estimator="trak", save_dir=str(tmp_path / "s"), dtype=torch.float32)
+    expected = made.featurize(train, [model.state_dict()]).score(targets)
+    loaded = TRAKer.from_pretrained(str(tmp_path / "s"), model, train_dataset=train)
+    assert (loaded.config.train_weight, loaded.args.train_weight) == ("out_to_loss", "out_to_loss")
+    np.testing.assert_array_equal(loaded.score(targets), expected)
+
+
+def test_the_cli_and_the_trainer_default_to_hf_trak():
+    from hf_trak.cli import build_parser
+
+    args = build_parser().parse_args(["featurize", "--model", "m", "--dataset", "d", "--save-dir", "s"])
+    assert args.estimator == "hf_trak" and args.train_weight == args.kernel == args.kernel_from == "auto"
+    assert args.lambda_scale is None
+    args = build_parser().parse_args(["featurize", "--model", "m", "--dataset", "d", "--estimator", "trak"])
+    assert args.estimator == "trak"
+    from hf_trak.trainer import TRAKCallback
+
+    assert TRAKCallback().trak_args.estimator == "hf_trak"
+
+
+def test_token_statistics_of_a_causal_lm_default_are_what_its_kernels_use(tmp_path):
+    """The default on a causal LM writes per-token statistics beside each shard and builds each block's kernel
+    from them (checked against the explicit kernel_from='tokens' store)."""
+    model, train, targets = tiny_gpt2(), lm_sequences(12), lm_sequences(3, seed=4)
+    settings = dict(proj_dim=512, dtype=torch.float32, shard_size=5)
+    default = TRAKer(model, save_dir=str(tmp_path / "a"), **settings)
+    explicit = TRAKer(model, save_dir=str(tmp_path / "b"), projector="factored", kernel="per_module",
+                      kernel_from="tokens", train_weight="none", **settings)  # fmt: skip
+    a = default.featurize(train, [model.state_dict()]).score(targets)
+    b = explicit.featurize(train, [model.state_dict()]).score(targets)
+    assert default.store.statistics(0, 0, 5)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "estimator,lines",
+    [
+        ("hf_trak", ["| kernel | `per_module` (", "from `tokens`", "| λ | 0.1 · tr(XᵀX)/k per checkpoint (per block",
+                     "| train-side weight | `none` (no Q) |", "mean_m(X_m K_m T_mᵀ), where"]),
+        ("trak", ["| kernel | `global` |", "| λ | 0.1 · tr(XᵀX)/k per checkpoint |",
+                  "| train-side weight | `out_to_loss` |", "mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m)"]),
+    ],
+)  # fmt: skip
+def test_the_dataset_card_states_the_estimator_the_store_was_made_with(tmp_path, estimator, lines):
+    from hf_trak.card import render_dataset_card
+
+    model = tiny_gpt2()
+    traker = TRAKer(model, proj_dim=512, estimator=estimator, save_dir=str(tmp_path / "s"))
+    card = str(render_dataset_card(traker.featurize(lm_sequences(6), [model.state_dict()]).store))
+    for line in lines:
+        assert line in card
