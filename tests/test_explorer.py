@@ -126,7 +126,8 @@ def test_bad_inputs_are_named(text_store):
 
 def test_the_index_is_the_brute_force_top_k_with_excluded_rows_and_several_checkpoints():
     """``FeatureIndex`` ("Flat", and IVF probing every list) against ``TRAKer.top_k`` on a store with two
-    checkpoints, an excluded row, shards of 5 and no Q."""
+    checkpoints, an excluded row, shards of 5, with and without Q, and with the default estimator's per-module
+    kernels on the factored projector (block-diagonal K, column-scaled Φ)."""
     from hf_trak.index import FeatureIndex
 
     model, train = tiny_vit(), digits(23)
@@ -134,8 +135,10 @@ def test_the_index_is_the_brute_force_top_k_with_excluded_rows_and_several_check
         lambda row, i: {"pixel_values": np.full((1, 8, 8), np.nan)} if i == 9 else row, with_indices=True
     )
     checkpoints = [model.state_dict(), perturbed_state_dict(model, 1, scale=0.2)]
-    for weight in ("out_to_loss", "none"):
-        traker = TRAKer(model, on_nonfinite="exclude", shard_size=5, train_weight=weight, **SETTINGS)
+    variants = [dict(train_weight="out_to_loss"), dict(train_weight="none"), dict(projector="factored", proj_dim=256)]
+    for variant in variants:
+        traker = TRAKer(model, on_nonfinite="exclude", shard_size=5, **{**SETTINGS, **variant})
+        assert traker.config.kernel == ("per_module" if "projector" in variant else "global")
         traker.featurize(train, checkpoints)
         targets = digits(7, offset=40)
         for largest in (True, False):
