@@ -128,10 +128,7 @@ class TRAKArguments:
         _check_choice("train_weight", self.train_weight, TRAIN_WEIGHTS)
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("kernel_from", self.kernel_from, KERNEL_SOURCES)
-        if self.kernel_from not in ("auto", "examples") and self.kernel == "global":
-            raise InvalidArgumentError(
-                f"kernel_from={self.kernel_from!r} builds a kernel per projected matrix: pass kernel='per_module' too."
-            )
+        check_kernel_source(self.kernel_from, self.kernel)
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
         if self.lambda_reg is not None and not self.lambda_reg >= 0:
@@ -211,6 +208,17 @@ def _is_list(annotation) -> bool:
     if typing.get_origin(annotation) is typing.Union:
         return any(_is_list(arg) for arg in typing.get_args(annotation))
     return typing.get_origin(annotation) in (list, List)
+
+
+def check_kernel_source(kernel_from: str, kernel: str, projector: Optional[str] = None) -> None:
+    """Per-token statistics (``kernel_from`` "tokens" or "ekfac") make a kernel per projected matrix: refused with
+    a global kernel, whether asked for or what the estimator gives ``projector``."""
+    if kernel_from not in ("auto", "examples") and kernel == "global":
+        because = f", and the {projector} projector gives one global kernel" if projector else ""
+        raise InvalidArgumentError(
+            f"kernel_from={kernel_from!r} builds a kernel per projected matrix{because}: pass kernel='per_module' "
+            "(with projector='factored')."
+        )
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -17,8 +17,7 @@ scores the same whatever the defaults become later.
 
 import dataclasses
 
-from .arguments import TRAKArguments
-from .errors import InvalidArgumentError
+from .arguments import TRAKArguments, check_kernel_source
 from .model_outputs import AbstractModelOutput, CausalLMModelOutput
 
 LAMBDA_SCALE = 0.1  # λ = 0.1·tr/k: TRAK's kernel, and hf_trak's per-module blocks
@@ -39,11 +38,7 @@ def resolve_estimator(args: TRAKArguments, projector: str, task: AbstractModelOu
     if kernel_from == "auto":
         per_token = kernel == "per_module" and isinstance(task, CausalLMModelOutput) and not classic
         kernel_from = "tokens" if per_token else "examples"
-    if kernel_from != "examples" and kernel != "per_module":
-        raise InvalidArgumentError(
-            f"kernel_from={kernel_from!r} builds a kernel per projected matrix, and the {projector} projector gives a "
-            "global kernel: pass kernel='per_module' and projector='factored'."
-        )
+    check_kernel_source(kernel_from, kernel, projector)
     lambda_scale = args.lambda_scale
     if lambda_scale is None:
         lambda_scale = GLOBAL_LAMBDA_SCALE if kernel == "global" and not classic else LAMBDA_SCALE
