@@ -9,8 +9,11 @@ averaged over models for the peers, TRAK's ensemble for hf_trak), their LDS agai
 retrained models (f averaged over the two seeds of each half), and their time. Methods:
 
 * ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.estimator``: on these
-  models no Q, factored projection with a kernel per projected matrix, from per-token gradients
-  for the causal LM);
+  models no Q, the weights and not the biases, factored projection with a kernel per projected
+  matrix, λ_b = 0.01·tr_b/k_b, from per-token gradients for the causal LM, whose matrices are then
+  projected with equal sides); ``hf_trak, with biases``, ``hf_trak, λ_b×10`` and ``hf_trak, r:c
+  sides`` (a version-3 store: k_r:k_c ≈ r:c for the per-token kernels too) each undo one of its
+  last three changes, ``hf_trak before`` all three (the default until then);
 * ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
   the base of the settings below;
 * ``trak, no Q``: the same features with ``train_weight="none"``; ``no Q, λ×10``: also
@@ -47,8 +50,10 @@ from scipy.stats import rankdata
 from torch import nn
 
 from hf_trak import TRAKer
+from hf_trak.config import STORE_VERSION
 from hf_trak.data import ExampleSource
 from hf_trak.evaluate import lds
+from hf_trak.factored import factorable_parameter_names
 from hf_trak.model_outputs import AutoModelOutput, CausalLMModelOutput
 
 
@@ -72,9 +77,12 @@ def noise_ceiling(outputs: np.ndarray) -> float:
     return float(np.sqrt(max(0.0, 2 * r / (1 + r))))
 
 
-def trak_scores(task, models, proj_dim: int, estimator: str = "trak", **settings) -> np.ndarray:
-    """Scores of hf_trak with ``settings`` over ``estimator``'s (the seeds' TRAK unless named)."""
-    traker = TRAKer(task.make_model(0), proj_dim=proj_dim, estimator=estimator, **settings)
+def trak_scores(task, models, proj_dim: int, estimator: str = "trak", store_version=STORE_VERSION, **settings):
+    """Scores of hf_trak with ``settings`` over ``estimator``'s (the seeds' TRAK unless named), in a store of
+    ``store_version``'s format."""
+    traker = TRAKer(
+        task.make_model(0), proj_dim=proj_dim, estimator=estimator, store_version=store_version, **settings
+    )
     traker.featurize(task.train, [model.state_dict() for model in models], batch_size=50)
     return traker.score(task.targets, batch_size=50)
 
@@ -207,9 +215,22 @@ def cosine_scores(task, models) -> np.ndarray:
     return scores
 
 
+def with_biases(models) -> dict:
+    """``grad_wrt`` of the factored projector's layers, biases included (hf_trak's default leaves them out)."""
+    return dict(grad_wrt=factorable_parameter_names(models[0]))
+
+
 PER_MODULE = dict(projector="factored", kernel="per_module")
 METHODS = {
     "hf_trak (default)": lambda task, models, k: trak_scores(task, models, k, estimator="hf_trak"),
+    "hf_trak, with biases": lambda task, models, k: trak_scores(
+        task, models, k, estimator="hf_trak", **with_biases(models)
+    ),
+    "hf_trak, λ_b×10": lambda task, models, k: trak_scores(task, models, k, estimator="hf_trak", lambda_scale=0.1),
+    "hf_trak, r:c sides": lambda task, models, k: trak_scores(task, models, k, estimator="hf_trak", store_version=3),
+    "hf_trak before": lambda task, models, k: trak_scores(
+        task, models, k, estimator="hf_trak", lambda_scale=0.1, store_version=3, **with_biases(models)
+    ),
     "trak": lambda task, models, k: trak_scores(task, models, k),
     "trak, no Q": lambda task, models, k: trak_scores(task, models, k, train_weight="none"),
     "no Q, λ×10": lambda task, models, k: trak_scores(task, models, k, train_weight="none", lambda_scale=1.0),

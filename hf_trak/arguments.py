@@ -44,8 +44,9 @@ class TRAKArguments:
     proj_dim: Optional[int] = _field(2048, "k, the feature dimension (ignored by the identity projector)")
     estimator: str = _field(
         "hf_trak",
-        "what the settings left at auto become (hf_trak.estimator): hf_trak (the LDS suite's choice: no Q, per-module "
-        "kernels on the factored projector, from per-token gradients for causal LMs) or trak (TRAK as the seeds "
+        "what the settings left at auto become (hf_trak.estimator): hf_trak (the LDS suite's choice: no Q, weights "
+        "without biases, per-module kernels on the factored projector with λ_b = 0.01·tr_b/k_b, from per-token "
+        "gradients for causal LMs) or trak (TRAK as the seeds "
         "define it: Q, one global kernel, λ = 0.1·tr/k)",
         choices=ESTIMATORS,
     )
@@ -60,8 +61,8 @@ class TRAKArguments:
     lambda_reg: Optional[float] = _field(None, "λ added to XᵀX (default: lambda_scale · tr(XᵀX)/k per checkpoint)")
     lambda_scale: Optional[float] = _field(
         None,
-        "with lambda_reg unset, λ = lambda_scale · tr(XᵀX)/k (per block: tr_b/k_b) (default: 0.1; hf_trak with a "
-        "global kernel: 1)",
+        "with lambda_reg unset, λ = lambda_scale · tr(XᵀX)/k (per block: tr_b/k_b) (default: trak: 0.1; hf_trak: "
+        "0.01 per block, 1 with a global kernel)",
     )
     kernel: str = _field(
         "auto",
@@ -85,7 +86,7 @@ class TRAKArguments:
     )
     dtype: str = _field("float16", "storage dtype of the train features", choices=STORAGE_DTYPES)
     grad_wrt: Optional[List[str]] = _field(
-        None, "parameter names to differentiate, or 'all' (default: the trainable ones)"
+        None, "parameter names to differentiate, or 'all' (default: the trainable ones; hf_trak: without biases)"
     )
     param_chunk_numel: Optional[int] = _field(
         None, "dense projectors: per-example gradients of at most this many parameter elements at a time", scope="run"

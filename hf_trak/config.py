@@ -8,9 +8,10 @@ CONFIG_NAME = "trak_config.json"
 # 1: hf_trak 0.1.0. 2: K and XtX kept in float64, λ's scale recorded (lambda_scale), checkpoint
 # fingerprints recorded as featurize loads each checkpoint, PEFT adapter provenance. 3: the
 # train split's row hashes (train_rows.arrow, train_hashes), shard checksums, excluded rows, and
-# the factored projector's sizes filling proj_dim. Older stores load and score unchanged (their
-# missing fields take the old values).
-STORE_VERSION = 3
+# the factored projector's sizes filling proj_dim. 4: its matrices factored with equal sides
+# (k_r ≈ k_c) where the kernel is built from per-token gradients (kernel_from="tokens"). Older
+# stores load and score unchanged (their missing fields take the old values, their sizes the old rule).
+STORE_VERSION = 4
 
 # Fields that give the features their meaning: scoring with another value is wrong.
 FEATURE_FIELDS = (

@@ -8,11 +8,13 @@ scores the same whatever the defaults become later.
   (``train_weight="out_to_loss"``), one global kernel K_m = (XᵀX + λI)⁻¹ with
   λ = 0.1·tr(XᵀX)/k, and the dense projector unless p·k is too large for it.
 * ``"hf_trak"`` (the default), chosen by the LDS suite (``benchmarks/lds.py``, the README's
-  table): no Q (``"none"``); the factored projector when Linear/Conv1D/Embedding layers hold
-  at least 0.9 of p, with a kernel per projected matrix (``"per_module"``, λ_b = 0.1·tr_b/k_b),
-  built from per-token gradients for a causal LM (``kernel_from="tokens"``: every token is a
-  term of its loss) and from the examples otherwise; with another projector, one global
-  kernel with λ = 1·tr(XᵀX)/k (the suite's best global λ).
+  table): no Q (``"none"``); the weights only, not the biases, by default
+  (``checkpoint_view.weights_only``); the factored projector when Linear/Conv1D/Embedding
+  layers hold at least 0.9 of p, with a kernel per projected matrix (``"per_module"``,
+  λ_b = 0.01·tr_b/k_b), built from per-token gradients for a causal LM
+  (``kernel_from="tokens"``: every token is a term of its loss; the projector then gives each
+  matrix equal sides, ``hf_trak.factored``) and from the examples otherwise; with another
+  projector, one global kernel with λ = 1·tr(XᵀX)/k (the suite's best global λ).
 """
 
 import dataclasses
@@ -20,7 +22,8 @@ import dataclasses
 from .arguments import TRAKArguments, check_kernel_source
 from .model_outputs import AbstractModelOutput, CausalLMModelOutput
 
-LAMBDA_SCALE = 0.1  # λ = 0.1·tr/k: TRAK's kernel, and hf_trak's per-module blocks
+LAMBDA_SCALE = 0.1  # λ = 0.1·tr/k: TRAK's kernel
+MODULE_LAMBDA_SCALE = 0.01  # hf_trak's per-module blocks: the suite's LDS rose from 0.1 to 0.01 on text and lm
 GLOBAL_LAMBDA_SCALE = 1.0  # hf_trak with one global kernel (no Q): the suite's best λ for it
 
 
@@ -41,7 +44,7 @@ def resolve_estimator(args: TRAKArguments, projector: str, task: AbstractModelOu
     check_kernel_source(kernel_from, kernel, projector)
     lambda_scale = args.lambda_scale
     if lambda_scale is None:
-        lambda_scale = GLOBAL_LAMBDA_SCALE if kernel == "global" and not classic else LAMBDA_SCALE
+        lambda_scale = LAMBDA_SCALE if classic else GLOBAL_LAMBDA_SCALE if kernel == "global" else MODULE_LAMBDA_SCALE
     return dataclasses.replace(
         args, train_weight=train_weight, kernel=kernel, kernel_from=kernel_from, lambda_scale=lambda_scale
     )

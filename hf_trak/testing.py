@@ -273,9 +273,11 @@ def kernel_scores(
 
 def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_names=None, estimator="trak"):
     """float64 TRAK by the formula: per-example autograd gradients on unpadded examples, direct inversion.
-    ``estimator="hf_trak"``: its global-kernel form (no Q, λ = 1·tr/k), what it uses with the identity projector.
+    ``estimator="hf_trak"``: its global-kernel form (no Q, λ = 1·tr/k, the weights and not the biases), what
+    it uses with the identity projector.
 
-    Gradients are taken with respect to ``param_names`` (default: all parameters); ``checkpoints``
+    Gradients are taken with respect to ``param_names`` (default: all parameters; hf_trak: all but the
+    ``*.bias`` ones); ``checkpoints``
     are full state dicts. Q of classification heads is 1 − softmax(logits)_y computed here;
     other heads use the task's Q (checked against closed forms in test_model_outputs).
     """
@@ -284,6 +286,8 @@ def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_
     parameters = dict(model.named_parameters())
     all_names = list(parameters)
     names = all_names if param_names is None else list(param_names)
+    if param_names is None and estimator == "hf_trak":
+        names = [name for name in all_names if not name.endswith(".bias")]
     p = sum(parameters[name].numel() for name in names)
 
     def features(task, weights, data):

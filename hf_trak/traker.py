@@ -25,7 +25,6 @@ from .checkpoints import Checkpoint
 from .config import STORE_VERSION, TRAKConfig
 from .data import ExampleSource
 from .errors import StoreMismatchError, check_positive_int
-from .estimator import resolve_estimator
 from .featurize import featurize_store, verify_checkpoints
 from .hub import download_store, push_store
 from .inputs import scan_split
@@ -82,7 +81,7 @@ class TRAKer:
         else:
             self.device = next(model.parameters()).device
         self.feature_map = FeatureMap(model, self.task, self.args, self.device, store_version)
-        self.args = resolve_estimator(self.args, self.feature_map.projector_kind, self.task)
+        self.args = self.feature_map.args  # the estimator's settings resolved for the chosen projector
         adapter = adapter_provenance(model) or {}
         args = self.args
         self.config = TRAKConfig(

@@ -48,10 +48,11 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     masks = np.random.default_rng(0).random((6, 600)) < 0.5
     outputs = np.random.default_rng(1).random((2, 6, 100)).astype(np.float32)
     np.savez(fake / "image.npz", masks=np.packbits(masks, axis=1), num_train=600, outputs=outputs)
-    out = run("lds.py", "--tasks", "image", "--methods", "hf_trak (default)", "trak", "cosine", "--models", "1",
-              "--proj-dim", "32", "--data", str(fake), cwd=tmp_path)  # fmt: skip
+    out = run("lds.py", "--tasks", "image", "--methods", "hf_trak (default)", "hf_trak before", "trak", "cosine",
+              "--models", "1", "--proj-dim", "32", "--data", str(fake), cwd=tmp_path)  # fmt: skip
     assert (
         "| image | hf_trak (default) | 1 |" in out
+        and "| image | hf_trak before | 1 |" in out
         and "| image | trak | 1 |" in out
         and "| image | cosine | 1 |" in out
     )

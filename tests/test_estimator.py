@@ -6,7 +6,7 @@ import torch
 
 from hf_trak import TRAKArguments, TRAKer
 from hf_trak.checkpoint_view import AUTO_MIN_DIMS_PER_MATRIX, choose_projector
-from hf_trak.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE
+from hf_trak.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE, MODULE_LAMBDA_SCALE
 from hf_trak.testing import digits, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit
 
 
@@ -16,7 +16,7 @@ def test_hf_trak_takes_per_module_kernels_without_q_and_per_token_statistics_for
     config = traker.config
     assert config.projector == "factored" and "estimator='hf_trak'" in config.projector_reason
     assert (config.train_weight, config.kernel, config.kernel_from) == ("none", "per_module", kernel_from)
-    assert config.lambda_scale == LAMBDA_SCALE and len(config.kernel_blocks) > 1
+    assert config.lambda_scale == MODULE_LAMBDA_SCALE and len(config.kernel_blocks) > 1
 
 
 def test_trak_is_the_seeds_estimator():
@@ -46,6 +46,21 @@ def test_explicit_settings_win_over_the_estimator():
     assert (config.kernel, config.kernel_from, config.train_weight) == ("per_module", "examples", "out_to_loss")
 
 
+def test_hf_trak_differentiates_the_weights_and_not_the_biases_unless_told():
+    model = tiny_bert()
+    biases = {name for name, _ in model.named_parameters() if name.endswith(".bias")}
+    for projector in ("factored", "rademacher"):
+        default = TRAKer(model, proj_dim=512, projector=projector)
+        classic = TRAKer(model, proj_dim=512, projector=projector, estimator="trak")
+        assert default.param_names == [name for name in classic.param_names if name not in biases]
+        assert biases & set(classic.param_names) and default.num_params < classic.num_params
+    named = ["classifier.weight", "classifier.bias"]
+    assert TRAKer(model, proj_dim=8, grad_wrt=named).param_names == named  # an explicit grad_wrt is kept as given
+    for name, parameter in model.named_parameters():  # BitFit: only biases train, so they are what is left
+        parameter.requires_grad_(name in biases)
+    assert set(TRAKer(model, proj_dim=64).param_names) == biases
+
+
 def test_a_store_keeps_its_estimator_when_the_defaults_differ(tmp_path):
     """from_pretrained scores with the stored settings: a store made with estimator='trak' scores as TRAK, not as
     today's default, and equals the scores of the TRAKer that made it."""
@@ -54,6 +69,7 @@ def test_a_store_keeps_its_estimator_when_the_defaults_differ(tmp_path):
     expected = made.featurize(train, [model.state_dict()]).score(targets)
     loaded = TRAKer.from_pretrained(str(tmp_path / "s"), model, train_dataset=train)
     assert (loaded.config.train_weight, loaded.args.train_weight) == ("out_to_loss", "out_to_loss")
+    assert loaded.param_names == made.param_names and any(name.endswith(".bias") for name in made.param_names)
     np.testing.assert_array_equal(loaded.score(targets), expected)
 
 
@@ -87,7 +103,7 @@ def test_token_statistics_of_a_causal_lm_default_are_what_its_kernels_use(tmp_pa
 @pytest.mark.parametrize(
     "estimator,lines",
     [
-        ("hf_trak", ["| kernel | `per_module` (", "from `tokens`", "| λ | 0.1 · tr(XᵀX)/k per checkpoint (per block",
+        ("hf_trak", ["| kernel | `per_module` (", "from `tokens`", "| λ | 0.01 · tr(XᵀX)/k per checkpoint (per block",
                      "| train-side weight | `none` (no Q) |", "mean_m(X_m K_m T_mᵀ), where"]),
         ("trak", ["| kernel | `global` |", "| λ | 0.1 · tr(XᵀX)/k per checkpoint |",
                   "| train-side weight | `out_to_loss` |", "mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m)"]),

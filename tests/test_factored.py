@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -62,7 +64,8 @@ def test_tied_embeddings_and_conv1d_are_factored():
 
 
 @pytest.mark.slow
-def test_random_factors_preserve_inner_products_in_expectation():
+@pytest.mark.parametrize("sizing", ["fill", "square"])
+def test_random_factors_preserve_inner_products_in_expectation(sizing):
     model, task, weights, buffers, batch = _prepared(tiny_bert, lambda: token_sequences(3))
     names = factorable_parameter_names(model)
     grads = {}
@@ -72,7 +75,7 @@ def test_random_factors_preserve_inner_products_in_expectation():
     exact = flat @ flat.T
     estimates = []
     for seed in range(1000):
-        factored = FactoredGradientProjector(model, names, proj_dim=256, seed=seed, device="cpu")
+        factored = FactoredGradientProjector(model, names, proj_dim=256, seed=seed, device="cpu", sizing=sizing)
         features = factored(task, weights, buffers, batch, model_id=0).double()
         estimates.append(features @ features.T / factored.proj_dim)
     mean = torch.stack(estimates).mean(0)
@@ -86,17 +89,39 @@ def test_random_factors_preserve_inner_products_in_expectation():
 
 def test_factored_traker_end_to_end_and_dimension_budget():
     model, data = tiny_gpt2(), lm_sequences(12)
-    traker = TRAKer(model, projector="factored", proj_dim=300, save_dir=None)
+    names = factorable_parameter_names(model)
+    default = TRAKer(model, projector="factored", proj_dim=300, save_dir=None)
+    assert default.param_names == [name for name in names if not name.endswith(".bias")]  # hf_trak: weights only
+    traker = TRAKer(model, projector="factored", proj_dim=300, save_dir=None, grad_wrt=names)
     assert traker.featurizer.proj_dim == 300 and traker.config.feature_dim == 300
-    assert traker.param_names == factorable_parameter_names(model)
     scores = traker.featurize(data, [model.state_dict()], batch_size=5).score(lm_sequences(4, seed=1))
     assert scores.shape == (12, 4) and np.isfinite(scores).all()
     blocks = len(traker.featurizer.targets)
     with pytest.raises(
         ValueError, match=f"proj_dim=3 is too small for {blocks} factored blocks .*proj_dim >= {blocks}"
     ):
-        TRAKer(model, projector="factored", proj_dim=3, save_dir=None)
-    assert TRAKer(model, projector="factored", proj_dim=blocks, save_dir=None).featurizer.proj_dim == blocks
+        TRAKer(model, projector="factored", proj_dim=3, save_dir=None, grad_wrt=names)
+    assert (
+        TRAKer(model, projector="factored", proj_dim=blocks, save_dir=None, grad_wrt=names).featurizer.proj_dim
+        == blocks
+    )
+
+
+def test_a_factored_k_a_few_dimensions_short_is_logged_as_info_and_a_larger_shortfall_warned(caplog):
+    """Without bias vectors the fill can end a few dimensions short of proj_dim (no step of k_r or k_c fits
+    the rest): routine, so info; k far below proj_dim (every matrix at full size) is a warning."""
+    model = tiny_gpt2()
+    names = [name for name in factorable_parameter_names(model) if not name.endswith(".bias")]
+    total = sum(dict(model.named_parameters())[name].numel() for name in names)
+    short = [k for k in range(200, 400) if FactoredGradientProjector(model, names, k, 0, "cpu").proj_dim < k]
+    assert short, "no proj_dim in 200..399 ends short: pick another range"
+    for k, expected in ((short[0], logging.INFO), (2 * total, logging.WARNING)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_trak.factored"):
+            made = FactoredGradientProjector(model, names, k, 0, "cpu").proj_dim
+        (record,) = [r for r in caplog.records if "features for proj_dim" in r.message]
+        assert record.levelno == expected and f"k={made} features for proj_dim={k}" in record.message
+        assert (made >= 0.99 * k) == (expected == logging.INFO)
 
 
 @pytest.mark.parametrize("fallback", [False, True])
@@ -133,6 +158,34 @@ def test_stores_made_before_version_3_keep_their_factored_sizes(tmp_path):
     expected = old.featurize(data, [model.state_dict()]).score(targets)
     loaded = TRAKer.from_pretrained(str(tmp_path / "v2"), model, train_dataset=data)
     assert loaded.featurizer.proj_dim == old.featurizer.proj_dim
+    np.testing.assert_array_equal(loaded.score(targets), expected)
+
+
+def test_per_token_kernels_factor_each_matrix_with_equal_sides_from_store_version_4(tmp_path):
+    """kernel_from="tokens" (the causal-LM default): k_r ≈ k_c ≈ √b_l where the matrix allows it; kernels from the
+    examples keep k_r:k_c ≈ r:c; a version-3 store keeps r:c for its token kernels, and reloads and scores as made."""
+    from hf_trak.config import STORE_VERSION
+
+    model, data, targets = tiny_gpt2(), lm_sequences(10), lm_sequences(3, seed=1)
+    tokens = TRAKer(model, proj_dim=512)
+    assert (tokens.config.kernel_from, tokens.config.store_version) == ("tokens", STORE_VERSION) and STORE_VERSION >= 4
+    examples = TRAKer(model, proj_dim=512, kernel_from="examples")
+    for square, proportional in zip(tokens.featurizer.targets, examples.featurizer.targets):
+        assert square.name == proportional.name
+        if square.rows != square.cols and min(square.k_rows, square.k_cols) < min(square.rows, square.cols):
+            assert abs(square.k_rows - square.k_cols) <= 1, square
+            assert (proportional.k_rows < proportional.k_cols) == (proportional.rows < proportional.cols), proportional
+    assert 0.99 * 512 <= sum(t.size for t in tokens.featurizer.targets) <= 512
+    old = TRAKer(model, proj_dim=512, save_dir=str(tmp_path / "v3"), store_version=3, dtype=torch.float32)
+    assert [(t.k_rows, t.k_cols) for t in old.featurizer.targets] == [
+        (t.k_rows, t.k_cols) for t in examples.featurizer.targets
+    ]
+    expected = old.featurize(data, [model.state_dict()]).score(targets)
+    loaded = TRAKer.from_pretrained(str(tmp_path / "v3"), model, train_dataset=data)
+    assert loaded.config.kernel_from == "tokens" and loaded.config.store_version == 3
+    assert [(t.k_rows, t.k_cols) for t in loaded.featurizer.targets] == [
+        (t.k_rows, t.k_cols) for t in old.featurizer.targets
+    ]
     np.testing.assert_array_equal(loaded.score(targets), expected)
 
 

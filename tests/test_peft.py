@@ -65,13 +65,18 @@ def trainable(model):
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
+def trainable_weights(model):
+    """What hf_trak's default differentiates: the trainable parameters without the biases."""
+    return [name for name in trainable(model) if not name.endswith(".bias")]
+
+
 @pytest.mark.parametrize("case", list(LORA))
 def test_heads_are_detected_through_the_peft_wrapper_and_adapters_are_differentiated(case):
     model = lora_model(case)
     base_task = AutoModelOutput.from_model(LORA[case][0]())
     assert type(AutoModelOutput.from_model(model)) is type(base_task)
     traker = TRAKer(model, proj_dim=16, save_dir=None)
-    assert traker.param_names == trainable(model)
+    assert traker.param_names == trainable_weights(model)
     assert all("lora_" in name or "modules_to_save" in name for name in traker.param_names)
     assert traker.config.adapter_config["r"] == 2 and traker.config.adapter_config["peft_type"] == "LORA"
     scores = traker.featurize(DATA[case][0](), [model.state_dict()], batch_size=8).score(DATA[case][1]())
@@ -138,7 +143,7 @@ def test_an_inference_mode_peft_model_attributes_its_adapter(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")  # is_trainable=False: all frozen
     assert not trainable(loaded)
     traker = TRAKer(loaded, proj_dim=16, save_dir=None)
-    assert traker.param_names == trainable(trained)
+    assert traker.param_names == trainable_weights(trained)
 
 
 def test_the_store_records_the_adapter_and_refuses_another_layout_or_base(tmp_path):
@@ -255,5 +260,5 @@ def test_the_readme_peft_snippet_runs():
     result = namespace["result"]
     assert result.scores.shape == (4, 1) and np.isfinite(result.scores).all()
     names = result.traker.param_names
-    assert any("lora_B" in name for name in names) and names[-1].endswith("modules_to_save.default.bias")
+    assert any("lora_B" in name for name in names) and names[-1].endswith("modules_to_save.default.weight")
     assert all("lora_" in name or "modules_to_save" in name for name in names)

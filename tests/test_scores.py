@@ -6,6 +6,7 @@ import torch
 
 from hf_trak import TRAKer
 from hf_trak.data import ExampleSource
+from hf_trak.estimator import MODULE_LAMBDA_SCALE
 from hf_trak.gradients import PerExampleGradients, select_parameters
 from hf_trak.masks import to_4d_attention_mask
 from hf_trak.model_outputs import AutoModelOutput
@@ -164,7 +165,11 @@ def test_trainable_parameters_only_are_differentiated():
     assert len(subset) == 1 and list(subset[0]) == names
     for name in names:
         torch.testing.assert_close(subset[0][name], full[0][name])
-    assert TRAKer(model, proj_dim=8, save_dir=None).num_params == sum(weights[n].numel() for n in names)
+    assert TRAKer(model, proj_dim=8, save_dir=None, estimator="trak").num_params == sum(
+        weights[n].numel() for n in names
+    )
+    # hf_trak's default leaves the biases out (hf_trak.checkpoint_view.weights_only)
+    assert TRAKer(model, proj_dim=8, save_dir=None).param_names == ["classifier.weight"]
 
 
 @pytest.mark.parametrize("estimator,scale", [("trak", LAMBDA_SCALE), ("hf_trak", GLOBAL_LAMBDA_SCALE)])
@@ -220,7 +225,7 @@ def test_train_weight_none_drops_q_and_nothing_else(tmp_path):
 
 def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_features():
     """``kernel="per_module"``: τ = Σ_b x_b (XᵀX_bb + λ_b I)⁻¹ t_b ⊙ Q over the factored projector's blocks, with
-    λ_b = 0.1 tr(XᵀX_bb)/k_b, recomputed here from the stored features."""
+    λ_b = 0.01 tr(XᵀX_bb)/k_b (hf_trak's scale), recomputed here from the stored features."""
     model, train, targets = tiny_bert(), token_sequences(24), token_sequences(4, seed=1)
     traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", dtype=torch.float32,
                     train_weight="out_to_loss")  # fmt: skip
@@ -234,7 +239,7 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
     for offset, size in blocks:
         b = slice(offset, offset + size)
         xtx = x[:, b].T @ x[:, b]
-        kernel[b, b] = np.linalg.inv(xtx + LAMBDA_SCALE * np.trace(xtx) / size * np.eye(size))
+        kernel[b, b] = np.linalg.inv(xtx + MODULE_LAMBDA_SCALE * np.trace(xtx) / size * np.eye(size))
     expected = (x @ kernel @ t.T) * traker.store.out_to_loss(0)[:, None]
     np.testing.assert_allclose(traker.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     with pytest.raises(ValueError, match="kernel='per_module' needs .* projector='factored'"):
@@ -259,11 +264,14 @@ def test_a_float16_store_keeps_the_precision_of_per_module_kernels(tmp_path):
 
 
 def test_token_kernels_equal_example_kernels_when_every_example_is_one_token():
-    """``kernel_from="tokens"`` sums z_it z_itᵀ over tokens; with one token per example that is XᵀX's blocks."""
+    """``kernel_from="tokens"`` sums z_it z_itᵀ over tokens; with one token per example that is XᵀX's blocks. (Stores
+    of version 3, whose sizes do not depend on the kernel source: from version 4 token kernels factor with equal
+    sides, ``test_factored``.)"""
     model = tiny_bert()
     one_token = token_sequences(20, min_len=1, max_len=1)
     assert {len(ids) for ids in one_token["input_ids"]} == {1}
-    kwargs = dict(proj_dim=128, projector="factored", kernel="per_module", dtype=torch.float32, shard_size=7)
+    kwargs = dict(proj_dim=128, projector="factored", kernel="per_module", dtype=torch.float32, shard_size=7,
+                  store_version=3)  # fmt: skip
     targets = token_sequences(4, seed=3, min_len=1, max_len=1)
     tokens = TRAKer(model, kernel_from="tokens", **kwargs).featurize(one_token, [model.state_dict()])
     examples = TRAKer(model, **kwargs).featurize(one_token, [model.state_dict()])
@@ -282,10 +290,12 @@ def test_token_kernels_equal_example_kernels_when_every_example_is_one_token():
 def test_ekfac_kernels_follow_their_definition_in_projected_space(tmp_path):
     """``kernel_from="ekfac"``: for a weight block, K_b = Q diag(1/(Λ + λ_b)) Qᵀ with Q = Q_r ⊗ Q_c the eigenbases
     of the stored per-token Kronecker factors and Λ = diag(Qᵀ X_bᵀX_b Q), λ_b = 0.1·mean(Λ); a bias block inverts
-    its per-token Gram matrix (× k/p). Recomputed here in numpy from the stored statistics and features."""
+    its per-token Gram matrix (× k/p). Recomputed here in numpy from the stored statistics and features
+    (``estimator="trak"``, which differentiates the biases too, and λ's scale 0.1)."""
     model, train, targets = tiny_gpt2(), lm_sequences(16), lm_sequences(3, seed=5)
     traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", kernel_from="ekfac",
-                    train_weight="none", dtype=torch.float32, shard_size=6, save_dir=str(tmp_path / "s"))  # fmt: skip
+                    train_weight="none", dtype=torch.float32, shard_size=6, save_dir=str(tmp_path / "s"),
+                    estimator="trak")  # fmt: skip
     traker.featurize(train, [model.state_dict()])
     store, config = traker.store, traker.store.config
     statistics = {}
