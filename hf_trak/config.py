@@ -27,8 +27,10 @@ FEATURE_FIELDS = (
     "adapter_config",
 )
 # Fields that a resumed featurization must also share (checkpoint fingerprints are checked
-# checkpoint by checkpoint as featurize loads them: ``hf_trak.featurize``).
+# checkpoint by checkpoint as featurize loads them: ``hf_trak.featurize``). The store version
+# fixes the factored projector's sizes, so features of two versions cannot share a store.
 RESUME_FIELDS = FEATURE_FIELDS + (
+    "store_version",
     "dtype",
     "lambda_reg",
     "lambda_scale",

@@ -23,7 +23,7 @@ from .arguments import TRAKArguments, check_kernel_source
 from .model_outputs import AbstractModelOutput, CausalLMModelOutput
 
 LAMBDA_SCALE = 0.1  # λ = 0.1·tr/k: TRAK's kernel
-MODULE_LAMBDA_SCALE = 0.01  # hf_trak's per-module blocks: the suite's LDS rose from 0.1 to 0.01 on text and lm
+MODULE_LAMBDA_SCALE = 0.01  # hf_trak's per-module blocks: from 0.1 to 0.01, the suite's LDS rose on text and lm
 GLOBAL_LAMBDA_SCALE = 1.0  # hf_trak with one global kernel (no Q): the suite's best λ for it
 
 

@@ -7,6 +7,7 @@ import torch
 from hf_trak import TRAKer
 from hf_trak.checkpoint_view import FeatureMap
 from hf_trak.data import ExampleSource
+from hf_trak.errors import OutputExistsError
 from hf_trak.factored import FactoredGradientProjector, factorable_parameter_names
 from hf_trak.gradients import PerExampleGradients, select_parameters
 from hf_trak.model_outputs import AutoModelOutput
@@ -187,6 +188,10 @@ def test_per_token_kernels_factor_each_matrix_with_equal_sides_from_store_versio
         (t.k_rows, t.k_cols) for t in old.featurizer.targets
     ]
     np.testing.assert_array_equal(loaded.score(targets), expected)
+    with pytest.raises(OutputExistsError, match="store_version: stored 3, given 4"):  # its sizes: no resume
+        TRAKer(model, proj_dim=512, save_dir=str(tmp_path / "v3"), dtype=torch.float32).featurize(
+            data, [model.state_dict()]
+        )
 
 
 def test_factored_features_do_not_depend_on_batch_size():
