@@ -28,7 +28,7 @@ from .arguments import TRAKArguments
 from .checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
 from .config import STORE_VERSION
 from .errors import InvalidArgumentError
-from .estimator import resolve_estimator
+from .estimator import default_parameters, resolve_estimator
 from .factored import FactoredGradientProjector, factorable_parameter_names
 from .gradients import DenseGradientProjector, PerExampleGradients, select_parameters
 from .masks import AttentionMaskAdapter
@@ -87,36 +87,26 @@ def choose_projector(model: nn.Module, args: TRAKArguments) -> Tuple[str, str]:
 
 def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
     """The parameters to differentiate: ``args.grad_wrt``; by default the trainable ones (a PEFT model in
-    inference mode: its adapter), restricted to factorable layers for the factored projector, and under
-    ``estimator="hf_trak"`` without biases (``weights_only``)."""
-    grad_wrt = args.grad_wrt_selection
-    if grad_wrt is None and is_peft_model(model) and not any(p.requires_grad for p in model.parameters()):
+    inference mode: its adapter), restricted to factorable layers for the factored projector, of which the
+    estimator keeps its own (``hf_trak.estimator.default_parameters``: hf_trak's leave the biases out)."""
+    if args.grad_wrt_selection is not None:
+        return select_parameters(model, args.grad_wrt_selection)
+    grad_wrt, factorable = None, False
+    if is_peft_model(model) and not any(p.requires_grad for p in model.parameters()):
         grad_wrt = adapter_parameter_names(model)
-    if args.projector == "factored" and grad_wrt is None:
+    elif args.projector == "factored":
         trainable = set(select_parameters(model))
         grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
-    names = select_parameters(model, grad_wrt)
-    if args.grad_wrt is None and args.estimator == "hf_trak":
-        names = weights_only(names)
-    if args.projector == "factored" and args.grad_wrt is None:
+        factorable = True
+    names = default_parameters(args, select_parameters(model, grad_wrt))
+    if factorable:
         logger.info(
-            "Factored projection: differentiating %d Linear/Conv1D/Embedding parameters%s; pass grad_wrt to add "
-            "others (dense fallback).",
+            "Factored projection: differentiating %d Linear/Conv1D/Embedding parameters (estimator=%r); "
+            "pass grad_wrt to add others (dense fallback).",
             len(names),
-            " (weights, not biases: estimator='hf_trak')" if args.estimator == "hf_trak" else "",
+            args.estimator,
         )
     return names
-
-
-def weights_only(names: list) -> list:
-    """``names`` without the biases (parameters named ``*.bias``), unless nothing else is left.
-
-    hf_trak's default: on the LDS suite (``benchmarks/lds.py``) leaving biases out raised the default's LDS at K=5
-    on text (+0.019) and lm (+0.005), left image within its projector-seed spread (−0.002), and moved the dense
-    global kernel's by at most 0.005; a bias's block is small, and its per-module kernel weighs it like a whole
-    matrix."""
-    weights = [name for name in names if name.rsplit(".", 1)[-1] != "bias"]
-    return weights or names
 
 
 class FeatureMap:

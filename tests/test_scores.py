@@ -168,7 +168,7 @@ def test_trainable_parameters_only_are_differentiated():
     assert TRAKer(model, proj_dim=8, save_dir=None, estimator="trak").num_params == sum(
         weights[n].numel() for n in names
     )
-    # hf_trak's default leaves the biases out (hf_trak.checkpoint_view.weights_only)
+    # hf_trak's default leaves the biases out (hf_trak.estimator.default_parameters)
     assert TRAKer(model, proj_dim=8, save_dir=None).param_names == ["classifier.weight"]
 
 
