@@ -1,19 +1,24 @@
 """The LDS suite: hf_trak's estimators against kronfluence's EK-FAC and K-FAC and a cosine baseline.
 
-    python benchmarks/lds.py [--tasks image text lm] [--models 5] [--proj-dim 2048] [--threads 2]
+    python benchmarks/lds.py [--tasks image text lm] [--models 5] [--proj-dim 2048] [--seeds 1] [--threads 2]
 
 For each task of ``benchmarks/lds_suite.py`` (ground truth from ``lds_ground_truth.py``,
 shipped in ``benchmarks/lds_data``): K models trained on the whole train split (seeds
 0..K-1), then each method's scores with the first model (K=1) and with all K (scores
 averaged over models for the peers, TRAK's ensemble for hf_trak), their LDS against the
-retrained models (f averaged over the two seeds of each half), and their time. Methods:
+retrained models (f averaged over the two seeds of each half), and their time. With ``--seeds S``
+each randomized method runs S times (hf_trak's projector_seed, kronfluence's sampled labels for
+the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviation. Methods:
 
 * ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.estimator``: on these
-  models no Q, the weights and not the biases, factored projection with a kernel per projected
-  matrix, λ_b = 0.01·tr_b/k_b, from per-token gradients for the causal LM, whose matrices are then
-  projected with equal sides); ``hf_trak, with biases``, ``hf_trak, λ_b×10`` and ``hf_trak, r:c
-  sides`` (a version-3 store: k_r:k_c ≈ r:c for the per-token kernels too) each undo one of its
-  last three changes, ``hf_trak before`` all three (the default until then);
+  models no Q, the weights and not the biases, without the attention's query/key/value
+  projections, factored projection with a kernel per projected matrix, λ_b = 0.01·tr_b/k_b, from
+  per-token gradients for the causal LM, whose matrices are then projected with equal sides, and
+  each checkpoint's scores of a target normalized before the mean over checkpoints); each of
+  ``hf_trak, with attention q/k/v``, ``hf_trak, mean ensemble``, ``hf_trak, with biases``,
+  ``hf_trak, λ_b×10`` and ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
+  per-token kernels too) undoes one of its settings; ``previous default`` undoes the first two
+  (the default of session 5), ``earlier default`` all five (the default of session 4);
 * ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
   the base of the settings below;
 * ``trak, no Q``: the same features with ``train_weight="none"``; ``no Q, λ×10``: also
@@ -52,6 +57,7 @@ from torch import nn
 from hf_trak import TRAKer
 from hf_trak.config import STORE_VERSION
 from hf_trak.data import ExampleSource
+from hf_trak.estimator import attention_input_parameters
 from hf_trak.evaluate import lds
 from hf_trak.factored import factorable_parameter_names
 from hf_trak.model_outputs import AutoModelOutput, CausalLMModelOutput
@@ -77,11 +83,18 @@ def noise_ceiling(outputs: np.ndarray) -> float:
     return float(np.sqrt(max(0.0, 2 * r / (1 + r))))
 
 
-def trak_scores(task, models, proj_dim: int, estimator: str = "trak", store_version=STORE_VERSION, **settings):
+def trak_scores(
+    task, models, proj_dim: int, estimator: str = "trak", store_version=STORE_VERSION, seed: int = 0, **settings
+):
     """Scores of hf_trak with ``settings`` over ``estimator``'s (the seeds' TRAK unless named), in a store of
-    ``store_version``'s format."""
+    ``store_version``'s format, with projector seed ``seed``."""
     traker = TRAKer(
-        task.make_model(0), proj_dim=proj_dim, estimator=estimator, store_version=store_version, **settings
+        task.make_model(0),
+        proj_dim=proj_dim,
+        estimator=estimator,
+        store_version=store_version,
+        projector_seed=seed,
+        **settings,
     )
     traker.featurize(task.train, [model.state_dict() for model in models], batch_size=50)
     return traker.score(task.targets, batch_size=50)
@@ -140,9 +153,9 @@ def as_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-def kronfluence_scores(task, models, strategy: str, empirical_fisher: bool = False) -> np.ndarray:
-    """Mean over models of kronfluence's pairwise scores (K-FAC or EK-FAC factors of the true Fisher, sampled
-    labels, as kronfluence defaults; ``empirical_fisher``: of the training labels' gradients)."""
+def kronfluence_scores(task, models, strategy: str, empirical_fisher: bool = False, seed: int = 0) -> np.ndarray:
+    """Mean over models of kronfluence's pairwise scores (K-FAC or EK-FAC factors of the true Fisher, labels
+    sampled with ``seed``, as kronfluence defaults; ``empirical_fisher``: of the training labels' gradients)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -150,7 +163,7 @@ def kronfluence_scores(task, models, strategy: str, empirical_fisher: bool = Fal
     is_lm = isinstance(AutoModelOutput.resolve(models[0]), CausalLMModelOutput)
     total = 0
     for number, trained in enumerate(models):
-        torch.manual_seed(number)  # the sampled labels of kronfluence's true Fisher
+        torch.manual_seed(1000 * seed + number)  # the sampled labels of kronfluence's true Fisher
         model = as_linear(trained).eval()
         influence_task = margin_task(is_lm)
         model = prepare_model(model, influence_task)
@@ -215,41 +228,57 @@ def cosine_scores(task, models) -> np.ndarray:
     return scores
 
 
-def with_biases(models) -> dict:
-    """``grad_wrt`` of the factored projector's layers, biases included (hf_trak's default leaves them out)."""
-    return dict(grad_wrt=factorable_parameter_names(models[0]))
+def parameters(models, biases: bool = False, attention: bool = False) -> dict:
+    """``grad_wrt``: the factored projector's layers, without the biases and the attention's query/key/value
+    projections (hf_trak's default) unless asked for."""
+    left_out = set() if attention else attention_input_parameters(models[0])
+    names = [n for n in factorable_parameter_names(models[0]) if n not in left_out]
+    return dict(grad_wrt=[n for n in names if biases or not n.endswith(".bias")])
+
+
+def hf_trak(**settings):
+    """A method: hf_trak's default estimator with ``settings`` (``grad_wrt`` from ``parameters(models, ...)``
+    for ``parameters={...}``)."""
+
+    def method(task, models, k, seed):
+        chosen = dict(settings)
+        if "parameters" in chosen:
+            chosen.update(parameters(models, **chosen.pop("parameters")))
+        return trak_scores(task, models, k, estimator="hf_trak", seed=seed, **chosen)
+
+    return method
+
+
+def trak(**settings):
+    return lambda task, models, k, seed: trak_scores(task, models, k, seed=seed, **settings)
 
 
 PER_MODULE = dict(projector="factored", kernel="per_module")
 METHODS = {
-    "hf_trak (default)": lambda task, models, k: trak_scores(task, models, k, estimator="hf_trak"),
-    "hf_trak, with biases": lambda task, models, k: trak_scores(
-        task, models, k, estimator="hf_trak", **with_biases(models)
+    "hf_trak (default)": hf_trak(),
+    "hf_trak, with attention q/k/v": hf_trak(parameters=dict(attention=True)),
+    "hf_trak, mean ensemble": hf_trak(ensemble="mean"),
+    "hf_trak, with biases": hf_trak(parameters=dict(biases=True)),
+    "hf_trak, λ_b×10": hf_trak(lambda_scale=0.1),
+    "hf_trak, r:c sides": hf_trak(store_version=3),
+    "previous default": hf_trak(ensemble="mean", parameters=dict(attention=True)),
+    "earlier default": hf_trak(
+        ensemble="mean", lambda_scale=0.1, store_version=3, parameters=dict(attention=True, biases=True)
     ),
-    "hf_trak, λ_b×10": lambda task, models, k: trak_scores(task, models, k, estimator="hf_trak", lambda_scale=0.1),
-    "hf_trak, r:c sides": lambda task, models, k: trak_scores(task, models, k, estimator="hf_trak", store_version=3),
-    "hf_trak before": lambda task, models, k: trak_scores(
-        task, models, k, estimator="hf_trak", lambda_scale=0.1, store_version=3, **with_biases(models)
-    ),
-    "trak": lambda task, models, k: trak_scores(task, models, k),
-    "trak, no Q": lambda task, models, k: trak_scores(task, models, k, train_weight="none"),
-    "no Q, λ×10": lambda task, models, k: trak_scores(task, models, k, train_weight="none", lambda_scale=1.0),
-    "no Q, per-module": lambda task, models, k: trak_scores(task, models, k, train_weight="none", **PER_MODULE),
-    "no Q, per-module, λ×10": lambda task, models, k: trak_scores(
-        task, models, k, train_weight="none", lambda_scale=1.0, **PER_MODULE
-    ),
-    "no Q, per-module, tokens": lambda task, models, k: trak_scores(
-        task, models, k, train_weight="none", kernel_from="tokens", **PER_MODULE
-    ),
-    "no Q, per-module, ekfac": lambda task, models, k: trak_scores(
-        task, models, k, train_weight="none", kernel_from="ekfac", **PER_MODULE
-    ),
-    "per-module, ekfac": lambda task, models, k: trak_scores(task, models, k, kernel_from="ekfac", **PER_MODULE),
-    "ekfac": lambda task, models, k: kronfluence_scores(task, models, "ekfac"),
-    "ekfac, empirical Fisher": lambda task, models, k: kronfluence_scores(task, models, "ekfac", True),
-    "kfac": lambda task, models, k: kronfluence_scores(task, models, "kfac"),
-    "cosine": lambda task, models, k: cosine_scores(task, models),
+    "trak": trak(),
+    "trak, no Q": trak(train_weight="none"),
+    "no Q, λ×10": trak(train_weight="none", lambda_scale=1.0),
+    "no Q, per-module": trak(train_weight="none", **PER_MODULE),
+    "no Q, per-module, λ×10": trak(train_weight="none", lambda_scale=1.0, **PER_MODULE),
+    "no Q, per-module, tokens": trak(train_weight="none", kernel_from="tokens", **PER_MODULE),
+    "no Q, per-module, ekfac": trak(train_weight="none", kernel_from="ekfac", **PER_MODULE),
+    "per-module, ekfac": trak(kernel_from="ekfac", **PER_MODULE),
+    "ekfac": lambda task, models, k, seed: kronfluence_scores(task, models, "ekfac", seed=seed),
+    "ekfac, empirical Fisher": lambda task, models, k, seed: kronfluence_scores(task, models, "ekfac", True),
+    "kfac": lambda task, models, k, seed: kronfluence_scores(task, models, "kfac", seed=seed),
+    "cosine": lambda task, models, k, seed: cosine_scores(task, models),
 }
+DETERMINISTIC = {"ekfac, empirical Fisher", "cosine"}  # no seed to vary
 
 
 def main():
@@ -258,6 +287,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--models", type=int, default=5)
     parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument("--seeds", type=int, default=1, help="runs of each randomized method (seeds 0..S-1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=DATA, help="folder of the ground truth (lds_ground_truth.py)")
     args = parser.parse_args()
@@ -277,15 +307,18 @@ def main():
               f"{args.models} models trained in {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
         for method in args.methods:
             for count in sorted({1, args.models}):
-                started = time.perf_counter()
-                scores = METHODS[method](task, models[:count], args.proj_dim)
-                seconds = time.perf_counter() - started
-                value = lds(scores, masks, truth).mean
-                rows.append((name, method, count, value, seconds))
-                print(f"  {method:<24} K={count}: LDS {value:.3f} ({seconds:.1f} s)", flush=True)
-    print("\n| task | method | K | LDS | seconds |\n| --- | --- | --- | --- | --- |")
-    for name, method, count, value, seconds in rows:
-        print(f"| {name} | {method} | {count} | {value:.3f} | {seconds:.1f} |")
+                values, seconds = [], []
+                for seed in range(1 if method in DETERMINISTIC else args.seeds):
+                    started = time.perf_counter()
+                    scores = METHODS[method](task, models[:count], args.proj_dim, seed)
+                    seconds.append(time.perf_counter() - started)
+                    values.append(lds(scores, masks, truth).mean)
+                    print(f"  {method:<29} K={count} seed {seed}: LDS {values[-1]:.3f} ({seconds[-1]:.1f} s)",
+                          flush=True)  # fmt: skip
+                rows.append((name, method, count, np.mean(values), np.std(values), len(values), np.median(seconds)))
+    print("\n| task | method | K | LDS | ± std (seeds) | seconds (median) |\n| --- | --- | --- | --- | --- | --- |")
+    for name, method, count, value, spread, runs, seconds in rows:
+        print(f"| {name} | {method} | {count} | {value:.3f} | {spread:.3f} ({runs}) | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

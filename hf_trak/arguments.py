@@ -26,6 +26,7 @@ ESTIMATORS = ("hf_trak", "trak")
 TRAIN_WEIGHTS = ("auto", "out_to_loss", "none")
 KERNELS = ("auto", "global", "per_module")
 KERNEL_SOURCES = ("auto", "examples", "tokens", "ekfac")
+ENSEMBLES = ("auto", "mean", "normalized")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -45,9 +46,10 @@ class TRAKArguments:
     estimator: str = _field(
         "hf_trak",
         "what the settings left at auto become (hf_trak.estimator): hf_trak (the LDS suite's choice: no Q, weights "
-        "without biases, per-module kernels on the factored projector with λ_b = 0.01·tr_b/k_b, from per-token "
-        "gradients for causal LMs) or trak (TRAK as the seeds "
-        "define it: Q, one global kernel, λ = 0.1·tr/k)",
+        "without biases or attention query/key/value projections, per-module kernels on the factored projector "
+        "with λ_b = 0.01·tr_b/k_b, from per-token gradients for causal LMs, each checkpoint's scores normalized "
+        "per target) or trak (TRAK as the seeds define it: Q, one global kernel, λ = 0.1·tr/k, the mean over "
+        "checkpoints)",
         choices=ESTIMATORS,
     )
     projector: str = _field(
@@ -84,9 +86,18 @@ class TRAKArguments:
         "(auto: hf_trak: none; trak: out_to_loss)",
         choices=TRAIN_WEIGHTS,
     )
+    ensemble: str = _field(
+        "auto",
+        "how the checkpoints' scores combine: mean (TRAK: τ = mean_m X_m K_m T_mᵀ) or normalized (each "
+        "checkpoint's scores of a target divided by their RMS over the train rows, then averaged) (auto: hf_trak: "
+        "normalized; trak: mean)",
+        choices=ENSEMBLES,
+    )
     dtype: str = _field("float16", "storage dtype of the train features", choices=STORAGE_DTYPES)
     grad_wrt: Optional[List[str]] = _field(
-        None, "parameter names to differentiate, or 'all' (default: the trainable ones; hf_trak: without biases)"
+        None,
+        "parameter names to differentiate, or 'all' (default: the trainable ones; hf_trak: without biases, and "
+        "with the factored projector without the attention's query/key/value projections)",
     )
     param_chunk_numel: Optional[int] = _field(
         None, "dense projectors: per-example gradients of at most this many parameter elements at a time", scope="run"
@@ -129,6 +140,7 @@ class TRAKArguments:
         _check_choice("train_weight", self.train_weight, TRAIN_WEIGHTS)
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("kernel_from", self.kernel_from, KERNEL_SOURCES)
+        _check_choice("ensemble", self.ensemble, ENSEMBLES)
         check_kernel_source(self.kernel_from, self.kernel)
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")

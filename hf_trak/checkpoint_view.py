@@ -88,7 +88,8 @@ def choose_projector(model: nn.Module, args: TRAKArguments) -> Tuple[str, str]:
 def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
     """The parameters to differentiate: ``args.grad_wrt``; by default the trainable ones (a PEFT model in
     inference mode: its adapter), restricted to factorable layers for the factored projector, of which the
-    estimator keeps its own (``hf_trak.estimator.default_parameters``: hf_trak's leave the biases out)."""
+    estimator keeps its own (``hf_trak.estimator.default_parameters``: hf_trak's leave the biases out, and the
+    attention's query/key/value projections of a whole model)."""
     if args.grad_wrt_selection is not None:
         return select_parameters(model, args.grad_wrt_selection)
     grad_wrt, factorable = None, False
@@ -98,12 +99,16 @@ def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
         trainable = set(select_parameters(model))
         grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
         factorable = True
-    names = default_parameters(args, select_parameters(model, grad_wrt))
+    whole_model = factorable and not is_peft_model(model)  # an adapter's layers are the user's choice
+    selected = select_parameters(model, grad_wrt)
+    names = default_parameters(args, model, selected, whole_model=whole_model)
     if factorable:
         logger.info(
-            "Factored projection: differentiating %d Linear/Conv1D/Embedding parameters (estimator=%r); "
-            "pass grad_wrt to add others (dense fallback).",
+            "Factored projection: differentiating %d of %d Linear/Conv1D/Embedding parameters (estimator=%r: "
+            "hf_trak leaves biases and attention query/key/value projections out); pass grad_wrt to choose them "
+            "(others use the dense fallback).",
             len(names),
+            len(selected),
             args.estimator,
         )
     return names

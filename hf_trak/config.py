@@ -38,6 +38,7 @@ RESUME_FIELDS = FEATURE_FIELDS + (
     "kernel",
     "kernel_blocks",
     "kernel_from",
+    "ensemble",
     "num_checkpoints",
     "num_train_examples",
     "train_hashes",
@@ -54,7 +55,8 @@ class TRAKConfig:
     the differentiated parameters (p = ``num_params`` elements), ``dtype`` the storage
     dtype of the features, ``lambda_reg`` the requested λ (None: derived per checkpoint).
     ``projector`` is the projector used (``projector_reason`` says why, e.g. what
-    ``projector="auto"`` chose). ``lambda_scale`` gives λ = lambda_scale · tr(XtX)/k when ``lambda_reg`` is None.
+    ``projector="auto"`` chose). ``lambda_scale`` gives λ = lambda_scale · tr(XtX)/k when ``lambda_reg`` is None;
+    ``ensemble`` how the checkpoints' scores combine (stores without it: "mean").
     ``train_hashes`` identify the train split's rows in order (sha256 per shard of its row
     hashes, ``hf_trak.provenance``; ``train_fingerprint`` is ``datasets``' fingerprint, for
     information), ``excluded_rows`` the rows excluded for non-finite values (scores NaN), and
@@ -97,6 +99,7 @@ class TRAKConfig:
     kernel: str = "global"
     kernel_blocks: List[List[int]] = dataclasses.field(default_factory=list)
     kernel_from: str = "examples"
+    ensemble: str = "mean"
     excluded_rows: List[int] = dataclasses.field(default_factory=list)
 
     def to_json_string(self) -> str:

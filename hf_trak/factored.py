@@ -28,7 +28,8 @@ gradients (``sizing="square"``, stores from version 4), the split is k_r ≈ k_c
 token's gradient u vᵀ is rank one, so its projected inner products are products of two
 JL estimates, ⟨P_rᵀu, P_rᵀu'⟩⟨P_cᵀv, P_cᵀv'⟩, with relative variance ≈ 1/k_r + 1/k_c: least
 for equal sides at a given k_r·k_c. On the LDS suite's causal LM this raised the default's
-LDS from 0.615 to 0.633 (K=5, k=2048); the classifiers' kernels, from the examples, keep the
+LDS from 0.615 to 0.633 (K=5, k=2048, with the attention's matrices; without them, as the
+default is now, 0.634 to 0.636 over projector seeds 0-5); the classifiers' kernels, from the examples, keep the
 r:c split (text lost 0.014 with equal sides). LDS against the dense projector on the same
 parameters (mean ± std over seeds): text (``benchmarks/lds_text.py``) 0.221 ± 0.017
 vs 0.217 ± 0.001 at k = 1024 but 0.180 vs 0.260 at k = 256, where each layer gets only a

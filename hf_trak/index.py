@@ -10,7 +10,9 @@ two spaces:
     exact ("Flat"):   v_i = (Q̄_i/M)[Φ_1[i]/s_1, …, Φ_M[i]/s_M]   u = [t_1 ⊙ s_1, …, t_M ⊙ s_M]
     approximate:      v_i = (Q̄_i/M)[X_1[i], …, X_M[i]]           u = [K_1 t_1, …, K_M t_M]
 
-(Φ_m = X_m K_m is stored divided by its column scale s_m; Q̄ = 1 with ``train_weight="none"``).
+(Φ_m = X_m K_m is stored divided by its column scale s_m; Q̄ = 1 with ``train_weight="none"``; with
+``ensemble="normalized"`` each t_m is first divided by σ_m, the RMS of its scores at checkpoint m,
+``hf_trak.scoring.ensemble_weighted``).
 The exact index scans the stored Φ as scoring does (``hf_trak.scoring.top_k``: same top-k).
 An approximate index (any other faiss factory string: ``"IVF1024,Flat"``, ``"HNSW32"``)
 partitions the features X instead, which cluster by class and content, where Φ = XK does
@@ -35,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidArgumentError
-from .scoring import TopK, phi_scale, preconditioned_shards, train_weights
+from .scoring import TopK, ensemble_weighted, phi_scale, preconditioned_shards, train_weights
 from .store import FeatureStore, as_tensor
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,7 @@ class FeatureIndex:
 
     def queries(self, targets: List[Tensor]) -> np.ndarray:
         """u of each target: (T, M·k) float32 from [T_m for each checkpoint] (each T × k)."""
+        targets = ensemble_weighted(self.store, targets)
         if self.is_exact:
             return torch.cat([t.float() * s for t, s in zip(targets, self.scales)], dim=1).numpy()
         return torch.cat([t.float() @ kernel for t, kernel in zip(targets, self.kernels)], dim=1).numpy()

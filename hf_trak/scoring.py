@@ -5,7 +5,8 @@
 2. ``shard_scores``: for each train shard, Φ_m = X_m K_m as featurize stored it (read
    memory-mapped; formed here, in float64, for stores before version 3), then the score
    blocks τ[rows, block] = mean_m(Φ_m T_m[block]ᵀ) ⊙ Q̄[rows] (Q̄ = 1 with
-   ``train_weight="none"``) for blocks of
+   ``train_weight="none"``; with ``ensemble="normalized"`` each T_m's rows divided by σ_mj,
+   ``ensemble_weighted``) for blocks of
    ``target_block_size`` targets. Cost: one read of Φ and n·k·T flops (n·k² more for old
    stores); memory: a shard's Φ and one (shard × block) block.
 3. ``scores`` writes the blocks into an (n × T) array; ``top_k`` merges them into the k
@@ -28,7 +29,7 @@ from .checkpoint_view import FeatureMap
 from .checkpoints import Checkpoint
 from .data import ExampleSource
 from .errors import InvalidInputError
-from .kernel import merge_top_k, preconditioned, score_block
+from .kernel import merge_top_k, preconditioned, score_block, target_rms
 from .store import PRECONDITIONED, FeatureStore, as_tensor
 
 
@@ -85,7 +86,7 @@ def shard_scores(
     num_checkpoints, num_targets = len(targets), len(targets[0])
     if num_targets == 0:
         return
-    targets = [t * phi_scale(store, m) for m, t in enumerate(targets)]  # Φ is stored as Φ/s: (Φ/s)(T ⊙ s)ᵀ = ΦTᵀ
+    targets = [t * phi_scale(store, m) for m, t in enumerate(ensemble_weighted(store, targets))]  # Φ/s · (T ⊙ s)ᵀ
     shards = zip(*(preconditioned_shards(store, m, device) for m in range(num_checkpoints)))  # lazily
     progress = dict(
         total=len(store.shard_ranges()), desc="Scoring train shards", disable=None if show_progress else True
@@ -104,6 +105,25 @@ def train_weights(store: FeatureStore, out_to_loss: Sequence[np.ndarray]) -> np.
     ``train_weight="none"``; NaN for rows excluded for non-finite values either way."""
     q = np.mean(out_to_loss, axis=0)
     return np.where(np.isnan(q), q, np.ones_like(q)) if store.config.train_weight == "none" else q
+
+
+RMS_BLOCK = 4096  # targets per σ computation (two k × block float64 products)
+
+
+def ensemble_weighted(store: FeatureStore, targets: List[Tensor]) -> List[Tensor]:
+    """[T_m] as the mean over checkpoints weighs them: unchanged (``ensemble="mean"``) or each target divided by
+    σ_mj, the RMS of its scores at checkpoint m (``"normalized"``, ``hf_trak.kernel.target_rms``, from the
+    store's XᵀX_m and K_m, which it keeps in memory: 2·k² flops per target and checkpoint)."""
+    if store.config.ensemble != "normalized":
+        return targets
+    kernels = [store.gram_and_kernel(m) for m in range(len(targets))]
+    num_rows = store.config.num_train_examples - len(store.config.excluded_rows)
+    weighted = []
+    for t, (xtx, kernel) in zip(targets, kernels):
+        blocks = [t[i : i + RMS_BLOCK] for i in range(0, len(t), RMS_BLOCK)]
+        rms = [target_rms(xtx, kernel, block, num_rows).cpu()[:, None] for block in blocks]
+        weighted.append(torch.cat([(b.double() / r).float() for b, r in zip(blocks, rms)]) if blocks else t)
+    return weighted
 
 
 def phi_scale(store: FeatureStore, model_id: int) -> Tensor:

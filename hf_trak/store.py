@@ -135,6 +135,7 @@ class FeatureStore:
     def __init__(self, root: str, config: TRAKConfig, temporary: Optional[tempfile.TemporaryDirectory] = None):
         self.root, self.config = root, config
         self._temporary = temporary  # a store in a temporary folder keeps it alive as long as itself
+        self._grams_and_kernels: Dict[int, Tuple[Tuple[int, int], torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------ open/create
     @classmethod
@@ -330,6 +331,19 @@ class FeatureStore:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
         return _load_safetensors(path, names)
+
+    def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(XᵀX_m, K_m) in float64, kept in memory after the first call while K_m's file is unchanged (same
+        modification time and size): a normalized ensemble needs them for every query (``hf_trak.scoring``)."""
+        path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
+        stat = os.stat(path) if os.path.isfile(path) else None
+        version = (stat.st_mtime_ns, stat.st_size) if stat else None
+        cached = self._grams_and_kernels.get(model_id)
+        if cached is None or cached[0] != version:
+            saved = self.load_kernel(model_id, ["xtx", "kernel"])
+            cached = (version, saved["xtx"].double(), saved["kernel"].double())
+            self._grams_and_kernels[model_id] = cached
+        return cached[1], cached[2]
 
     def is_complete(self) -> bool:
         """Every checkpoint's fingerprint and kernel, and (version 3 on) its Φ shards, are written."""

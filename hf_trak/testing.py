@@ -256,25 +256,35 @@ def _double(batch):
 
 
 def kernel_scores(
-    train_features, target_features, out_to_loss, lambda_reg=None, lambda_scale=LAMBDA_SCALE, weighted=True
+    train_features,
+    target_features,
+    out_to_loss,
+    lambda_reg=None,
+    lambda_scale=LAMBDA_SCALE,
+    weighted=True,
+    normalized=False,
 ) -> np.ndarray:
     """float64 TRAK scores from per-checkpoint features X_m (n × k), T_m (b × k) and Q_m (n,), by the formula
-    (``weighted=False``: without Q, as ``train_weight="none"``; λ = lambda_scale·tr/k unless ``lambda_reg``)."""
+    (``weighted=False``: without Q, as ``train_weight="none"``; λ = lambda_scale·tr/k unless ``lambda_reg``;
+    ``normalized``: each checkpoint's score matrix divided column by column by its RMS over the rows, as
+    ``ensemble="normalized"``)."""
     total = 0
     for x, t in zip(train_features, target_features):
         x, t = torch.as_tensor(x).double(), torch.as_tensor(t).double()
         xtx = x.T @ x
         lam = lambda_scale * torch.trace(xtx) / xtx.shape[0] if lambda_reg is None else lambda_reg
         inverse = torch.linalg.inv(xtx + lam * torch.eye(xtx.shape[0], dtype=torch.float64))
-        total = total + x @ (inverse / inverse.abs().mean()) @ t.T
+        scores = x @ (inverse / inverse.abs().mean()) @ t.T
+        total = total + (scores / scores.pow(2).mean(0).sqrt() if normalized else scores)
     q = torch.stack([torch.as_tensor(q).double() for q in out_to_loss]).mean(0)
     return (total / len(train_features) * (q[:, None] if weighted else 1)).numpy()
 
 
 def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_names=None, estimator="trak"):
     """float64 TRAK by the formula: per-example autograd gradients on unpadded examples, direct inversion.
-    ``estimator="hf_trak"``: its global-kernel form (no Q, λ = 1·tr/k, the weights and not the biases), what
-    it uses with the identity projector.
+    ``estimator="hf_trak"``: its global-kernel form (no Q, λ = 1·tr/k, the weights and not the biases, each
+    checkpoint's scores of a target divided by their RMS over the train rows), what it uses with the identity
+    projector.
 
     Gradients are taken with respect to ``param_names`` (default: all parameters; hf_trak: all but the
     ``*.bias`` ones); ``checkpoints``
@@ -314,7 +324,7 @@ def reference_scores(model, train, targets, checkpoints, lambda_reg=None, param_
         x, q = features(bound, weights, train)
         xs.append(x), qs.append(q), ts.append(features(bound, weights, targets)[0])
     if estimator == "hf_trak":
-        return kernel_scores(xs, ts, qs, lambda_reg, GLOBAL_LAMBDA_SCALE, weighted=False)
+        return kernel_scores(xs, ts, qs, lambda_reg, GLOBAL_LAMBDA_SCALE, weighted=False, normalized=True)
     return kernel_scores(xs, ts, qs, lambda_reg)
 
 

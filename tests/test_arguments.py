@@ -30,6 +30,7 @@ NON_DEFAULT = dict(
     on_nonfinite="exclude",
     kernel="per_module",
     kernel_from="tokens",
+    ensemble="mean",
     train_weight="none",
     estimator="trak",
     overwrite=True,

@@ -30,7 +30,8 @@ def test_query_benchmark_prints_its_ratios(tmp_path):
 
 
 def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
-    """The ground truth files hold 32 halves × 2 seeds for each task (64 retrained models), and lds.py reads them."""
+    """The ground truth files hold 32 halves × 2 seeds for each task (64 retrained models), and lds.py reads them,
+    running each randomized method once per seed (``--seeds``) and the deterministic ones once."""
     sys.path.insert(0, BENCHMARKS)
     try:
         from lds import ground_truth, noise_ceiling
@@ -48,14 +49,13 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     masks = np.random.default_rng(0).random((6, 600)) < 0.5
     outputs = np.random.default_rng(1).random((2, 6, 100)).astype(np.float32)
     np.savez(fake / "image.npz", masks=np.packbits(masks, axis=1), num_train=600, outputs=outputs)
-    out = run("lds.py", "--tasks", "image", "--methods", "hf_trak (default)", "hf_trak before", "trak", "cosine",
-              "--models", "1", "--proj-dim", "32", "--data", str(fake), cwd=tmp_path)  # fmt: skip
-    assert (
-        "| image | hf_trak (default) | 1 |" in out
-        and "| image | hf_trak before | 1 |" in out
-        and "| image | trak | 1 |" in out
-        and "| image | cosine | 1 |" in out
-    )
+    out = run("lds.py", "--tasks", "image", "--methods", "hf_trak (default)", "earlier default", "trak", "cosine",
+              "--models", "1", "--proj-dim", "32", "--seeds", "2", "--data", str(fake), cwd=tmp_path)  # fmt: skip
+    rows = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| image | ")}
+    assert set(rows) == {"hf_trak (default)", "earlier default", "trak", "cosine"}
+    assert all(rows[method].split(" | ")[4].endswith("(2)") for method in ("hf_trak (default)", "trak"))
+    assert rows["cosine"].split(" | ")[4].endswith("(1)")  # deterministic: one run
+    assert "hf_trak (default)             K=1 seed 1: LDS" in out
 
 
 def test_the_estimator_cost_benchmark_compares_the_two_estimators_in_one_run(tmp_path):

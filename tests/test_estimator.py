@@ -1,13 +1,24 @@
 """``estimator``: what the settings left at "auto" become (``hf_trak.estimator``), and that the store records it."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from hf_trak import TRAKArguments, TRAKer
+from hf_trak import TRAKArguments, TRAKer, scoring
 from hf_trak.checkpoint_view import AUTO_MIN_DIMS_PER_MATRIX, choose_projector
-from hf_trak.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE, MODULE_LAMBDA_SCALE
-from hf_trak.testing import digits, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit
+from hf_trak.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE, MODULE_LAMBDA_SCALE, attention_input_parameters
+from hf_trak.testing import (
+    digits,
+    lm_sequences,
+    perturbed_state_dict,
+    tiny_bert,
+    tiny_clip,
+    tiny_gpt2,
+    tiny_vit,
+    token_sequences,
+)
 
 
 @pytest.mark.parametrize("make_model,kernel_from", [(tiny_bert, "examples"), (tiny_gpt2, "tokens")])
@@ -17,12 +28,14 @@ def test_hf_trak_takes_per_module_kernels_without_q_and_per_token_statistics_for
     assert config.projector == "factored" and "estimator='hf_trak'" in config.projector_reason
     assert (config.train_weight, config.kernel, config.kernel_from) == ("none", "per_module", kernel_from)
     assert config.lambda_scale == MODULE_LAMBDA_SCALE and len(config.kernel_blocks) > 1
+    assert config.ensemble == "normalized"
 
 
 def test_trak_is_the_seeds_estimator():
     config = TRAKer(tiny_gpt2(), proj_dim=512, estimator="trak").config
     assert config.projector == "rademacher"  # p·k is small: TRAK's dense projection
     assert (config.train_weight, config.kernel, config.kernel_from) == ("out_to_loss", "global", "examples")
+    assert config.ensemble == "mean"
     assert config.lambda_scale == LAMBDA_SCALE and config.kernel_blocks == []
 
 
@@ -47,18 +60,67 @@ def test_explicit_settings_win_over_the_estimator():
 
 
 def test_hf_trak_differentiates_the_weights_and_not_the_biases_unless_told():
+    """hf_trak leaves biases out, and with the factored projector the attention's query/key/value projections
+    (named here by their module paths, a second path to ``attention_input_parameters``)."""
     model = tiny_bert()
     biases = {name for name, _ in model.named_parameters() if name.endswith(".bias")}
-    for projector in ("factored", "rademacher"):
+    attention = {name for name, _ in model.named_parameters() if re.search(r"self\.(query|key|value)\.", name)}
+    assert attention_input_parameters(model) == attention and len(attention) == 6  # one layer: 3 × (W, b)
+    for projector, left_out in (("factored", biases | attention), ("rademacher", biases)):
         default = TRAKer(model, proj_dim=512, projector=projector)
         classic = TRAKer(model, proj_dim=512, projector=projector, estimator="trak")
-        assert default.param_names == [name for name in classic.param_names if name not in biases]
+        assert default.param_names == [name for name in classic.param_names if name not in left_out]
         assert biases & set(classic.param_names) and default.num_params < classic.num_params
     named = ["classifier.weight", "classifier.bias"]
     assert TRAKer(model, proj_dim=8, grad_wrt=named).param_names == named  # an explicit grad_wrt is kept as given
     for name, parameter in model.named_parameters():  # BitFit: only biases train, so they are what is left
         parameter.requires_grad_(name in biases)
     assert set(TRAKer(model, proj_dim=64).param_names) == biases
+    for name, parameter in model.named_parameters():  # only the attention's inputs train: they are kept
+        parameter.requires_grad_(name in attention)
+    assert set(TRAKer(model, proj_dim=64).param_names) == attention - biases
+
+
+def test_attention_inputs_are_found_in_gpt2_vit_and_clip():
+    expected = {
+        "gpt2": (tiny_gpt2(), r"attn\.c_attn\."),
+        "vit": (tiny_vit(), r"attention\.(q|k|v)_proj\."),
+        "clip": (tiny_clip(), r"self_attn\.(q|k|v)_proj\."),
+    }
+    for name, (model, pattern) in expected.items():
+        found = attention_input_parameters(model)
+        assert found and found == {n for n, _ in model.named_parameters() if re.search(pattern, n)}, name
+
+
+def test_a_normalized_ensemble_gives_each_checkpoint_one_vote_per_target_and_older_stores_keep_the_mean(
+    tmp_path, monkeypatch
+):
+    """ensemble="normalized" (hf_trak's): τ_j = mean_m(τ_mj/σ_mj), σ_mj the RMS over the rows of checkpoint m's
+    scores of target j (``hf_trak.kernel.target_rms``, from XᵀX and K), checked against the scores of a store of
+    each checkpoint alone normalized here (raw gradients: the same features in either store); and a store written
+    before the field existed scores as the mean."""
+    import json
+
+    model, train, targets = tiny_bert(), token_sequences(16), token_sequences(4, seed=1)
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=5)]
+    settings = dict(projector="identity", proj_dim=None, dtype=torch.float32)
+    both = TRAKer(model, save_dir=str(tmp_path / "both"), **settings).featurize(train, checkpoints)
+    assert both.config.ensemble == "normalized"
+    alone = [TRAKer(model, ensemble="mean", **settings).featurize(train, [c]).score(targets) for c in checkpoints]
+    expected = np.mean([s / np.sqrt((s.astype(np.float64) ** 2).mean(axis=0)) for s in alone], axis=0)
+    np.testing.assert_allclose(both.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    monkeypatch.setattr(scoring, "RMS_BLOCK", 3)  # σ computed in blocks of targets: the same scores
+    np.testing.assert_allclose(both.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    mean = TRAKer(model, ensemble="mean", **settings).featurize(train, checkpoints).score(targets)
+    np.testing.assert_allclose(mean, np.mean(alone, axis=0), rtol=1e-4, atol=1e-5 * np.abs(mean).max())
+    assert not np.allclose(mean / np.abs(mean).max(), expected / np.abs(expected).max(), atol=1e-2)
+    config_path = tmp_path / "both" / "trak_config.json"
+    config = json.loads(config_path.read_text())
+    del config["ensemble"]
+    config_path.write_text(json.dumps(config))
+    older = TRAKer.from_pretrained(str(tmp_path / "both"), model, checkpoints)
+    assert older.config.ensemble == "mean"
+    np.testing.assert_allclose(older.score(targets), mean, rtol=1e-4, atol=1e-5 * np.abs(mean).max())
 
 
 def test_a_store_keeps_its_estimator_when_the_defaults_differ(tmp_path):

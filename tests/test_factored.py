@@ -92,7 +92,8 @@ def test_factored_traker_end_to_end_and_dimension_budget():
     model, data = tiny_gpt2(), lm_sequences(12)
     names = factorable_parameter_names(model)
     default = TRAKer(model, projector="factored", proj_dim=300, save_dir=None)
-    assert default.param_names == [name for name in names if not name.endswith(".bias")]  # hf_trak: weights only
+    weights = [name for name in names if not name.endswith(".bias") and ".c_attn." not in name]
+    assert default.param_names == weights  # hf_trak: weights, without the attention's query/key/value (c_attn)
     traker = TRAKer(model, projector="factored", proj_dim=300, save_dir=None, grad_wrt=names)
     assert traker.featurizer.proj_dim == 300 and traker.config.feature_dim == 300
     scores = traker.featurize(data, [model.state_dict()], batch_size=5).score(lm_sequences(4, seed=1))

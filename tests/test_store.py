@@ -214,3 +214,18 @@ def test_a_resume_with_another_checkpoint_is_refused_or_redoes_only_that_checkpo
     for m in range(2):
         np.testing.assert_array_equal(redone.store.features(m), fresh.store.features(m))
     assert redone.store.config.checkpoint_fingerprints == fresh.store.config.checkpoint_fingerprints
+
+
+def test_the_kernel_kept_for_queries_follows_its_file(tmp_path):
+    """``gram_and_kernel`` keeps XᵀX_m and K_m in memory for the queries of a normalized ensemble, and reads them
+    again once K_m's file is rewritten (by this store object or another process)."""
+    traker, _, _ = _featurized(tmp_path)
+    store = traker.store
+    xtx, kernel = store.gram_and_kernel(0)
+    again = store.gram_and_kernel(0)
+    assert again[0] is xtx and again[1] is kernel  # kept, not read again
+    np.testing.assert_array_equal(kernel.numpy(), store.load_kernel(0)["kernel"].double().numpy())
+    other = FeatureStore.load(traker.save_dir)  # another process rewrites the file
+    saved = other.load_kernel(0)
+    other.save_kernel(0, saved["xtx"], 2 * saved["kernel"], float(saved["lambda_reg"]), saved["phi_scale"])
+    np.testing.assert_array_equal(store.gram_and_kernel(0)[1].numpy(), 2 * kernel.numpy())
