@@ -105,7 +105,8 @@ class Explorer:
             (``"IVF1024,Flat"``, approximate): a ``FeatureIndex`` built once, in memory.
         k: proponents and opponents shown per target.
 
-    Each checkpoint's tensors are loaded once and kept (M × the model's size in memory).
+    Each checkpoint's tensors are loaded once and kept (M × the model's size in memory), and so are the store's
+    XᵀX_m and K_m (2·M·k² float64) where its ensemble is normalized.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class Explorer:
         self.text_column, self.image_column_name, self.max_length = text_column, image_column_name, max_length
         self.k = check_positive_int("k", k)
         self.model, self.task, self.store = traker.model, traker.task, traker.store
+        self.store.keep_kernels = True  # every query needs them with ensemble="normalized" (hf_trak.scoring)
         self._lock = threading.Lock()
         self.index = None
         if index is not None:

@@ -132,6 +132,7 @@ class FeatureIndex:
         from datasets.search import FaissIndex
 
         self.store, self.string_factory = store, string_factory
+        store.keep_kernels = True  # every query needs them with ensemble="normalized" (hf_trak.scoring)
         n = store.config.num_train_examples
         vectors = _StoreVectors(store, preconditioned=string_factory == EXACT)
         try:

@@ -113,13 +113,14 @@ RMS_BLOCK = 4096  # targets per σ computation (two k × block float64 products)
 def ensemble_weighted(store: FeatureStore, targets: List[Tensor]) -> List[Tensor]:
     """[T_m] as the mean over checkpoints weighs them: unchanged (``ensemble="mean"``) or each target divided by
     σ_mj, the RMS of its scores at checkpoint m (``"normalized"``, ``hf_trak.kernel.target_rms``, from the
-    store's XᵀX_m and K_m, which it keeps in memory: 2·k² flops per target and checkpoint)."""
+    store's XᵀX_m and K_m, one checkpoint at a time: a read of 2·k² float64 values unless the store keeps them,
+    ``FeatureStore.keep_kernels``, and 2·k² flops per target)."""
     if store.config.ensemble != "normalized":
         return targets
-    kernels = [store.gram_and_kernel(m) for m in range(len(targets))]
     num_rows = store.config.num_train_examples - len(store.config.excluded_rows)
     weighted = []
-    for t, (xtx, kernel) in zip(targets, kernels):
+    for model_id, t in enumerate(targets):
+        xtx, kernel = store.gram_and_kernel(model_id)
         blocks = [t[i : i + RMS_BLOCK] for i in range(0, len(t), RMS_BLOCK)]
         rms = [target_rms(xtx, kernel, block, num_rows).cpu()[:, None] for block in blocks]
         weighted.append(torch.cat([(b.double() / r).float() for b, r in zip(blocks, rms)]) if blocks else t)

@@ -135,6 +135,8 @@ class FeatureStore:
     def __init__(self, root: str, config: TRAKConfig, temporary: Optional[tempfile.TemporaryDirectory] = None):
         self.root, self.config = root, config
         self._temporary = temporary  # a store in a temporary folder keeps it alive as long as itself
+        # For repeated queries (the explorer, FeatureIndex): keep XᵀX_m and K_m in memory (2·k² float64 each).
+        self.keep_kernels = False
         self._grams_and_kernels: Dict[int, Tuple[Tuple[int, int], torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------ open/create
@@ -333,8 +335,12 @@ class FeatureStore:
         return _load_safetensors(path, names)
 
     def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(XᵀX_m, K_m) in float64, kept in memory after the first call while K_m's file is unchanged (same
-        modification time and size): a normalized ensemble needs them for every query (``hf_trak.scoring``)."""
+        """(XᵀX_m, K_m) in float64, which a normalized ensemble needs for every query (``hf_trak.scoring``); with
+        ``keep_kernels``, kept in memory after the first call while K_m's file is unchanged (same modification
+        time and size)."""
+        if not self.keep_kernels:
+            saved = self.load_kernel(model_id, ["xtx", "kernel"])
+            return saved["xtx"].double(), saved["kernel"].double()
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         stat = os.stat(path) if os.path.isfile(path) else None
         version = (stat.st_mtime_ns, stat.st_size) if stat else None

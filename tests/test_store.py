@@ -217,10 +217,12 @@ def test_a_resume_with_another_checkpoint_is_refused_or_redoes_only_that_checkpo
 
 
 def test_the_kernel_kept_for_queries_follows_its_file(tmp_path):
-    """``gram_and_kernel`` keeps XᵀX_m and K_m in memory for the queries of a normalized ensemble, and reads them
-    again once K_m's file is rewritten (by this store object or another process)."""
+    """With ``keep_kernels``, ``gram_and_kernel`` keeps XᵀX_m and K_m in memory for the queries of a normalized
+    ensemble, and reads them again once K_m's file is rewritten (by this store object or another process)."""
     traker, _, _ = _featurized(tmp_path)
     store = traker.store
+    assert store.gram_and_kernel(0)[1] is not store.gram_and_kernel(0)[1]  # read per call by default
+    store.keep_kernels = True  # as the explorer and FeatureIndex set it
     xtx, kernel = store.gram_and_kernel(0)
     again = store.gram_and_kernel(0)
     assert again[0] is xtx and again[1] is kernel  # kept, not read again
