@@ -324,8 +324,9 @@ class Explorer:
         one pass over the stored Φ (or two index searches) for the ensemble and every checkpoint's share."""
         targets = self._with_shares(features)
         if self.index is not None:
-            best = self.index.search(targets, k, largest=True)
-            worst = self.index.search(targets, k, largest=False)
+            queries = self.index.queries(targets)  # once: σ of a normalized ensemble is its cost
+            best = self.index.search_queries(queries, k, largest=True)
+            worst = self.index.search_queries(queries, k, largest=False)
             top, bottom = best.indices, worst.indices
             top_scores, bottom_scores = best.scores[0], worst.scores[0]
         else:

@@ -175,9 +175,12 @@ class FeatureIndex:
 
     def search(self, targets: List[Tensor], k: int, largest: bool = True) -> TopK:
         """The k train rows with the largest (or smallest) score of each target, as ``scoring.top_k`` gives them."""
+        return self.search_queries(self.queries(targets), k, largest)
+
+    def search_queries(self, queries: np.ndarray, k: int, largest: bool = True) -> TopK:
+        """``search`` for the targets whose ``queries`` (u) are given: form them once to search both ways."""
         n = self.store.config.num_train_examples
         k = min(k, n)
-        queries = self.queries(targets)
         fetch = min(n, k + len(self.excluded_rows))
         found = self.index.search_batch(queries if largest else -queries, fetch)
         indices = np.asarray(found.total_indices, dtype=np.int64).reshape(len(queries), fetch)
