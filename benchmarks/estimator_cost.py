@@ -4,7 +4,8 @@
 
 Two random-init models large enough that ``projector="auto"`` factors them under either
 estimator (p·k > 2^28), so that the difference is the estimator's alone: a 4-layer GPT-2
-(hidden 256, 64-token sequences; hf_trak adds per-token kernel statistics beside each shard)
+(hidden 256, 64-token sequences; hf_trak adds per-token kernel statistics beside each shard and
+one extra forward and backward over 10% of the rows for its principal factors)
 and a 4-layer BERT classifier (hidden 256, 64 tokens; hf_trak: per-module kernels from the
 examples, no statistics). Each run featurizes one checkpoint into a fresh store, finalize
 included (K and Φ); the script prints the median seconds of ``--repeats`` runs, the store's

@@ -13,12 +13,15 @@ the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviati
 * ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.estimator``: on these
   models no Q, the weights and not the biases, without the attention's query/key/value
   projections, factored projection with a kernel per projected matrix, λ_b = 0.01·tr_b/k_b, from
-  per-token gradients for the causal LM, whose matrices are then projected with equal sides, and
-  each checkpoint's scores of a target normalized before the mean over checkpoints); each of
+  per-token gradients for the causal LM, whose matrices are then projected with equal sides and
+  principal factors (from 10% of the train rows) and whose Gram matrices are shrunk 30% toward
+  K-FAC, and each checkpoint's scores of a target normalized before the mean over checkpoints);
+  each of ``hf_trak, random factors`` (``principal_share=0``), ``hf_trak, no shrinkage``,
   ``hf_trak, with attention q/k/v``, ``hf_trak, mean ensemble``, ``hf_trak, with biases``,
   ``hf_trak, λ_b×10`` and ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
-  per-token kernels too) undoes one of its settings; ``previous default`` undoes the first two
-  (the default of session 5), ``earlier default`` all five (the default of session 4);
+  per-token kernels too) undoes one of its settings, and ``hf_trak, factors from all rows`` takes
+  ``principal_fraction=1``; ``previous default`` undoes the first two (the default of session 6),
+  ``session 5 default`` the first four, ``session 4 default`` the first seven;
 * ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
   the base of the settings below;
 * ``trak, no Q``: the same features with ``train_weight="none"``; ``no Q, λ×10``: also
@@ -57,7 +60,7 @@ from torch import nn
 from hf_trak import TRAKer
 from hf_trak.config import STORE_VERSION
 from hf_trak.data import ExampleSource
-from hf_trak.estimator import attention_input_parameters
+from hf_trak.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE, attention_input_parameters
 from hf_trak.evaluate import lds
 from hf_trak.factored import factorable_parameter_names
 from hf_trak.model_outputs import AutoModelOutput, CausalLMModelOutput
@@ -249,21 +252,38 @@ def hf_trak(**settings):
     return method
 
 
+def rc_sides(task, models, k, seed):
+    """The default with a version-3 store's r:c sides; for per-token kernels, its principal factors and shrinkage
+    given explicitly (the estimator gives a version-3 store neither)."""
+    per_token = isinstance(AutoModelOutput.resolve(models[0]), CausalLMModelOutput)
+    extra = dict(principal_share=PRINCIPAL_SHARE, kernel_shrinkage=KERNEL_SHRINKAGE) if per_token else {}
+    return trak_scores(task, models, k, estimator="hf_trak", store_version=3, seed=seed, **extra)
+
+
 def trak(**settings):
     return lambda task, models, k, seed: trak_scores(task, models, k, seed=seed, **settings)
 
 
 PER_MODULE = dict(projector="factored", kernel="per_module")
+RANDOM_FACTORS = dict(principal_share=0.0, kernel_shrinkage=0.0)  # the defaults before session 7
 METHODS = {
     "hf_trak (default)": hf_trak(),
+    "hf_trak, random factors": hf_trak(principal_share=0.0),
+    "hf_trak, no shrinkage": hf_trak(kernel_shrinkage=0.0),
+    "hf_trak, factors from all rows": hf_trak(principal_fraction=1.0),
     "hf_trak, with attention q/k/v": hf_trak(parameters=dict(attention=True)),
     "hf_trak, mean ensemble": hf_trak(ensemble="mean"),
     "hf_trak, with biases": hf_trak(parameters=dict(biases=True)),
     "hf_trak, λ_b×10": hf_trak(lambda_scale=0.1),
-    "hf_trak, r:c sides": hf_trak(store_version=3),
-    "previous default": hf_trak(ensemble="mean", parameters=dict(attention=True)),
-    "earlier default": hf_trak(
-        ensemble="mean", lambda_scale=0.1, store_version=3, parameters=dict(attention=True, biases=True)
+    "hf_trak, r:c sides": lambda task, models, k, seed: rc_sides(task, models, k, seed),
+    "previous default": hf_trak(**RANDOM_FACTORS),
+    "session 5 default": hf_trak(ensemble="mean", parameters=dict(attention=True), **RANDOM_FACTORS),
+    "session 4 default": hf_trak(
+        ensemble="mean",
+        lambda_scale=0.1,
+        store_version=3,
+        parameters=dict(attention=True, biases=True),
+        **RANDOM_FACTORS,
     ),
     "trak": trak(),
     "trak, no Q": trak(train_weight="none"),

@@ -47,9 +47,9 @@ class TRAKArguments:
         "hf_trak",
         "what the settings left at auto become (hf_trak.estimator): hf_trak (the LDS suite's choice: no Q, weights "
         "without biases or attention query/key/value projections, per-module kernels on the factored projector "
-        "with λ_b = 0.01·tr_b/k_b, from per-token gradients for causal LMs, each checkpoint's scores normalized "
-        "per target) or trak (TRAK as the seeds define it: Q, one global kernel, λ = 0.1·tr/k, the mean over "
-        "checkpoints)",
+        "with λ_b = 0.01·tr_b/k_b, from per-token gradients for causal LMs (principal factors, kernels shrunk "
+        "toward K-FAC), each checkpoint's scores normalized per target) or trak (TRAK as the seeds define it: Q, "
+        "one global kernel, λ = 0.1·tr/k, the mean over checkpoints)",
         choices=ESTIMATORS,
     )
     projector: str = _field(
@@ -92,6 +92,20 @@ class TRAKArguments:
         "checkpoint's scores of a target divided by their RMS over the train rows, then averaged) (auto: hf_trak: "
         "normalized; trak: mean)",
         choices=ENSEMBLES,
+    )
+    principal_share: Optional[float] = _field(
+        None,
+        "factored projector: share of each side's dimensions (d ≤ 4096) given to the leading eigenvectors of its "
+        "per-token second moment, the rest a random projection of the other directions (0: all random) (default: "
+        "hf_trak: 0.6 with per-token kernels, else 0; trak: 0)",
+    )
+    principal_fraction: float = _field(
+        0.1, "share of the train rows (evenly spaced) the second moments for principal_share are estimated from"
+    )
+    kernel_shrinkage: Optional[float] = _field(
+        None,
+        "per-token kernels: α in (1 − α)·G_b + α·(A_b ⊗ B_b), shrinking each block's Gram matrix toward its K-FAC "
+        "approximation (default: hf_trak: 0.3 with per-token kernels, else 0; trak: 0)",
     )
     dtype: str = _field("float16", "storage dtype of the train features", choices=STORAGE_DTYPES)
     grad_wrt: Optional[List[str]] = _field(
@@ -148,6 +162,12 @@ class TRAKArguments:
             raise InvalidArgumentError(f"lambda_reg must be >= 0 (or None to derive it), got {self.lambda_reg!r}.")
         if self.lambda_scale is not None and not self.lambda_scale > 0:
             raise InvalidArgumentError(f"lambda_scale must be > 0, got {self.lambda_scale!r}.")
+        for name in ("principal_share", "kernel_shrinkage"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise InvalidArgumentError(f"{name} must be in [0, 1] (or None for the estimator's), got {value!r}.")
+        if not 0 < self.principal_fraction <= 1:
+            raise InvalidArgumentError(f"principal_fraction must be in (0, 1], got {self.principal_fraction!r}.")
         if isinstance(self.max_projector_cache_bytes, bool) or not (
             isinstance(self.max_projector_cache_bytes, int) and self.max_projector_cache_bytes >= 0
         ):

@@ -135,11 +135,12 @@ class FeatureMap:
         self.store_version = store_version
         self.projector_kind, self.projector_reason = None, ""
         self.args = args
+        self.store = None  # the feature store whose principal factors the views use (``at``)
         if args is not None:
             self.projector_kind, self.projector_reason = choose_projector(model, args)
             if args.projector == "auto":
                 logger.info("projector='auto' chose %s: %s.", self.projector_kind, self.projector_reason)
-            self.args = resolve_estimator(args, self.projector_kind, task)
+            self.args = resolve_estimator(args, self.projector_kind, task, store_version)
             self._make_projector(dataclasses.replace(self.args, projector=self.projector_kind))
 
     def _make_projector(self, args: TRAKArguments) -> None:
@@ -152,7 +153,13 @@ class FeatureMap:
             if self.store_version >= 4 and args.kernel_from == "tokens":
                 sizing = "square"  # per-token gradients are rank one: equal sides project them best
             self.projector = FactoredGradientProjector(
-                model, self.param_names, args.proj_dim, args.projector_seed, self.device, sizing=sizing
+                model,
+                self.param_names,
+                args.proj_dim,
+                args.projector_seed,
+                self.device,
+                sizing=sizing,
+                principal_share=args.principal_share or 0.0,
             )
         else:
             numels = {name: parameters[name].numel() for name in self.param_names}
@@ -191,8 +198,12 @@ class FeatureMap:
     def at(
         self, checkpoint: Checkpoint, model_id: int, sample_train_batch: Optional[SampleTrainBatch] = None
     ) -> "CheckpointView":
-        """Load ``checkpoint`` (the only load of it in a featurize or score call) as checkpoint ``model_id``."""
+        """Load ``checkpoint`` (the only load of it in a featurize or score call) as checkpoint ``model_id``, with
+        the principal factors ``self.store`` holds for it, if the projector has any (featurize makes them)."""
         weights, buffers = load_checkpoint(checkpoint, self.model, self.device)
+        if isinstance(self.projector, FactoredGradientProjector) and self.projector.principal_sides():
+            has_factors = self.store is not None and self.store.has_principal_factors(model_id)
+            self.projector.set_factors(model_id, self.store.principal_factors(model_id) if has_factors else None)
         return CheckpointView(self, model_id, weights, buffers, sample_train_batch)
 
 
@@ -243,6 +254,11 @@ class CheckpointView:
         batch = self.prepare(batch)
         projected = self.map.projector(self.task, self.weights, self.buffers, batch, self.model_id)
         return projected.div_(math.sqrt(self.map.num_params)), batch
+
+    def side_moments(self, batch: Mapping[str, Tensor]) -> dict:
+        """The per-token second moments of a batch (``FactoredGradientProjector.side_moments``; one batched
+        forward and backward, no ``vmap``: the batch keeps its 2D attention mask)."""
+        return self.map.projector.side_moments(self.task, self.weights, self.buffers, self._to_device(batch))
 
     def out_to_loss(self, prepared_batch: Mapping[str, Tensor]) -> Tensor:
         """Q of each example of a batch from ``features`` (B,)."""

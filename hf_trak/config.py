@@ -11,7 +11,11 @@ CONFIG_NAME = "trak_config.json"
 # the factored projector's sizes filling proj_dim. 4: its matrices factored with equal sides
 # (k_r ≈ k_c) where the kernel is built from per-token gradients (kernel_from="tokens"). Older
 # stores load and score unchanged (their missing fields take the old values, their sizes the old rule).
-STORE_VERSION = 4
+# 5: principal factors (principal_share, principal_fraction; principal-factors.safetensors per
+# checkpoint) and per-token kernels shrunk toward K-FAC (kernel_shrinkage); hf_trak before 5 did not
+# check the version and would project targets with random factors, so 5 is refused by nothing older
+# than the check (``FeatureStore.load`` refuses versions above its own).
+STORE_VERSION = 5
 
 # Fields that give the features their meaning: scoring with another value is wrong.
 FEATURE_FIELDS = (
@@ -25,6 +29,7 @@ FEATURE_FIELDS = (
     "param_names",
     "num_params",
     "adapter_config",
+    "principal_share",
 )
 # Fields that a resumed featurization must also share (checkpoint fingerprints are checked
 # checkpoint by checkpoint as featurize loads them: ``hf_trak.featurize``). The store version
@@ -39,6 +44,8 @@ RESUME_FIELDS = FEATURE_FIELDS + (
     "kernel_blocks",
     "kernel_from",
     "ensemble",
+    "principal_fraction",
+    "kernel_shrinkage",
     "num_checkpoints",
     "num_train_examples",
     "train_hashes",
@@ -56,7 +63,9 @@ class TRAKConfig:
     dtype of the features, ``lambda_reg`` the requested λ (None: derived per checkpoint).
     ``projector`` is the projector used (``projector_reason`` says why, e.g. what
     ``projector="auto"`` chose). ``lambda_scale`` gives λ = lambda_scale · tr(XtX)/k when ``lambda_reg`` is None;
-    ``ensemble`` how the checkpoints' scores combine (stores without it: "mean").
+    ``ensemble`` how the checkpoints' scores combine (stores without it: "mean"); ``principal_share`` and
+    ``principal_fraction`` the factored projector's principal factors (``hf_trak.factored``; 0: random),
+    ``kernel_shrinkage`` α of the per-token kernels (``hf_trak.kernel.shrunk_gram``); stores without them: 0.
     ``train_hashes`` identify the train split's rows in order (sha256 per shard of its row
     hashes, ``hf_trak.provenance``; ``train_fingerprint`` is ``datasets``' fingerprint, for
     information), ``excluded_rows`` the rows excluded for non-finite values (scores NaN), and
@@ -100,6 +109,9 @@ class TRAKConfig:
     kernel_blocks: List[List[int]] = dataclasses.field(default_factory=list)
     kernel_from: str = "examples"
     ensemble: str = "mean"
+    principal_share: float = 0.0
+    principal_fraction: float = 0.0
+    kernel_shrinkage: float = 0.0
     excluded_rows: List[int] = dataclasses.field(default_factory=list)
 
     def to_json_string(self) -> str:

@@ -36,6 +36,15 @@ vs 0.217 ± 0.001 at k = 1024 but 0.180 vs 0.260 at k = 256, where each layer ge
 few dimensions: use k ≥ 1024; digits (``benchmarks/lds_digits.py``, with the sizes before
 version 3) 0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024.
 (Equal square blocks per layer, as in LoGra, lost 0.045 on digits at k = 256.)
+Principal factors (``principal_share`` s > 0): a side of dimension d ≤ ``MAX_PRINCIPAL_SIDE`` with k < d
+gets P = [V_a, (I − V_a V_aᵀ) R]: V_a the a = round(s·k) leading eigenvectors of its per-token second
+moment F = Σ_{i,t} u_t u_tᵀ (``side_moments``, over a sample of the train split; K-FAC's factor), and
+the rest of the space projected by a Rademacher R (d × (k − a), entries ±1/√(k − a)), so that
+E[P Pᵀ] = V_a V_aᵀ + (I − V_a V_aᵀ) = I still: an unbiased projection that keeps the directions
+where the tokens' gradients have most energy exactly (LoGra's PCA initialization, with a random
+rest). ``principal_factors`` makes them; the store keeps them per checkpoint, since they depend on the
+data (``set_factors``). The biases' and the dense fallback's projections stay random.
+
 Parameters of other layers (LayerNorm, position
 tensors, convolutions) fall back to the dense ``vmap(grad)`` path, with their share of
 dimensions in one dense block.
@@ -61,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 FACTORABLE = (nn.Linear, Conv1D, nn.Embedding)
 UNDERFILL_WARNING_SHARE = 0.99  # k below this share of proj_dim is logged as a warning, above it as info
+MAX_PRINCIPAL_SIDE = 4096  # larger sides (a vocabulary's one-hot side) keep a random factor: F would be d × d
 
 
 def factorable_parameter_names(model: nn.Module) -> List[str]:
@@ -73,6 +83,30 @@ def factorable_parameter_names(model: nn.Module) -> List[str]:
                 if parameter is not None:
                     found.add(names_by_id[id(parameter)])
     return [name for name in names_by_id.values() if name in found]
+
+
+def leading_eigenvectors(matrix: Tensor, count: int, generator: torch.Generator, iterations: int = 8) -> Tensor:
+    """The ``count`` leading eigenvectors (d × count, orthonormal) of a symmetric PSD matrix (d × d, float64), by
+    subspace iteration on count + 8 seeded Gaussian vectors (Halko et al.): d²·(count + 8) flops per iteration,
+    instead of eigh's d³ (a side of a large layer has d in the thousands and count in the tens)."""
+    dim = matrix.shape[0]
+    if count == 0:
+        return matrix.new_zeros(dim, 0)
+    width = min(dim, count + 8)
+    if width == dim:
+        return torch.linalg.eigh(matrix)[1].flip(1)[:, :count]
+    basis = torch.linalg.qr(torch.randn(dim, width, generator=generator, dtype=matrix.dtype))[0]
+    for _ in range(iterations):
+        basis = torch.linalg.qr(matrix @ basis)[0]
+    vectors = torch.linalg.eigh(basis.T @ matrix @ basis)[1]
+    return basis @ vectors.flip(1)[:, :count]
+
+
+def _reaching_tokens(delta: Tensor) -> Tensor:
+    """(B·T,) bool: the tokens whose output gradient δ_t (B, T, d_out) is not all zero. The others (padding, a
+    causal LM's last position) add nothing to any example's gradient Σ_t u_t v_tᵀ, so the Kronecker factors
+    leave them out too (their input-side u or v is not zero)."""
+    return (delta != 0).any(dim=-1).reshape(-1)
 
 
 @dataclass
@@ -112,6 +146,9 @@ class FactoredGradientProjector:
         kind: ``"rademacher"``, or ``"identity"`` (all factors identity: the exact gradients).
         sizing: ``"fill"`` (sizes summing to ``proj_dim``, k_r:k_c ≈ r:c), ``"square"`` (the same with
             k_r ≈ k_c, for kernels from per-token gradients) or ``"legacy"`` (stores before version 3).
+        principal_share: share s of each eligible side's dimensions given to the leading eigenvectors of its
+            second moment (see the module's docstring); 0: every factor random. With s > 0, a checkpoint's
+            factors must be given (``set_factors``) before its features are asked for.
     """
 
     def __init__(
@@ -123,8 +160,10 @@ class FactoredGradientProjector:
         device: torch.device,
         kind: str = "rademacher",
         sizing: str = "fill",
+        principal_share: float = 0.0,
     ):
         self.model, self.seed, self.kind, self.sizing = model, seed, kind, sizing
+        self.principal_share = principal_share
         self.device = torch.device(device)
         parameters = dict(model.named_parameters())
         names_by_id = {id(parameter): name for name, parameter in parameters.items()}
@@ -152,7 +191,8 @@ class FactoredGradientProjector:
         self._factors: Dict[Tuple[int, str, str], Tensor] = {}
         # Kernel statistics, accumulated while ``statistics`` is a dict (``start_statistics``), before the
         # √proj_dim scaling, under "block_<b>" for kernel block b (each target, then the fallback block):
-        # "tokens": Σ_{i,t} z_it z_itᵀ of the projected per-token gradients z_it = (P_rᵀu_t)⊗(P_cᵀv_t);
+        # "tokens": Σ_{i,t} z_it z_itᵀ of the projected per-token gradients z_it = (P_rᵀu_t)⊗(P_cᵀv_t), and for
+        # a weight also its projected Kronecker factors, as for "ekfac" (a kernel's shrinkage target);
         # "ekfac": for a weight, its Kronecker factors Σ_{i,t} (P_rᵀu_t)(P_rᵀu_t)ᵀ ("block_<b>_rows") and
         # Σ_{i,t} (P_cᵀv_t)(P_cᵀv_t)ᵀ ("block_<b>_cols"); for a bias its per-token Gram matrix. The fallback
         # block gets its per-example Gram matrix.
@@ -272,10 +312,67 @@ class FactoredGradientProjector:
         return fallback_dim
 
     # ----------------------------------------------------------------- factors
+    def principal_sides(self) -> List[Tuple[_Target, str]]:
+        """(target, side) of the sides that get principal factors: weights' sides with k < d ≤ MAX_PRINCIPAL_SIDE
+        (none when ``principal_share`` is 0)."""
+        if not self.principal_share or self.kind == "identity":
+            return []
+        bias_names = {use.bias for use in self.uses}
+        sides = []
+        for target in self.targets:
+            if target.name in bias_names:
+                continue
+            for side, dim, k in (("rows", target.rows, target.k_rows), ("cols", target.cols, target.k_cols)):
+                if k < dim <= MAX_PRINCIPAL_SIDE:
+                    sides.append((target, side))
+        return sides
+
+    def set_factors(self, model_id: int, factors: Optional[Mapping[str, Tensor]]) -> None:
+        """Use ``factors`` ({"<name>/<side>": d × k}, from ``principal_factors``) for checkpoint ``model_id``;
+        ``None`` forgets them (features then need them set again)."""
+        for target, side in self.principal_sides():
+            if factors is None:
+                self._factors.pop((model_id, target.name, side), None)
+                continue
+            factor = factors.get(f"{target.name}/{side}")
+            expected = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+            if factor is None or tuple(factor.shape) != expected:
+                found = None if factor is None else tuple(factor.shape)
+                raise ValueError(
+                    f"The principal factor {target.name}/{side} of checkpoint {model_id} is {found}, not {expected}."
+                )
+            self._factors[(model_id, target.name, side)] = factor.to(self.device, torch.float32)
+
+    def principal_factors(self, model_id: int, moments: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """{"<name>/<side>": P = [V_a, (I − V_a V_aᵀ) R]} for each principal side, from its second moment F
+        (``side_moments`` summed over the sample): V_a F's a = round(s·k) leading eigenvectors
+        (``leading_eigenvectors``), R a seeded d × (k − a) Rademacher (±1/√(k − a)). (I − V_a V_aᵀ) R has the
+        second moments of V_rest R' (V_rest the other eigenvectors, R' a (d − a) × (k − a) Rademacher): E[P Pᵀ] = I."""
+        factors = {}
+        for target, side in self.principal_sides():
+            name = f"{target.name}/{side}"
+            dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+            moment = moments.get(name, torch.zeros(dim, dim)).double().cpu()  # a side no token reached: any basis
+            leading = min(k, round(self.principal_share * k))
+            generator = seeded_generator(self.seed, model_id, target.name, side, "principal")
+            factor = leading_eigenvectors(moment, leading, generator)
+            if leading < k:
+                signs = torch.randint(0, 2, (dim, k - leading), generator=generator, dtype=torch.int8)
+                rest = (signs.double() * 2 - 1) / math.sqrt(k - leading)
+                factor = torch.cat([factor, rest - factor @ (factor.T @ rest)], dim=1)
+            factors[name] = factor.float().contiguous()
+        return factors
+
     def factor(self, model_id: int, target: _Target, side: str) -> Tensor:
-        """P_r (rows × k_rows) or P_c (cols × k_cols) of ``target``: identity or ±1/√k Rademacher."""
+        """P_r (rows × k_rows) or P_c (cols × k_cols) of ``target``: identity, ±1/√k Rademacher, or the principal
+        factor given by ``set_factors``."""
         dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
         key = (model_id, target.name, side)
+        if key not in self._factors and any(t.name == target.name and s == side for t, s in self.principal_sides()):
+            raise RuntimeError(
+                f"Checkpoint {model_id} has no principal factors yet (principal_share={self.principal_share}): "
+                "featurize computes and stores them; scoring loads them from the store."
+            )
         if key not in self._factors:
             if k == dim:
                 factor = torch.eye(dim)
@@ -307,9 +404,10 @@ class FactoredGradientProjector:
             out.mul_(math.sqrt(self.proj_dim))
         return out
 
-    def _project_factored(self, task, weights, buffers, batch, model_id: int, out: Tensor) -> None:
+    def _captured(self, task, weights, buffers, batch, batch_size: int) -> List[Tuple[_Use, Tensor, Tensor]]:
+        """(layer use, its input, its output gradient δ (B, T, d_out) or None) of every hooked layer, from one
+        forward and backward of Σ_i f(z_i)."""
         records: List[Tuple[_Use, Tensor, Tensor]] = []
-        batch_size = out.shape[0]
 
         def hook(use):
             def record(module, inputs, output):
@@ -340,12 +438,58 @@ class FactoredGradientProjector:
         finally:
             for handle in handles:
                 handle.remove()
+        return [
+            (use, inputs, None if delta is None else delta.detach().float().reshape(batch_size, -1, delta.shape[-1]))
+            for (use, inputs, _), delta in zip(records, deltas)
+        ]
+
+    def side_moments(self, task, weights, buffers, batch) -> Dict[str, Tensor]:
+        """{"<name>/<side>": Σ_{i,t} u_t u_tᵀ (d × d, float64)} of a batch, for each principal side: the per-token
+        second moments (K-FAC's factors) that ``principal_factors`` takes the eigenvectors of."""
+        sides = self.principal_sides()
+        batch_size = next(iter(batch.values())).shape[0]
+        moments: Dict[str, Tensor] = {}
+        for use, inputs, delta in self._captured(task, weights, buffers, batch, batch_size):
+            if delta is None or use.weight is None:
+                continue
+            alive = _reaching_tokens(delta)
+            for target, side in sides:
+                if target.name != use.weight:
+                    continue
+                if isinstance(use.module, nn.Embedding) and side == "rows":  # one-hot ids: Σ u uᵀ = diag(counts)
+                    moment = torch.diag(self._id_counts(use.module, inputs.reshape(-1)[alive]).double())
+                else:
+                    vectors = self._side_vectors(use.module, inputs, delta, side)[alive]
+                    vectors = vectors[torch.isfinite(vectors).all(dim=1)]
+                    moment = (vectors.T @ vectors).double()
+                name = f"{target.name}/{side}"
+                moments[name] = moments[name] + moment if name in moments else moment
+        return moments
+
+    @staticmethod
+    def _id_counts(module: nn.Embedding, ids: Tensor) -> Tensor:
+        """How many tokens of the batch have each id (the padding id's none): (num_embeddings,)."""
+        ids = ids.reshape(-1)
+        if module.padding_idx is not None:
+            ids = ids[ids != module.padding_idx]
+        return torch.bincount(ids, minlength=module.num_embeddings)
+
+    @staticmethod
+    def _side_vectors(module: nn.Module, inputs: Tensor, delta: Tensor, side: str) -> Tensor:
+        """The tokens' u_t ("rows"; not an embedding's) or v_t ("cols") of G = Σ_t u_t v_tᵀ, unprojected: (B·T, d)."""
+        if isinstance(module, nn.Embedding):
+            return delta.reshape(-1, delta.shape[-1])
+        x = inputs.float().reshape(delta.shape[0], -1, inputs.shape[-1])
+        vectors = delta if side == ("rows" if isinstance(module, nn.Linear) else "cols") else x
+        return vectors.reshape(-1, vectors.shape[-1])
+
+    def _project_factored(self, task, weights, buffers, batch, model_id: int, out: Tensor) -> None:
+        batch_size = out.shape[0]
         targets = {target.name: target for target in self.targets}
         position = {target.name: index for index, target in enumerate(self.targets)}
-        for (use, inputs, _), delta in zip(records, deltas):
+        for use, inputs, delta in self._captured(task, weights, buffers, batch, batch_size):
             if delta is None:
                 continue
-            delta = delta.detach().float().reshape(batch_size, -1, delta.shape[-1])
             if use.weight is not None:
                 target = targets[use.weight]
                 rows, cols = self.factor(model_id, target, "rows"), self.factor(model_id, target, "cols")
@@ -355,9 +499,10 @@ class FactoredGradientProjector:
                 block = f"block_{position[use.weight]}"
                 if self.statistics is not None and self.statistics_kind == "tokens":
                     self._add_gram(block, torch.einsum("btr,btc->btrc", u, v).reshape(-1, target.size))
-                elif self.statistics is not None:
-                    self._add_gram(block + "_rows", u.reshape(-1, target.k_rows))
-                    self._add_gram(block + "_cols", v.reshape(-1, target.k_cols))
+                if self.statistics is not None:
+                    alive = _reaching_tokens(delta)
+                    self._add_gram(block + "_rows", u.reshape(-1, target.k_rows)[alive])
+                    self._add_gram(block + "_cols", v.reshape(-1, target.k_cols)[alive])
             if use.bias is not None:
                 target = targets[use.bias]
                 tokens = delta @ self.factor(model_id, target, "rows")

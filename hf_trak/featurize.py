@@ -5,7 +5,9 @@ For checkpoint m, loaded once (``FeatureMap.at``):
 
 1. its fingerprint is checked against the one the store recorded for m (a store resumed
    with other weights is refused, or with ``overwrite`` that checkpoint's features are
-   redone) and recorded if new;
+   redone) and recorded if new; with principal factors (``principal_share`` > 0), they are
+   made once from a sample of the rows and stored before any feature of m
+   (``_write_principal_factors``);
 2. each missing shard [start, stop) of x_i and Q_i is written, every process taking a
    contiguous share of them (``PartialState.split_between_processes``);
 3. XᵀX_m = Σ_shards X_sᵀX_s (float64) is summed over processes (a k × k all-reduce: no
@@ -24,6 +26,7 @@ scores are NaN), and is listed in the config's ``excluded_rows``.
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 from typing import Callable, List, Optional, Sequence
@@ -50,6 +53,7 @@ from .kernel import (
     preconditioned,
     regularized_inverse,
     resolve_lambda,
+    shrunk_gram,
 )
 from .provenance import first_difference, shard_hashes
 from .store import PRECONDITIONED, FeatureStore, as_tensor, shard_ranges
@@ -93,11 +97,14 @@ def featurize_store(
         store.save_row_hashes(scan.row_hashes)
     state.wait_for_everyone()
     store = store or FeatureStore.load(save_dir)
+    feature_map.store = store  # its views use the store's principal factors
     recorded = list(store.config.checkpoint_fingerprints)  # as found: every process decides alike
     excluded = set(scan.nonfinite_rows)
     for model_id, checkpoint in enumerate(checkpoints):
+        _check_principal_factors(store, model_id, state)
         view = feature_map.at(checkpoint, model_id, sample_train_batch)
         _record_fingerprint(store, view, recorded[model_id], checkpoint, state, overwrite)
+        _write_principal_factors(store, view, source, state, batch_size)
         _write_missing_shards(store, view, source, state, storage_dtype, batch_size, on_nonfinite, excluded)
         finalize_checkpoint(store, model_id, feature_map.device, state)
     if state.is_main_process:
@@ -151,6 +158,47 @@ def _record_fingerprint(store, view: CheckpointView, recorded: str, checkpoint, 
     if recorded != fingerprint and state.is_main_process:
         store.record_checkpoint(model_id, fingerprint, base if model_id == 0 else None)
     state.wait_for_everyone()
+
+
+def _check_principal_factors(store: FeatureStore, model_id: int, state: PartialState) -> None:
+    """Before checkpoint m is loaded: principal factors missing (or corrupt: reported and deleted) beside written
+    features mean those features were projected with factors that are lost, so the checkpoint's files are deleted,
+    to be redone."""
+    if store.config.principal_share and state.is_main_process and not store.has_valid_principal_factors(model_id):
+        folder = store.checkpoint_dir(model_id)
+        if os.path.isdir(folder) and os.listdir(folder):
+            logger.warning("Checkpoint %d's principal factors are missing: redoing its features.", model_id)
+            shutil.rmtree(folder)
+    state.wait_for_everyone()
+
+
+def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, state, batch_size: int) -> None:
+    """Checkpoint m's principal factors (``principal_share`` > 0), unless stored: the per-token second moment of
+    each principal side over ``principal_fraction`` of the train rows, evenly spaced (each process a share, one
+    all-reduce), and its leading eigenvectors (main process, written once: every process and every later scoring
+    projects with the same factors); then set on the projector."""
+    projector, model_id = view.map.projector, view.model_id
+    sides = projector.principal_sides() if store.config.principal_share else []
+    if not sides:
+        return
+    if not store.has_principal_factors(model_id):
+        count = max(1, math.ceil(store.config.principal_fraction * len(source)))
+        rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
+        moments = {  # zeros where a process sees no token, so that every process reduces the same tensors
+            f"{target.name}/{side}": torch.zeros(*(2 * [target.rows if side == "rows" else target.cols]),
+                                                 dtype=torch.float64, device=view.map.device)
+            for target, side in sides
+        }  # fmt: skip
+        with state.split_between_processes(rows) as mine:
+            for begin in tqdm(range(0, len(mine), batch_size), desc=f"Principal factors, checkpoint {model_id}",
+                              disable=None if state.is_main_process else True):  # fmt: skip
+                for name, moment in view.side_moments(source.batch(mine[begin : begin + batch_size])).items():
+                    moments[name] += moment.to(moments[name].device)
+        moments = {name: reduce(moment, reduction="sum") for name, moment in moments.items()}
+        if state.is_main_process:
+            store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
+        state.wait_for_everyone()
+    projector.set_factors(model_id, store.principal_factors(model_id))
 
 
 def _write_missing_shards(
@@ -266,7 +314,8 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
 
 
 def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, moments: dict):
-    """(K, mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix, or XᵀX_bb."""
+    """(K, mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix (shrunk toward
+    its K-FAC approximation by ``kernel_shrinkage``: ``hf_trak.kernel.shrunk_gram``), or XᵀX_bb."""
     inverses, lambdas = [], []
     scale = config.feature_dim / config.num_params  # the statistics are of P_mᵀg, the features of P_mᵀg/√p · √k
     for b, (offset, size) in enumerate(config.kernel_blocks):
@@ -276,6 +325,9 @@ def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, m
             block = (
                 statistics[f"block_{b}"] * scale if statistics else xtx[offset : offset + size, offset : offset + size]
             )
+            if config.kernel_shrinkage and f"block_{b}_rows" in statistics:
+                rows, cols = statistics[f"block_{b}_rows"], statistics[f"block_{b}_cols"]
+                block = shrunk_gram(block, rows, cols, config.kernel_shrinkage)
             inverse, lambda_b = gram_block_inverse(block, config.lambda_reg, config.lambda_scale)
         inverses.append(inverse)
         lambdas.append(lambda_b)

@@ -14,6 +14,8 @@ Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")``
                                             features' dtype), out_to_loss: what scoring reads (version 3 on)
     checkpoint-<m>/kernel-statistics-<start>-<stop>.safetensors   per-token kernel statistics of those rows
                                             (``kernel_from`` "tokens" or "ekfac"; see ``FactoredGradientProjector``)
+    checkpoint-<m>/principal-factors.safetensors   the factored projector's principal factors P (d × k per
+                                            side, "<name>/<side>"), made from the data (``principal_share`` > 0)
     scores/<name>.arrow                     target_index (int64), scores (fixed-size list of float32, n)
 
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
@@ -41,14 +43,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, TRAKConfig
-from .errors import CorruptStoreError, OutputExistsError
+from .config import CONFIG_NAME, STORE_VERSION, TRAKConfig
+from .errors import CorruptStoreError, OutputExistsError, StoreMismatchError
 from .files import atomic_write, write_text
 
 logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = re.compile(r"(features|preconditioned)-(\d+)-(\d+)\.arrow$")
 KERNEL_NAME = "kernel.safetensors"
+PRINCIPAL_FACTORS_NAME = "principal-factors.safetensors"
 ROW_HASHES_NAME = "train_rows.arrow"
 ROWS_KEY, CHECKSUM_KEY = b"hf_trak.rows", b"hf_trak.crc32"
 FEATURES, PRECONDITIONED = "features", "preconditioned"
@@ -146,7 +149,13 @@ class FeatureStore:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{root} holds no TRAK features ({CONFIG_NAME} is missing).")
         with open(path) as file:
-            return cls(root, TRAKConfig.from_json_string(file.read()))
+            config = TRAKConfig.from_json_string(file.read())
+        if config.store_version > STORE_VERSION:
+            raise StoreMismatchError(
+                f"{root} is a version-{config.store_version} store (hf_trak {config.hf_trak_version}); this hf_trak "
+                f"reads versions up to {STORE_VERSION}: upgrade hf_trak (pip install -U hf_trak)."
+            )
+        return cls(root, config)
 
     @classmethod
     def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> Optional[List[str]]:
@@ -288,6 +297,8 @@ class FeatureStore:
         first bad file)."""
         for model_id in range(self.config.num_checkpoints):
             self.load_kernel(model_id)
+            if self.config.principal_share:
+                self.principal_factors(model_id)
             for start, stop in self.shard_ranges():
                 for kind in (FEATURES, PRECONDITIONED):
                     if kind == FEATURES or self.has_shard(model_id, start, stop, kind):
@@ -304,6 +315,30 @@ class FeatureStore:
     def features(self, model_id: int) -> np.ndarray:
         """All train features of a checkpoint in memory, (n, k) (a copy; ``shards`` streams them)."""
         return np.concatenate([features for _, features, _ in self.shards(model_id)])
+
+    # ------------------------------------------------------- principal factors
+    def principal_factors_path(self, model_id: int) -> str:
+        return os.path.join(self.checkpoint_dir(model_id), PRINCIPAL_FACTORS_NAME)
+
+    def has_principal_factors(self, model_id: int) -> bool:
+        return os.path.isfile(self.principal_factors_path(model_id))
+
+    def has_valid_principal_factors(self, model_id: int) -> bool:
+        """Whether checkpoint m's principal factors exist and read (corrupt ones are reported and deleted)."""
+        path = self.principal_factors_path(model_id)
+        return _readable_or_removed(path, lambda: self.principal_factors(model_id))
+
+    def save_principal_factors(self, model_id: int, factors: Dict[str, torch.Tensor]) -> None:
+        """The factored projector's principal factors of checkpoint m ({"<name>/<side>": d × k})."""
+        tensors = {name: tensor.contiguous().cpu() for name, tensor in factors.items()}
+        os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
+        atomic_write(self.principal_factors_path(model_id), lambda tmp: save_file(tensors, tmp))
+
+    def principal_factors(self, model_id: int) -> Dict[str, torch.Tensor]:
+        path = self.principal_factors_path(model_id)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
+        return _load_safetensors(path)
 
     # ----------------------------------------------------------------- kernel
     def has_kernel(self, model_id: int) -> bool:
@@ -357,6 +392,7 @@ class FeatureStore:
         return (
             all(self.config.checkpoint_fingerprints)
             and all(self.has_kernel(m) for m in checkpoints)
+            and (not self.config.principal_share or all(self.has_principal_factors(m) for m in checkpoints))
             and (self.config.store_version < 3 or all(self.has_preconditioned(m) for m in checkpoints))
         )
 

@@ -103,6 +103,9 @@ class TRAKer:
             kernel_blocks=self.feature_map.kernel_blocks(args.kernel),
             kernel_from=args.kernel_from,
             ensemble=args.ensemble,
+            principal_share=args.principal_share,
+            principal_fraction=args.principal_fraction if args.principal_share else 0.0,
+            kernel_shrinkage=args.kernel_shrinkage,
             dtype=args.dtype,
             model_revision=getattr(getattr(model, "config", None), "_commit_hash", None),
             shard_size=args.shard_size,
@@ -326,6 +329,9 @@ class TRAKer:
             kernel=stored.kernel,
             kernel_from=stored.kernel_from,
             ensemble=stored.ensemble,
+            principal_share=stored.principal_share,
+            principal_fraction=stored.principal_fraction or 1.0,  # 0 where principal_share is 0
+            kernel_shrinkage=stored.kernel_shrinkage,
             dtype=stored.dtype,
             shard_size=stored.shard_size,
             save_dir=save_dir,
@@ -338,6 +344,7 @@ class TRAKer:
                 + "; ".join(mismatches)
             )
         traker.store, traker.config = store, stored
+        traker.feature_map.store = store  # its views use the store's principal factors
         if train_dataset is not None:  # the cheap check first: no checkpoint is loaded for a wrong split
             traker.train_source = traker._source(train_dataset, data_collator)
             scan = scan_split(traker.train_source, traker.task, model, "train", traker.args.on_nonfinite,

@@ -189,7 +189,7 @@ def test_per_token_kernels_factor_each_matrix_with_equal_sides_from_store_versio
         (t.k_rows, t.k_cols) for t in old.featurizer.targets
     ]
     np.testing.assert_array_equal(loaded.score(targets), expected)
-    with pytest.raises(OutputExistsError, match="store_version: stored 3, given 4"):  # its sizes: no resume
+    with pytest.raises(OutputExistsError, match=f"store_version: stored 3, given {STORE_VERSION}"):  # no resume
         TRAKer(model, proj_dim=512, save_dir=str(tmp_path / "v3"), dtype=torch.float32).featurize(
             data, [model.state_dict()]
         )

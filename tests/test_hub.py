@@ -84,3 +84,34 @@ def test_push_to_hub_then_from_hub_on_a_clean_cache(hub, tmp_path):
     assert open(tmp_path / "config_slice.bin", "rb").read() == config[10:30]
     assert any(path == "trak_config.json" for path, _ in hub.state.ranges)
     assert "REFUSED:" in loaded and "other weights" in loaded
+
+
+PUSH_LM = textwrap.dedent("""
+    import sys, numpy as np
+    from hf_trak import TRAKer
+    from hf_trak.testing import lm_sequences, tiny_gpt2
+    out = sys.argv[1]
+    model = tiny_gpt2()
+    traker = TRAKer(model, proj_dim=64, save_dir=out + "/store", shard_size=8)
+    assert traker.config.principal_share > 0  # hf_trak's causal-LM default: factors made from the data
+    traker.featurize(lm_sequences(20), [model.state_dict()], batch_size=6)
+    traker.push_to_hub("someone/gpt2-trak")
+    np.save(out + "/scores.npy", traker.score(lm_sequences(4, seed=1)))
+""")
+
+LOAD_LM = textwrap.dedent("""
+    import sys, numpy as np
+    from hf_trak import TRAKer
+    from hf_trak.testing import lm_sequences, tiny_gpt2
+    traker = TRAKer.from_hub("someone/gpt2-trak", model=tiny_gpt2())
+    np.save(sys.argv[1] + "/hub_scores.npy", traker.score(lm_sequences(4, seed=1)))
+""")
+
+
+@pytest.mark.slow
+def test_a_causal_lm_store_travels_with_its_principal_factors(hub, tmp_path):
+    """The factors that projected the train rows are files of the repo: a clean cache scores the same."""
+    _run(PUSH_LM, tmp_path, hub, tmp_path / "pusher-home")
+    assert "checkpoint-0/principal-factors.safetensors" in hub.state.repos["someone/gpt2-trak"]["files"]
+    _run(LOAD_LM, tmp_path, hub, tmp_path / "loader-home")
+    np.testing.assert_array_equal(np.load(tmp_path / "hub_scores.npy"), np.load(tmp_path / "scores.npy"))

@@ -4,7 +4,7 @@ import torch
 
 from hf_trak import TRAKer
 from hf_trak.projectors import IdentityProjector, RandomProjector, make_projector
-from hf_trak.testing import digits, tiny_bert, tiny_vit, token_sequences
+from hf_trak.testing import digits, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit, token_sequences
 
 NUMELS = {"a.weight": 3000, "b.weight": 1000, "b.bias": 7}
 CPU = torch.device("cpu")
@@ -90,8 +90,9 @@ def test_non_positive_proj_dim_is_refused(proj_dim):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_features_equal_cpu_features():
-    model, data = tiny_vit(), digits(9)
+@pytest.mark.parametrize("case", ["vit", "gpt2"])  # gpt2: hf_trak's principal factors, made on the device
+def test_cuda_features_equal_cpu_features(case):
+    model, data = (tiny_vit(), digits(9)) if case == "vit" else (tiny_gpt2(), lm_sequences(9))
     cpu = TRAKer(model, proj_dim=64, save_dir=None, dtype=torch.float32, device="cpu").featurize(
         data, [model.state_dict()]
     )
