@@ -12,9 +12,9 @@ CONFIG_NAME = "trak_config.json"
 # (k_r ≈ k_c) where the kernel is built from per-token gradients (kernel_from="tokens"). Older
 # stores load and score unchanged (their missing fields take the old values, their sizes the old rule).
 # 5: principal factors (principal_share, principal_fraction; principal-factors.safetensors per
-# checkpoint) and per-token kernels shrunk toward K-FAC (kernel_shrinkage); hf_trak before 5 did not
-# check the version and would project targets with random factors, so 5 is refused by nothing older
-# than the check (``FeatureStore.load`` refuses versions above its own).
+# checkpoint) and per-token kernels shrunk toward K-FAC (kernel_shrinkage). hf_trak before 5 did not
+# check versions (it would read a version-5 store and project targets with random factors); from 5 on,
+# ``FeatureStore.load`` refuses a store of a version above its own.
 STORE_VERSION = 5
 
 # Fields that give the features their meaning: scoring with another value is wrong.

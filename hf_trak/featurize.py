@@ -178,9 +178,9 @@ def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, 
     all-reduce), and its leading eigenvectors (main process, written once: every process and every later scoring
     projects with the same factors); then set on the projector."""
     projector, model_id = view.map.projector, view.model_id
-    sides = projector.principal_sides() if store.config.principal_share else []
-    if not sides:
+    if not store.config.principal_share:
         return
+    sides = projector.principal_sides()  # none where every side is small enough for k = d: an empty file
     if not store.has_principal_factors(model_id):
         count = max(1, math.ceil(store.config.principal_fraction * len(source)))
         rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
@@ -189,10 +189,13 @@ def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, 
                                                  dtype=torch.float64, device=view.map.device)
             for target, side in sides
         }  # fmt: skip
-        with state.split_between_processes(rows) as mine:
-            for begin in tqdm(range(0, len(mine), batch_size), desc=f"Principal factors, checkpoint {model_id}",
+        # Batches of the sample, the same whatever the number of processes (each takes a share of them): a batch's
+        # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
+        batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
+        with state.split_between_processes(batches) as mine:
+            for batch in tqdm(mine, desc=f"Principal factors, checkpoint {model_id}",
                               disable=None if state.is_main_process else True):  # fmt: skip
-                for name, moment in view.side_moments(source.batch(mine[begin : begin + batch_size])).items():
+                for name, moment in view.side_moments(source.batch(batch)).items():
                     moments[name] += moment.to(moments[name].device)
         moments = {name: reduce(moment, reduction="sum") for name, moment in moments.items()}
         if state.is_main_process:

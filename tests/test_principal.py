@@ -235,3 +235,14 @@ def test_side_moments_leave_out_the_tokens_that_reach_no_loss():
     assert 0 < predicts.sum() < predicts.numel() - len(data)
     tokens = captured[0][predicts].double()
     torch.testing.assert_close(moments[name], tokens.T @ tokens, rtol=1e-4, atol=1e-5)
+
+
+def test_a_store_whose_sides_all_fit_k_is_complete_without_principal_factors(tmp_path):
+    """principal_share > 0 where every side has k = d: nothing to compute, an empty factors file, a complete store."""
+    model, data = tiny_gpt2(), lm_sequences(6)
+    traker = TRAKer(model, proj_dim=100000, save_dir=str(tmp_path / "s"), dtype=torch.float32)
+    assert traker.config.principal_share and not traker.feature_map.projector.principal_sides()
+    expected = traker.featurize(data, [model.state_dict()]).score(lm_sequences(2, seed=1))
+    assert traker.store.principal_factors(0) == {}
+    loaded = TRAKer.from_pretrained(str(tmp_path / "s"), model)
+    np.testing.assert_array_equal(loaded.score(lm_sequences(2, seed=1)), expected)
