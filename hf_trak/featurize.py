@@ -176,32 +176,31 @@ def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, 
     """Checkpoint m's principal factors (``principal_share`` > 0), unless stored: the per-token second moment of
     each principal side over ``principal_fraction`` of the train rows, evenly spaced (each process a share, one
     all-reduce), and its leading eigenvectors (main process, written once: every process and every later scoring
-    projects with the same factors); then set on the projector."""
+    projects with the same factors), then set on the projector (``FeatureMap.at`` set those already stored)."""
     projector, model_id = view.map.projector, view.model_id
-    if not store.config.principal_share:
+    if not store.config.principal_share or store.has_principal_factors(model_id):
         return
     sides = projector.principal_sides()  # none where every side is small enough for k = d: an empty file
-    if not store.has_principal_factors(model_id):
-        count = max(1, math.ceil(store.config.principal_fraction * len(source)))
-        rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
-        moments = {  # zeros where a process sees no token, so that every process reduces the same tensors
-            f"{target.name}/{side}": torch.zeros(*(2 * [target.rows if side == "rows" else target.cols]),
-                                                 dtype=torch.float64, device=view.map.device)
-            for target, side in sides
-        }  # fmt: skip
-        # Batches of the sample, the same whatever the number of processes (each takes a share of them): a batch's
-        # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
-        batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
-        with state.split_between_processes(batches) as mine:
-            for batch in tqdm(mine, desc=f"Principal factors, checkpoint {model_id}",
-                              disable=None if state.is_main_process else True):  # fmt: skip
-                for name, moment in view.side_moments(source.batch(batch)).items():
-                    moments[name] += moment.to(moments[name].device)
-        moments = {name: reduce(moment, reduction="sum") for name, moment in moments.items()}
-        if state.is_main_process:
-            store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
-        state.wait_for_everyone()
-    projector.set_factors(model_id, store.principal_factors(model_id))
+    count = max(1, math.ceil(store.config.principal_fraction * len(source)))
+    rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
+    moments = {  # zeros where a process sees no token, so that every process reduces the same tensors
+        f"{target.name}/{side}": torch.zeros(*(2 * [target.rows if side == "rows" else target.cols]),
+                                             dtype=torch.float64, device=view.map.device)
+        for target, side in sides
+    }  # fmt: skip
+    # Batches of the sample, the same whatever the number of processes (each takes a share of them): a batch's
+    # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
+    batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
+    with state.split_between_processes(batches) as mine:
+        for batch in tqdm(mine, desc=f"Principal factors, checkpoint {model_id}",
+                          disable=None if state.is_main_process else True):  # fmt: skip
+            for name, moment in view.side_moments(source.batch(batch)).items():
+                moments[name] += moment.to(moments[name].device)
+    moments = {name: reduce(moment, reduction="sum") for name, moment in moments.items()}
+    if state.is_main_process:
+        store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
+    state.wait_for_everyone()
+    projector.set_factors(model_id, store.principal_factors(model_id))  # stored ones: set by FeatureMap.at
 
 
 def _write_missing_shards(
