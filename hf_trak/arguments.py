@@ -164,9 +164,9 @@ class TRAKArguments:
             raise InvalidArgumentError(f"lambda_scale must be > 0, got {self.lambda_scale!r}.")
         for name in ("principal_share", "kernel_shrinkage"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= 1:
+            if value is not None and not (_is_number(value) and 0 <= value <= 1):
                 raise InvalidArgumentError(f"{name} must be in [0, 1] (or None for the estimator's), got {value!r}.")
-        if not 0 < self.principal_fraction <= 1:
+        if not (_is_number(self.principal_fraction) and 0 < self.principal_fraction <= 1):
             raise InvalidArgumentError(f"principal_fraction must be in (0, 1], got {self.principal_fraction!r}.")
         if isinstance(self.max_projector_cache_bytes, bool) or not (
             isinstance(self.max_projector_cache_bytes, int) and self.max_projector_cache_bytes >= 0
@@ -252,6 +252,10 @@ def check_kernel_source(kernel_from: str, kernel: str, projector: Optional[str] 
             f"kernel_from={kernel_from!r} builds a kernel per projected matrix{because}: pass kernel='per_module' "
             "(with projector='factored')."
         )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -197,8 +197,11 @@ def test_the_estimator_gives_principal_factors_and_shrinkage_to_per_token_kernel
         TRAKer(tiny_bert(), proj_dim=512, kernel_shrinkage=0.3)
     with pytest.raises(InvalidArgumentError, match=r"principal_share must be in \[0, 1\]"):
         TRAKer(tiny_gpt2(), principal_share=1.5)
-    with pytest.raises(InvalidArgumentError, match=r"principal_fraction must be in \(0, 1\]"):
-        TRAKer(tiny_gpt2(), principal_fraction=0)
+    for bad in (0, None, "0.1"):
+        with pytest.raises(InvalidArgumentError, match=r"principal_fraction must be in \(0, 1\]"):
+            TRAKer(tiny_gpt2(), principal_fraction=bad)
+    with pytest.raises(InvalidArgumentError, match=r"kernel_shrinkage must be in \[0, 1\]"):
+        TRAKer(tiny_gpt2(), kernel_shrinkage="0.3")
 
 
 def test_a_store_of_a_newer_format_is_refused_naming_the_upgrade(tmp_path):
