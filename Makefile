@@ -46,3 +46,4 @@ bench: install
 	$(BIN)/python benchmarks/explore.py
 	$(BIN)/python benchmarks/lds.py
 	$(BIN)/python benchmarks/estimator_cost.py
+	$(BIN)/python benchmarks/exit_race.py

@@ -13,7 +13,7 @@
    largest (or smallest) per target without the full matrix.
 
 With several processes each scores a contiguous share of the targets and the main process
-gathers the shares (``gather_to_main``).
+gathers the shares (``hf_trak.processes.gather_to_main``).
 """
 
 import math
@@ -21,7 +21,6 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -190,17 +189,3 @@ def top_k(
         position[np.asarray(train_rows)[::-1]] = np.arange(len(train_rows))[::-1]
         indices = position[indices]
     return TopK(indices, np.concatenate(values))
-
-
-def gather_to_main(state: PartialState, value):
-    """Every process's ``value`` in rank order on the main process (None on the others).
-
-    accelerate's ``gather_object`` is an all-gather (every process would receive every share
-    of the score matrix), and its ``gather`` needs equal-shaped tensors on the device, so
-    this is ``torch.distributed.gather_object`` to the main process only.
-    """
-    if state.num_processes == 1:
-        return [value]
-    gathered = [None] * state.num_processes if state.is_main_process else None
-    torch.distributed.gather_object(value, gathered, dst=0)
-    return gathered

@@ -13,7 +13,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from torch import nn
 
 from . import __version__
@@ -29,8 +28,9 @@ from .featurize import featurize_store, verify_checkpoints
 from .hub import download_store, push_store
 from .inputs import scan_split
 from .model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
+from .processes import gather_to_main, process_state
 from .provenance import split_rows
-from .scoring import TopK, gather_to_main, scores, target_features, top_k
+from .scoring import TopK, scores, target_features, top_k
 from .store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ class TRAKer:
             batch sizes...); keyword arguments named like its fields override it, so
             ``TRAKer(model, proj_dim=1024, save_dir="feats")`` works too. ``save_dir=None``
             (the default) keeps the features in a temporary folder.
-        accelerator: an ``accelerate.Accelerator`` to split work across its processes (one
-            is started when launched with several processes); the default device is then its.
+        accelerator: an ``accelerate.Accelerator`` to split work across its processes (without one,
+            a launch's processes are counted by ``hf_trak.processes.process_state``); the default
+            device is then its.
         store_version: the store format to make features for (``from_pretrained`` passes the stored one).
     """
 
@@ -72,8 +73,7 @@ class TRAKer:
         self.model = model
         self.task: AbstractModelOutput = AutoModelOutput.resolve(model, task if task is not None else self.args.task)
         self.task.check_model(model)
-        # accelerate's process state: the accelerator's, the launcher's (WORLD_SIZE > 1), or one process.
-        self.state = PartialState()
+        self.state = process_state()  # the accelerator's, the launcher's (WORLD_SIZE > 1), or one process
         if self.args.device is not None:
             self.device = torch.device(self.args.device)
         elif accelerator is not None or self.state.num_processes > 1:

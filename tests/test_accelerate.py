@@ -15,6 +15,7 @@ from datasets import load_from_disk
 from hf_trak import TRAKer, attribute
 from hf_trak.store import FeatureStore
 from hf_trak.testing import (
+    assert_gloo_threads_joined_at_exit,
     lm_sequences,
     perturbed_state_dict,
     subprocess_env,
@@ -32,8 +33,10 @@ SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from accelerate import Accelerator
     from hf_trak import TRAKer
-    from hf_trak.testing import lm_sequences, perturbed_state_dict, tiny_bert, tiny_gpt2, token_sequences
+    from hf_trak.testing import lm_sequences, perturbed_state_dict, register_exit_probe, tiny_bert, tiny_gpt2
+    from hf_trak.testing import token_sequences
     store, out, num_train = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    register_exit_probe(out)
     make_model, make_data = {"bert": (tiny_bert, token_sequences), "gpt2": (tiny_gpt2, lm_sequences)}[sys.argv[4]]
     accelerator = Accelerator(cpu=True)
     model = make_model()
@@ -86,6 +89,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, model):
     process = _torchrun(tmp_path / "store", tmp_path, 23, model, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = process.communicate(timeout=600)[0].decode()
     assert process.returncode == 0, output[-4000:]
+    assert_gloo_threads_joined_at_exit(tmp_path)  # hf_trak.processes destroyed the process group
     reference = _single_process(23, model)
     assert bool(reference.config.principal_share) == (model == "gpt2")
     targets = MODELS[model][1](7, seed=1)
@@ -138,16 +142,16 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
 
 
 ATTRIBUTE_SCRIPT = textwrap.dedent("""
-    import sys, numpy as np
-    from accelerate import Accelerator
+    import os, sys, numpy as np
     import hf_trak
-    from hf_trak.testing import tiny_bert, token_sequences, word_tokenizer
+    from hf_trak.testing import register_exit_probe, tiny_bert, token_sequences, word_tokenizer
     store, out = sys.argv[1], sys.argv[2]
+    register_exit_probe(out)
     raw = lambda n, seed: token_sequences(n, seed=seed).select_columns(["text", "labels"])
-    accelerator = Accelerator(cpu=True)
+    # no Accelerator: TRAKer counts the launch's processes itself (with cpu=True on this machine)
     result = hf_trak.attribute(tiny_bert(), raw(13, 0), raw(5, 1), processor=word_tokenizer(), k=3, proj_dim=16,
-                               save_dir=store, shard_size=4, accelerator=accelerator)
-    if accelerator.is_main_process:
+                               save_dir=store, shard_size=4)
+    if os.environ["RANK"] == "0":
         np.save(out + "/scores.npy", result.scores)
         result.top_k.save_to_disk(out + "/top_k")
     else:
@@ -156,6 +160,8 @@ ATTRIBUTE_SCRIPT = textwrap.dedent("""
 
 
 def test_attribute_under_torchrun_equals_one_process(tmp_path):
+    """Without an Accelerator, on CPU: accelerate's ``PartialState()`` would count one process in each
+    (``hf_trak.processes.process_state`` makes it with ``cpu=True``)."""
     script = tmp_path / "attribute.py"
     script.write_text(ATTRIBUTE_SCRIPT)
     done = subprocess.run(
@@ -166,6 +172,7 @@ def test_attribute_under_torchrun_equals_one_process(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_gloo_threads_joined_at_exit(tmp_path)
 
     def raw(n, seed):
         return token_sequences(n, seed=seed).select_columns(["text", "labels"])
@@ -174,3 +181,25 @@ def test_attribute_under_torchrun_equals_one_process(tmp_path):
     scores = np.load(tmp_path / "scores.npy")
     np.testing.assert_allclose(scores, single.scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
     assert load_from_disk(str(tmp_path / "top_k"))["train_index"] == single.top_k["train_index"]
+
+
+def test_an_accelerator_counting_one_process_in_a_launch_of_two_is_refused(tmp_path):
+    """``Accelerator()`` without ``cpu=True`` on a machine without GPU initializes torch.distributed with two
+    processes but counts one: each would featurize everything alone into the same store."""
+    script = tmp_path / "one_of_two.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys
+        from accelerate import Accelerator
+        from hf_trak import TRAKer
+        from hf_trak.testing import tiny_bert
+        accelerator = Accelerator()
+        TRAKer(tiny_bert(), proj_dim=16, save_dir=sys.argv[1], accelerator=accelerator)
+    """)
+    )
+    done = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "store")], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode != 0
+    assert "accelerate counts 1 process(es) but torch.distributed has 2" in done.stderr
+    assert "Accelerator(cpu=True)" in done.stderr
+    assert not (tmp_path / "store").exists()

@@ -1,4 +1,4 @@
-"""The query and LDS-suite benchmarks run end to end on tiny sizes (their real sizes are for ``make bench``)."""
+"""The benchmarks run end to end on tiny sizes (their real sizes are for ``make bench``)."""
 
 import os
 import subprocess
@@ -64,6 +64,13 @@ def test_the_estimator_cost_benchmark_compares_the_two_estimators_in_one_run(tmp
     assert any("gpt2" in line and "hf_trak" in line and "per_module kernel from tokens" in line for line in lines)
     assert any("bert" in line and "trak    : factored projector, global kernel" in line for line in lines)
     assert sum("hf_trak / trak: time" in line for line in lines) == 2
+
+
+def test_the_exit_race_benchmark_launches_both_gathers(tmp_path):
+    """One launch of each, counted in the table (how often one aborts is a measurement for ``make bench``)."""
+    out = run("exit_race.py", "--launches", "1", cwd=tmp_path)
+    assert "after 1 launches of each: gather_object " in out
+    assert "| gather_object | 1 | " in out and "| hf_trak | 1 | " in out
 
 
 def test_explore_benchmark_times_a_query_on_a_demo_like_store(tmp_path):
