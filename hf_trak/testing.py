@@ -189,12 +189,16 @@ def register_exit_probe(out: str) -> None:
     def probe():
         alive = "n/a"  # no /proc: thread names unknown
         if os.path.isdir("/proc/self/task"):
-            names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
-            alive = str(sum(name in GLOO_THREADS for name in names))
+            alive = str(sum(_thread_name(task) in GLOO_THREADS for task in os.listdir("/proc/self/task")))
         with open(os.path.join(out, f"exit-{rank}.txt"), "w") as file:
             file.write(alive)
 
     atexit.register(probe)
+
+
+def _thread_name(task: str) -> str:
+    with open(f"/proc/self/task/{task}/comm") as file:
+        return file.read().strip()
 
 
 def assert_gloo_threads_joined_at_exit(out, num_processes: int = 2) -> None:

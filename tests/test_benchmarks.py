@@ -66,7 +66,7 @@ def test_the_estimator_cost_benchmark_compares_the_two_estimators_in_one_run(tmp
     assert sum("hf_trak / trak: time" in line for line in lines) == 2
 
 
-def test_the_exit_race_benchmark_launches_both_gathers(tmp_path):
+def test_the_exit_race_benchmark_launches_both_ways(tmp_path):
     """One launch of each, counted in the table (how often one aborts is a measurement for ``make bench``)."""
     out = run("exit_race.py", "--launches", "1", cwd=tmp_path)
     assert "after 1 launches of each: gather_object " in out
