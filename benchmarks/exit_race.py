@@ -17,10 +17,11 @@ prints the aborted launches of each. A launch takes about 6 s on 2 CPU cores.
 """
 
 import argparse
-import os
 import subprocess
 import sys
 import time
+
+from hf_trak.testing import subprocess_env
 
 WAYS = ("gather_object", "hf_trak")
 
@@ -52,9 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env = subprocess_env()  # this checkout importable, one thread
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
     aborted = dict.fromkeys(WAYS, 0)
     for launch in range(args.launches):

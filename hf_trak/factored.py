@@ -468,8 +468,7 @@ class FactoredGradientProjector:
 
     @staticmethod
     def _id_counts(module: nn.Embedding, ids: Tensor) -> Tensor:
-        """How many tokens of the batch have each id (the padding id's none): (num_embeddings,)."""
-        ids = ids.reshape(-1)
+        """How many of the tokens ``ids`` (flat) have each id (the padding id's none): (num_embeddings,)."""
         if module.padding_idx is not None:
             ids = ids[ids != module.padding_idx]
         return torch.bincount(ids, minlength=module.num_embeddings)

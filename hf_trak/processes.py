@@ -25,9 +25,10 @@ def process_state() -> PartialState:
     """accelerate's process state: an ``Accelerator``'s made before, else the launcher's, else one process.
 
     Without an accelerator device accelerate's ``PartialState()`` counts a launch's processes only
-    with ``cpu=True``, which is given here when no ``Accelerator`` was made. A state of one process in a
-    ``torch.distributed`` group of several (an ``Accelerator()`` made without ``cpu=True`` on such a
-    machine) would have every process featurize and score everything alone: it is refused.
+    with ``cpu=True``, which is given here (a state made before, an ``Accelerator``'s, is kept). A state
+    of one process in a ``torch.distributed`` group of several (an ``Accelerator()`` made without
+    ``cpu=True`` on such a machine) would have every process featurize and score everything alone: it
+    is refused.
     """
     state = PartialState(cpu=True) if _launched_without_device() else PartialState()
     group = torch.distributed.get_world_size() if _distributed() else 1
