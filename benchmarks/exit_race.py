@@ -5,10 +5,10 @@ the main process, and the main process then works 0.5 s longer (as a script savi
 would) while the other exits at once. Two ways, launched alternately:
 
 * ``gather_object``: accelerate's ``PartialState(cpu=True)`` and ``torch.distributed.gather_object``,
-  the process group left alive at exit (``score``/``top_k`` before ``hf_trak.processes``): the
+  the process group left alive at exit (``score``/``top_k`` before ``hf_trak.run.processes``): the
   exiting process can abort (SIGABRT, "terminate called without an active exception") and the
   launcher then kills the main process;
-* ``hf_trak``: ``hf_trak.processes.process_state`` and ``gather_to_main``, the process group
+* ``hf_trak``: ``hf_trak.run.processes.process_state`` and ``gather_to_main``, the process group
   destroyed at exit.
 
     python benchmarks/exit_race.py --launches 40
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from hf_trak.testing import subprocess_env
+from hf_trak.testing.processes import subprocess_env
 
 WAYS = ("gather_object", "hf_trak")
 
@@ -31,7 +31,7 @@ def worker(way: str) -> None:
     import torch
     from accelerate import PartialState
 
-    from hf_trak.processes import gather_to_main, process_state
+    from hf_trak.run.processes import gather_to_main, process_state
 
     torch.set_num_threads(1)
     state = process_state() if way == "hf_trak" else PartialState(cpu=True)

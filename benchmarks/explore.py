@@ -3,7 +3,7 @@
     python benchmarks/explore.py [--demo-dir trak_demo] [--repeats 5] [--threads 2]
 
 Uses the store ``make demo`` leaves in ``--demo-dir`` (600 digits, a ViT at 5 checkpoints,
-k = 1024), or trains it first (``hf_trak.demo.run_demo`` with one LDS model, about 1.5 min).
+k = 1024), or trains it first (``hf_trak.demo.pipeline.run_demo`` with one LDS model, about 1.5 min).
 Prints the median over ``--repeats`` queries of test digits (new inputs, each attributed for
 its predicted label) of:
 
@@ -33,14 +33,14 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hf_trak.demo import NUM_TEST, NUM_TRAIN, run_demo
-    from hf_trak.digits import digit_images
-    from hf_trak.explorer import Explorer
+    from hf_trak.demo.digits import load_digits
+    from hf_trak.demo.pipeline import NUM_TEST, NUM_TRAIN, run_demo
+    from hf_trak.explore.explorer import Explorer
 
     store = os.path.join(args.demo_dir, "trak")
     if not os.path.exists(os.path.join(store, "trak_config.json")):
         run_demo(args.demo_dir, num_subsets=1)
-    train, test = digit_images(0, NUM_TRAIN), digit_images(NUM_TRAIN, NUM_TRAIN + NUM_TEST)
+    train, test = load_digits(0, NUM_TRAIN), load_digits(NUM_TRAIN, NUM_TRAIN + NUM_TEST)
     for index in (None, "exact"):
         start = time.perf_counter()
         explorer = Explorer.from_store(store, train, index=index)
@@ -64,7 +64,7 @@ def main():
 
 def recall(explorer, test) -> None:
     """recall@10 of an IVF index over the store's features against the exact index, on every test digit."""
-    from hf_trak.index import FeatureIndex
+    from hf_trak.explore.index import FeatureIndex
 
     features = [explorer.target_features(example)[0] for example in test]
     targets = [torch.cat([f[m] for f in features]) for m in range(len(features[0]))]

@@ -20,8 +20,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from hf_trak import TRAKer
-from hf_trak.factored import factorable_parameter_names
-from hf_trak.masks import to_4d_attention_mask
+from hf_trak.method.factored import factorable_parameter_names
+from hf_trak.method.masks import to_4d_attention_mask
 
 MODELS = {
     "bert-small": lambda: BertForSequenceClassification(

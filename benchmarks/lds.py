@@ -10,7 +10,7 @@ retrained models (f averaged over the two seeds of each half), and their time. W
 each randomized method runs S times (hf_trak's projector_seed, kronfluence's sampled labels for
 the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviation. Methods:
 
-* ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.estimator``: on these
+* ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.method.estimator``: on these
   models no Q, the weights and not the biases, without the attention's query/key/value
   projections, factored projection with a kernel per projected matrix, λ_b = 0.01·tr_b/k_b, from
   per-token gradients for the causal LM, whose matrices are then projected with equal sides and
@@ -58,12 +58,12 @@ from scipy.stats import rankdata
 from torch import nn
 
 from hf_trak import TRAKer
-from hf_trak.config import STORE_VERSION
-from hf_trak.data import ExampleSource
-from hf_trak.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE, attention_input_parameters
+from hf_trak.data.source import ExampleSource
 from hf_trak.evaluate import lds
-from hf_trak.factored import factorable_parameter_names
-from hf_trak.model_outputs import AutoModelOutput, CausalLMModelOutput
+from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE, attention_input_parameters
+from hf_trak.method.factored import factorable_parameter_names
+from hf_trak.method.model_outputs import AutoModelOutput, CausalLMModelOutput
+from hf_trak.store.config import STORE_VERSION
 
 
 def ground_truth(name: str, folder: str = DATA):

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from hf_trak.evaluate import lds
-from hf_trak.testing import LAMBDA_SCALE, NUM_TARGETS, NUM_TRAIN, digits_lds
+from hf_trak.method.estimator import LAMBDA_SCALE
+from hf_trak.testing.lds import NUM_TARGETS, NUM_TRAIN, digits_lds
 
 
 def main():

@@ -24,9 +24,9 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from hf_trak import demo
-from hf_trak.data import ExampleSource
-from hf_trak.model_outputs import AutoModelOutput
+from hf_trak.data.source import ExampleSource
+from hf_trak.demo import pipeline as demo
+from hf_trak.method.model_outputs import AutoModelOutput
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hf_trak import TRAKer
 from hf_trak.evaluate import lds, make_subsets, model_outputs
-from hf_trak.factored import factorable_parameter_names
+from hf_trak.method.factored import factorable_parameter_names
 
 NUM_TRAIN, NUM_TARGETS, LENGTH, VOCAB = 400, 60, 12, 30
 

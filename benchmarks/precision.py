@@ -20,8 +20,9 @@ import argparse
 import numpy as np
 import torch
 
-from hf_trak.kernel import score_block
-from hf_trak.testing import LAMBDA_SCALE, PARITY_CASES, identity_traker, kernel_scores, reference_scores
+from hf_trak.method.estimator import LAMBDA_SCALE
+from hf_trak.method.kernel import score_block
+from hf_trak.testing.reference import PARITY_CASES, identity_traker, kernel_scores, reference_scores
 
 
 def float32_kernel_scores(xs, ts, qs, lambda_reg):

@@ -7,13 +7,13 @@ and finalizes it as featurize does (XᵀX, K and the stored Φ = XK, ``finalize_
 Then, in a fresh process each (so that peak memory is the query's own), the median of
 ``--repeats`` runs of:
 
-* ``TRAKer.top_k``'s path (``hf_trak.scoring.top_k``) for 1 target, k = 10, against one read
+* ``TRAKer.top_k``'s path (``hf_trak.run.scoring.top_k``) for 1 target, k = 10, against one read
   of the store's Φ shards into memory (the floor of any exact query);
 * the same for ``--targets`` targets, against the GEMM floor: Φ (n × k, float32, in memory)
   times Tᵀ (k × T) in one ``torch.mm``;
 * the path of stores before version 3, which forms Φ = XK per call (n·k² float64 flops),
   for one target;
-* the explorer's faiss index (``hf_trak.index.FeatureIndex``, in this process): its build
+* the explorer's faiss index (``hf_trak.explore.index.FeatureIndex``, in this process): its build
   time, one target's top-10 with the exact index (``"Flat"``) and an approximate one
   (``--ivf`` lists, searching ``--nprobe`` of them), and the approximate one's recall@10
   against the exact top-10 over ``--recall-targets`` targets. Recall depends on the data: ``--clusters C`` draws the
@@ -40,8 +40,8 @@ import torch
 QUERY = r"""
 import json, sys, time
 import numpy as np, torch
-from hf_trak.scoring import top_k
-from hf_trak.store import FeatureStore
+from hf_trak.run.scoring import top_k
+from hf_trak.store.feature_store import FeatureStore
 root, kind = sys.argv[1], sys.argv[5]
 num_targets, repeats, threads = (int(value) for value in sys.argv[2:5])
 torch.set_num_threads(threads)
@@ -74,9 +74,9 @@ def synthetic_features(rng, rows: int, centers: np.ndarray) -> np.ndarray:
 def synthetic_store(root: str, n: int, k: int, shard_size: int, centers: np.ndarray):
     from accelerate import PartialState
 
-    from hf_trak.config import STORE_VERSION, TRAKConfig
-    from hf_trak.featurize import finalize_checkpoint
-    from hf_trak.store import FeatureStore
+    from hf_trak.run.featurize import finalize_checkpoint
+    from hf_trak.store.config import STORE_VERSION, TRAKConfig
+    from hf_trak.store.feature_store import FeatureStore
 
     config = TRAKConfig(model_class="-", name_or_path="", task="-", task_settings={}, projector="rademacher",
                         proj_dim=k, projector_seed=0, param_names=[], num_params=0, lambda_reg=None,
@@ -102,7 +102,7 @@ def run_query(root: str, num_targets: int, repeats: int, threads: int, kind: str
 
 def read_once(store) -> float:
     """Seconds to read every Φ shard of checkpoint 0 into memory (page cache warm, as for the queries)."""
-    from hf_trak.store import PRECONDITIONED
+    from hf_trak.store.feature_store import PRECONDITIONED
 
     start = time.perf_counter()
     for begin, stop in store.shard_ranges():
@@ -184,7 +184,7 @@ def _searched(index, targets: torch.Tensor, repeats: int):
 
 def index_figures(store, targets: torch.Tensor, streamed: float, args) -> None:
     """Build time, one target's top-10 latency (vs ``streamed``, the store query's), and recall@10."""
-    from hf_trak.index import FeatureIndex
+    from hf_trak.explore.index import FeatureIndex
 
     gib = store.config.num_train_examples * store.config.feature_dim * 4 / 2**30
     start = time.perf_counter()
@@ -206,7 +206,7 @@ def index_figures(store, targets: torch.Tensor, streamed: float, args) -> None:
 
 
 def _phi_shards(store):
-    from hf_trak.store import PRECONDITIONED
+    from hf_trak.store.feature_store import PRECONDITIONED
 
     for begin, stop in store.shard_ranges():
         phi, q = store.shard(0, begin, stop, PRECONDITIONED, verify=False)

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from hf_trak.config import TRAKConfig
-from hf_trak.store import FeatureStore
+from hf_trak.store.config import TRAKConfig
+from hf_trak.store.feature_store import FeatureStore
 
 
 def main():

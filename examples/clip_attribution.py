@@ -26,7 +26,7 @@ from offline_data import caption_splits, minilm_path
 from transformers import AutoProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import hf_trak
-from hf_trak.processing import prepare_split
+from hf_trak.data.processing import prepare_split
 
 
 def parse_args(argv=None):

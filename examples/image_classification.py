@@ -31,7 +31,7 @@ from transformers import (
 )
 
 import hf_trak
-from hf_trak.processing import prepare_split
+from hf_trak.data.processing import prepare_split
 
 
 def parse_args(argv=None):

@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
 
-from hf_trak.digits import digit_images
+from hf_trak.demo.digits import load_digits
 
 POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming", "superb", "fun"]
 NEGATIVE = ["awful", "boring", "dull", "painful", "terrible", "clumsy", "tedious", "bland"]
@@ -50,7 +50,7 @@ def sentiment_splits(num_train: int = 96, num_test: int = 16, seed: int = 0):
 
 def digit_image_splits(num_train: int = 400, num_test: int = 40):
     """scikit-learn's 8×8 digits as ``image`` (grayscale PIL) / ``label`` splits, like ``load_dataset("mnist")``."""
-    return digit_images(0, num_train), digit_images(num_train, num_train + num_test)
+    return load_digits(0, num_train), load_digits(num_train, num_train + num_test)
 
 
 def caption_splits(num_train: int = 200, num_test: int = 20):

@@ -1,21 +1,24 @@
-"""hf_trak: TRAK data attribution for Hugging Face models and datasets."""
+"""hf_trak: TRAK data attribution for Hugging Face models and datasets.
 
-__version__ = "0.1.0"
+The public names are these; the sub-packages are the design (``hf_trak.method``: the estimator's math,
+``hf_trak.store``: the feature store, ``hf_trak.data``: splits to model inputs, ``hf_trak.hf``: models,
+checkpoints and adapters, ``hf_trak.run``: featurize and score, ``hf_trak.explore``: the explorer).
+"""
 
-from .app import explore  # noqa: E402  (Gradio is imported when explore is called)
-from .arguments import TRAKArguments  # noqa: E402
-from .attribute import Attribution, attribute  # noqa: E402
-from .config import TRAKConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from hf_trak.arguments import TRAKArguments
+from hf_trak.attribute import Attribution, attribute
+from hf_trak.errors import (
     CorruptStoreError,
     HubError,
     InvalidArgumentError,
     InvalidInputError,
+    MissingDependencyError,
     OutputExistsError,
     StoreMismatchError,
     TRAKError,
 )
-from .model_outputs import (  # noqa: E402
+from hf_trak.explore.app import explore  # Gradio is imported when explore is called
+from hf_trak.method.model_outputs import (
     AbstractModelOutput,
     AutoModelOutput,
     CausalLMModelOutput,
@@ -24,10 +27,13 @@ from .model_outputs import (  # noqa: E402
     ImageClassificationModelOutput,
     SequenceClassificationModelOutput,
 )
-from .trainer import TRAKCallback, TRAKHFTrainer  # noqa: E402
-from .traker import TopK, TRAKer  # noqa: E402
+from hf_trak.store.config import TRAKConfig
+from hf_trak.trainer import TRAKCallback, TRAKHFTrainer
+from hf_trak.traker import TopK, TRAKer
+from hf_trak.version import __version__
 
 __all__ = [
+    "__version__",
     "AbstractModelOutput",
     "Attribution",
     "attribute",
@@ -38,17 +44,18 @@ __all__ = [
     "CorruptStoreError",
     "explore",
     "HubError",
+    "ImageClassificationModelOutput",
     "InvalidArgumentError",
     "InvalidInputError",
+    "MissingDependencyError",
     "OutputExistsError",
-    "StoreMismatchError",
-    "TRAKError",
-    "ImageClassificationModelOutput",
     "SequenceClassificationModelOutput",
+    "StoreMismatchError",
     "TopK",
     "TRAKArguments",
     "TRAKCallback",
     "TRAKConfig",
+    "TRAKError",
     "TRAKer",
     "TRAKHFTrainer",
 ]

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import torch
 
-from .errors import InvalidArgumentError, check_positive_int
+from hf_trak.errors import InvalidArgumentError, check_positive_int
 
 PROJECTORS = ("auto", "rademacher", "normal", "identity", "factored")
 NONFINITE_POLICIES = ("error", "exclude")
@@ -45,7 +45,7 @@ class TRAKArguments:
     proj_dim: Optional[int] = _field(2048, "k, the feature dimension (ignored by the identity projector)")
     estimator: str = _field(
         "hf_trak",
-        "what the settings left at auto become (hf_trak.estimator): hf_trak (the LDS suite's choice: no Q, weights "
+        "what the settings left at auto become (hf_trak.method.estimator): hf_trak (the LDS suite's choice: no Q, weights "
         "without biases or attention query/key/value projections, per-module kernels on the factored projector "
         "with λ_b = 0.01·tr_b/k_b, from per-token gradients for causal LMs (principal factors, kernels shrunk "
         "toward K-FAC), each checkpoint's scores normalized per target) or trak (TRAK as the seeds define it: Q, "
@@ -54,7 +54,7 @@ class TRAKArguments:
     )
     projector: str = _field(
         "auto",
-        "auto (see hf_trak.checkpoint_view.choose_projector: hf_trak: factored when Linear/Conv1D/Embedding layers "
+        "auto (see hf_trak.method.feature_map.choose_projector: hf_trak: factored when Linear/Conv1D/Embedding layers "
         "hold ≥ 0.9 of p; trak: factored for large p·k; else rademacher), rademacher, normal, identity (raw "
         "gradients) or factored",
         choices=PROJECTORS,

@@ -8,7 +8,7 @@
 The model is a model object, a ``save_pretrained`` folder or Hub id, a list of checkpoint
 folders (the ensemble TRAK averages over), or a Trainer ``output_dir`` holding
 ``checkpoint-N`` folders. Splits are raw ``load_dataset`` splits: the processor turns them
-into model inputs (``hf_trak.processing``); results show the raw columns (text, image, label).
+into model inputs (``hf_trak.data.processing``); results show the raw columns (text, image, label).
 """
 
 import dataclasses
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Value
 
-from .errors import check_positive_int
-from .kernel import merge_top_k
-from .loading import ModelOrCheckpoints, resolve_model
-from .processing import display_columns, prepare_split
-from .traker import TRAKer
+from hf_trak.data.processing import display_columns, prepare_split
+from hf_trak.errors import check_positive_int
+from hf_trak.hf.loading import ModelOrCheckpoints, resolve_model
+from hf_trak.method.kernel import merge_top_k
+from hf_trak.traker import TRAKer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Attribution:
 
     def save_report(self, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
         """Write the PNG grid (image tasks) or HTML page (text) of ``hf_trak.report``; returns its path."""
-        from .report import write_report
+        from hf_trak.report import write_report
 
         return write_report(self.top_k, path, num_targets=num_targets, k=k)
 

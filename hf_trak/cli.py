@@ -25,9 +25,9 @@ import os
 import sys
 from typing import List, Optional
 
-from .arguments import FEATURIZE_SCOPES, TRAKArguments, add_arguments, parsed_settings
-from .errors import InvalidArgumentError, OutputExistsError
-from .files import check_output
+from hf_trak.arguments import FEATURIZE_SCOPES, TRAKArguments, add_arguments, parsed_settings
+from hf_trak.errors import InvalidArgumentError, OutputExistsError
+from hf_trak.store.files import check_output
 
 logger = logging.getLogger("hf_trak")
 
@@ -165,7 +165,7 @@ def load_split(args, split: str, limit: Optional[int]):
     """One split of ``--dataset`` (load_dataset, or a save_to_disk folder), its first ``limit`` rows."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    from .loading import local_or_hub
+    from hf_trak.hf.loading import local_or_hub
 
     local_or_hub(args.dataset, "dataset")
     if os.path.isdir(args.dataset) and os.path.exists(os.path.join(args.dataset, "dataset_dict.json")):
@@ -182,7 +182,7 @@ def load_split(args, split: str, limit: Optional[int]):
 
 def _processor(args, model: Optional[str]):
     """``--processor``, else the one saved with the model (None with ``--no-processor``)."""
-    from .loading import processor_for
+    from hf_trak.hf.loading import processor_for
 
     return None if args.no_processor else processor_for(model, args.processor, args.base_model)
 
@@ -194,7 +194,7 @@ def _text_column(args):
 
 def _prepared_split(args, model, task, processor, split: str, limit: Optional[int]):
     """``(raw split, model inputs)`` of one split of ``--dataset``."""
-    from .processing import prepare_split
+    from hf_trak.data.processing import prepare_split
 
     raw = load_split(args, split, limit)
     return raw, prepare_split(raw, model, task, processor, _text_column(args), args.image_column, args.max_length)
@@ -203,11 +203,11 @@ def _prepared_split(args, model, task, processor, split: str, limit: Optional[in
 def _target_scores(args):
     """``(scores, TRAKer, raw train split, raw target split)`` against the features of ``--save-dir``
     or ``--from-hub``; scores are None on processes other than the main one."""
-    from .hub import download_store
-    from .loading import resolve_store_model
-    from .model_outputs import AutoModelOutput
-    from .store import FeatureStore
-    from .traker import TRAKer
+    from hf_trak.hf.loading import resolve_store_model
+    from hf_trak.method.model_outputs import AutoModelOutput
+    from hf_trak.store.feature_store import FeatureStore
+    from hf_trak.store.hub import download_store
+    from hf_trak.traker import TRAKer
 
     save_dir = args.save_dir or download_store(args.from_hub)
     stored = FeatureStore.load(save_dir).config
@@ -232,8 +232,8 @@ def _target_scores(args):
 
 # ----------------------------------------------------------------------------- commands
 def featurize(args) -> None:
-    from .loading import resolve_model
-    from .traker import TRAKer
+    from hf_trak.hf.loading import resolve_model
+    from hf_trak.traker import TRAKer
 
     settings = TRAKArguments(**parsed_settings(args, FEATURIZE_SCOPES))  # checked before anything is loaded
     if settings.save_dir is None:
@@ -252,8 +252,8 @@ def _npy_path(path: str) -> str:
 
 
 def score(args) -> None:
-    from .files import save_npy
-    from .store import FeatureStore
+    from hf_trak.store.feature_store import FeatureStore
+    from hf_trak.store.files import save_npy
 
     in_store = bool(args.save_dir) and not args.train_subset  # a subset's scores are not the store's rows
     if args.output:
@@ -283,9 +283,9 @@ def score(args) -> None:
 
 
 def top_k(args) -> None:
-    from .attribute import top_k_dataset
-    from .files import atomic_folder
-    from .report import check_report_path, write_report
+    from hf_trak.attribute import top_k_dataset
+    from hf_trak.report import check_report_path, write_report
+    from hf_trak.store.files import atomic_folder
 
     check_output(args.output, args.overwrite)
     if args.report:
@@ -304,7 +304,7 @@ def top_k(args) -> None:
 def report(args) -> None:
     from datasets import load_from_disk
 
-    from .report import check_report_path, write_report
+    from hf_trak.report import check_report_path, write_report
 
     check_report_path(args.output)
     check_output(args.output, args.overwrite)
@@ -313,8 +313,8 @@ def report(args) -> None:
 
 
 def push(args) -> None:
-    from .hub import push_store
-    from .store import FeatureStore
+    from hf_trak.store.feature_store import FeatureStore
+    from hf_trak.store.hub import push_store
 
     url = push_store(FeatureStore.load(args.save_dir), args.repo_id, private=args.private or None, token=args.token,
                      revision=args.revision)  # fmt: skip
@@ -322,8 +322,8 @@ def push(args) -> None:
 
 
 def explore(args) -> None:
-    from .app import explore as start
-    from .app import require_gradio
+    from hf_trak.explore.app import explore as start
+    from hf_trak.explore.app import require_gradio
 
     require_gradio()  # before any loading
     train = load_split(args, args.train_split, args.max_train_examples)
@@ -345,7 +345,7 @@ def explore(args) -> None:
 
 
 def demo(args) -> None:
-    from .demo import run_demo
+    from hf_trak.demo.pipeline import run_demo
 
     run_demo(args.output_dir, num_subsets=args.num_subsets)
 

@@ -9,7 +9,8 @@ ValueError`` keeps working::
     ├── StoreMismatchError (ValueError)     stored features vs. the split, model or settings given
     ├── CorruptStoreError (OSError)         an unreadable or altered shard or kernel file
     ├── OutputExistsError (FileExistsError) an output (or a store) that would be overwritten
-    └── HubError (OSError)                  push/download failed: network, auth, missing repo
+    ├── HubError (OSError)                  push/download failed: network, auth, missing repo
+    └── MissingDependencyError (ImportError) an optional package a feature needs (gradio, peft, faiss...)
 
 The command line prints them as one line (``hf-trak: error: ...``): exit status 2 for
 ``InvalidArgumentError`` (usage), 1 for the others.
@@ -20,6 +21,7 @@ __all__ = [
     "HubError",
     "InvalidArgumentError",
     "InvalidInputError",
+    "MissingDependencyError",
     "OutputExistsError",
     "StoreMismatchError",
     "TRAKError",
@@ -52,6 +54,10 @@ class OutputExistsError(TRAKError, FileExistsError):
 
 class HubError(TRAKError, OSError):
     """The Hub could not be reached or refused the request."""
+
+
+class MissingDependencyError(TRAKError, ImportError):
+    """An optional package that the feature asked for needs (the message names the ``pip install``)."""
 
 
 def check_positive_int(name: str, value) -> int:

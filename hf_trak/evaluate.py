@@ -16,10 +16,10 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from .checkpoint_view import FeatureMap
-from .checkpoints import Checkpoint
-from .data import ExampleSource
-from .model_outputs import AutoModelOutput, eval_mode
+from hf_trak.data.source import ExampleSource
+from hf_trak.hf.checkpoints import Checkpoint
+from hf_trak.method.feature_map import FeatureMap
+from hf_trak.method.model_outputs import AutoModelOutput, eval_mode
 
 
 @dataclass

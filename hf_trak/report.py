@@ -16,9 +16,9 @@ from datasets import ClassLabel, Dataset, Image
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
-from .errors import InvalidArgumentError
-from .files import atomic_write, write_text
-from .processing import LABEL_COLUMNS, is_text
+from hf_trak.data.processing import LABEL_COLUMNS, is_text
+from hf_trak.errors import InvalidArgumentError
+from hf_trak.store.files import atomic_write, write_text
 
 META_COLUMNS = ("target", "kind", "rank", "train_index", "score")
 CELL, CAPTION, GAP, LINE = 96, 43, 12, 16

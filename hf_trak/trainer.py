@@ -17,9 +17,9 @@ import numpy as np
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .arguments import TRAKArguments
-from .card import render_trainer_section
-from .traker import TRAKer
+from hf_trak.arguments import TRAKArguments
+from hf_trak.store.card import render_trainer_section
+from hf_trak.traker import TRAKer
 
 logger = logging.getLogger(__name__)
 

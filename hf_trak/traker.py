@@ -1,8 +1,8 @@
 """``TRAKer``: featurize a training split over checkpoints, then score target splits.
 
 A thin facade: settings are a ``TRAKArguments``; features are made by a ``FeatureMap``
-(``hf_trak.checkpoint_view``), written by ``hf_trak.featurize``, scored by
-``hf_trak.scoring`` and moved to and from the Hub by ``hf_trak.hub``. The model given to
+(``hf_trak.method.feature_map``), written by ``hf_trak.run.featurize``, scored by
+``hf_trak.run.scoring`` and moved to and from the Hub by ``hf_trak.store.hub``. The model given to
 ``TRAKer`` is only used for its architecture: every forward pass is a ``functional_call``
 at a checkpoint's tensors. (Over 300 lines: its docstrings are the API's reference.)
 """
@@ -15,23 +15,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .adapters import adapter_provenance
-from .arguments import TRAKArguments
-from .card import write_dataset_card
-from .checkpoint_view import FeatureMap
-from .checkpoints import Checkpoint
-from .config import STORE_VERSION, TRAKConfig
-from .data import ExampleSource
-from .errors import StoreMismatchError, check_positive_int
-from .featurize import featurize_store, verify_checkpoints
-from .hub import download_store, push_store
-from .inputs import scan_split
-from .model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
-from .processes import gather_to_main, process_state
-from .provenance import split_rows
-from .scoring import TopK, scores, target_features, top_k
-from .store import FeatureStore
+from hf_trak.arguments import TRAKArguments
+from hf_trak.data.inputs import scan_split
+from hf_trak.data.source import ExampleSource
+from hf_trak.errors import StoreMismatchError, check_positive_int
+from hf_trak.hf.adapters import adapter_provenance
+from hf_trak.hf.checkpoints import Checkpoint
+from hf_trak.method.feature_map import FeatureMap
+from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
+from hf_trak.run.featurize import featurize_store, verify_checkpoints
+from hf_trak.run.processes import gather_to_main, process_state
+from hf_trak.run.scoring import TopK, scores, target_features, top_k
+from hf_trak.store.card import write_dataset_card
+from hf_trak.store.config import STORE_VERSION, TRAKConfig
+from hf_trak.store.feature_store import FeatureStore
+from hf_trak.store.hub import download_store, push_store
+from hf_trak.store.provenance import split_rows
+from hf_trak.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TRAKer:
             ``TRAKer(model, proj_dim=1024, save_dir="feats")`` works too. ``save_dir=None``
             (the default) keeps the features in a temporary folder.
         accelerator: an ``accelerate.Accelerator`` to split work across its processes (without one,
-            a launch's processes are counted by ``hf_trak.processes.process_state``); the default
+            a launch's processes are counted by ``hf_trak.run.processes.process_state``); the default
             device is then its.
         store_version: the store format to make features for (``from_pretrained`` passes the stored one).
     """

@@ -311,7 +311,7 @@ class HubServer:
     def client_env(self, home) -> dict:
         """The environment of a process whose huggingface_hub and datasets clients use this Hub, caching in
         ``home`` (empty for a clean cache)."""
-        from hf_trak.testing import subprocess_env
+        from hf_trak.testing.processes import subprocess_env
 
         return subprocess_env(
             HF_ENDPOINT=self.url,

@@ -13,17 +13,10 @@ import torch
 from datasets import load_from_disk
 
 from hf_trak import TRAKer, attribute
-from hf_trak.store import FeatureStore
-from hf_trak.testing import (
-    assert_gloo_threads_joined_at_exit,
-    lm_sequences,
-    perturbed_state_dict,
-    subprocess_env,
-    tiny_bert,
-    tiny_gpt2,
-    token_sequences,
-    word_tokenizer,
-)
+from hf_trak.store.feature_store import FeatureStore
+from hf_trak.testing.datasets import lm_sequences, token_sequences
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2, word_tokenizer
+from hf_trak.testing.processes import assert_gloo_threads_joined_at_exit, subprocess_env
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains models
 
@@ -33,8 +26,10 @@ SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from accelerate import Accelerator
     from hf_trak import TRAKer
-    from hf_trak.testing import lm_sequences, perturbed_state_dict, register_exit_probe, tiny_bert, tiny_gpt2
-    from hf_trak.testing import token_sequences
+    from hf_trak.testing.datasets import lm_sequences
+    from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
+    from hf_trak.testing.processes import register_exit_probe
+    from hf_trak.testing.datasets import token_sequences
     store, out, num_train = sys.argv[1], sys.argv[2], int(sys.argv[3])
     register_exit_probe(out)
     make_model, make_data = {"bert": (tiny_bert, token_sequences), "gpt2": (tiny_gpt2, lm_sequences)}[sys.argv[4]]
@@ -89,7 +84,7 @@ def test_two_processes_give_the_single_process_result(tmp_path, model):
     process = _torchrun(tmp_path / "store", tmp_path, 23, model, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = process.communicate(timeout=600)[0].decode()
     assert process.returncode == 0, output[-4000:]
-    assert_gloo_threads_joined_at_exit(tmp_path)  # hf_trak.processes destroyed the process group
+    assert_gloo_threads_joined_at_exit(tmp_path)  # hf_trak.run.processes destroyed the process group
     reference = _single_process(23, model)
     assert bool(reference.config.principal_share) == (model == "gpt2")
     targets = MODELS[model][1](7, seed=1)
@@ -144,7 +139,9 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
 ATTRIBUTE_SCRIPT = textwrap.dedent("""
     import os, sys, numpy as np
     import hf_trak
-    from hf_trak.testing import register_exit_probe, tiny_bert, token_sequences, word_tokenizer
+    from hf_trak.testing.datasets import token_sequences
+    from hf_trak.testing.models import tiny_bert, word_tokenizer
+    from hf_trak.testing.processes import register_exit_probe
     store, out = sys.argv[1], sys.argv[2]
     register_exit_probe(out)
     raw = lambda n, seed: token_sequences(n, seed=seed).select_columns(["text", "labels"])
@@ -161,7 +158,7 @@ ATTRIBUTE_SCRIPT = textwrap.dedent("""
 
 def test_attribute_under_torchrun_equals_one_process(tmp_path):
     """Without an Accelerator, on CPU: accelerate's ``PartialState()`` would count one process in each
-    (``hf_trak.processes.process_state`` makes it with ``cpu=True``)."""
+    (``hf_trak.run.processes.process_state`` makes it with ``cpu=True``)."""
     script = tmp_path / "attribute.py"
     script.write_text(ATTRIBUTE_SCRIPT)
     done = subprocess.run(
@@ -192,7 +189,7 @@ def test_an_accelerator_counting_one_process_in_a_launch_of_two_is_refused(tmp_p
         import sys
         from accelerate import Accelerator
         from hf_trak import TRAKer
-        from hf_trak.testing import tiny_bert
+        from hf_trak.testing.models import tiny_bert
         accelerator = Accelerator()
         TRAKer(tiny_bert(), proj_dim=16, save_dir=sys.argv[1], accelerator=accelerator)
     """)

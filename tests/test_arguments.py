@@ -7,7 +7,7 @@ import pytest
 from hf_trak import TRAKArguments, TRAKer
 from hf_trak.arguments import FEATURIZE_SCOPES, fields_in, parsed_settings
 from hf_trak.cli import SCORE_NAMES, SCORE_SCOPES, build_parser, main
-from hf_trak.testing import tiny_vit
+from hf_trak.testing.models import tiny_vit
 from hf_trak.trainer import make_traker
 
 # A value other than the default for every field, valid together on a tiny ViT.

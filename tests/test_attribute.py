@@ -9,10 +9,11 @@ from transformers import ViTImageProcessor
 
 import hf_trak
 from hf_trak.attribute import top_k_dataset
-from hf_trak.loading import resolve_model
-from hf_trak.processing import prepare_split
+from hf_trak.data.processing import prepare_split
+from hf_trak.hf.loading import resolve_model
 from hf_trak.report import CAPTION, CELL, GAP, to_pil, write_report
-from hf_trak.testing import digit_images, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit, token_sequences, word_tokenizer
+from hf_trak.testing.datasets import digit_images, lm_sequences, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_gpt2, tiny_vit, word_tokenizer
 
 SETTINGS = dict(proj_dim=32, dtype=torch.float32)
 

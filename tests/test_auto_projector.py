@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from hf_trak import TRAKArguments, TRAKer, checkpoint_view
-from hf_trak.checkpoint_view import choose_projector
-from hf_trak.testing import digits, tiny_bert, tiny_vit, token_sequences
+from hf_trak import TRAKArguments, TRAKer
+from hf_trak.method import feature_map as checkpoint_view
+from hf_trak.method.feature_map import choose_projector
+from hf_trak.testing.datasets import digits, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_vit
 
 
 def test_auto_is_the_default_everywhere():

@@ -13,7 +13,9 @@ import torch
 from hf_trak import TRAKArguments, TRAKer
 from hf_trak.cli import main
 from hf_trak.errors import InvalidArgumentError, TRAKError
-from hf_trak.testing import digits, subprocess_env, tiny_vit
+from hf_trak.testing.datasets import digits
+from hf_trak.testing.models import tiny_vit
+from hf_trak.testing.processes import subprocess_env
 
 
 @pytest.mark.parametrize(

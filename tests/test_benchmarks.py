@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from hf_trak.testing import subprocess_env
+from hf_trak.testing.processes import subprocess_env
 
 pytestmark = pytest.mark.slow
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -78,9 +78,9 @@ def test_explore_benchmark_times_a_query_on_a_demo_like_store(tmp_path):
     from transformers import ViTImageProcessor
 
     import hf_trak
-    from hf_trak.demo import NUM_TRAIN
-    from hf_trak.digits import digit_images
-    from hf_trak.testing import tiny_vit
+    from hf_trak.demo.digits import digit_images
+    from hf_trak.demo.pipeline import NUM_TRAIN
+    from hf_trak.testing.models import tiny_vit
 
     model, processor = tiny_vit(), ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
     model.save_pretrained(str(tmp_path / "model"))

@@ -6,22 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-import hf_trak.checkpoint_view
+import hf_trak.method.feature_map
 from hf_trak import TRAKer
-from hf_trak.testing import clip_pairs, perturbed_state_dict, tiny_bert, tiny_clip, token_sequences
+from hf_trak.testing.datasets import clip_pairs, token_sequences
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_clip
 
 
 @pytest.fixture
 def load_counts(monkeypatch):
     """Counts the loads of each checkpoint (by source) through the checkpoint view, the one place that loads."""
     counts = collections.Counter()
-    load = hf_trak.checkpoint_view.load_checkpoint
+    load = hf_trak.method.feature_map.load_checkpoint
 
     def counting(checkpoint, model, device):
         counts[str(checkpoint)] += 1
         return load(checkpoint, model, device)
 
-    monkeypatch.setattr(hf_trak.checkpoint_view, "load_checkpoint", counting)
+    monkeypatch.setattr(hf_trak.method.feature_map, "load_checkpoint", counting)
     return counts
 
 

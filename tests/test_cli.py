@@ -15,7 +15,9 @@ from datasets import DatasetDict, load_from_disk
 
 import hf_trak
 from hf_trak.attribute import top_k_dataset
-from hf_trak.testing import subprocess_env, tiny_bert, token_sequences, word_tokenizer
+from hf_trak.testing.datasets import token_sequences
+from hf_trak.testing.models import tiny_bert, word_tokenizer
+from hf_trak.testing.processes import subprocess_env
 from tests.hub_server import HubServer
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains models

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
-from hf_trak.testing import digits, tiny_bert, tiny_vit, token_sequences
+from hf_trak.testing.datasets import digits, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_vit
 
 
 def test_missing_labels_column_is_named():

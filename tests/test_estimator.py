@@ -1,4 +1,4 @@
-"""``estimator``: what the settings left at "auto" become (``hf_trak.estimator``), and that the store records it."""
+"""``estimator``: what the settings left at "auto" become (``hf_trak.method.estimator``), and that the store records it."""
 
 import re
 
@@ -6,20 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from hf_trak import TRAKArguments, TRAKer, scoring
-from hf_trak.checkpoint_view import AUTO_MIN_DIMS_PER_MATRIX, choose_projector
+from hf_trak import TRAKArguments, TRAKer
 from hf_trak.errors import OutputExistsError
-from hf_trak.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE, MODULE_LAMBDA_SCALE, attention_input_parameters
-from hf_trak.testing import (
-    digits,
-    lm_sequences,
-    perturbed_state_dict,
-    tiny_bert,
-    tiny_clip,
-    tiny_gpt2,
-    tiny_vit,
-    token_sequences,
-)
+from hf_trak.method.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE, MODULE_LAMBDA_SCALE, attention_input_parameters
+from hf_trak.method.feature_map import AUTO_MIN_DIMS_PER_MATRIX, choose_projector
+from hf_trak.run import scoring
+from hf_trak.testing.datasets import digits, lm_sequences, token_sequences
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_clip, tiny_gpt2, tiny_vit
 
 
 @pytest.mark.parametrize("make_model,kernel_from", [(tiny_bert, "examples"), (tiny_gpt2, "tokens")])
@@ -97,7 +90,7 @@ def test_a_normalized_ensemble_gives_each_checkpoint_one_vote_per_target_and_old
     tmp_path, monkeypatch
 ):
     """ensemble="normalized" (hf_trak's): τ_j = mean_m(τ_mj/σ_mj), σ_mj the RMS over the rows of checkpoint m's
-    scores of target j (``hf_trak.kernel.target_rms``, from XᵀX and K), checked against the scores of a store of
+    scores of target j (``hf_trak.method.kernel.target_rms``, from XᵀX and K), checked against the scores of a store of
     each checkpoint alone normalized here (raw gradients: the same features in either store); and a store written
     before the field existed scores as the mean."""
     import json
@@ -179,7 +172,7 @@ def test_token_statistics_of_a_causal_lm_default_are_what_its_kernels_use(tmp_pa
     ],
 )  # fmt: skip
 def test_the_dataset_card_states_the_estimator_the_store_was_made_with(tmp_path, estimator, lines):
-    from hf_trak.card import render_dataset_card
+    from hf_trak.store.card import render_dataset_card
 
     model = tiny_gpt2()
     traker = TRAKer(model, proj_dim=512, estimator=estimator, save_dir=str(tmp_path / "s"))

@@ -20,7 +20,9 @@ from datasets import DatasetDict
 from transformers import ViTImageProcessor
 
 import hf_trak
-from hf_trak.testing import digit_images, subprocess_env, tiny_bert, tiny_vit, token_sequences, word_tokenizer
+from hf_trak.testing.datasets import digit_images, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_vit, word_tokenizer
+from hf_trak.testing.processes import subprocess_env
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -191,7 +193,7 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
 PUSH = """
 import sys
 from hf_trak import TRAKer
-from hf_trak.loading import load_model
+from hf_trak.hf.loading import load_model
 store, model, repo = sys.argv[1:4]
 print(TRAKer.from_pretrained(store, load_model(model)).push_to_hub(repo))
 """

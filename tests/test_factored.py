@@ -5,23 +5,15 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
-from hf_trak.checkpoint_view import FeatureMap
-from hf_trak.data import ExampleSource
+from hf_trak.data.source import ExampleSource
 from hf_trak.errors import OutputExistsError
-from hf_trak.factored import FactoredGradientProjector, factorable_parameter_names
-from hf_trak.gradients import PerExampleGradients, select_parameters
-from hf_trak.model_outputs import AutoModelOutput
-from hf_trak.testing import (
-    clip_pairs,
-    digits,
-    digits_lds,
-    lm_sequences,
-    tiny_bert,
-    tiny_clip,
-    tiny_gpt2,
-    tiny_vit,
-    token_sequences,
-)
+from hf_trak.method.factored import FactoredGradientProjector, factorable_parameter_names
+from hf_trak.method.feature_map import FeatureMap
+from hf_trak.method.gradients import PerExampleGradients, select_parameters
+from hf_trak.method.model_outputs import AutoModelOutput
+from hf_trak.testing.datasets import clip_pairs, digits, lm_sequences, token_sequences
+from hf_trak.testing.lds import digits_lds
+from hf_trak.testing.models import tiny_bert, tiny_clip, tiny_gpt2, tiny_vit
 
 CASES = {
     "vit": (tiny_vit, lambda: digits(7)),
@@ -119,7 +111,7 @@ def test_a_factored_k_a_few_dimensions_short_is_logged_as_info_and_a_larger_shor
     assert short, "no proj_dim in 200..399 ends short: pick another range"
     for k, expected in ((short[0], logging.INFO), (2 * total, logging.WARNING)):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="hf_trak.factored"):
+        with caplog.at_level(logging.INFO, logger="hf_trak.method.factored"):
             made = FactoredGradientProjector(model, names, k, 0, "cpu").proj_dim
         (record,) = [r for r in caplog.records if "features for proj_dim" in r.message]
         assert record.levelno == expected and f"k={made} features for proj_dim={k}" in record.message
@@ -166,7 +158,7 @@ def test_stores_made_before_version_3_keep_their_factored_sizes(tmp_path):
 def test_per_token_kernels_factor_each_matrix_with_equal_sides_from_store_version_4(tmp_path):
     """kernel_from="tokens" (the causal-LM default): k_r ≈ k_c ≈ √b_l where the matrix allows it; kernels from the
     examples keep k_r:k_c ≈ r:c; a version-3 store keeps r:c for its token kernels, and reloads and scores as made."""
-    from hf_trak.config import STORE_VERSION
+    from hf_trak.store.config import STORE_VERSION
 
     model, data, targets = tiny_gpt2(), lm_sequences(10), lm_sequences(3, seed=1)
     tokens = TRAKer(model, proj_dim=512)

@@ -16,7 +16,8 @@ from tests.hub_server import HubServer
 PUSH = textwrap.dedent("""
     import sys, numpy as np
     from hf_trak import TRAKer
-    from hf_trak.testing import digits, perturbed_state_dict, tiny_bert, token_sequences
+    from hf_trak.testing.datasets import digits, token_sequences
+    from hf_trak.testing.models import perturbed_state_dict, tiny_bert
     out = sys.argv[1]
     model = tiny_bert()
     traker = TRAKer(model, proj_dim=24, save_dir=out + "/store", shard_size=8)
@@ -33,7 +34,8 @@ LOAD = textwrap.dedent("""
     from datasets import load_dataset
     from huggingface_hub import HfFileSystem
     from hf_trak import TRAKer
-    from hf_trak.testing import tiny_bert, token_sequences
+    from hf_trak.testing.datasets import token_sequences
+    from hf_trak.testing.models import tiny_bert
     out = sys.argv[1]
     traker = TRAKer.from_hub("someone/bert-trak", model=tiny_bert())
     np.save(out + "/hub_scores.npy", traker.score(token_sequences(4, seed=1)))
@@ -89,7 +91,8 @@ def test_push_to_hub_then_from_hub_on_a_clean_cache(hub, tmp_path):
 PUSH_LM = textwrap.dedent("""
     import sys, numpy as np
     from hf_trak import TRAKer
-    from hf_trak.testing import lm_sequences, tiny_gpt2
+    from hf_trak.testing.datasets import lm_sequences
+    from hf_trak.testing.models import tiny_gpt2
     out = sys.argv[1]
     model = tiny_gpt2()
     traker = TRAKer(model, proj_dim=64, save_dir=out + "/store", shard_size=8)
@@ -102,7 +105,8 @@ PUSH_LM = textwrap.dedent("""
 LOAD_LM = textwrap.dedent("""
     import sys, numpy as np
     from hf_trak import TRAKer
-    from hf_trak.testing import lm_sequences, tiny_gpt2
+    from hf_trak.testing.datasets import lm_sequences
+    from hf_trak.testing.models import tiny_gpt2
     traker = TRAKer.from_hub("someone/gpt2-trak", model=tiny_gpt2())
     np.save(sys.argv[1] + "/hub_scores.npy", traker.score(lm_sequences(4, seed=1)))
 """)

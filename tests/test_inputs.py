@@ -12,7 +12,8 @@ from datasets import Dataset
 
 from hf_trak import TRAKer
 from hf_trak.errors import InvalidInputError
-from hf_trak.testing import digits, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit, token_sequences
+from hf_trak.testing.datasets import digits, lm_sequences, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_gpt2, tiny_vit
 
 
 def with_column(data: Dataset, name: str, values) -> Dataset:

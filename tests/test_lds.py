@@ -4,7 +4,7 @@ import torch
 from scipy.stats import spearmanr
 
 from hf_trak.evaluate import lds, make_subsets
-from hf_trak.testing import NUM_TARGETS, NUM_TRAIN, digits_lds
+from hf_trak.testing.lds import NUM_TARGETS, NUM_TRAIN, digits_lds
 
 
 def test_lds_is_mean_spearman_of_predicted_and_actual_outputs():

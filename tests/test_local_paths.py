@@ -7,8 +7,9 @@ import pytest
 
 import hf_trak
 from hf_trak.cli import main
-from hf_trak.loading import load_model, load_processor, looks_like_local_path, resolve_model
-from hf_trak.testing import digits, tiny_vit
+from hf_trak.hf.loading import load_model, load_processor, looks_like_local_path, resolve_model
+from hf_trak.testing.datasets import digits
+from hf_trak.testing.models import tiny_vit
 
 
 @pytest.mark.parametrize(

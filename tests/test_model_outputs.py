@@ -9,19 +9,11 @@ from hf_trak import (
     ImageClassificationModelOutput,
     SequenceClassificationModelOutput,
 )
-from hf_trak.checkpoint_view import FeatureMap
-from hf_trak.data import ExampleSource
-from hf_trak.gradients import PerExampleGradients, select_parameters
-from hf_trak.testing import (
-    clip_pairs,
-    digits,
-    lm_sequences,
-    tiny_bert,
-    tiny_clip,
-    tiny_gpt2,
-    tiny_vit,
-    token_sequences,
-)
+from hf_trak.data.source import ExampleSource
+from hf_trak.method.feature_map import FeatureMap
+from hf_trak.method.gradients import PerExampleGradients, select_parameters
+from hf_trak.testing.datasets import clip_pairs, digits, lm_sequences, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_clip, tiny_gpt2, tiny_vit
 
 CASES = {
     "image_classification": (tiny_vit, lambda: digits(10)),

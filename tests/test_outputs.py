@@ -19,8 +19,10 @@ from datasets import DatasetDict
 from hf_trak import TRAKer
 from hf_trak.cli import main
 from hf_trak.errors import OutputExistsError
-from hf_trak.files import FILE_MODE, atomic_write
-from hf_trak.testing import digits, subprocess_env, tiny_bert, tiny_vit, token_sequences, word_tokenizer
+from hf_trak.store.files import FILE_MODE, atomic_write
+from hf_trak.testing.datasets import digits, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_vit, word_tokenizer
+from hf_trak.testing.processes import subprocess_env
 from tests.hub_server import HubServer
 
 

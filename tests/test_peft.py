@@ -12,18 +12,10 @@ import torch
 from datasets import DatasetDict
 
 from hf_trak import AutoModelOutput, TRAKArguments, TRAKer, TRAKHFTrainer
-from hf_trak.factored import FactoredGradientProjector
-from hf_trak.testing import (
-    clip_pairs,
-    digits,
-    lm_sequences,
-    reference_scores,
-    tiny_bert,
-    tiny_clip,
-    tiny_gpt2,
-    tiny_vit,
-    token_sequences,
-)
+from hf_trak.method.factored import FactoredGradientProjector
+from hf_trak.testing.datasets import clip_pairs, digits, lm_sequences, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_clip, tiny_gpt2, tiny_vit
+from hf_trak.testing.reference import reference_scores
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict  # noqa: E402
@@ -235,8 +227,9 @@ def test_without_peft_hf_trak_works_and_an_adapter_names_the_extra(tmp_path):
         import sys
         sys.modules["peft"] = None
         import hf_trak, hf_trak.cli
-        from hf_trak.loading import resolve_model
-        from hf_trak.testing import tiny_bert, token_sequences
+        from hf_trak.hf.loading import resolve_model
+        from hf_trak.testing.datasets import token_sequences
+        from hf_trak.testing.models import tiny_bert
         model = tiny_bert()
         hf_trak.TRAKer(model, proj_dim=8, save_dir=None).featurize(token_sequences(4), [model])
         try:

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
-from hf_trak.config import CONFIG_NAME, STORE_VERSION
 from hf_trak.errors import InvalidArgumentError, OutputExistsError, StoreMismatchError
-from hf_trak.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE
-from hf_trak.factored import FactoredGradientProjector, leading_eigenvectors
-from hf_trak.gradients import PerExampleGradients
-from hf_trak.store import PRINCIPAL_FACTORS_NAME, FeatureStore
-from hf_trak.testing import lm_sequences, perturbed_state_dict, tiny_bert, tiny_gpt2, token_sequences
+from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE
+from hf_trak.method.factored import FactoredGradientProjector, leading_eigenvectors
+from hf_trak.method.gradients import PerExampleGradients
+from hf_trak.store.config import CONFIG_NAME, STORE_VERSION
+from hf_trak.store.feature_store import PRINCIPAL_FACTORS_NAME, FeatureStore
+from hf_trak.testing.datasets import lm_sequences, token_sequences
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
 
 SETTINGS = dict(proj_dim=128, dtype=torch.float32, shard_size=5)
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
-from hf_trak.projectors import IdentityProjector, RandomProjector, make_projector
-from hf_trak.testing import digits, lm_sequences, tiny_bert, tiny_gpt2, tiny_vit, token_sequences
+from hf_trak.method.projectors import IdentityProjector, RandomProjector, make_projector
+from hf_trak.testing.datasets import digits, lm_sequences, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_gpt2, tiny_vit
 
 NUMELS = {"a.weight": 3000, "b.weight": 1000, "b.bias": 7}
 CPU = torch.device("cpu")

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
+from hf_trak.data.inputs import row_hash
 from hf_trak.errors import OutputExistsError, StoreMismatchError
-from hf_trak.inputs import row_hash
-from hf_trak.testing import digits, tiny_bert, tiny_vit, token_sequences
+from hf_trak.testing.datasets import digits, token_sequences
+from hf_trak.testing.models import tiny_bert, tiny_vit
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import torch
 from hf_trak import TRAKer
 from hf_trak.cli import main
 from hf_trak.errors import CorruptStoreError
-from hf_trak.store import FeatureStore
-from hf_trak.testing import digits, tiny_vit
+from hf_trak.store.feature_store import FeatureStore
+from hf_trak.testing.datasets import digits
+from hf_trak.testing.models import tiny_vit
 
 
 def featurize(root, data=None, checkpoints=None, **settings):

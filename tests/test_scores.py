@@ -5,26 +5,14 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
-from hf_trak.data import ExampleSource
-from hf_trak.estimator import MODULE_LAMBDA_SCALE
-from hf_trak.gradients import PerExampleGradients, select_parameters
-from hf_trak.masks import to_4d_attention_mask
-from hf_trak.model_outputs import AutoModelOutput
-from hf_trak.testing import (
-    GLOBAL_LAMBDA_SCALE,
-    LAMBDA_SCALE,
-    PARITY_CASES,
-    digits,
-    identity_traker,
-    kernel_scores,
-    lm_sequences,
-    perturbed_state_dict,
-    reference_scores,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_vit,
-    token_sequences,
-)
+from hf_trak.data.source import ExampleSource
+from hf_trak.method.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE, MODULE_LAMBDA_SCALE
+from hf_trak.method.gradients import PerExampleGradients, select_parameters
+from hf_trak.method.masks import to_4d_attention_mask
+from hf_trak.method.model_outputs import AutoModelOutput
+from hf_trak.testing.datasets import digits, lm_sequences, token_sequences
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2, tiny_vit
+from hf_trak.testing.reference import PARITY_CASES, identity_traker, kernel_scores, reference_scores
 
 
 @pytest.mark.parametrize("estimator", ["trak", "hf_trak"])
@@ -39,7 +27,7 @@ def test_identity_projector_scores_match_float64_reference(case, lambda_reg, est
     summed in float32, K stored in float32 and Φ = X K in float32 (hf_trak ≤ 0.1.0), max
     |error| / max |score| was up to 1.6e-4 (image, 1 thread) and 2.2e-4 (causal_lm, 2
     threads): which element crossed 1e-4 depended on the BLAS reduction order. XtX, K and
-    Φ are now float64 (``hf_trak.kernel``): the kernel path then adds ≤ 4e-7 (next test),
+    Φ are now float64 (``hf_trak.method.kernel``): the kernel path then adds ≤ 4e-7 (next test),
     and what is left, ≤ 1.4e-6 at any thread count, is the float32 per-example gradients
     themselves (float64 scoring of hf_trak's float32 features is as far from the
     reference). The a-priori bound on that residue, eps32 ≈ 6e-8 times κ, is 6e-4 and too loose
@@ -48,7 +36,7 @@ def test_identity_projector_scores_match_float64_reference(case, lambda_reg, est
     errors of a float32 kernel path, which this test therefore catches.
 
     ``estimator="trak"`` is the seeds' TRAK (Q, λ = 0.1·tr/k); ``"hf_trak"``, the default, uses one global
-    kernel with the identity projector: no Q and λ = 1·tr/k (``hf_trak.estimator``).
+    kernel with the identity projector: no Q and λ = 1·tr/k (``hf_trak.method.estimator``).
     """
     traker, model, train, targets, checkpoints = identity_traker(case, lambda_reg, estimator)
     scores = traker.score(targets, batch_size=4)
@@ -168,7 +156,7 @@ def test_trainable_parameters_only_are_differentiated():
     assert TRAKer(model, proj_dim=8, save_dir=None, estimator="trak").num_params == sum(
         weights[n].numel() for n in names
     )
-    # hf_trak's default leaves the biases out (hf_trak.estimator.default_parameters)
+    # hf_trak's default leaves the biases out (hf_trak.method.estimator.default_parameters)
     assert TRAKer(model, proj_dim=8, save_dir=None).param_names == ["classifier.weight"]
 
 
@@ -189,8 +177,8 @@ def test_scoring_reads_the_stored_preconditioned_features_and_matches_forming_th
     """Issue 14: a query costs one read of Φ = XK (stored by featurize) and n·k·T, never n·k²."""
     import os
 
-    import hf_trak.scoring
-    from hf_trak.store import PRECONDITIONED
+    import hf_trak.run.scoring
+    from hf_trak.store.feature_store import PRECONDITIONED
 
     model, train, targets = tiny_vit(), digits(30), digits(7, offset=60)
     for dtype, tolerance in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
@@ -198,7 +186,9 @@ def test_scoring_reads_the_stored_preconditioned_features_and_matches_forming_th
         traker = TRAKer(model, proj_dim=64, save_dir=root, shard_size=8, dtype=dtype)
         traker.featurize(train, [model.state_dict(), perturbed_state_dict(model, seed=2)])
         with monkeypatch.context() as patched:
-            patched.setattr(hf_trak.scoring, "preconditioned", lambda *a: pytest.fail("Φ was formed at query time"))
+            patched.setattr(
+                hf_trak.run.scoring, "preconditioned", lambda *a: pytest.fail("Φ was formed at query time")
+            )
             stored = traker.score(targets)
             top = traker.top_k(targets, k=3)
         for m in range(2):
@@ -250,12 +240,12 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
 
 
 def test_a_float16_store_keeps_the_precision_of_per_module_kernels(tmp_path):
-    """Φ is stored column-scaled (``hf_trak.kernel.column_scale``), so that kernels whose blocks differ by orders
+    """Φ is stored column-scaled (``hf_trak.method.kernel.column_scale``), so that kernels whose blocks differ by orders
     of magnitude keep float16's relative precision in every column (a per-module K rescaled by mean|K| once left
     99.8% of an unscaled float16 Φ at 0). Stored Φ against Φ formed in float64 from the same float16 features:"""
     import os
 
-    from hf_trak.store import PRECONDITIONED
+    from hf_trak.store.feature_store import PRECONDITIONED
 
     model, train, targets = tiny_vit(), digits(40), digits(5, offset=50)
     traker = TRAKer(model, proj_dim=256, projector="factored", kernel="per_module", save_dir=str(tmp_path / "s"))

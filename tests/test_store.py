@@ -11,10 +11,12 @@ import torch
 from datasets import load_dataset
 
 from hf_trak import TRAKer
-from hf_trak.card import render_trainer_section
-from hf_trak.config import STORE_VERSION
-from hf_trak.store import FeatureStore
-from hf_trak.testing import digits, perturbed_state_dict, subprocess_env, tiny_vit
+from hf_trak.store.card import render_trainer_section
+from hf_trak.store.config import STORE_VERSION
+from hf_trak.store.feature_store import FeatureStore
+from hf_trak.testing.datasets import digits
+from hf_trak.testing.models import perturbed_state_dict, tiny_vit
+from hf_trak.testing.processes import subprocess_env
 
 
 def _featurized(tmp_path, **kwargs):
@@ -120,7 +122,8 @@ def test_trainer_section_links_the_features_repo():
 FEATURIZE_SCRIPT = textwrap.dedent("""
     import sys, torch
     from hf_trak import TRAKer
-    from hf_trak.testing import digits, perturbed_state_dict, tiny_vit
+    from hf_trak.testing.datasets import digits
+    from hf_trak.testing.models import perturbed_state_dict, tiny_vit
     model = tiny_vit()
     checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
     TRAKer(model, proj_dim=32, save_dir=sys.argv[1], shard_size=10).featurize(digits(600), checkpoints, batch_size=5)

@@ -10,7 +10,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_trak import TRAKArguments, TRAKCallback, TRAKer, TRAKHFTrainer
-from hf_trak.testing import digits, tiny_vit
+from hf_trak.testing.datasets import digits
+from hf_trak.testing.models import tiny_vit
 from tests.hub_server import HubServer
 
 
@@ -74,7 +75,8 @@ PUSH_FEATURES = textwrap.dedent("""
     import sys
     from transformers import TrainingArguments
     from hf_trak import TRAKArguments, TRAKHFTrainer
-    from hf_trak.testing import digits, tiny_vit
+    from hf_trak.testing.datasets import digits
+    from hf_trak.testing.models import tiny_vit
     args = TrainingArguments(output_dir=sys.argv[1], num_train_epochs=2, save_strategy="epoch", report_to=[],
                              use_cpu=True, logging_strategy="no", disable_tqdm=True)
     trainer = TRAKHFTrainer(model=tiny_vit(), args=args, train_dataset=digits(16),

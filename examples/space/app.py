@@ -20,7 +20,7 @@ import os
 from datasets import load_dataset, load_from_disk
 
 import hf_trak
-from hf_trak.app import ExplorerApp
+from hf_trak.explore.app import ExplorerApp
 
 TITLE = "hf_trak explorer"
 

@@ -1,0 +1,252 @@
+"""``hf_trak.explore`` / ``hf-trak explore``: browse a target's proponents and opponents in a Gradio app.
+
+    hf_trak.explore("imdb-trak", train_dataset=load_dataset("imdb", split="train"), model="me/imdb-bert")
+
+Pick a target (a row of the target split, or a new text / image / both for CLIP), see the
+model's prediction, its top-k proponents and opponents (text or image, label, score, train
+row) and, with several checkpoints, how far each checkpoint's own top-k agrees with the
+ensemble's. Clicking a training example makes it the next target. The same app runs as a
+Hugging Face Space (``examples/space/app.py``).
+
+Queries go through ``hf_trak.explore.explorer.Explorer``. Every failure, at start (a store that
+does not match the model or split) or in a query (empty text, a wrong image), is shown as a
+message in the page; the server keeps running. Needs ``pip install 'hf_trak[app]'``.
+"""
+
+import logging
+import sys
+from typing import Any, Optional
+
+from hf_trak.explore.explorer import Explorer, Query
+
+logger = logging.getLogger(__name__)
+
+PREDICTED = "the prediction"
+MARKDOWN_SPECIAL = set("\\`*_[]<>#|")
+TEXT_PREVIEW = 200  # characters of a train example's text shown in the tables
+
+
+def require_gradio():
+    try:
+        import gradio
+    except ImportError as error:
+        raise ImportError("hf_trak's explorer needs Gradio: pip install 'hf_trak[app]'.") from error
+    return gradio
+
+
+def enlarged(image, size: int = 160):
+    """A small image scaled up (nearest pixel) to about ``size`` pixels, to look at; larger ones as they are."""
+    if image is None or not hasattr(image, "resize") or max(image.size) >= size:
+        return image
+    factor = max(1, size // max(image.size))
+    return image.resize((image.size[0] * factor, image.size[1] * factor), resample=0)
+
+
+def _message(error: Exception) -> str:
+    """One line for the page: the error's own text, never a traceback."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return "**Error:** " + "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in text)
+
+
+class ExplorerApp:
+    """The Gradio Blocks of an ``Explorer`` (``blocks``), or of the message of why there is none."""
+
+    def __init__(self, explorer: Optional[Explorer], error: Optional[str] = None, title: str = "hf_trak explorer"):
+        self.gr = require_gradio()
+        self.explorer = explorer
+        with self.gr.Blocks(title=title, analytics_enabled=False) as self.blocks:
+            self.gr.Markdown(f"# {title}")
+            if explorer is None:
+                self.gr.Markdown(_message(Exception(error)), elem_id="message")
+            else:
+                self._build()
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        gr, explorer = self.gr, self.explorer
+        store = explorer.store.config
+        gr.Markdown(
+            f"{store.num_train_examples} training examples · {store.num_checkpoints} checkpoint(s) · "
+            f"{type(explorer.model).__name__} · {store.projector} projection, k = {store.feature_dim} · "
+            f"{'faiss index ' + explorer.index.string_factory if explorer.index else 'exact scores from the store'}"
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                self.texts = [gr.Textbox(label=name, lines=3, elem_id=f"text-{i}") for i, name in
+                              enumerate(explorer.text_columns)]  # fmt: skip
+                self.image = None
+                if explorer.image_column is not None:
+                    self.image = gr.Image(label=explorer.image_column, type="pil", elem_id="image", height=200)
+                self.label = None
+                if explorer.label_column is not None:
+                    choices = [PREDICTED] + explorer.label_names
+                    self.label = gr.Dropdown(choices, value=PREDICTED, label="Attribute the label", elem_id="label")
+                attribute = gr.Button("Attribute", variant="primary", elem_id="attribute")
+                self.row = None
+                if explorer.targets is not None:
+                    self.row = gr.Number(0, label=f"Target row (0–{len(explorer.targets) - 1})", precision=0,
+                                         elem_id="target-row")  # fmt: skip
+                    pick = gr.Button("Attribute this target row", elem_id="pick")
+            with gr.Column(scale=2):
+                self.message = gr.Markdown("", elem_id="message")
+                self.target_view = None
+                if explorer.image_column is not None:  # the target, enlarged (the input shows it at its size)
+                    self.target_view = gr.Image(label="Target", interactive=False, height=160, elem_id="target-view")
+                self.summary = gr.Markdown("Enter a target and press Attribute.", elem_id="summary")
+                self.proponents = self._results("Proponents (largest scores): click one to make it the target")
+                self.opponents = self._results("Opponents (smallest scores): click one to make it the target")
+        self.shown = gr.State(([], []))  # train rows of the proponents and opponents on the page
+
+        outputs = self._outputs()
+        inputs = self.texts + [c for c in (self.image, self.label) if c is not None]
+        attribute.click(self.on_attribute, inputs, outputs)
+        if self.row is not None:
+            pick.click(self.on_target_row, [self.row], outputs)
+
+        def select_proponent(shown, evt: gr.SelectData):
+            return self.on_select(shown, evt, 0)
+
+        def select_opponent(shown, evt: gr.SelectData):
+            return self.on_select(shown, evt, 1)
+
+        self.proponents.select(select_proponent, [self.shown], outputs)
+        self.opponents.select(select_opponent, [self.shown], outputs)
+
+    def _results(self, label: str):
+        gr = self.gr
+        kind = "proponents" if label.startswith("Proponents") else "opponents"
+        if self.explorer.image_column is not None:
+            return gr.Gallery(label=label, columns=5, height="auto", allow_preview=False, elem_id=kind, format="png")
+        label_header = ["label"] if self.explorer.label_column else []
+        headers = ["rank", "train row", "score"] + label_header + self.explorer.text_columns
+        return gr.Dataframe(headers=headers, label=label, interactive=False, elem_id=kind, wrap=True)
+
+    def _outputs(self) -> list:
+        widgets = self.texts + [c for c in (self.image, self.label, self.target_view) if c is not None]
+        return [self.message, self.summary, self.proponents, self.opponents, self.shown] + widgets
+
+    # ------------------------------------------------------------------ events
+    def on_attribute(self, *values):
+        """The inputs' target (new text / image), for the chosen label."""
+        texts = list(values[: len(self.texts)])
+        rest = list(values[len(self.texts) :])
+        image = rest.pop(0) if self.image is not None else None
+        label = rest.pop(0) if self.label is not None else None
+        try:
+            example = self.explorer.new_example(texts or None, image)
+            chosen = None if label in (None, PREDICTED) else self.explorer.label_names.index(label)
+            return self._show(self.explorer.query(example, label=chosen), "a new input", fill=False)
+        except Exception as error:  # shown in the page; the server keeps running
+            logger.warning("Query failed: %s", error)
+            return self._failed(error)
+
+    def on_target_row(self, row):
+        try:
+            row = int(row)
+            return self._show(self.explorer.query(self.explorer.target_example(row)), f"target row {row}")
+        except Exception as error:
+            logger.warning("Query failed: %s", error)
+            return self._failed(error)
+
+    def on_select(self, shown, evt, which: int):
+        """A clicked proponent (``which`` 0) or opponent (1) becomes the target, with its own label."""
+        try:
+            position = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            row = shown[which][int(position)]
+            return self._show(self.explorer.query(self.explorer.train_example(row)), f"train row {row}")
+        except Exception as error:
+            logger.warning("Query failed: %s", error)
+            return self._failed(error)
+
+    # ------------------------------------------------------------------ rendering
+    def _failed(self, error: Exception) -> list:
+        return [_message(error)] + [self.gr.update() for _ in self._outputs()[1:]]
+
+    def _show(self, query: Query, what: str, fill: bool = True) -> list:
+        explorer = self.explorer
+        lines = [f"**Target:** {what} · **prediction:** {query.prediction}"]
+        if query.label is not None:
+            lines[0] += f" · **attributed label:** {explorer.label_name(query.label)}"
+        if query.proponents:
+            top = query.proponents[0]
+            lines.append(f"**Top proponent:** train row {top.row} (score {top.score:.4g})")
+        if query.agreement:
+            shares = ", ".join(f"{m}: {share:.0%}" for m, share in enumerate(query.agreement))
+            lines.append(f"**Per-checkpoint agreement** (share of the top-{len(query.proponents)} proponents in each "
+                         f"checkpoint's own top-{len(query.proponents)}): {shares}")  # fmt: skip
+        shown = ([n.row for n in query.proponents], [n.row for n in query.opponents])
+        widgets = []
+        for name in explorer.text_columns:
+            widgets.append(query.target.get(name, "") if fill else self.gr.update())
+        if self.image is not None:
+            widgets.append(query.target.get(explorer.image_column) if fill else self.gr.update())
+        if self.label is not None:
+            widgets.append(explorer.label_name(query.label) if fill and query.label is not None else self.gr.update())
+        if self.target_view is not None:
+            widgets.append(enlarged(query.target.get(explorer.image_column)))
+        return ["", "\n\n".join(lines), self._render(query.proponents), self._render(query.opponents), shown] + widgets
+
+    def _render(self, neighbors) -> Any:
+        explorer = self.explorer
+        if explorer.image_column is not None:
+            return [(enlarged(n.example[explorer.image_column]), self._caption(n)) for n in neighbors]
+        label_column = explorer.label_column
+        rows = []
+        for rank, n in enumerate(neighbors):
+            label = [explorer.label_name(n.example.get(label_column))] if label_column else []
+            texts = [str(n.example.get(name, ""))[:TEXT_PREVIEW] for name in explorer.text_columns]
+            rows.append([rank, n.row, round(n.score, 6)] + label + texts)
+        return rows
+
+    def _caption(self, neighbor) -> str:
+        explorer = self.explorer
+        parts = [f"#{neighbor.row}", f"{neighbor.score:+.3g}"]
+        if explorer.label_column:
+            parts.insert(1, explorer.label_name(neighbor.example.get(explorer.label_column)))
+        parts += [str(neighbor.example.get(name, ""))[:60] for name in explorer.text_columns]
+        return " · ".join(parts)
+
+
+def explore(
+    store: str,
+    train_dataset,
+    model=None,
+    processor: Any = "auto",
+    targets=None,
+    index: Optional[str] = None,
+    k: int = 10,
+    launch: bool = True,
+    block: Optional[bool] = None,
+    quiet: bool = False,
+    server_name: Optional[str] = None,
+    server_port: Optional[int] = None,
+    title: str = "hf_trak explorer",
+    **explorer_kwargs,
+):
+    """Start the explorer of feature store ``store`` (a folder, or a repo id pushed with ``push_to_hub``).
+
+    ``train_dataset``: the raw train split the store was made from (``load_dataset(...)``);
+    ``model``: default, the model the store records; ``processor``: default, the one saved with
+    the model; ``targets``: an optional raw split to pick targets from; ``index``: None (exact
+    scores from the store), ``"exact"`` or a faiss factory string (``hf_trak.explore.index``);
+    ``explorer_kwargs`` go to ``Explorer.from_store`` (``base_model``, ``text_column``,
+    ``device``...). With ``launch`` the app is served on ``server_name:server_port`` (default:
+    Gradio's, ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` or 127.0.0.1:7860 up) and, as
+    Gradio's ``launch`` does, serves until interrupted in a script and returns at once in a
+    notebook or REPL (``block`` True/False decides instead); ``quiet`` hides Gradio's own
+    message with the URL (``blocks.local_url``). Returns the Gradio ``Blocks``.
+    """
+    require_gradio()
+    try:
+        explorer = Explorer.from_store(store, train_dataset, model, processor, targets, index=index, k=k,
+                                       **explorer_kwargs)  # fmt: skip
+        app = ExplorerApp(explorer, title=title)
+    except Exception as error:  # the page says why (a Space has no terminal to read)
+        logger.error("The explorer cannot start: %s", error)
+        app = ExplorerApp(None, error=str(error), title=title)
+    if launch:
+        app.blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet)
+        interactive = hasattr(sys, "ps1") or "ipykernel" in sys.modules
+        if block or (block is None and not interactive):
+            app.blocks.block_thread()
+    return app.blocks

@@ -1,0 +1,418 @@
+"""Featurize: a train split's features at every checkpoint, written to a ``FeatureStore``; and the
+check that checkpoints given later are those the store was made at (``verify_checkpoints``).
+
+For checkpoint m, loaded once (``FeatureMap.at``):
+
+1. its fingerprint is checked against the one the store recorded for m (a store resumed
+   with other weights is refused, or with ``overwrite`` that checkpoint's features are
+   redone) and recorded if new; with principal factors (``principal_share`` > 0), they are
+   made once from a sample of the rows and stored before any feature of m
+   (``_write_principal_factors``);
+2. each missing shard [start, stop) of x_i and Q_i is written, every process taking a
+   contiguous share of them (``PartialState.split_between_processes``);
+3. XᵀX_m = Σ_shards X_sᵀX_s (float64) is summed over processes (a k × k all-reduce: no
+   features travel) and the main process writes λ_m and K_m (``hf_trak.method.kernel``);
+4. each process writes Φ_m = X_m K_m for its share of the shards (formed in float64,
+   stored in the features' dtype), so that scoring reads Φ and never forms it.
+
+Every row of the train split is checked and hashed first (``hf_trak.data.inputs``), so bad
+input fails before anything is written; settings, train rows and shard layout are checked
+against an existing store before anything is computed. A shard only appears once complete,
+so a killed run resumes where it stopped; a resume redoes shards and kernels that do not
+read back as written. With ``on_nonfinite="exclude"``, a row whose inputs, features or Q
+are not finite gets features 0 (so XᵀX is that of the other rows) and Q = NaN (so its
+scores are NaN), and is listed in the config's ``excluded_rows``.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
+from tqdm.auto import tqdm
+
+from hf_trak.data.inputs import scan_split
+from hf_trak.data.source import ExampleSource
+from hf_trak.errors import InvalidInputError, OutputExistsError
+from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
+from hf_trak.method.feature_map import CheckpointView, FeatureMap
+from hf_trak.method.kernel import (
+    block_diagonal,
+    column_scale,
+    eigen_block_inverse,
+    gram,
+    gram_block_inverse,
+    preconditioned,
+    regularized_inverse,
+    resolve_lambda,
+    shrunk_gram,
+)
+from hf_trak.store.card import write_dataset_card
+from hf_trak.store.config import CONFIG_NAME, TRAKConfig
+from hf_trak.store.feature_store import PRECONDITIONED, FeatureStore, as_tensor, shard_ranges
+from hf_trak.store.provenance import first_difference, shard_hashes
+
+logger = logging.getLogger(__name__)
+
+
+def featurize_store(
+    feature_map: FeatureMap,
+    config: TRAKConfig,
+    source: ExampleSource,
+    checkpoints: Sequence[Checkpoint],
+    save_dir: Optional[str],
+    state: PartialState,
+    storage_dtype: torch.dtype,
+    batch_size: int,
+    overwrite: bool,
+    sample_train_batch: Callable[[int, int], dict],
+    on_nonfinite: str = "error",
+) -> FeatureStore:
+    """Write (or complete) the store of ``source``'s features at ``checkpoints``; returns it."""
+    if not checkpoints:
+        raise ValueError("featurize needs at least one checkpoint (a state dict, model or save_pretrained folder).")
+    if state.num_processes > 1 and save_dir is None:
+        raise ValueError("save_dir is required with several processes: they share the feature store.")
+    scan = scan_split(source, feature_map.task, feature_map.model, "train", on_nonfinite, state.is_main_process)
+    config = dataclasses.replace(
+        config,
+        num_checkpoints=len(checkpoints),
+        num_train_examples=len(source),
+        train_fingerprint=source.fingerprint,
+        train_hashes=shard_hashes(scan.row_hashes, shard_ranges(len(source), config.shard_size)),
+        excluded_rows=scan.nonfinite_rows,
+        checkpoint_fingerprints=[""] * len(checkpoints),
+        checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
+    )
+    _check_resumed_rows(save_dir, scan.row_hashes, overwrite)
+    FeatureStore.validate(save_dir, config, overwrite)  # every process refuses alike, before any write
+    store = FeatureStore.create_or_resume(save_dir, config, overwrite=overwrite) if state.is_main_process else None
+    if store is not None and store.row_hashes() is None:
+        store.save_row_hashes(scan.row_hashes)
+    state.wait_for_everyone()
+    store = store or FeatureStore.load(save_dir)
+    feature_map.store = store  # its views use the store's principal factors
+    recorded = list(store.config.checkpoint_fingerprints)  # as found: every process decides alike
+    excluded = set(scan.nonfinite_rows)
+    for model_id, checkpoint in enumerate(checkpoints):
+        _check_principal_factors(store, model_id, state)
+        view = feature_map.at(checkpoint, model_id, sample_train_batch)
+        _record_fingerprint(store, view, recorded[model_id], checkpoint, state, overwrite)
+        _write_principal_factors(store, view, source, state, batch_size)
+        _write_missing_shards(store, view, source, state, storage_dtype, batch_size, on_nonfinite, excluded)
+        finalize_checkpoint(store, model_id, feature_map.device, state)
+    if state.is_main_process:
+        if on_nonfinite == "exclude":
+            _record_excluded_rows(store)
+        write_dataset_card(store)
+    state.wait_for_everyone()
+    return store if state.is_main_process else FeatureStore.load(save_dir)  # with what the main process recorded
+
+
+def _check_resumed_rows(save_dir: Optional[str], row_hashes, overwrite: bool) -> None:
+    """Refuse to resume a store made from other train rows, naming the first differing row."""
+    if save_dir is None or overwrite or not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
+        return
+    existing = FeatureStore.load(save_dir)
+    stored = existing.row_hashes()
+    if stored is None or not FeatureStore._holds_work(save_dir):
+        return
+    row = first_difference(stored, row_hashes)
+    if row is not None:
+        raise OutputExistsError(
+            f"{save_dir} holds features of another train split: {len(row_hashes)} rows given, {len(stored)} stored, "
+            f"first differing row {row}. Pass the split it was made from (same rows, same order), another "
+            "save_dir, or overwrite=True to delete them."
+        )
+
+
+def _record_excluded_rows(store: FeatureStore) -> None:
+    """The rows whose Q is NaN at some checkpoint (excluded for non-finite values), in the config."""
+    rows = set(store.config.excluded_rows)
+    for model_id in range(store.config.num_checkpoints):
+        for start, _, out_to_loss in store.shards(model_id):
+            rows.update((start + np.flatnonzero(np.isnan(out_to_loss))).tolist())
+    store.record_excluded_rows(sorted(rows))
+
+
+def _record_fingerprint(store, view: CheckpointView, recorded: str, checkpoint, state, overwrite: bool) -> None:
+    """Check checkpoint m's weights against the store's record of them, or record them."""
+    model_id = view.model_id
+    fingerprint, base = view.fingerprints()
+    if recorded and recorded != fingerprint:
+        if not overwrite:
+            raise FileExistsError(
+                f"{store.root} holds features of another checkpoint {model_id} than "
+                f"{checkpoint_source(checkpoint)} (its weights differ). Pass the checkpoints of that run in the same "
+                "order, another save_dir, or overwrite=True to redo this checkpoint's features."
+            )
+        logger.warning("Redoing the features of checkpoint %d in %s (overwrite=True).", model_id, store.root)
+        if state.is_main_process:
+            shutil.rmtree(store.checkpoint_dir(model_id), ignore_errors=True)
+    if recorded != fingerprint and state.is_main_process:
+        store.record_checkpoint(model_id, fingerprint, base if model_id == 0 else None)
+    state.wait_for_everyone()
+
+
+def _check_principal_factors(store: FeatureStore, model_id: int, state: PartialState) -> None:
+    """Before checkpoint m is loaded: principal factors missing (or corrupt: reported and deleted) beside written
+    features mean those features were projected with factors that are lost, so the checkpoint's files are deleted,
+    to be redone."""
+    if store.config.principal_share and state.is_main_process and not store.has_valid_principal_factors(model_id):
+        folder = store.checkpoint_dir(model_id)
+        if os.path.isdir(folder) and os.listdir(folder):
+            logger.warning("Checkpoint %d's principal factors are missing: redoing its features.", model_id)
+            shutil.rmtree(folder)
+    state.wait_for_everyone()
+
+
+def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, state, batch_size: int) -> None:
+    """Checkpoint m's principal factors (``principal_share`` > 0), unless stored: the per-token second moment of
+    each principal side over ``principal_fraction`` of the train rows, evenly spaced (each process a share, one
+    all-reduce), and its leading eigenvectors (main process, written once: every process and every later scoring
+    projects with the same factors), then set on the projector (``FeatureMap.at`` set those already stored)."""
+    projector, model_id = view.map.projector, view.model_id
+    if not store.config.principal_share or store.has_principal_factors(model_id):
+        return
+    sides = projector.principal_sides()  # none where every side is small enough for k = d: an empty file
+    count = max(1, math.ceil(store.config.principal_fraction * len(source)))
+    rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
+    moments = {  # zeros where a process sees no token, so that every process reduces the same tensors
+        f"{target.name}/{side}": torch.zeros(*(2 * [target.rows if side == "rows" else target.cols]),
+                                             dtype=torch.float64, device=view.map.device)
+        for target, side in sides
+    }  # fmt: skip
+    # Batches of the sample, the same whatever the number of processes (each takes a share of them): a batch's
+    # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
+    batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
+    with state.split_between_processes(batches) as mine:
+        for batch in tqdm(mine, desc=f"Principal factors, checkpoint {model_id}",
+                          disable=None if state.is_main_process else True):  # fmt: skip
+            for name, moment in view.side_moments(source.batch(batch)).items():
+                moments[name] += moment.to(moments[name].device)
+    moments = {name: reduce(moment, reduction="sum") for name, moment in moments.items()}
+    if state.is_main_process:
+        store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
+    state.wait_for_everyone()
+    projector.set_factors(model_id, store.principal_factors(model_id))  # stored ones: set by FeatureMap.at
+
+
+def _write_missing_shards(
+    store, view: CheckpointView, source, state, storage_dtype, batch_size: int, on_nonfinite: str, excluded: set
+) -> None:
+    kernel_from = store.config.kernel_from
+    statistics = kernel_from != "examples"  # the per-token statistics a kernel needs, written beside each shard
+    if state.is_main_process:  # corrupt shards (and statistics) are reported and deleted, once
+        for start, stop in store.shard_ranges():
+            store.has_valid_shard(view.model_id, start, stop)
+            if statistics:
+                store.has_valid_statistics(view.model_id, start, stop)
+    state.wait_for_everyone()
+    missing = [
+        (a, b)
+        for a, b in store.shard_ranges()
+        if not store.has_shard(view.model_id, a, b) or (statistics and not store.has_statistics(view.model_id, a, b))
+    ]
+    state.wait_for_everyone()  # every process has the same list before any shard is written
+    with state.split_between_processes(missing) as mine:
+        with tqdm(
+            total=sum(stop - start for start, stop in mine),
+            unit="example",
+            desc=f"Featurizing checkpoint {view.model_id}",
+            disable=None if state.is_main_process else True,
+        ) as bar:
+            for start, stop in mine:
+                features, out_to_loss = [], []
+                if statistics:
+                    view.map.projector.start_statistics(kernel_from)
+                for batch in source.batches(batch_size, start, stop):
+                    projected, prepared = view.features(batch)
+                    q = view.out_to_loss(prepared).float()
+                    offset = start + sum(len(block) for block in features)
+                    projected, q = _finite_rows(projected, q, offset, view.model_id, on_nonfinite, excluded)
+                    features.append(projected.to(storage_dtype).cpu())
+                    out_to_loss.append(q.cpu())
+                    bar.update(len(projected))
+                features = torch.cat(features)
+                if len(features) != stop - start:
+                    raise ValueError(
+                        f"The data yielded {len(features)} examples for rows [{start}, {stop}) "
+                        "(a DataLoader with drop_last=True?)."
+                    )
+                if statistics:  # written before the shard: a shard on disk always has its statistics
+                    store.write_statistics(view.model_id, start, stop, view.map.projector.statistics)
+                    view.map.projector.statistics = None
+                store.write_shard(view.model_id, start, features.numpy(), torch.cat(out_to_loss).numpy())
+    state.wait_for_everyone()
+
+
+def _finite_rows(features, q, offset: int, model_id: int, on_nonfinite: str, excluded: set):
+    """``(features, Q)`` of a batch of rows from ``offset``, its non-finite rows refused or excluded
+    (features 0, Q NaN)."""
+    bad = ~torch.isfinite(features).all(dim=1) | ~torch.isfinite(q)
+    for row in excluded.intersection(range(offset, offset + len(q))):
+        bad[row - offset] = True
+    if not bad.any():
+        return features, q
+    rows = (offset + torch.nonzero(bad).reshape(-1)).tolist()
+    if on_nonfinite == "error":
+        raise InvalidInputError(
+            f"Row {rows[0]} of the train split has non-finite gradients or Q at checkpoint {model_id} (NaN/inf): "
+            "check that row and the checkpoint's weights, or pass on_nonfinite='exclude' (hf-trak: "
+            "--on-nonfinite exclude) to give it NaN scores."
+        )
+    logger.warning("Checkpoint %d: excluding train row(s) %s (non-finite inputs, gradients or Q).", model_id, rows)
+    features, q = features.clone(), q.clone()
+    features[bad], q[bad] = 0.0, float("nan")
+    return features, q
+
+
+def finalize_checkpoint(store: FeatureStore, model_id: int, device, state: PartialState) -> None:
+    """Once every shard of checkpoint m is written: K_m (``_write_kernel``), then Φ_m (``_write_preconditioned``)."""
+    _write_kernel(store, model_id, store.config.feature_dim, device, state)
+    _write_preconditioned(store, model_id, device, state)
+
+
+def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: PartialState) -> None:
+    """XᵀX_m over every shard (each process sums its share; one k × k all-reduce), then λ_m and K_m: global,
+    or per module from XᵀX's blocks, the per-token Gram matrices, or EK-FAC's bases (``kernel_from``)."""
+    if state.is_main_process:
+        store.has_valid_kernel(model_id)  # a corrupt K_m is reported and deleted, to be redone
+    state.wait_for_everyone()
+    if store.has_kernel(model_id):
+        return
+    config = store.config
+    statistics = _summed_statistics(store, model_id, device) if config.kernel_from != "examples" else {}
+    bases = _kronecker_bases(statistics) if config.kernel_from == "ekfac" else {}
+    xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    moments = {b: torch.zeros(len(q_rows), len(q_cols), dtype=torch.float64, device=device)
+               for b, (q_rows, q_cols) in bases.items()}  # fmt: skip
+    with state.split_between_processes(store.shard_ranges()) as mine:
+        for start, stop in mine:
+            features = as_tensor(store.shard(model_id, start, stop)[0]).to(device)
+            xtx += gram(features)
+            for b, (q_rows, q_cols) in bases.items():  # Λ_b = Σ_i (Q_rᵀ X_i Q_c)², X_i the block as k_r × k_c
+                offset, size = config.kernel_blocks[b]
+                block = features[:, offset : offset + size].double().reshape(-1, len(q_rows), len(q_cols))
+                moments[b] += (q_rows.T @ block @ q_cols).square().sum(0)
+    xtx = reduce(xtx, reduction="sum")
+    moments = {b: reduce(moment, reduction="sum") for b, moment in moments.items()}
+    if state.is_main_process:
+        if config.kernel == "per_module":
+            kernel, lambda_reg = _per_module_kernel(config, xtx, statistics, bases, moments)
+        else:
+            lambda_reg = resolve_lambda(xtx, config.lambda_reg, config.lambda_scale)
+            kernel = regularized_inverse(xtx, lambda_reg)
+        scale = column_scale(xtx, kernel, config.num_train_examples)
+        store.save_kernel(model_id, xtx.cpu(), kernel.cpu(), lambda_reg, scale.cpu())
+        logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
+    state.wait_for_everyone()
+
+
+def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, moments: dict):
+    """(K, mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix (shrunk toward
+    its K-FAC approximation by ``kernel_shrinkage``: ``hf_trak.method.kernel.shrunk_gram``), or XᵀX_bb."""
+    inverses, lambdas = [], []
+    scale = config.feature_dim / config.num_params  # the statistics are of P_mᵀg, the features of P_mᵀg/√p · √k
+    for b, (offset, size) in enumerate(config.kernel_blocks):
+        if b in bases:
+            inverse, lambda_b = eigen_block_inverse(*bases[b], moments[b], config.lambda_reg, config.lambda_scale)
+        else:
+            block = (
+                statistics[f"block_{b}"] * scale if statistics else xtx[offset : offset + size, offset : offset + size]
+            )
+            if config.kernel_shrinkage and f"block_{b}_rows" in statistics:
+                rows, cols = statistics[f"block_{b}_rows"], statistics[f"block_{b}_cols"]
+                block = shrunk_gram(block, rows, cols, config.kernel_shrinkage)
+            inverse, lambda_b = gram_block_inverse(block, config.lambda_reg, config.lambda_scale)
+        inverses.append(inverse)
+        lambdas.append(lambda_b)
+    return block_diagonal(inverses, config.kernel_blocks), float(sum(lambdas) / len(lambdas))
+
+
+def _summed_statistics(store: FeatureStore, model_id: int, device) -> dict:
+    """Each kernel statistic (``FactoredGradientProjector.statistics``) summed over the shards."""
+    total = {}
+    for start, stop in store.shard_ranges():
+        for name, tensor in store.statistics(model_id, start, stop).items():
+            total[name] = total[name] + tensor.to(device) if name in total else tensor.to(device)
+    return total
+
+
+def _kronecker_bases(statistics: dict) -> dict:
+    """{block: (Q_r, Q_c)}: eigenvectors of each weight block's Kronecker factors."""
+    bases = {}
+    for name in statistics:
+        if name.endswith("_rows"):
+            block = name[: -len("_rows")]
+            bases[int(block.split("_")[1])] = tuple(
+                torch.linalg.eigh(statistics[f"{block}_{side}"].double())[1] for side in ("rows", "cols")
+            )
+    return bases
+
+
+def _write_preconditioned(store: FeatureStore, model_id: int, device, state: PartialState) -> None:
+    """Φ_m/s_m = X_m K_m/s_m of every shard (formed in float64, ``hf_trak.method.kernel.preconditioned``; stored in the
+    features' dtype with Q; s_m: ``column_scale``), each process a share: scoring T targets then costs one read
+    of Φ and n·k·T."""
+    if state.is_main_process:
+        for start, stop in store.shard_ranges():
+            store.has_valid_shard(model_id, start, stop, PRECONDITIONED)  # a corrupt Φ shard is redone
+    state.wait_for_everyone()
+    missing = [(a, b) for a, b in store.shard_ranges() if not store.has_shard(model_id, a, b, PRECONDITIONED)]
+    state.wait_for_everyone()
+    if not missing:
+        return
+    saved = store.load_kernel(model_id)
+    kernel, scale = saved["kernel"].to(device, torch.float64), saved["phi_scale"].to(device, torch.float64)
+    dtype = getattr(torch, store.config.dtype)
+    with state.split_between_processes(missing) as mine:
+        for start, stop in mine:
+            features, out_to_loss = store.shard(model_id, start, stop)
+            phi = preconditioned(as_tensor(features), kernel, scale).to(dtype).cpu().numpy()
+            store.write_shard(model_id, start, phi, out_to_loss, PRECONDITIONED)
+    state.wait_for_everyone()
+
+
+def verify_checkpoints(
+    feature_map: FeatureMap, store: FeatureStore, checkpoints: Optional[Sequence[Checkpoint]]
+) -> List[Checkpoint]:
+    """The checkpoints a complete store was made at, each loaded once to check its fingerprint.
+
+    ``checkpoints`` None: the recorded paths if they all exist, or the model itself for a
+    single checkpoint. A different count, base model or weights is refused with the fix named.
+    """
+    stored = store.config
+    if checkpoints is None:
+        if all(os.path.exists(source) for source in stored.checkpoint_sources):
+            checkpoints = stored.checkpoint_sources
+        elif stored.num_checkpoints == 1:
+            checkpoints = [feature_map.model]
+        else:
+            raise ValueError(
+                f"The features were made at {stored.num_checkpoints} checkpoints "
+                f"({stored.checkpoint_sources}); pass them as checkpoints=[...]."
+            )
+    if len(checkpoints) != stored.num_checkpoints:
+        raise ValueError(f"The features were made at {stored.num_checkpoints} checkpoints, got {len(checkpoints)}.")
+    for model_id, checkpoint in enumerate(checkpoints):
+        weights, base = feature_map.at(checkpoint, model_id).fingerprints()
+        if stored.base_fingerprint and base != stored.base_fingerprint:
+            raise ValueError(
+                f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has another base model than the one the "
+                f"adapter features were made with ({stored.base_model or 'recorded in the store'}): load the "
+                "adapters onto that base model."
+            )
+        if weights != stored.checkpoint_fingerprints[model_id]:
+            raise ValueError(
+                f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has other weights than the one the "
+                f"features were made at ({stored.checkpoint_sources[model_id]}): pass the checkpoints used by "
+                "featurize, in the same order."
+            )
+    return list(checkpoints)

@@ -1,0 +1,467 @@
+"""The feature store: TRAK features as a self-describing folder of Arrow shards.
+
+Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")`` works)::
+
+    trak_config.json                        TRAKConfig: model, task, projection, parameters, train set
+    train_rows.arrow                        index, row_hash (uint64): the featurized split's rows (provenance)
+    README.md                               dataset card (templates/trak_features_card.md)
+    checkpoint-<m>/features-<start>-<stop>.arrow   rows [start, stop): index (int64),
+                                            features (fixed-size list of float16/32: x_i = P_mᵀg_i/√p),
+                                            out_to_loss (float32: Q_i)
+    checkpoint-<m>/kernel.safetensors       xtx (k × k), kernel K_m = (XtX + λI)⁻¹/mean|·| (k × k), lambda_reg,
+                                            phi_scale s_m (k,: RMS of Φ_m's columns; version 3 on)
+    checkpoint-<m>/preconditioned-<start>-<stop>.arrow   index, phi (Φ_m/s_m, Φ_m = X_m K_m, in the
+                                            features' dtype), out_to_loss: what scoring reads (version 3 on)
+    checkpoint-<m>/kernel-statistics-<start>-<stop>.safetensors   per-token kernel statistics of those rows
+                                            (``kernel_from`` "tokens" or "ekfac"; see ``FactoredGradientProjector``)
+    checkpoint-<m>/principal-factors.safetensors   the factored projector's principal factors P (d × k per
+                                            side, "<name>/<side>"), made from the data (``principal_share`` > 0)
+    scores/<name>.arrow                     target_index (int64), scores (fixed-size list of float32, n)
+
+Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
+write any shard and a run can resume by skipping complete ones. Every file is written to a
+hidden temporary file and renamed (with the umask's permissions), so it is only visible once
+complete. A shard records its row count and the CRC-32 of its columns in its schema
+metadata: a resume redoes a shard that does not match (with a warning naming it) and
+scoring refuses it (``CorruptStoreError``). Arrow IPC files are read memory-mapped,
+zero-copy, into numpy. Nothing is pickled.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+import zlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hf_trak.errors import CorruptStoreError, OutputExistsError, StoreMismatchError
+from hf_trak.store.config import CONFIG_NAME, STORE_VERSION, TRAKConfig
+from hf_trak.store.files import atomic_write, write_text
+
+logger = logging.getLogger(__name__)
+
+SHARD_PATTERN = re.compile(r"(features|preconditioned)-(\d+)-(\d+)\.arrow$")
+KERNEL_NAME = "kernel.safetensors"
+PRINCIPAL_FACTORS_NAME = "principal-factors.safetensors"
+ROW_HASHES_NAME = "train_rows.arrow"
+ROWS_KEY, CHECKSUM_KEY = b"hf_trak.rows", b"hf_trak.crc32"
+FEATURES, PRECONDITIONED = "features", "preconditioned"
+COLUMNS = {FEATURES: "features", PRECONDITIONED: "phi"}
+
+
+def _read_table(path: str) -> pa.Table:
+    with pa.memory_map(path, "r") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only (memory-mapped) numpy array; it is never written to."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def fixed_size_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """(rows, k) numpy view of a fixed-size-list column (zero-copy for a single chunk)."""
+    chunks = [chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), -1) for chunk in column.chunks]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _checksum(arrays: Sequence[np.ndarray]) -> int:
+    crc = 0
+    for array in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), crc)
+    return crc
+
+
+def write_arrow(path: str, columns: Dict[str, pa.Array], metadata: Optional[dict] = None) -> None:
+    """Write one record batch of ``columns`` as an Arrow IPC file, atomically."""
+    table = pa.table(columns)
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
+
+    def write(tmp):
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+    atomic_write(path, write)
+
+
+def _readable_or_removed(path: str, read) -> bool:
+    """Whether ``path`` exists and ``read()`` succeeds; a corrupt file is reported and deleted, to be redone."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        read()
+        return True
+    except CorruptStoreError as error:
+        logger.warning("%s Redoing it.", error)
+        os.remove(path)
+        return False
+
+
+def _load_safetensors(path: str, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (only ``names`` of them, if given); ``CorruptStoreError`` if it does not
+    read."""
+    try:
+        if names is None:
+            return load_file(path)
+        with safe_open(path, framework="pt") as file:
+            return {name: file.get_tensor(name) for name in names if name in file.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
+        raise CorruptStoreError(
+            f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
+        ) from error
+
+
+def shard_ranges(num_rows: int, shard_size: int) -> List[Tuple[int, int]]:
+    """The fixed row ranges [s·shard_size, (s+1)·shard_size) ∩ [0, num_rows) of the shards."""
+    return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
+
+
+def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(matrix).reshape(-1)), matrix.shape[1])
+
+
+class FeatureStore:
+    """A featurization on disk under ``root``; see the module docstring for the layout."""
+
+    def __init__(self, root: str, config: TRAKConfig, temporary: Optional[tempfile.TemporaryDirectory] = None):
+        self.root, self.config = root, config
+        self._temporary = temporary  # a store in a temporary folder keeps it alive as long as itself
+        # For repeated queries (the explorer, FeatureIndex): keep XᵀX_m and K_m in memory (2·k² float64 each).
+        self.keep_kernels = False
+        self._grams_and_kernels: Dict[int, Tuple[Tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------ open/create
+    @classmethod
+    def load(cls, root: str) -> "FeatureStore":
+        path = os.path.join(root, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{root} holds no TRAK features ({CONFIG_NAME} is missing).")
+        with open(path) as file:
+            config = TRAKConfig.from_json_string(file.read())
+        if config.store_version > STORE_VERSION:
+            raise StoreMismatchError(
+                f"{root} is a version-{config.store_version} store (hf_trak {config.hf_trak_version}); this hf_trak "
+                f"reads versions up to {STORE_VERSION}: upgrade hf_trak (pip install -U hf_trak)."
+            )
+        return cls(root, config)
+
+    @classmethod
+    def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> Optional[List[str]]:
+        """How the store at ``root`` differs from ``config`` for resuming (None: there is no store, or one
+        holding no computed file yet, which a rerun simply replaces).
+
+        Raises ``OutputExistsError``, writing nothing, if it differs and ``overwrite`` is False.
+        """
+        if root is None or not os.path.isfile(os.path.join(root, CONFIG_NAME)):
+            return None
+        mismatches = cls.load(root).config.mismatches(config, resume=True)
+        if mismatches and not cls._holds_work(root):
+            logger.info("Replacing the settings of %s, which holds no features yet.", root)
+            return None
+        if mismatches and not overwrite:
+            raise OutputExistsError(
+                f"{root} holds features made with other settings ({'; '.join(mismatches)}). Choose another "
+                "save_dir, or pass overwrite=True to delete them."
+            )
+        return mismatches
+
+    @staticmethod
+    def _holds_work(root: str) -> bool:
+        """Whether ``root`` holds a shard, kernel or scores (anything computed)."""
+        for _, _, names in os.walk(root):
+            computed = [name for name in names if name == KERNEL_NAME or name.endswith(".arrow")]
+            if any(not name.startswith(".") and name != ROW_HASHES_NAME for name in computed):
+                return True
+        return False
+
+    @classmethod
+    def create_or_resume(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> "FeatureStore":
+        """The store at ``root`` for ``config``: new, resumed (same config), or replaced if ``overwrite``.
+
+        ``root=None`` makes a store in a temporary folder, deleted with the store.
+        """
+        if root is None:
+            temporary = tempfile.TemporaryDirectory(prefix="hf_trak-")
+            write_text(os.path.join(temporary.name, CONFIG_NAME), config.to_json_string())
+            return cls(temporary.name, config, temporary)
+        mismatches = cls.validate(root, config, overwrite)
+        if mismatches == []:
+            logger.info("Resuming the featurization in %s.", root)
+            return cls.load(root)
+        if mismatches:
+            logger.warning("Deleting the features in %s (overwrite=True).", root)
+            shutil.rmtree(root)
+        os.makedirs(root, exist_ok=True)
+        write_text(os.path.join(root, CONFIG_NAME), config.to_json_string())
+        return cls(root, config)
+
+    def checkpoint_dir(self, model_id: int) -> str:
+        return os.path.join(self.root, f"checkpoint-{model_id}")
+
+    # ----------------------------------------------------------------- shards
+    def shard_ranges(self) -> List[Tuple[int, int]]:
+        return shard_ranges(self.config.num_train_examples, self.config.shard_size)
+
+    def shard_path(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> str:
+        """The file of rows [start, stop) of checkpoint ``model_id``: ``kind`` "features" (X, Q) or
+        "preconditioned" (Φ = XK, Q)."""
+        return os.path.join(self.checkpoint_dir(model_id), f"{kind}-{start:09d}-{stop:09d}.arrow")
+
+    def has_shard(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> bool:
+        return os.path.isfile(self.shard_path(model_id, start, stop, kind))
+
+    def write_shard(
+        self, model_id: int, start: int, features: np.ndarray, out_to_loss: np.ndarray, kind: str = FEATURES
+    ) -> None:
+        """Rows ``[start, start + len(features))`` of checkpoint ``model_id``, with their row count and CRC-32."""
+        stop = start + len(features)
+        features = np.ascontiguousarray(features)
+        out_to_loss = np.asarray(out_to_loss, dtype=np.float32)
+        os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
+        write_arrow(
+            self.shard_path(model_id, start, stop, kind),
+            {
+                "index": pa.array(np.arange(start, stop, dtype=np.int64)),
+                COLUMNS[kind]: fixed_size_list(features),
+                "out_to_loss": pa.array(out_to_loss),
+            },
+            metadata={ROWS_KEY: str(stop - start), CHECKSUM_KEY: str(_checksum([features, out_to_loss]))},
+        )
+
+    def shard(
+        self, model_id: int, start: int, stop: int, kind: str = FEATURES, verify: bool = True
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """``(features (rows, k) zero-copy view, out_to_loss (rows,))`` of rows ``[start, stop)`` (``kind``
+        "preconditioned": Φ instead of X), checked against the row count recorded when it was written and,
+        with ``verify``, its checksum (``CorruptStoreError`` names the file)."""
+        path = self.shard_path(model_id, start, stop, kind)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Shard {path} is missing: run featurize again to complete the store.")
+        fix = "run featurize again with the same arguments to redo it"
+        try:
+            table = _read_table(path)
+            features = fixed_size_list_to_numpy(table.column(COLUMNS[kind]))
+            out_to_loss = table.column("out_to_loss").to_numpy()
+        except (pa.ArrowException, OSError, KeyError, ValueError) as error:
+            raise CorruptStoreError(f"Shard {path} is corrupt ({error}): {fix}.") from error
+        metadata = table.schema.metadata or {}
+        if len(features) != stop - start or (ROWS_KEY in metadata and int(metadata[ROWS_KEY]) != stop - start):
+            raise CorruptStoreError(f"Shard {path} holds {len(features)} rows, not {stop - start}: {fix}.")
+        if verify and CHECKSUM_KEY in metadata and int(metadata[CHECKSUM_KEY]) != _checksum([features, out_to_loss]):
+            raise CorruptStoreError(f"Shard {path} does not match its checksum (altered after writing): {fix}.")
+        return features, out_to_loss
+
+    def has_valid_shard(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> bool:
+        """Whether the shard exists and reads back as written (a corrupt one is reported and deleted)."""
+        path = self.shard_path(model_id, start, stop, kind)
+        return _readable_or_removed(path, lambda: self.shard(model_id, start, stop, kind))
+
+    def statistics_path(self, model_id: int, start: int, stop: int) -> str:
+        return os.path.join(self.checkpoint_dir(model_id), f"kernel-statistics-{start:09d}-{stop:09d}.safetensors")
+
+    def has_statistics(self, model_id: int, start: int, stop: int) -> bool:
+        return os.path.isfile(self.statistics_path(model_id, start, stop))
+
+    def write_statistics(self, model_id: int, start: int, stop: int, statistics: Dict[str, torch.Tensor]) -> None:
+        """The kernel statistics of rows [start, stop) (``kernel_from`` "tokens" or "ekfac"), by name."""
+        tensors = {name: tensor.contiguous().cpu() for name, tensor in statistics.items()}
+        os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
+        atomic_write(self.statistics_path(model_id, start, stop), lambda tmp: save_file(tensors, tmp))
+
+    def statistics(self, model_id: int, start: int, stop: int) -> Dict[str, torch.Tensor]:
+        return _load_safetensors(self.statistics_path(model_id, start, stop))
+
+    def has_valid_statistics(self, model_id: int, start: int, stop: int) -> bool:
+        """Whether the shard's kernel statistics exist and read (corrupt ones are reported and deleted)."""
+        path = self.statistics_path(model_id, start, stop)
+        return _readable_or_removed(path, lambda: self.statistics(model_id, start, stop))
+
+    def has_preconditioned(self, model_id: int) -> bool:
+        """Whether Φ_m is stored for every shard (stores before version 3 hold none: scoring forms it)."""
+        return all(self.has_shard(model_id, a, b, PRECONDITIONED) for a, b in self.shard_ranges())
+
+    def verify(self) -> None:
+        """Read every shard and kernel and check row counts and checksums (``CorruptStoreError`` names the
+        first bad file)."""
+        for model_id in range(self.config.num_checkpoints):
+            self.load_kernel(model_id)
+            if self.config.principal_share:
+                self.principal_factors(model_id)
+            for start, stop in self.shard_ranges():
+                for kind in (FEATURES, PRECONDITIONED):
+                    if kind == FEATURES or self.has_shard(model_id, start, stop, kind):
+                        self.shard(model_id, start, stop, kind)
+
+    def shards(self, model_id: int) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+        """``(start, features, out_to_loss)`` of every shard, in row order."""
+        for start, stop in self.shard_ranges():
+            yield (start, *self.shard(model_id, start, stop))
+
+    def out_to_loss(self, model_id: int) -> np.ndarray:
+        return np.concatenate([q for _, _, q in self.shards(model_id)])
+
+    def features(self, model_id: int) -> np.ndarray:
+        """All train features of a checkpoint in memory, (n, k) (a copy; ``shards`` streams them)."""
+        return np.concatenate([features for _, features, _ in self.shards(model_id)])
+
+    # ------------------------------------------------------- principal factors
+    def principal_factors_path(self, model_id: int) -> str:
+        return os.path.join(self.checkpoint_dir(model_id), PRINCIPAL_FACTORS_NAME)
+
+    def has_principal_factors(self, model_id: int) -> bool:
+        return os.path.isfile(self.principal_factors_path(model_id))
+
+    def has_valid_principal_factors(self, model_id: int) -> bool:
+        """Whether checkpoint m's principal factors exist and read (corrupt ones are reported and deleted)."""
+        path = self.principal_factors_path(model_id)
+        return _readable_or_removed(path, lambda: self.principal_factors(model_id))
+
+    def save_principal_factors(self, model_id: int, factors: Dict[str, torch.Tensor]) -> None:
+        """The factored projector's principal factors of checkpoint m ({"<name>/<side>": d × k})."""
+        tensors = {name: tensor.contiguous().cpu() for name, tensor in factors.items()}
+        os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
+        atomic_write(self.principal_factors_path(model_id), lambda tmp: save_file(tensors, tmp))
+
+    def principal_factors(self, model_id: int) -> Dict[str, torch.Tensor]:
+        path = self.principal_factors_path(model_id)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
+        return _load_safetensors(path)
+
+    # ----------------------------------------------------------------- kernel
+    def has_kernel(self, model_id: int) -> bool:
+        return os.path.isfile(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME))
+
+    def has_valid_kernel(self, model_id: int) -> bool:
+        """Whether K_m exists and reads (a corrupt one is reported and deleted, to be redone)."""
+        path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
+        return _readable_or_removed(path, lambda: self.load_kernel(model_id))
+
+    def save_kernel(
+        self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float, phi_scale: torch.Tensor
+    ) -> None:
+        tensors = {
+            "xtx": xtx.contiguous(),
+            "kernel": kernel.contiguous(),
+            "lambda_reg": torch.tensor(lambda_reg, dtype=torch.float64),
+            "phi_scale": phi_scale.contiguous(),
+        }
+        path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+    def load_kernel(self, model_id: int, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """The tensors of K_m's file (only ``names`` of them, if given: a query needs the k-vector phi_scale,
+        not the two k × k matrices)."""
+        path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
+        return _load_safetensors(path, names)
+
+    def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(XᵀX_m, K_m) in float64, which a normalized ensemble needs for every query (``hf_trak.run.scoring``); with
+        ``keep_kernels``, kept in memory after the first call while K_m's file is unchanged (same modification
+        time and size)."""
+        if not self.keep_kernels:
+            saved = self.load_kernel(model_id, ["xtx", "kernel"])
+            return saved["xtx"].double(), saved["kernel"].double()
+        path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
+        stat = os.stat(path) if os.path.isfile(path) else None
+        version = (stat.st_mtime_ns, stat.st_size) if stat else None
+        cached = self._grams_and_kernels.get(model_id)
+        if cached is None or cached[0] != version:
+            saved = self.load_kernel(model_id, ["xtx", "kernel"])
+            cached = (version, saved["xtx"].double(), saved["kernel"].double())
+            self._grams_and_kernels[model_id] = cached
+        return cached[1], cached[2]
+
+    def is_complete(self) -> bool:
+        """Every checkpoint's fingerprint and kernel, and (version 3 on) its Φ shards, are written."""
+        checkpoints = range(self.config.num_checkpoints)
+        return (
+            all(self.config.checkpoint_fingerprints)
+            and all(self.has_kernel(m) for m in checkpoints)
+            and (not self.config.principal_share or all(self.has_principal_factors(m) for m in checkpoints))
+            and (self.config.store_version < 3 or all(self.has_preconditioned(m) for m in checkpoints))
+        )
+
+    def record_checkpoint(self, model_id: int, fingerprint: str, base_fingerprint: Optional[str] = None) -> None:
+        """Record the weights' fingerprint of checkpoint ``model_id`` (and the base model's) in the config."""
+        fingerprints = list(self.config.checkpoint_fingerprints)
+        fingerprints[model_id] = fingerprint
+        changes = {"checkpoint_fingerprints": fingerprints}
+        if base_fingerprint is not None:
+            changes["base_fingerprint"] = base_fingerprint
+        self.config = dataclasses.replace(self.config, **changes)
+        text = self.config.to_json_string()
+        write_text(os.path.join(self.root, CONFIG_NAME), text)
+
+    # ------------------------------------------------------------ provenance
+    def save_row_hashes(self, row_hashes: np.ndarray) -> None:
+        """The featurized split's row hashes (``hf_trak.data.inputs``), in row order."""
+        write_arrow(
+            os.path.join(self.root, ROW_HASHES_NAME),
+            {"index": pa.array(np.arange(len(row_hashes), dtype=np.int64)), "row_hash": pa.array(row_hashes)},
+        )
+
+    def row_hashes(self) -> Optional[np.ndarray]:
+        """The featurized split's row hashes, or None for a store written before they were recorded."""
+        path = os.path.join(self.root, ROW_HASHES_NAME)
+        if not os.path.isfile(path):
+            return None
+        try:
+            return _read_table(path).column("row_hash").to_numpy()
+        except (pa.ArrowException, KeyError) as error:
+            raise CorruptStoreError(f"{path} is corrupt ({error}): run featurize again to rewrite it.") from error
+
+    def record_excluded_rows(self, rows: Sequence[int]) -> None:
+        """Record the rows excluded for non-finite inputs or gradients (their features are 0, Q is NaN)."""
+        self.config = dataclasses.replace(self.config, excluded_rows=sorted(set(rows)))
+        text = self.config.to_json_string()
+        write_text(os.path.join(self.root, CONFIG_NAME), text)
+
+    # ----------------------------------------------------------------- scores
+    def scores_path(self, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"Scores name {name!r} must be letters, digits, '_', '.' or '-'.")
+        return os.path.join(self.root, "scores", f"{name}.arrow")
+
+    def save_scores(self, name: str, scores: np.ndarray, overwrite: bool = False) -> str:
+        """Write ``scores`` (n × m) as ``scores/<name>.arrow``, one row per target; returns the path.
+        Existing scores of that name are only replaced with ``overwrite``."""
+        path = self.scores_path(name)
+        if os.path.exists(path) and not overwrite:
+            raise OutputExistsError(f"{path} exists: choose another name, or pass overwrite=True to replace it.")
+        os.makedirs(os.path.join(self.root, "scores"), exist_ok=True)
+        write_arrow(
+            path,
+            {
+                "target_index": pa.array(np.arange(scores.shape[1], dtype=np.int64)),
+                "scores": fixed_size_list(np.asarray(scores, dtype=np.float32).T),
+            },
+        )
+        return path
+
+    def score_names(self) -> List[str]:
+        directory = os.path.join(self.root, "scores")
+        return (
+            sorted(name[: -len(".arrow")] for name in os.listdir(directory) if name.endswith(".arrow"))
+            if os.path.isdir(directory)
+            else []
+        )
+
+    def load_scores(self, name: str) -> np.ndarray:
+        """The (n × m) scores saved as ``name``."""
+        table = _read_table(os.path.join(self.root, "scores", f"{name}.arrow"))
+        return fixed_size_list_to_numpy(table.column("scores")).T

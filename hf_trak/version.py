@@ -1,0 +1,3 @@
+"""hf_trak's version (recorded in every store's config)."""
+
+__version__ = "0.1.0"

@@ -1,1 +1,0 @@
-"""Card templates rendered by hf_trak (installed as ``hf_trak.model_cards``)."""
