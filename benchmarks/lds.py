@@ -63,7 +63,7 @@ from hf_trak.evaluate import lds
 from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE, attention_input_parameters
 from hf_trak.method.factored import factorable_parameter_names
 from hf_trak.method.model_outputs import AutoModelOutput, CausalLMModelOutput
-from hf_trak.store.config import STORE_VERSION
+from hf_trak.store.versions import STORE_VERSION
 
 
 def ground_truth(name: str, folder: str = DATA):

@@ -26,7 +26,6 @@ score matrix. Memory-mapped pages of the store count while touched.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -75,15 +74,17 @@ def synthetic_store(root: str, n: int, k: int, shard_size: int, centers: np.ndar
     from accelerate import PartialState
 
     from hf_trak.run.featurize import finalize_checkpoint
-    from hf_trak.store.config import STORE_VERSION, TRAKConfig
+    from hf_trak.store.config import TRAKConfig
     from hf_trak.store.feature_store import FeatureStore
+    from hf_trak.store.versions import STORE_VERSION
 
-    config = TRAKConfig(model_class="-", name_or_path="", task="-", task_settings={}, projector="rademacher",
-                        proj_dim=k, projector_seed=0, param_names=[], num_params=0, lambda_reg=None,
-                        dtype="float16")  # fmt: skip
-    config = dataclasses.replace(
-        config, feature_dim=k, num_checkpoints=1, num_train_examples=n, shard_size=shard_size,
-        store_version=STORE_VERSION, checkpoint_fingerprints=["-"],
+    config = TRAKConfig(
+        model_class="-", name_or_path="", task="-", task_settings={}, param_names=[], num_params=0,
+        store_version=STORE_VERSION, feature_dim=k, kernel_blocks=[], projector="rademacher", proj_dim=k,
+        projector_seed=0, lambda_reg=None, lambda_scale=0.1, kernel="global", kernel_from="examples",
+        train_weight="out_to_loss", ensemble="mean", principal_share=0.0, principal_fraction=0.0,
+        kernel_shrinkage=0.0, dtype="float16", shard_size=shard_size, num_checkpoints=1, num_train_examples=n,
+        checkpoint_fingerprints=["-"],
     )  # fmt: skip
     store = FeatureStore.create_or_resume(root, config)
     rng = np.random.default_rng(0)

@@ -10,7 +10,6 @@ with ``datasets.load_dataset(...).with_format("numpy")``.
 """
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ import numpy as np
 
 from hf_trak.store.config import TRAKConfig
 from hf_trak.store.feature_store import FeatureStore
+from hf_trak.store.versions import STORE_VERSION
 
 
 def main():
@@ -32,21 +32,12 @@ def main():
     q = np.ones(args.shard_size, np.float32)
     gigabytes = n * k * 2 / 1e9
     config = TRAKConfig(
-        model_class="-",
-        name_or_path="",
-        task="-",
-        task_settings={},
-        projector="rademacher",
-        proj_dim=k,
-        projector_seed=0,
-        param_names=[],
-        num_params=0,
-        lambda_reg=None,
-        dtype="float16",
-    )
-    config = dataclasses.replace(
-        config, feature_dim=k, num_checkpoints=1, num_train_examples=n, shard_size=args.shard_size
-    )
+        model_class="-", name_or_path="", task="-", task_settings={}, param_names=[], num_params=0,
+        store_version=STORE_VERSION, feature_dim=k, kernel_blocks=[], projector="rademacher", proj_dim=k,
+        projector_seed=0, lambda_reg=None, lambda_scale=0.1, kernel="global", kernel_from="examples",
+        train_weight="out_to_loss", ensemble="mean", principal_share=0.0, principal_fraction=0.0,
+        kernel_shrinkage=0.0, dtype="float16", shard_size=args.shard_size, num_checkpoints=1, num_train_examples=n,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as root:
         store = FeatureStore.create_or_resume(os.path.join(root, "store"), config)
         start = time.perf_counter()

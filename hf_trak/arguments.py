@@ -4,9 +4,11 @@ One dataclass, read by everything that runs TRAK: ``TRAKer(model, args=...)`` (o
 keywords, which are these fields), ``TRAKHFTrainer(trak_args=...)``, ``TRAKer.from_pretrained``
 (the stored settings) and the ``hf-trak`` command line, whose options are derived from the
 fields (``add_arguments``): a setting added here appears everywhere. Each field's
-``metadata`` holds its help text and ``scope``: ``"store"`` (recorded in the feature store:
-scoring uses the stored value), ``"featurize"`` (how a featurization treats an existing
-store), ``"run"`` (how one call computes: batch sizes, device, memory bounds) or
+``metadata`` holds its help text and ``scope``: ``"store"`` (recorded under its name in the
+store's ``TRAKConfig``, which copies these fields both ways: scoring uses the stored value),
+``"featurize"`` (shapes a featurization without being recorded by name: the task, the
+estimator whose presets the store records, the parameters, where the store is and whether
+to replace it), ``"run"`` (how one call computes: batch sizes, device, memory bounds) or
 ``"trainer"`` (``TRAKHFTrainer`` only).
 """
 
@@ -40,21 +42,25 @@ class TRAKArguments:
     """TRAK settings (see each field's help; ``hf-trak featurize --help`` lists them too)."""
 
     task: Optional[str] = _field(
-        None, "model output function: text_classification, image_classification, causal_lm, clip (default: the head)"
+        None,
+        "model output function: text_classification, image_classification, causal_lm, clip (default: the head)",
+        scope="featurize",
     )
     proj_dim: Optional[int] = _field(2048, "k, the feature dimension (ignored by the identity projector)")
     estimator: str = _field(
         "hf_trak",
-        "what the settings left at auto become (hf_trak.method.estimator): hf_trak (the LDS suite's choice: no Q, weights "
+        "what the settings left at auto become (hf_trak.method.estimator): hf_trak (the LDS suite's choice: no Q, "
+        "weights "
         "without biases or attention query/key/value projections, per-module kernels on the factored projector "
         "with λ_b = 0.01·tr_b/k_b, from per-token gradients for causal LMs (principal factors, kernels shrunk "
         "toward K-FAC), each checkpoint's scores normalized per target) or trak (TRAK as the seeds define it: Q, "
         "one global kernel, λ = 0.1·tr/k, the mean over checkpoints)",
         choices=ESTIMATORS,
+        scope="featurize",
     )
     projector: str = _field(
         "auto",
-        "auto (see hf_trak.method.feature_map.choose_projector: hf_trak: factored when Linear/Conv1D/Embedding layers "
+        "auto (see hf_trak.method.estimator.choose_projector: hf_trak: factored when Linear/Conv1D/Embedding layers "
         "hold ≥ 0.9 of p; trak: factored for large p·k; else rademacher), rademacher, normal, identity (raw "
         "gradients) or factored",
         choices=PROJECTORS,
@@ -100,7 +106,9 @@ class TRAKArguments:
         "hf_trak: 0.6 with per-token kernels, else 0; trak: 0)",
     )
     principal_fraction: float = _field(
-        0.1, "share of the train rows (evenly spaced) the second moments for principal_share are estimated from"
+        0.1,
+        "share of the train rows (evenly spaced) the second moments for principal_share are estimated from (0 only "
+        "with principal_share=0: what a store without principal factors records)",
     )
     kernel_shrinkage: Optional[float] = _field(
         None,
@@ -112,6 +120,7 @@ class TRAKArguments:
         None,
         "parameter names to differentiate, or 'all' (default: the trainable ones; hf_trak: without biases, and "
         "with the factored projector without the attention's query/key/value projections)",
+        scope="featurize",
     )
     param_chunk_numel: Optional[int] = _field(
         None, "dense projectors: per-example gradients of at most this many parameter elements at a time", scope="run"
@@ -119,7 +128,9 @@ class TRAKArguments:
     max_projector_cache_bytes: int = _field(4 * 2**30, "memory for cached projection blocks (bytes)", scope="run")
     shard_size: int = _field(4096, "train rows per stored shard (unit of resuming and of work per process)")
     save_dir: Optional[str] = _field(
-        None, "the feature store (None: a temporary folder for TRAKer, <output_dir>/trak for TRAKHFTrainer)"
+        None,
+        "the feature store (None: a temporary folder for TRAKer, <output_dir>/trak for TRAKHFTrainer)",
+        scope="featurize",
     )
     batch_size: int = _field(32, "examples per forward/backward pass", scope="run")
     target_block_size: int = _field(4096, "targets scored together against one train shard", scope="run")
@@ -166,7 +177,8 @@ class TRAKArguments:
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and 0 <= value <= 1):
                 raise InvalidArgumentError(f"{name} must be in [0, 1] (or None for the estimator's), got {value!r}.")
-        if not (_is_number(self.principal_fraction) and 0 < self.principal_fraction <= 1):
+        unused = self.principal_fraction == 0 and self.principal_share == 0
+        if not (_is_number(self.principal_fraction) and (0 < self.principal_fraction <= 1 or unused)):
             raise InvalidArgumentError(f"principal_fraction must be in (0, 1], got {self.principal_fraction!r}.")
         if isinstance(self.max_projector_cache_bytes, bool) or not (
             isinstance(self.max_projector_cache_bytes, int) and self.max_projector_cache_bytes >= 0
@@ -195,6 +207,7 @@ class TRAKArguments:
         return cls(**json.loads(text))
 
 
+STORED = ("store",)
 FEATURIZE_SCOPES = ("store", "featurize", "run")
 
 

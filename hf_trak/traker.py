@@ -21,16 +21,18 @@ from hf_trak.data.source import ExampleSource
 from hf_trak.errors import StoreMismatchError, check_positive_int
 from hf_trak.hf.adapters import adapter_provenance
 from hf_trak.hf.checkpoints import Checkpoint
+from hf_trak.method.estimator import resolve_settings
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
 from hf_trak.run.featurize import featurize_store, verify_checkpoints
 from hf_trak.run.processes import gather_to_main, process_state
 from hf_trak.run.scoring import TopK, scores, target_features, top_k
 from hf_trak.store.card import write_dataset_card
-from hf_trak.store.config import STORE_VERSION, TRAKConfig
+from hf_trak.store.config import TRAKConfig
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.store.hub import download_store, push_store
 from hf_trak.store.provenance import split_rows
+from hf_trak.store.versions import STORE_VERSION
 from hf_trak.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -80,37 +82,24 @@ class TRAKer:
             self.device = self.state.device
         else:
             self.device = next(model.parameters()).device
+        self.args, projector_reason = resolve_settings(self.args, model, self.task, store_version)
         self.feature_map = FeatureMap(model, self.task, self.args, self.device, store_version)
-        self.args = self.feature_map.args  # the estimator's settings resolved for the chosen projector
         adapter = adapter_provenance(model) or {}
-        args = self.args
-        self.config = TRAKConfig(
+        model_config = getattr(model, "config", None)
+        self.config = TRAKConfig.from_settings(
+            self.args,
             model_class=type(model).__name__,
-            name_or_path=str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+            name_or_path=str(getattr(model_config, "_name_or_path", "") or ""),
             task=type(self.task).__name__,
             task_settings=self.task.settings(),
-            projector=self.feature_map.projector_kind,
-            projector_reason=self.feature_map.projector_reason,
-            proj_dim=args.proj_dim if self.feature_map.projector_kind != "identity" else None,
-            feature_dim=self.feature_map.dim,
-            projector_seed=args.projector_seed,
             param_names=self.feature_map.param_names,
             num_params=self.feature_map.num_params,
-            lambda_reg=args.lambda_reg,
-            lambda_scale=args.lambda_scale,
-            train_weight=args.train_weight,
-            kernel=args.kernel,
-            kernel_blocks=self.feature_map.kernel_blocks(args.kernel),
-            kernel_from=args.kernel_from,
-            ensemble=args.ensemble,
-            principal_share=args.principal_share,
-            principal_fraction=args.principal_fraction if args.principal_share else 0.0,
-            kernel_shrinkage=args.kernel_shrinkage,
-            dtype=args.dtype,
-            model_revision=getattr(getattr(model, "config", None), "_commit_hash", None),
-            shard_size=args.shard_size,
-            hf_trak_version=__version__,
             store_version=store_version,
+            feature_dim=self.feature_map.dim,
+            kernel_blocks=self.feature_map.kernel_blocks(self.args.kernel),
+            projector_reason=projector_reason,
+            model_revision=getattr(model_config, "_commit_hash", None),
+            hf_trak_version=__version__,
             adapter_config=adapter.get("config"),
             base_model=adapter.get("base_model", ""),
         )
@@ -319,23 +308,7 @@ class TRAKer:
                 f" recorded), not a {type(model).__name__}: pass the model they were made with."
             )
         settings.setdefault("grad_wrt", stored.param_names)
-        args = TRAKArguments(
-            proj_dim=stored.proj_dim,
-            projector=stored.projector,
-            projector_seed=stored.projector_seed,
-            lambda_reg=stored.lambda_reg,
-            lambda_scale=stored.lambda_scale,
-            train_weight=stored.train_weight,
-            kernel=stored.kernel,
-            kernel_from=stored.kernel_from,
-            ensemble=stored.ensemble,
-            principal_share=stored.principal_share,
-            principal_fraction=stored.principal_fraction or 1.0,  # 0 where principal_share is 0
-            kernel_shrinkage=stored.kernel_shrinkage,
-            dtype=stored.dtype,
-            shard_size=stored.shard_size,
-            save_dir=save_dir,
-        )
+        args = stored.settings(save_dir=save_dir)
         traker = cls(model, task, args=args, store_version=stored.store_version, **settings)
         mismatches = stored.mismatches(traker.config)
         if mismatches:

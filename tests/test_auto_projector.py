@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from hf_trak import TRAKArguments, TRAKer
-from hf_trak.method import feature_map as checkpoint_view
-from hf_trak.method.feature_map import choose_projector
+from hf_trak.method import estimator
+from hf_trak.method.estimator import choose_projector
 from hf_trak.testing.datasets import digits, token_sequences
 from hf_trak.testing.models import tiny_bert, tiny_vit
 
@@ -39,7 +39,7 @@ def test_small_models_get_the_dense_projector_and_the_store_says_why():
 
 
 def test_large_p_k_gets_the_factored_projector(monkeypatch, tmp_path):
-    monkeypatch.setattr(checkpoint_view, "AUTO_DENSE_MAX_ELEMENTS", 1000)  # as if the model were large
+    monkeypatch.setattr(estimator, "AUTO_DENSE_MAX_ELEMENTS", 1000)  # as if the model were large
     model, data = tiny_bert(), token_sequences(8)
     auto = TRAKer(model, proj_dim=64, save_dir=str(tmp_path / "s"), dtype=torch.float32).featurize(
         data, [model.state_dict()]
@@ -67,7 +67,7 @@ class MostlyConvolution(nn.Module):
 
 
 def test_large_p_k_without_factorable_layers_stays_dense_and_says_so(monkeypatch):
-    monkeypatch.setattr(checkpoint_view, "AUTO_DENSE_MAX_ELEMENTS", 1000)
+    monkeypatch.setattr(estimator, "AUTO_DENSE_MAX_ELEMENTS", 1000)
     kind, reason = choose_projector(MostlyConvolution(), TRAKArguments(proj_dim=64))
     assert kind == "rademacher" and "hold only" in reason and "grad_wrt" in reason
 

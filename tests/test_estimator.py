@@ -1,4 +1,4 @@
-"""``estimator``: what the settings left at "auto" become (``hf_trak.method.estimator``), and that the store records it."""
+"""``estimator``: what the settings left at "auto" become (``hf_trak.method.estimator``), as the store records it."""
 
 import re
 
@@ -8,8 +8,14 @@ import torch
 
 from hf_trak import TRAKArguments, TRAKer
 from hf_trak.errors import OutputExistsError
-from hf_trak.method.estimator import GLOBAL_LAMBDA_SCALE, LAMBDA_SCALE, MODULE_LAMBDA_SCALE, attention_input_parameters
-from hf_trak.method.feature_map import AUTO_MIN_DIMS_PER_MATRIX, choose_projector
+from hf_trak.method.estimator import (
+    AUTO_MIN_DIMS_PER_MATRIX,
+    GLOBAL_LAMBDA_SCALE,
+    LAMBDA_SCALE,
+    MODULE_LAMBDA_SCALE,
+    attention_input_parameters,
+    choose_projector,
+)
 from hf_trak.run import scoring
 from hf_trak.testing.datasets import digits, lm_sequences, token_sequences
 from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_clip, tiny_gpt2, tiny_vit

@@ -158,7 +158,7 @@ def test_stores_made_before_version_3_keep_their_factored_sizes(tmp_path):
 def test_per_token_kernels_factor_each_matrix_with_equal_sides_from_store_version_4(tmp_path):
     """kernel_from="tokens" (the causal-LM default): k_r ≈ k_c ≈ √b_l where the matrix allows it; kernels from the
     examples keep k_r:k_c ≈ r:c; a version-3 store keeps r:c for its token kernels, and reloads and scores as made."""
-    from hf_trak.store.config import STORE_VERSION
+    from hf_trak.store.versions import STORE_VERSION
 
     model, data, targets = tiny_gpt2(), lm_sequences(10), lm_sequences(3, seed=1)
     tokens = TRAKer(model, proj_dim=512)

@@ -13,8 +13,9 @@ from hf_trak.errors import InvalidArgumentError, OutputExistsError, StoreMismatc
 from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE
 from hf_trak.method.factored import FactoredGradientProjector, leading_eigenvectors
 from hf_trak.method.gradients import PerExampleGradients
-from hf_trak.store.config import CONFIG_NAME, STORE_VERSION
+from hf_trak.store.config import CONFIG_NAME
 from hf_trak.store.feature_store import PRINCIPAL_FACTORS_NAME, FeatureStore
+from hf_trak.store.versions import STORE_VERSION
 from hf_trak.testing.datasets import lm_sequences, token_sequences
 from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
 

@@ -240,8 +240,8 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
 
 
 def test_a_float16_store_keeps_the_precision_of_per_module_kernels(tmp_path):
-    """Φ is stored column-scaled (``hf_trak.method.kernel.column_scale``), so that kernels whose blocks differ by orders
-    of magnitude keep float16's relative precision in every column (a per-module K rescaled by mean|K| once left
+    """Φ is stored column-scaled (``hf_trak.method.kernel.column_scale``), so that kernels whose blocks differ by
+    orders of magnitude keep float16's relative precision in every column (a per-module K rescaled by mean|K| once left
     99.8% of an unscaled float16 Φ at 0). Stored Φ against Φ formed in float64 from the same float16 features:"""
     import os
 

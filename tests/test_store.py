@@ -12,8 +12,8 @@ from datasets import load_dataset
 
 from hf_trak import TRAKer
 from hf_trak.store.card import render_trainer_section
-from hf_trak.store.config import STORE_VERSION
 from hf_trak.store.feature_store import FeatureStore
+from hf_trak.store.versions import STORE_VERSION
 from hf_trak.testing.datasets import digits
 from hf_trak.testing.models import perturbed_state_dict, tiny_vit
 from hf_trak.testing.processes import subprocess_env

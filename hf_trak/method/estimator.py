@@ -23,14 +23,20 @@ scores the same whatever the defaults become later.
 """
 
 import dataclasses
-from typing import List, Set
+import logging
+from typing import List, Set, Tuple
 
 from torch import nn
 
 from hf_trak.arguments import TRAKArguments, check_kernel_source
 from hf_trak.errors import InvalidArgumentError
+from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
+from hf_trak.method.factored import factorable_parameter_names
+from hf_trak.method.gradients import select_parameters
 from hf_trak.method.model_outputs import AbstractModelOutput, CausalLMModelOutput
-from hf_trak.store.config import STORE_VERSION
+from hf_trak.store.versions import STORE_VERSION, has_principal_factors
+
+logger = logging.getLogger(__name__)
 
 LAMBDA_SCALE = 0.1  # λ = 0.1·tr/k: TRAK's kernel
 PRINCIPAL_SHARE = 0.6  # hf_trak's per-token kernels: 60% of each side's dimensions on its leading eigenvectors
@@ -83,19 +89,106 @@ def default_parameters(args: TRAKArguments, model: nn.Module, names: List[str], 
     return kept
 
 
+# projector="auto": a dense projection matrix of p·k elements up to this size (1 GiB in float32, e.g. a
+# 130k-parameter model at k = 2048) is affordable; beyond it, the factored projector is used when the
+# Linear/Conv1D/Embedding layers hold at least AUTO_MIN_FACTORABLE_SHARE of the p selected elements.
+# (benchmarks/factored.py: on a BERT-small-sized classifier dense costs 183× factored per example.)
+AUTO_DENSE_MAX_ELEMENTS = 2**28
+AUTO_MIN_FACTORABLE_SHARE = 0.9
+# estimator="hf_trak" takes the factored projector (for its per-module kernels) when k gives each factored
+# matrix at least this many dimensions on average; below, a dense projection keeps the features meaningful.
+AUTO_MIN_DIMS_PER_MATRIX = 4
+
+
+def choose_projector(model: nn.Module, args: TRAKArguments) -> Tuple[str, str]:
+    """``(projector, why)``: ``args.projector``, or for ``"auto"`` the factored projector when the
+    Linear/Conv1D/Embedding layers hold at least ``AUTO_MIN_FACTORABLE_SHARE`` of the p selected elements
+    and either ``args.estimator`` is ``"hf_trak"`` (its per-module kernels need it; with k at least
+    ``AUTO_MIN_DIMS_PER_MATRIX`` per factored matrix) or p·k exceeds ``AUTO_DENSE_MAX_ELEMENTS``;
+    rademacher otherwise."""
+    if args.projector != "auto":
+        return args.projector, f"projector={args.projector!r} was asked for"
+    selected = differentiated_parameters(model, dataclasses.replace(args, projector="rademacher"))
+    numels = {name: parameter.numel() for name, parameter in model.named_parameters()}
+    p, k = sum(numels[name] for name in selected), args.proj_dim
+    size = f"p·k = {p:,}·{k:,} = {p * k:,}"
+    factorable = set(factorable_parameter_names(model))
+    share = sum(numels[name] for name in selected if name in factorable) / p
+    layers = "Linear/Conv1D/Embedding layers hold"
+    matrices = sum(1 for name in selected if name in factorable)
+    if share >= AUTO_MIN_FACTORABLE_SHARE and args.estimator == "hf_trak" and k >= AUTO_MIN_DIMS_PER_MATRIX * matrices:
+        return "factored", (
+            f"estimator='hf_trak', {layers} {share:.1%} of p and k = {k:,} ≥ {AUTO_MIN_DIMS_PER_MATRIX} per factored "
+            f"matrix ({matrices}): the factored projector (per-module kernels)"
+        )
+    if p * k <= AUTO_DENSE_MAX_ELEMENTS:
+        return "rademacher", f"{size} ≤ 2^28 elements: a dense Rademacher projection"
+    if share >= AUTO_MIN_FACTORABLE_SHARE:
+        return "factored", (
+            f"{size} > 2^28 elements and {layers} {share:.1%} of p: the factored "
+            "projector (a dense one would regenerate a p × k matrix per batch)"
+        )
+    return "rademacher", (
+        f"{size} > 2^28 elements, but {layers} only {share:.1%} of p: a dense "
+        "Rademacher projection (slow at this size; pass grad_wrt= to differentiate fewer parameters)"
+    )
+
+
+def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
+    """The parameters to differentiate: ``args.grad_wrt``; by default the trainable ones (a PEFT model in
+    inference mode: its adapter), restricted to factorable layers for the factored projector, of which the
+    estimator keeps its own (``hf_trak.method.estimator.default_parameters``: hf_trak's leave the biases out, and the
+    attention's query/key/value projections of a whole model)."""
+    if args.grad_wrt_selection is not None:
+        return select_parameters(model, args.grad_wrt_selection)
+    grad_wrt, factorable = None, False
+    if is_peft_model(model) and not any(p.requires_grad for p in model.parameters()):
+        grad_wrt = adapter_parameter_names(model)
+    elif args.projector == "factored":
+        trainable = set(select_parameters(model))
+        grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
+        factorable = True
+    whole_model = factorable and not is_peft_model(model)  # an adapter's layers are the user's choice
+    selected = select_parameters(model, grad_wrt)
+    names = default_parameters(args, model, selected, whole_model=whole_model)
+    if factorable:
+        logger.info(
+            "Factored projection: differentiating %d of %d Linear/Conv1D/Embedding parameters (estimator=%r: "
+            "hf_trak leaves biases and attention query/key/value projections out); pass grad_wrt to choose them "
+            "(others use the dense fallback).",
+            len(names),
+            len(selected),
+            args.estimator,
+        )
+    return names
+
+
+def resolve_settings(
+    args: TRAKArguments, model: nn.Module, task: AbstractModelOutput, store_version: int = STORE_VERSION
+) -> Tuple[TRAKArguments, str]:
+    """``(settings, why this projector)``: ``args`` with every "auto" resolved, the one place that happens: the
+    projector (``choose_projector``), then the estimator's presets for it (``resolve_estimator``). The result is
+    what the store records (``TRAKConfig.from_settings``) and what ``FeatureMap`` makes features with."""
+    projector, reason = choose_projector(model, args)
+    if args.projector == "auto":
+        logger.info("projector='auto' chose %s: %s.", projector, reason)
+    return resolve_estimator(dataclasses.replace(args, projector=projector), task, store_version), reason
+
+
 def resolve_estimator(
-    args: TRAKArguments, projector: str, task: AbstractModelOutput, store_version: int = STORE_VERSION
+    args: TRAKArguments, task: AbstractModelOutput, store_version: int = STORE_VERSION
 ) -> TRAKArguments:
-    """``args`` with ``train_weight``, ``kernel``, ``kernel_from``, ``lambda_scale``, ``ensemble``,
-    ``principal_share`` and ``kernel_shrinkage`` set: their explicit values, else ``args.estimator``'s for this
-    ``projector`` (the one ``choose_projector`` chose) and model output; features for a store of a ``store_version``
-    before 5 get neither principal factors nor shrinkage by default (that format had none).
+    """``args`` (its projector chosen) with ``train_weight``, ``kernel``, ``kernel_from``, ``lambda_scale``,
+    ``ensemble``, ``principal_share`` and ``kernel_shrinkage`` set: their explicit values, else ``args.estimator``'s
+    for its projector and model output; features for a store of a format without principal factors
+    (``hf_trak.store.versions``) get neither principal factors nor shrinkage by default. ``proj_dim`` is None for the
+    identity projector (k = p) and ``principal_fraction`` 0 without principal factors: what the store records.
 
     Principal factors and shrinkage, for per-token kernels (the LDS suite's causal LM, ``benchmarks/lds.py``,
     K=5): over projector seeds 0-4, 0.637 ± 0.004 with neither, 0.646 ± 0.004 with both (K=1: 0.544 → 0.565),
     against EK-FAC's 0.637 ± 0.001; with seed 0, neither 0.632, shrinkage alone 0.634, principal factors alone
     0.633, both 0.640. The classifiers' kernels, from the examples, keep random factors (not measured there)."""
-    classic = args.estimator == "trak"
+    classic, projector = args.estimator == "trak", args.projector
     train_weight = args.train_weight
     if train_weight == "auto":
         train_weight = "out_to_loss" if classic else "none"
@@ -113,7 +206,7 @@ def resolve_estimator(
     ensemble = args.ensemble
     if ensemble == "auto":
         ensemble = "mean" if classic else "normalized"
-    per_token = kernel_from == "tokens" and not classic and store_version >= 5
+    per_token = kernel_from == "tokens" and not classic and has_principal_factors(store_version)
     principal_share = args.principal_share
     if principal_share is None:
         principal_share = PRINCIPAL_SHARE if per_token and projector == "factored" else 0.0
@@ -138,5 +231,7 @@ def resolve_estimator(
         lambda_scale=lambda_scale,
         ensemble=ensemble,
         principal_share=float(principal_share),
+        principal_fraction=args.principal_fraction if principal_share else 0.0,
         kernel_shrinkage=float(kernel_shrinkage),
+        proj_dim=None if projector == "identity" else args.proj_dim,
     )

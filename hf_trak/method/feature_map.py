@@ -15,8 +15,6 @@ checkpoint once. A task that depends on other examples (CLIP's contrast set) is 
 the checkpoint by ``task.at_checkpoint`` the first time the view needs it.
 """
 
-import dataclasses
-import logging
 import math
 from typing import Callable, Mapping, Optional, Tuple
 
@@ -27,99 +25,21 @@ from hf_trak.arguments import TRAKArguments
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
-from hf_trak.method.estimator import default_parameters, resolve_estimator
-from hf_trak.method.factored import FactoredGradientProjector, factorable_parameter_names
-from hf_trak.method.gradients import DenseGradientProjector, PerExampleGradients, select_parameters
+from hf_trak.method.estimator import differentiated_parameters
+from hf_trak.method.factored import FactoredGradientProjector
+from hf_trak.method.gradients import DenseGradientProjector, PerExampleGradients
 from hf_trak.method.masks import AttentionMaskAdapter
 from hf_trak.method.model_outputs import AbstractModelOutput, call_model, without_labels
 from hf_trak.method.projectors import make_projector
-from hf_trak.store.config import STORE_VERSION
-
-logger = logging.getLogger(__name__)
+from hf_trak.store.versions import STORE_VERSION, factored_sizing
 
 SampleTrainBatch = Callable[[int, int], dict]
 
 
-# projector="auto": a dense projection matrix of p·k elements up to this size (1 GiB in float32, e.g. a
-# 130k-parameter model at k = 2048) is affordable; beyond it, the factored projector is used when the
-# Linear/Conv1D/Embedding layers hold at least AUTO_MIN_FACTORABLE_SHARE of the p selected elements.
-# (benchmarks/factored.py: on a BERT-small-sized classifier dense costs 183× factored per example.)
-AUTO_DENSE_MAX_ELEMENTS = 2**28
-AUTO_MIN_FACTORABLE_SHARE = 0.9
-# estimator="hf_trak" takes the factored projector (for its per-module kernels) when k gives each factored
-# matrix at least this many dimensions on average; below, a dense projection keeps the features meaningful.
-AUTO_MIN_DIMS_PER_MATRIX = 4
-
-
-def choose_projector(model: nn.Module, args: TRAKArguments) -> Tuple[str, str]:
-    """``(projector, why)``: ``args.projector``, or for ``"auto"`` the factored projector when the
-    Linear/Conv1D/Embedding layers hold at least ``AUTO_MIN_FACTORABLE_SHARE`` of the p selected elements
-    and either ``args.estimator`` is ``"hf_trak"`` (its per-module kernels need it; with k at least
-    ``AUTO_MIN_DIMS_PER_MATRIX`` per factored matrix) or p·k exceeds ``AUTO_DENSE_MAX_ELEMENTS``;
-    rademacher otherwise."""
-    if args.projector != "auto":
-        return args.projector, f"projector={args.projector!r} was asked for"
-    selected = differentiated_parameters(model, dataclasses.replace(args, projector="rademacher"))
-    numels = {name: parameter.numel() for name, parameter in model.named_parameters()}
-    p, k = sum(numels[name] for name in selected), args.proj_dim
-    size = f"p·k = {p:,}·{k:,} = {p * k:,}"
-    factorable = set(factorable_parameter_names(model))
-    share = sum(numels[name] for name in selected if name in factorable) / p
-    layers = "Linear/Conv1D/Embedding layers hold"
-    matrices = sum(1 for name in selected if name in factorable)
-    if share >= AUTO_MIN_FACTORABLE_SHARE and args.estimator == "hf_trak" and k >= AUTO_MIN_DIMS_PER_MATRIX * matrices:
-        return "factored", (
-            f"estimator='hf_trak', {layers} {share:.1%} of p and k = {k:,} ≥ {AUTO_MIN_DIMS_PER_MATRIX} per factored "
-            f"matrix ({matrices}): the factored projector (per-module kernels)"
-        )
-    if p * k <= AUTO_DENSE_MAX_ELEMENTS:
-        return "rademacher", f"{size} ≤ 2^28 elements: a dense Rademacher projection"
-    if share >= AUTO_MIN_FACTORABLE_SHARE:
-        return "factored", (
-            f"{size} > 2^28 elements and {layers} {share:.1%} of p: the factored "
-            "projector (a dense one would regenerate a p × k matrix per batch)"
-        )
-    return "rademacher", (
-        f"{size} > 2^28 elements, but {layers} only {share:.1%} of p: a dense "
-        "Rademacher projection (slow at this size; pass grad_wrt= to differentiate fewer parameters)"
-    )
-
-
-def differentiated_parameters(model: nn.Module, args: TRAKArguments) -> list:
-    """The parameters to differentiate: ``args.grad_wrt``; by default the trainable ones (a PEFT model in
-    inference mode: its adapter), restricted to factorable layers for the factored projector, of which the
-    estimator keeps its own (``hf_trak.method.estimator.default_parameters``: hf_trak's leave the biases out, and the
-    attention's query/key/value projections of a whole model)."""
-    if args.grad_wrt_selection is not None:
-        return select_parameters(model, args.grad_wrt_selection)
-    grad_wrt, factorable = None, False
-    if is_peft_model(model) and not any(p.requires_grad for p in model.parameters()):
-        grad_wrt = adapter_parameter_names(model)
-    elif args.projector == "factored":
-        trainable = set(select_parameters(model))
-        grad_wrt = [name for name in factorable_parameter_names(model) if name in trainable]
-        factorable = True
-    whole_model = factorable and not is_peft_model(model)  # an adapter's layers are the user's choice
-    selected = select_parameters(model, grad_wrt)
-    names = default_parameters(args, model, selected, whole_model=whole_model)
-    if factorable:
-        logger.info(
-            "Factored projection: differentiating %d of %d Linear/Conv1D/Embedding parameters (estimator=%r: "
-            "hf_trak leaves biases and attention query/key/value projections out); pass grad_wrt to choose them "
-            "(others use the dense fallback).",
-            len(names),
-            len(selected),
-            args.estimator,
-        )
-    return names
-
-
 class FeatureMap:
-    """z ↦ x = P_mᵀ ∇_θ f(z; θ_m) / √p for ``model`` with ``task`` and the settings of ``args``
-    (``args=None``: no features, for views that only evaluate f or Q). ``store_version``: the
-    store format the features are for (older stores keep the factored projector's old sizes).
-    ``self.args``: ``args`` with the projector chosen and the estimator's settings resolved
-    (``hf_trak.method.estimator``), which the factored projector's sizes depend on."""
+    """z ↦ x = P_mᵀ ∇_θ f(z; θ_m) / √p for ``model`` with ``task`` and the resolved settings ``args``
+    (``hf_trak.method.estimator.resolve_settings``; ``args=None``: no features, for views that only evaluate f
+    or Q). ``store_version``: the store format the features are for (``hf_trak.store.versions``)."""
 
     def __init__(
         self,
@@ -133,15 +53,10 @@ class FeatureMap:
         self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
         self.param_names, self.num_params, self.projector = [], 0, None
         self.store_version = store_version
-        self.projector_kind, self.projector_reason = None, ""
         self.args = args
         self.store = None  # the feature store whose principal factors the views use (``at``)
         if args is not None:
-            self.projector_kind, self.projector_reason = choose_projector(model, args)
-            if args.projector == "auto":
-                logger.info("projector='auto' chose %s: %s.", self.projector_kind, self.projector_reason)
-            self.args = resolve_estimator(args, self.projector_kind, task, store_version)
-            self._make_projector(dataclasses.replace(self.args, projector=self.projector_kind))
+            self._make_projector(args)
 
     def _make_projector(self, args: TRAKArguments) -> None:
         model = self.model
@@ -149,9 +64,7 @@ class FeatureMap:
         parameters = dict(model.named_parameters())
         self.num_params = sum(parameters[name].numel() for name in self.param_names)
         if args.projector == "factored":
-            sizing = "fill" if self.store_version >= 3 else "legacy"
-            if self.store_version >= 4 and args.kernel_from == "tokens":
-                sizing = "square"  # per-token gradients are rank one: equal sides project them best
+            sizing = factored_sizing(self.store_version, args.kernel_from)
             self.projector = FactoredGradientProjector(
                 model,
                 self.param_names,
@@ -188,7 +101,7 @@ class FeatureMap:
         if not isinstance(self.projector, FactoredGradientProjector):
             raise InvalidArgumentError(
                 f"kernel='per_module' needs features made per projected matrix, which the factored projector "
-                f"gives and the {self.projector_kind} one does not: pass projector='factored'."
+                f"gives and the {self.args.projector} one does not: pass projector='factored'."
             )
         blocks = [[target.offset, target.size] for target in self.projector.targets]
         if self.projector.fallback_projector is not None:

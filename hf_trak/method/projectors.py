@@ -19,7 +19,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-PROJECTORS = ("rademacher", "normal", "identity")  # dense; "factored" lives in hf_trak.method.factored
+from hf_trak.arguments import PROJECTORS
+from hf_trak.errors import InvalidArgumentError
 
 
 def seeded_generator(*keys) -> torch.Generator:
@@ -85,7 +86,7 @@ class RandomProjector(AbstractProjector):
     ):
         super().__init__(param_numels, device)
         if kind not in ("rademacher", "normal"):
-            raise ValueError(f"Unknown projector {kind!r}; choose one of {PROJECTORS}.")
+            raise InvalidArgumentError(f"A random projector is rademacher or normal, not {kind!r}.")
         self.proj_dim, self.kind, self.seed = proj_dim, kind, seed
         self.segment_numel = max(1, 2**26 // proj_dim)  # one block: 2**26 float32 entries (256 MiB)
         self.max_cache_bytes = max_cache_bytes
@@ -137,8 +138,10 @@ def make_projector(
     """The projector named ``kind`` over the parameters ``param_numels``."""
     if kind == "identity":
         return IdentityProjector(param_numels, device)
-    if kind not in PROJECTORS:
-        raise ValueError(f"Unknown projector {kind!r}; choose one of {PROJECTORS}.")
+    if kind not in ("rademacher", "normal"):  # "auto" is resolved and "factored" made by hf_trak.method.factored
+        raise InvalidArgumentError(f"Unknown projector {kind!r}; choose one of {', '.join(PROJECTORS)}.")
     if proj_dim is None or int(proj_dim) <= 0:
-        raise ValueError(f"proj_dim must be a positive integer for the {kind!r} projector, got {proj_dim!r}.")
+        raise InvalidArgumentError(
+            f"proj_dim must be a positive integer for the {kind!r} projector, got {proj_dim!r}."
+        )
     return RandomProjector(param_numels, int(proj_dim), kind, seed, device, max_cache_bytes)

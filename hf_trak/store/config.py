@@ -1,21 +1,13 @@
-"""``TRAKConfig``: what determines a set of TRAK features, serialised to JSON."""
+"""``TRAKConfig``: what determines a set of TRAK features, serialised to JSON as the store's ``trak_config.json``."""
 
 import dataclasses
 import json
 from typing import List, Optional
 
+from hf_trak.arguments import STORED, TRAKArguments, fields_in
+from hf_trak.store.versions import upgrade
+
 CONFIG_NAME = "trak_config.json"
-# 1: hf_trak 0.1.0. 2: K and XtX kept in float64, λ's scale recorded (lambda_scale), checkpoint
-# fingerprints recorded as featurize loads each checkpoint, PEFT adapter provenance. 3: the
-# train split's row hashes (train_rows.arrow, train_hashes), shard checksums, excluded rows, and
-# the factored projector's sizes filling proj_dim. 4: its matrices factored with equal sides
-# (k_r ≈ k_c) where the kernel is built from per-token gradients (kernel_from="tokens"). Older
-# stores load and score unchanged (their missing fields take the old values, their sizes the old rule).
-# 5: principal factors (principal_share, principal_fraction; principal-factors.safetensors per
-# checkpoint) and per-token kernels shrunk toward K-FAC (kernel_shrinkage). hf_trak before 5 did not
-# check versions (it would read a version-5 store and project targets with random factors); from 5 on,
-# ``FeatureStore.load`` refuses a store of a version above its own.
-STORE_VERSION = 5
 
 # Fields that give the features their meaning: scoring with another value is wrong.
 FEATURE_FIELDS = (
@@ -77,49 +69,63 @@ class TRAKConfig:
     the sha256 of checkpoint 0's non-adapter weights (the base the adapters were trained on).
     """
 
+    # what the features were made of
     model_class: str
     name_or_path: str
     task: str
     task_settings: dict
+    param_names: List[str]
+    num_params: int
+    store_version: int
+    feature_dim: int
+    kernel_blocks: List[List[int]]
+    # the settings (TRAKArguments' fields of scope "store", resolved: ``from_settings``/``settings``)
     projector: str
     proj_dim: Optional[int]
     projector_seed: int
-    param_names: List[str]
-    num_params: int
     lambda_reg: Optional[float]
+    lambda_scale: float
+    kernel: str
+    kernel_from: str
+    train_weight: str
+    ensemble: str
+    principal_share: float
+    principal_fraction: float
+    kernel_shrinkage: float
     dtype: str
-    feature_dim: int = 0
+    shard_size: int
+    # provenance, filled in as featurize goes
+    projector_reason: str = ""
     model_revision: Optional[str] = None
+    hf_trak_version: str = ""
     num_checkpoints: int = 0
     num_train_examples: int = 0
     train_fingerprint: str = ""
-    shard_size: int = 4096
+    train_hashes: List[str] = dataclasses.field(default_factory=list)
     checkpoint_fingerprints: List[str] = dataclasses.field(default_factory=list)
     checkpoint_sources: List[str] = dataclasses.field(default_factory=list)
-    hf_trak_version: str = ""
-    lambda_scale: float = 0.1
-    store_version: int = 1
     adapter_config: Optional[dict] = None
     base_model: str = ""
     base_fingerprint: str = ""
-    train_hashes: List[str] = dataclasses.field(default_factory=list)
-    projector_reason: str = ""
-    train_weight: str = "out_to_loss"
-    kernel: str = "global"
-    kernel_blocks: List[List[int]] = dataclasses.field(default_factory=list)
-    kernel_from: str = "examples"
-    ensemble: str = "mean"
-    principal_share: float = 0.0
-    principal_fraction: float = 0.0
-    kernel_shrinkage: float = 0.0
     excluded_rows: List[int] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, args: TRAKArguments, **fields) -> "TRAKConfig":
+        """The config of features made with ``args`` (resolved: ``hf_trak.method.estimator.resolve_settings``), its
+        fields of scope "store" copied by name, and the other ``fields``."""
+        return cls(**{field.name: getattr(args, field.name) for field in fields_in(STORED)}, **fields)
+
+    def settings(self, **settings) -> TRAKArguments:
+        """The ``TRAKArguments`` the features were made with (the fields of scope "store"), with ``settings``."""
+        return TRAKArguments(**{field.name: getattr(self, field.name) for field in fields_in(STORED)}, **settings)
 
     def to_json_string(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json_string(cls, text: str) -> "TRAKConfig":
-        return cls(**json.loads(text))
+    def from_json_string(cls, text: str, root: str = "") -> "TRAKConfig":
+        """The config of a store of any version up to ``STORE_VERSION`` (``hf_trak.store.versions.upgrade``)."""
+        return cls(**upgrade(json.loads(text), root))
 
     def mismatches(self, other: "TRAKConfig", resume: bool = False) -> List[str]:
         """Human-readable differences in the fields that matter (``resume``: for continuing a run)."""

@@ -43,9 +43,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_trak.errors import CorruptStoreError, OutputExistsError, StoreMismatchError
-from hf_trak.store.config import CONFIG_NAME, STORE_VERSION, TRAKConfig
+from hf_trak.errors import CorruptStoreError, OutputExistsError
+from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.files import atomic_write, write_text
+from hf_trak.store.versions import stores_preconditioned
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +150,7 @@ class FeatureStore:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{root} holds no TRAK features ({CONFIG_NAME} is missing).")
         with open(path) as file:
-            config = TRAKConfig.from_json_string(file.read())
-        if config.store_version > STORE_VERSION:
-            raise StoreMismatchError(
-                f"{root} is a version-{config.store_version} store (hf_trak {config.hf_trak_version}); this hf_trak "
-                f"reads versions up to {STORE_VERSION}: upgrade hf_trak (pip install -U hf_trak)."
-            )
-        return cls(root, config)
+            return cls(root, TRAKConfig.from_json_string(file.read(), root))
 
     @classmethod
     def validate(cls, root: Optional[str], config: TRAKConfig, overwrite: bool = False) -> Optional[List[str]]:
@@ -393,7 +388,10 @@ class FeatureStore:
             all(self.config.checkpoint_fingerprints)
             and all(self.has_kernel(m) for m in checkpoints)
             and (not self.config.principal_share or all(self.has_principal_factors(m) for m in checkpoints))
-            and (self.config.store_version < 3 or all(self.has_preconditioned(m) for m in checkpoints))
+            and (
+                not stores_preconditioned(self.config.store_version)
+                or all(self.has_preconditioned(m) for m in checkpoints)
+            )
         )
 
     def record_checkpoint(self, model_id: int, fingerprint: str, base_fingerprint: Optional[str] = None) -> None:
