@@ -73,7 +73,7 @@ def synthetic_features(rng, rows: int, centers: np.ndarray) -> np.ndarray:
 def synthetic_store(root: str, n: int, k: int, shard_size: int, centers: np.ndarray):
     from accelerate import PartialState
 
-    from hf_trak.run.featurize import finalize_checkpoint
+    from hf_trak.run.kernels import finalize_checkpoint
     from hf_trak.store.config import TRAKConfig
     from hf_trak.store.feature_store import FeatureStore
     from hf_trak.store.versions import STORE_VERSION

@@ -11,8 +11,9 @@ import torch
 from hf_trak import TRAKer
 from hf_trak.errors import InvalidArgumentError, OutputExistsError, StoreMismatchError
 from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE
-from hf_trak.method.factored import FactoredGradientProjector, leading_eigenvectors
+from hf_trak.method.factored import FactoredGradientProjector
 from hf_trak.method.gradients import PerExampleGradients
+from hf_trak.method.principal import leading_eigenvectors
 from hf_trak.store.config import CONFIG_NAME
 from hf_trak.store.feature_store import PRINCIPAL_FACTORS_NAME, FeatureStore
 from hf_trak.store.versions import STORE_VERSION

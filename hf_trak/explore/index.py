@@ -38,7 +38,8 @@ from torch import Tensor
 
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.run.scoring import TopK, ensemble_weighted, phi_scale, preconditioned_shards, train_weights
-from hf_trak.store.feature_store import FeatureStore, as_tensor
+from hf_trak.store.arrow_files import as_tensor
+from hf_trak.store.feature_store import FeatureStore
 
 logger = logging.getLogger(__name__)
 

@@ -20,30 +20,12 @@ Rademacher with entries ±1/√k (E[P Pᵀ] = I), or the identity where a side i
 than its target size, so E⟨P_rᵀ A P_c, P_rᵀ B P_c⟩ = ⟨A, B⟩ for every layer; features
 are scaled by √proj_dim to keep the dense projector's convention E⟨Pᵀa, Pᵀb⟩ = k⟨a, b⟩.
 
-Per-layer sizes: matrix l (r × c) gets a share b_l ∝ rc of the dimensions (at least one;
-p: all differentiated elements), split as k_r ≈ √(b_l r/c), k_c ≈ b_l / k_r; what flooring
-leaves is added so that the total is ``proj_dim`` (``_filled_sizes``; stores before
-version 3 keep their sizes, at most ``proj_dim``). Where the kernel is built from per-token
-gradients (``sizing="square"``, stores from version 4), the split is k_r ≈ k_c ≈ √b_l: a
-token's gradient u vᵀ is rank one, so its projected inner products are products of two
-JL estimates, ⟨P_rᵀu, P_rᵀu'⟩⟨P_cᵀv, P_cᵀv'⟩, with relative variance ≈ 1/k_r + 1/k_c: least
-for equal sides at a given k_r·k_c. On the LDS suite's causal LM this raised the default's
-LDS from 0.615 to 0.633 (K=5, k=2048, with the attention's matrices; without them, as the
-default is now, 0.634 to 0.636 over projector seeds 0-5); the classifiers' kernels, from the examples, keep the
-r:c split (text lost 0.014 with equal sides). LDS against the dense projector on the same
-parameters (mean ± std over seeds): text (``benchmarks/lds_text.py``) 0.221 ± 0.017
-vs 0.217 ± 0.001 at k = 1024 but 0.180 vs 0.260 at k = 256, where each layer gets only a
-few dimensions: use k ≥ 1024; digits (``benchmarks/lds_digits.py``, with the sizes before
-version 3) 0.720 ± 0.007 vs 0.732 ± 0.005 at k = 256 and 0.721 vs 0.714 at k = 1024.
-(Equal square blocks per layer, as in LoGra, lost 0.045 on digits at k = 256.)
-Principal factors (``principal_share`` s > 0): a side of dimension d ≤ ``MAX_PRINCIPAL_SIDE`` with k < d
-gets P = [V_a, (I − V_a V_aᵀ) R]: V_a the a = round(s·k) leading eigenvectors of its per-token second
-moment F = Σ_{i,t} u_t u_tᵀ (``side_moments``, over a sample of the train split; K-FAC's factor), and
-the rest of the space projected by a Rademacher R (d × (k − a), entries ±1/√(k − a)), so that
-E[P Pᵀ] = V_a V_aᵀ + (I − V_a V_aᵀ) = I still: an unbiased projection that keeps the directions
-where the tokens' gradients have most energy exactly (LoGra's PCA initialization, with a random
-rest). ``principal_factors`` makes them; the store keeps them per checkpoint, since they depend on the
-data (``set_factors``). The biases' and the dense fallback's projections stay random.
+Sizes: ``hf_trak.method.factored_sizes`` divides k among the matrices. Principal factors
+(``principal_share`` > 0, ``hf_trak.method.principal``): a side's factor keeps the leading eigenvectors of
+its per-token second moment (``side_moments``, over a sample of the train split) and projects the rest at
+random; ``principal_factors`` makes them, the store keeps them per checkpoint (they depend on the data) and
+``set_factors`` gives them back. The biases' and the dense fallback's projections stay random. How the
+factored projector compares with a dense one on LDS is in the docs (benchmarks).
 
 Parameters of other layers (LayerNorm, position
 tensors, convolutions) fall back to the dense ``vmap(grad)`` path, with their share of
@@ -62,15 +44,17 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_trak.errors import InvalidArgumentError
+from hf_trak.method.factored_sizes import Target, filled_sizes, legacy_sizes
 from hf_trak.method.gradients import PerExampleGradients
 from hf_trak.method.model_outputs import AbstractModelOutput
+from hf_trak.method.principal import MAX_PRINCIPAL_SIDE, principal_factor
 from hf_trak.method.projectors import IdentityProjector, RandomProjector, seeded_generator
+from hf_trak.method.token_vectors import id_counts, projected_pair, reaching_tokens, side_vectors
 
 logger = logging.getLogger(__name__)
 
 FACTORABLE = (nn.Linear, Conv1D, nn.Embedding)
 UNDERFILL_WARNING_SHARE = 0.99  # k below this share of proj_dim is logged as a warning, above it as info
-MAX_PRINCIPAL_SIDE = 4096  # larger sides (a vocabulary's one-hot side) keep a random factor: F would be d × d
 
 
 def factorable_parameter_names(model: nn.Module) -> List[str]:
@@ -83,46 +67,6 @@ def factorable_parameter_names(model: nn.Module) -> List[str]:
                 if parameter is not None:
                     found.add(names_by_id[id(parameter)])
     return [name for name in names_by_id.values() if name in found]
-
-
-def leading_eigenvectors(matrix: Tensor, count: int, generator: torch.Generator, iterations: int = 8) -> Tensor:
-    """The ``count`` leading eigenvectors (d × count, orthonormal) of a symmetric PSD matrix (d × d, float64), by
-    subspace iteration on count + 8 seeded Gaussian vectors (Halko et al.): d²·(count + 8) flops per iteration,
-    instead of eigh's d³ (a side of a large layer has d in the thousands and count in the tens)."""
-    dim = matrix.shape[0]
-    if count == 0:
-        return matrix.new_zeros(dim, 0)
-    width = min(dim, count + 8)
-    if width == dim:
-        return torch.linalg.eigh(matrix)[1].flip(1)[:, :count]
-    basis = torch.linalg.qr(torch.randn(dim, width, generator=generator, dtype=matrix.dtype))[0]
-    for _ in range(iterations):
-        basis = torch.linalg.qr(matrix @ basis)[0]
-    vectors = torch.linalg.eigh(basis.T @ matrix @ basis)[1]
-    return basis @ vectors.flip(1)[:, :count]
-
-
-def _reaching_tokens(delta: Tensor) -> Tensor:
-    """(B·T,) bool: the tokens whose output gradient δ_t (B, T, d_out) is not all zero. The others (padding, a
-    causal LM's last position) add nothing to any example's gradient Σ_t u_t v_tᵀ, so the Kronecker factors
-    leave them out too (their input-side u or v is not zero)."""
-    return (delta != 0).any(dim=-1).reshape(-1)
-
-
-@dataclass
-class _Target:
-    """One projected matrix: a weight (rows × cols) or a bias (d_out × 1), and its place in the features."""
-
-    name: str
-    rows: int
-    cols: int
-    k_rows: int = 0
-    k_cols: int = 0
-    offset: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.k_rows * self.k_cols
 
 
 @dataclass
@@ -145,7 +89,8 @@ class FactoredGradientProjector:
         device: where the factors live.
         kind: ``"rademacher"``, or ``"identity"`` (all factors identity: the exact gradients).
         sizing: ``"fill"`` (sizes summing to ``proj_dim``, k_r:k_c ≈ r:c), ``"square"`` (the same with
-            k_r ≈ k_c, for kernels from per-token gradients) or ``"legacy"`` (stores before version 3).
+            k_r ≈ k_c, for kernels from per-token gradients) or ``"legacy"`` (the first store formats); see
+            ``hf_trak.method.factored_sizes`` and ``hf_trak.store.versions.factored_sizing``.
         principal_share: share s of each eligible side's dimensions given to the leading eigenvectors of its
             second moment (see the module's docstring); 0: every factor random. With s > 0, a checkpoint's
             factors must be given (``set_factors``) before its features are asked for.
@@ -169,7 +114,7 @@ class FactoredGradientProjector:
         names_by_id = {id(parameter): name for name, parameter in parameters.items()}
         selected = set(param_names)
         self.uses: List[_Use] = []
-        targets: Dict[str, _Target] = {}
+        targets: Dict[str, Target] = {}
         for module in model.modules():
             if not isinstance(module, FACTORABLE):
                 continue
@@ -181,9 +126,9 @@ class FactoredGradientProjector:
                 continue
             self.uses.append(use)
             if use.weight is not None:
-                targets[use.weight] = _Target(use.weight, *parameters[use.weight].shape)
+                targets[use.weight] = Target(use.weight, *parameters[use.weight].shape)
             if use.bias is not None:
-                targets[use.bias] = _Target(use.bias, parameters[use.bias].numel(), 1)
+                targets[use.bias] = Target(use.bias, parameters[use.bias].numel(), 1)
         self.targets = [targets[name] for name in param_names if name in targets]
         fallback = [name for name in param_names if name not in targets]
         self._size_targets(proj_dim, fallback, parameters)
@@ -210,9 +155,10 @@ class FactoredGradientProjector:
                 target.k_rows, target.k_cols = target.rows, target.cols
             fallback_dim = None
         elif self.sizing == "legacy":
-            fallback_dim = self._legacy_sizes(proj_dim, fallback, parameters)
+            fallback_dim = legacy_sizes(self.targets, proj_dim, sum(parameters[n].numel() for n in fallback))
         else:
-            fallback_dim = self._filled_sizes(proj_dim, fallback, parameters)
+            fallback_numel = sum(parameters[n].numel() for n in fallback) if fallback else None
+            fallback_dim = filled_sizes(self.targets, proj_dim, fallback_numel, square=self.sizing == "square")
         offset = 0
         for target in self.targets:
             target.offset = offset
@@ -244,75 +190,8 @@ class FactoredGradientProjector:
             )
         self.proj_dim = offset
 
-    def _legacy_sizes(self, proj_dim: int, fallback: List[str], parameters) -> int:
-        """Sizes of stores before version 3 (total at most proj_dim, often below): b_l = max(1, proj_dim·rc/p)."""
-        fallback_numel = sum(parameters[n].numel() for n in fallback)
-        total_numel = sum(t.rows * t.cols for t in self.targets) + fallback_numel
-        for target in self.targets:
-            budget = max(1.0, proj_dim * target.rows * target.cols / total_numel)
-            k_rows = int(math.sqrt(budget * target.rows / target.cols))
-            target.k_rows = max(1, min(target.rows, k_rows, int(budget)))
-            target.k_cols = max(1, min(target.cols, int(budget // target.k_rows)))
-        return max(1, int(proj_dim * fallback_numel / total_numel))
-
-    def _filled_sizes(self, proj_dim: int, fallback: List[str], parameters) -> int:
-        """Sizes summing to ``proj_dim``: each matrix (and the dense fallback block) gets at least one
-        dimension and otherwise a share b_l ∝ r·c of the rest (water-filling), k_r ≈ √(b_l r/c) (``"square"``:
-        √b_l), k_c = ⌊b_l/k_r⌋; what flooring leaves goes to the fallback block, else one row or column at a
-        time to the matrices that can take it (``"square"``: the shorter side first). Returns the fallback
-        block's size."""
-        sizes = [t.rows * t.cols for t in self.targets] + (
-            [sum(parameters[n].numel() for n in fallback)] if fallback else []
-        )
-        minimum = len(sizes)
-        if proj_dim < minimum:
-            raise InvalidArgumentError(
-                f"proj_dim={proj_dim} is too small for {minimum} factored blocks (one dimension each): "
-                f"use proj_dim >= {minimum}."
-            )
-        budgets, floor = [0.0] * len(sizes), set()
-        while True:  # blocks whose proportional share is below 1 get exactly 1
-            free = [i for i in range(len(sizes)) if i not in floor]
-            rest = proj_dim - len(floor)
-            total = sum(sizes[i] for i in free)
-            small = [i for i in free if rest * sizes[i] / total < 1]
-            if not small:
-                break
-            floor.update(small)
-        for i in range(len(sizes)):
-            budgets[i] = 1.0 if i in floor else rest * sizes[i] / total
-        square = self.sizing == "square"
-        for target, budget in zip(self.targets, budgets):
-            k_rows = int(math.sqrt(budget if square else budget * target.rows / target.cols))
-            target.k_rows = max(1, min(target.rows, k_rows, int(budget)))
-            target.k_cols = max(1, min(target.cols, int(budget // target.k_rows)))
-        fallback_dim = max(1, int(budgets[-1])) if fallback else 0
-        left = proj_dim - sum(t.size for t in self.targets) - fallback_dim
-        if fallback:
-            return fallback_dim + left
-        by_size = sorted(self.targets, key=lambda t: -t.rows * t.cols)
-        progress = True
-        while left > 0 and progress:
-            progress = False
-            for target in by_size:
-                if square and target.k_rows < min(target.k_cols, target.rows) and target.k_cols <= left:
-                    target.k_rows += 1
-                    left -= target.k_cols
-                    progress = True
-                elif target.k_cols < target.cols and target.k_rows <= left:
-                    target.k_cols += 1
-                    left -= target.k_rows
-                    progress = True
-                elif target.k_rows < target.rows and target.k_cols <= left:
-                    target.k_rows += 1
-                    left -= target.k_cols
-                    progress = True
-                if left == 0:
-                    break
-        return fallback_dim
-
     # ----------------------------------------------------------------- factors
-    def principal_sides(self) -> List[Tuple[_Target, str]]:
+    def principal_sides(self) -> List[Tuple[Target, str]]:
         """(target, side) of the sides that get principal factors: weights' sides with k < d ≤ MAX_PRINCIPAL_SIDE
         (none when ``principal_share`` is 0)."""
         if not self.principal_share or self.kind == "identity":
@@ -353,17 +232,11 @@ class FactoredGradientProjector:
             name = f"{target.name}/{side}"
             dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
             moment = moments.get(name, torch.zeros(dim, dim)).double().cpu()  # a side no token reached: any basis
-            leading = min(k, round(self.principal_share * k))
             generator = seeded_generator(self.seed, model_id, target.name, side, "principal")
-            factor = leading_eigenvectors(moment, leading, generator)
-            if leading < k:
-                signs = torch.randint(0, 2, (dim, k - leading), generator=generator, dtype=torch.int8)
-                rest = (signs.double() * 2 - 1) / math.sqrt(k - leading)
-                factor = torch.cat([factor, rest - factor @ (factor.T @ rest)], dim=1)
-            factors[name] = factor.float().contiguous()
+            factors[name] = principal_factor(moment, k, self.principal_share, generator)
         return factors
 
-    def factor(self, model_id: int, target: _Target, side: str) -> Tensor:
+    def factor(self, model_id: int, target: Target, side: str) -> Tensor:
         """P_r (rows × k_rows) or P_c (cols × k_cols) of ``target``: identity, ±1/√k Rademacher, or the principal
         factor given by ``set_factors``."""
         dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
@@ -452,35 +325,19 @@ class FactoredGradientProjector:
         for use, inputs, delta in self._captured(task, weights, buffers, batch, batch_size):
             if delta is None or use.weight is None:
                 continue
-            alive = _reaching_tokens(delta)
+            alive = reaching_tokens(delta)
             for target, side in sides:
                 if target.name != use.weight:
                     continue
                 if isinstance(use.module, nn.Embedding) and side == "rows":  # one-hot ids: Σ u uᵀ = diag(counts)
-                    moment = torch.diag(self._id_counts(use.module, inputs.reshape(-1)[alive]).double())
+                    moment = torch.diag(id_counts(use.module, inputs.reshape(-1)[alive]).double())
                 else:
-                    vectors = self._side_vectors(use.module, inputs, delta, side)[alive]
+                    vectors = side_vectors(use.module, inputs, delta, side)[alive]
                     vectors = vectors[torch.isfinite(vectors).all(dim=1)]
                     moment = (vectors.T @ vectors).double()
                 name = f"{target.name}/{side}"
                 moments[name] = moments[name] + moment if name in moments else moment
         return moments
-
-    @staticmethod
-    def _id_counts(module: nn.Embedding, ids: Tensor) -> Tensor:
-        """How many of the tokens ``ids`` (flat) have each id (the padding id's none): (num_embeddings,)."""
-        if module.padding_idx is not None:
-            ids = ids[ids != module.padding_idx]
-        return torch.bincount(ids, minlength=module.num_embeddings)
-
-    @staticmethod
-    def _side_vectors(module: nn.Module, inputs: Tensor, delta: Tensor, side: str) -> Tensor:
-        """The tokens' u_t ("rows"; not an embedding's) or v_t ("cols") of G = Σ_t u_t v_tᵀ, unprojected: (B·T, d)."""
-        if isinstance(module, nn.Embedding):
-            return delta.reshape(-1, delta.shape[-1])
-        x = inputs.float().reshape(delta.shape[0], -1, inputs.shape[-1])
-        vectors = delta if side == ("rows" if isinstance(module, nn.Linear) else "cols") else x
-        return vectors.reshape(-1, vectors.shape[-1])
 
     def _project_factored(self, task, weights, buffers, batch, model_id: int, out: Tensor) -> None:
         batch_size = out.shape[0]
@@ -492,14 +349,14 @@ class FactoredGradientProjector:
             if use.weight is not None:
                 target = targets[use.weight]
                 rows, cols = self.factor(model_id, target, "rows"), self.factor(model_id, target, "cols")
-                u, v = self._projected_pair(use.module, inputs, delta, rows, cols)
+                u, v = projected_pair(use.module, inputs, delta, rows, cols)
                 projected = torch.einsum("btr,btc->brc", u, v).reshape(batch_size, -1)
                 out[:, target.offset : target.offset + target.size] += projected
                 block = f"block_{position[use.weight]}"
                 if self.statistics is not None and self.statistics_kind == "tokens":
                     self._add_gram(block, torch.einsum("btr,btc->btrc", u, v).reshape(-1, target.size))
                 if self.statistics is not None:
-                    alive = _reaching_tokens(delta)
+                    alive = reaching_tokens(delta)
                     self._add_gram(block + "_rows", u.reshape(-1, target.k_rows)[alive])
                     self._add_gram(block + "_cols", v.reshape(-1, target.k_cols)[alive])
             if use.bias is not None:
@@ -517,18 +374,3 @@ class FactoredGradientProjector:
         rows = rows[torch.isfinite(rows).all(dim=1)]  # a row excluded for non-finite values adds nothing
         gram = (rows.T @ rows).double()
         self.statistics[name] = gram + self.statistics[name] if name in self.statistics else gram
-
-    @staticmethod
-    def _projected_pair(module: nn.Module, inputs: Tensor, delta: Tensor, rows: Tensor, cols: Tensor):
-        """(P_rᵀ u_t, P_cᵀ v_t) for every token, each (B, T, k), where G = Σ_t u_t v_tᵀ."""
-        batch_size = delta.shape[0]
-        if isinstance(module, nn.Embedding):
-            ids = inputs.reshape(batch_size, -1)
-            u = rows[ids]  # P_rᵀ one-hot(id) is row ``id`` of P_r
-            if module.padding_idx is not None:
-                u = u * (ids != module.padding_idx).unsqueeze(-1)
-            return u, delta @ cols
-        x = inputs.float().reshape(batch_size, -1, inputs.shape[-1])
-        if isinstance(module, nn.Linear):
-            return delta @ rows, x @ cols
-        return x @ rows, delta @ cols

@@ -10,10 +10,8 @@ For checkpoint m, loaded once (``FeatureMap.at``):
    (``_write_principal_factors``);
 2. each missing shard [start, stop) of x_i and Q_i is written, every process taking a
    contiguous share of them (``PartialState.split_between_processes``);
-3. XᵀX_m = Σ_shards X_sᵀX_s (float64) is summed over processes (a k × k all-reduce: no
-   features travel) and the main process writes λ_m and K_m (``hf_trak.method.kernel``);
-4. each process writes Φ_m = X_m K_m for its share of the shards (formed in float64,
-   stored in the features' dtype), so that scoring reads Φ and never forms it.
+3. K_m, then Φ_m = X_m K_m (``hf_trak.run.kernels.finalize_checkpoint``), so that scoring
+   reads Φ and never forms it.
 
 Every row of the train split is checked and hashed first (``hf_trak.data.inputs``), so bad
 input fails before anything is written; settings, train rows and shard layout are checked
@@ -42,20 +40,10 @@ from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidInputError, OutputExistsError
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
-from hf_trak.method.kernel import (
-    block_diagonal,
-    column_scale,
-    eigen_block_inverse,
-    gram,
-    gram_block_inverse,
-    preconditioned,
-    regularized_inverse,
-    resolve_lambda,
-    shrunk_gram,
-)
+from hf_trak.run.kernels import finalize_checkpoint
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
-from hf_trak.store.feature_store import PRECONDITIONED, FeatureStore, as_tensor, shard_ranges
+from hf_trak.store.feature_store import FeatureStore, shard_ranges
 from hf_trak.store.provenance import first_difference, shard_hashes
 
 logger = logging.getLogger(__name__)
@@ -271,113 +259,6 @@ def _finite_rows(features, q, offset: int, model_id: int, on_nonfinite: str, exc
     features, q = features.clone(), q.clone()
     features[bad], q[bad] = 0.0, float("nan")
     return features, q
-
-
-def finalize_checkpoint(store: FeatureStore, model_id: int, device, state: PartialState) -> None:
-    """Once every shard of checkpoint m is written: K_m (``_write_kernel``), then Φ_m (``_write_preconditioned``)."""
-    _write_kernel(store, model_id, store.config.feature_dim, device, state)
-    _write_preconditioned(store, model_id, device, state)
-
-
-def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: PartialState) -> None:
-    """XᵀX_m over every shard (each process sums its share; one k × k all-reduce), then λ_m and K_m: global,
-    or per module from XᵀX's blocks, the per-token Gram matrices, or EK-FAC's bases (``kernel_from``)."""
-    if state.is_main_process:
-        store.has_valid_kernel(model_id)  # a corrupt K_m is reported and deleted, to be redone
-    state.wait_for_everyone()
-    if store.has_kernel(model_id):
-        return
-    config = store.config
-    statistics = _summed_statistics(store, model_id, device) if config.kernel_from != "examples" else {}
-    bases = _kronecker_bases(statistics) if config.kernel_from == "ekfac" else {}
-    xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    moments = {b: torch.zeros(len(q_rows), len(q_cols), dtype=torch.float64, device=device)
-               for b, (q_rows, q_cols) in bases.items()}  # fmt: skip
-    with state.split_between_processes(store.shard_ranges()) as mine:
-        for start, stop in mine:
-            features = as_tensor(store.shard(model_id, start, stop)[0]).to(device)
-            xtx += gram(features)
-            for b, (q_rows, q_cols) in bases.items():  # Λ_b = Σ_i (Q_rᵀ X_i Q_c)², X_i the block as k_r × k_c
-                offset, size = config.kernel_blocks[b]
-                block = features[:, offset : offset + size].double().reshape(-1, len(q_rows), len(q_cols))
-                moments[b] += (q_rows.T @ block @ q_cols).square().sum(0)
-    xtx = reduce(xtx, reduction="sum")
-    moments = {b: reduce(moment, reduction="sum") for b, moment in moments.items()}
-    if state.is_main_process:
-        if config.kernel == "per_module":
-            kernel, lambda_reg = _per_module_kernel(config, xtx, statistics, bases, moments)
-        else:
-            lambda_reg = resolve_lambda(xtx, config.lambda_reg, config.lambda_scale)
-            kernel = regularized_inverse(xtx, lambda_reg)
-        scale = column_scale(xtx, kernel, config.num_train_examples)
-        store.save_kernel(model_id, xtx.cpu(), kernel.cpu(), lambda_reg, scale.cpu())
-        logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
-    state.wait_for_everyone()
-
-
-def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, moments: dict):
-    """(K, mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix (shrunk toward
-    its K-FAC approximation by ``kernel_shrinkage``: ``hf_trak.method.kernel.shrunk_gram``), or XᵀX_bb."""
-    inverses, lambdas = [], []
-    scale = config.feature_dim / config.num_params  # the statistics are of P_mᵀg, the features of P_mᵀg/√p · √k
-    for b, (offset, size) in enumerate(config.kernel_blocks):
-        if b in bases:
-            inverse, lambda_b = eigen_block_inverse(*bases[b], moments[b], config.lambda_reg, config.lambda_scale)
-        else:
-            block = (
-                statistics[f"block_{b}"] * scale if statistics else xtx[offset : offset + size, offset : offset + size]
-            )
-            if config.kernel_shrinkage and f"block_{b}_rows" in statistics:
-                rows, cols = statistics[f"block_{b}_rows"], statistics[f"block_{b}_cols"]
-                block = shrunk_gram(block, rows, cols, config.kernel_shrinkage)
-            inverse, lambda_b = gram_block_inverse(block, config.lambda_reg, config.lambda_scale)
-        inverses.append(inverse)
-        lambdas.append(lambda_b)
-    return block_diagonal(inverses, config.kernel_blocks), float(sum(lambdas) / len(lambdas))
-
-
-def _summed_statistics(store: FeatureStore, model_id: int, device) -> dict:
-    """Each kernel statistic (``FactoredGradientProjector.statistics``) summed over the shards."""
-    total = {}
-    for start, stop in store.shard_ranges():
-        for name, tensor in store.statistics(model_id, start, stop).items():
-            total[name] = total[name] + tensor.to(device) if name in total else tensor.to(device)
-    return total
-
-
-def _kronecker_bases(statistics: dict) -> dict:
-    """{block: (Q_r, Q_c)}: eigenvectors of each weight block's Kronecker factors."""
-    bases = {}
-    for name in statistics:
-        if name.endswith("_rows"):
-            block = name[: -len("_rows")]
-            bases[int(block.split("_")[1])] = tuple(
-                torch.linalg.eigh(statistics[f"{block}_{side}"].double())[1] for side in ("rows", "cols")
-            )
-    return bases
-
-
-def _write_preconditioned(store: FeatureStore, model_id: int, device, state: PartialState) -> None:
-    """Φ_m/s_m = X_m K_m/s_m of every shard (formed in float64, ``hf_trak.method.kernel.preconditioned``; stored in the
-    features' dtype with Q; s_m: ``column_scale``), each process a share: scoring T targets then costs one read
-    of Φ and n·k·T."""
-    if state.is_main_process:
-        for start, stop in store.shard_ranges():
-            store.has_valid_shard(model_id, start, stop, PRECONDITIONED)  # a corrupt Φ shard is redone
-    state.wait_for_everyone()
-    missing = [(a, b) for a, b in store.shard_ranges() if not store.has_shard(model_id, a, b, PRECONDITIONED)]
-    state.wait_for_everyone()
-    if not missing:
-        return
-    saved = store.load_kernel(model_id)
-    kernel, scale = saved["kernel"].to(device, torch.float64), saved["phi_scale"].to(device, torch.float64)
-    dtype = getattr(torch, store.config.dtype)
-    with state.split_between_processes(missing) as mine:
-        for start, stop in mine:
-            features, out_to_loss = store.shard(model_id, start, stop)
-            phi = preconditioned(as_tensor(features), kernel, scale).to(dtype).cpu().numpy()
-            store.write_shard(model_id, start, phi, out_to_loss, PRECONDITIONED)
-    state.wait_for_everyone()
 
 
 def verify_checkpoints(

@@ -29,7 +29,8 @@ from hf_trak.errors import InvalidInputError
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.kernel import merge_top_k, preconditioned, score_block, target_rms
-from hf_trak.store.feature_store import PRECONDITIONED, FeatureStore, as_tensor
+from hf_trak.store.arrow_files import as_tensor
+from hf_trak.store.feature_store import PRECONDITIONED, FeatureStore
 
 
 class TopK(NamedTuple):

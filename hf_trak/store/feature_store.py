@@ -33,19 +33,25 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
-import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from hf_trak.errors import CorruptStoreError, OutputExistsError
+from hf_trak.store.arrow_files import (
+    checksum,
+    fixed_size_list,
+    fixed_size_list_to_numpy,
+    load_safetensors,
+    read_table,
+    readable_or_removed,
+    save_safetensors,
+    write_arrow,
+)
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
-from hf_trak.store.files import atomic_write, write_text
+from hf_trak.store.files import write_text
 from hf_trak.store.versions import stores_preconditioned
 
 logger = logging.getLogger(__name__)
@@ -59,78 +65,9 @@ FEATURES, PRECONDITIONED = "features", "preconditioned"
 COLUMNS = {FEATURES: "features", PRECONDITIONED: "phi"}
 
 
-def _read_table(path: str) -> pa.Table:
-    with pa.memory_map(path, "r") as source:
-        return pa.ipc.open_file(source).read_all()
-
-
-def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A torch view of a read-only (memory-mapped) numpy array; it is never written to."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
-
-
-def fixed_size_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """(rows, k) numpy view of a fixed-size-list column (zero-copy for a single chunk)."""
-    chunks = [chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), -1) for chunk in column.chunks]
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-
-
-def _checksum(arrays: Sequence[np.ndarray]) -> int:
-    crc = 0
-    for array in arrays:
-        crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), crc)
-    return crc
-
-
-def write_arrow(path: str, columns: Dict[str, pa.Array], metadata: Optional[dict] = None) -> None:
-    """Write one record batch of ``columns`` as an Arrow IPC file, atomically."""
-    table = pa.table(columns)
-    if metadata:
-        table = table.replace_schema_metadata(metadata)
-
-    def write(tmp):
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-
-    atomic_write(path, write)
-
-
-def _readable_or_removed(path: str, read) -> bool:
-    """Whether ``path`` exists and ``read()`` succeeds; a corrupt file is reported and deleted, to be redone."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        read()
-        return True
-    except CorruptStoreError as error:
-        logger.warning("%s Redoing it.", error)
-        os.remove(path)
-        return False
-
-
-def _load_safetensors(path: str, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (only ``names`` of them, if given); ``CorruptStoreError`` if it does not
-    read."""
-    try:
-        if names is None:
-            return load_file(path)
-        with safe_open(path, framework="pt") as file:
-            return {name: file.get_tensor(name) for name in names if name in file.keys()}
-    except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
-        raise CorruptStoreError(
-            f"{path} is corrupt ({error}): run featurize again with the same arguments to redo it."
-        ) from error
-
-
 def shard_ranges(num_rows: int, shard_size: int) -> List[Tuple[int, int]]:
     """The fixed row ranges [s·shard_size, (s+1)·shard_size) ∩ [0, num_rows) of the shards."""
     return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
-
-
-def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(matrix).reshape(-1)), matrix.shape[1])
 
 
 class FeatureStore:
@@ -232,7 +169,7 @@ class FeatureStore:
                 COLUMNS[kind]: fixed_size_list(features),
                 "out_to_loss": pa.array(out_to_loss),
             },
-            metadata={ROWS_KEY: str(stop - start), CHECKSUM_KEY: str(_checksum([features, out_to_loss]))},
+            metadata={ROWS_KEY: str(stop - start), CHECKSUM_KEY: str(checksum([features, out_to_loss]))},
         )
 
     def shard(
@@ -246,7 +183,7 @@ class FeatureStore:
             raise FileNotFoundError(f"Shard {path} is missing: run featurize again to complete the store.")
         fix = "run featurize again with the same arguments to redo it"
         try:
-            table = _read_table(path)
+            table = read_table(path)
             features = fixed_size_list_to_numpy(table.column(COLUMNS[kind]))
             out_to_loss = table.column("out_to_loss").to_numpy()
         except (pa.ArrowException, OSError, KeyError, ValueError) as error:
@@ -254,14 +191,14 @@ class FeatureStore:
         metadata = table.schema.metadata or {}
         if len(features) != stop - start or (ROWS_KEY in metadata and int(metadata[ROWS_KEY]) != stop - start):
             raise CorruptStoreError(f"Shard {path} holds {len(features)} rows, not {stop - start}: {fix}.")
-        if verify and CHECKSUM_KEY in metadata and int(metadata[CHECKSUM_KEY]) != _checksum([features, out_to_loss]):
+        if verify and CHECKSUM_KEY in metadata and int(metadata[CHECKSUM_KEY]) != checksum([features, out_to_loss]):
             raise CorruptStoreError(f"Shard {path} does not match its checksum (altered after writing): {fix}.")
         return features, out_to_loss
 
     def has_valid_shard(self, model_id: int, start: int, stop: int, kind: str = FEATURES) -> bool:
         """Whether the shard exists and reads back as written (a corrupt one is reported and deleted)."""
         path = self.shard_path(model_id, start, stop, kind)
-        return _readable_or_removed(path, lambda: self.shard(model_id, start, stop, kind))
+        return readable_or_removed(path, lambda: self.shard(model_id, start, stop, kind))
 
     def statistics_path(self, model_id: int, start: int, stop: int) -> str:
         return os.path.join(self.checkpoint_dir(model_id), f"kernel-statistics-{start:09d}-{stop:09d}.safetensors")
@@ -271,17 +208,16 @@ class FeatureStore:
 
     def write_statistics(self, model_id: int, start: int, stop: int, statistics: Dict[str, torch.Tensor]) -> None:
         """The kernel statistics of rows [start, stop) (``kernel_from`` "tokens" or "ekfac"), by name."""
-        tensors = {name: tensor.contiguous().cpu() for name, tensor in statistics.items()}
         os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
-        atomic_write(self.statistics_path(model_id, start, stop), lambda tmp: save_file(tensors, tmp))
+        save_safetensors(self.statistics_path(model_id, start, stop), statistics)
 
     def statistics(self, model_id: int, start: int, stop: int) -> Dict[str, torch.Tensor]:
-        return _load_safetensors(self.statistics_path(model_id, start, stop))
+        return load_safetensors(self.statistics_path(model_id, start, stop))
 
     def has_valid_statistics(self, model_id: int, start: int, stop: int) -> bool:
         """Whether the shard's kernel statistics exist and read (corrupt ones are reported and deleted)."""
         path = self.statistics_path(model_id, start, stop)
-        return _readable_or_removed(path, lambda: self.statistics(model_id, start, stop))
+        return readable_or_removed(path, lambda: self.statistics(model_id, start, stop))
 
     def has_preconditioned(self, model_id: int) -> bool:
         """Whether Φ_m is stored for every shard (stores before version 3 hold none: scoring forms it)."""
@@ -321,19 +257,18 @@ class FeatureStore:
     def has_valid_principal_factors(self, model_id: int) -> bool:
         """Whether checkpoint m's principal factors exist and read (corrupt ones are reported and deleted)."""
         path = self.principal_factors_path(model_id)
-        return _readable_or_removed(path, lambda: self.principal_factors(model_id))
+        return readable_or_removed(path, lambda: self.principal_factors(model_id))
 
     def save_principal_factors(self, model_id: int, factors: Dict[str, torch.Tensor]) -> None:
         """The factored projector's principal factors of checkpoint m ({"<name>/<side>": d × k})."""
-        tensors = {name: tensor.contiguous().cpu() for name, tensor in factors.items()}
         os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
-        atomic_write(self.principal_factors_path(model_id), lambda tmp: save_file(tensors, tmp))
+        save_safetensors(self.principal_factors_path(model_id), factors)
 
     def principal_factors(self, model_id: int) -> Dict[str, torch.Tensor]:
         path = self.principal_factors_path(model_id)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
-        return _load_safetensors(path)
+        return load_safetensors(path)
 
     # ----------------------------------------------------------------- kernel
     def has_kernel(self, model_id: int) -> bool:
@@ -342,19 +277,14 @@ class FeatureStore:
     def has_valid_kernel(self, model_id: int) -> bool:
         """Whether K_m exists and reads (a corrupt one is reported and deleted, to be redone)."""
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
-        return _readable_or_removed(path, lambda: self.load_kernel(model_id))
+        return readable_or_removed(path, lambda: self.load_kernel(model_id))
 
     def save_kernel(
         self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float, phi_scale: torch.Tensor
     ) -> None:
-        tensors = {
-            "xtx": xtx.contiguous(),
-            "kernel": kernel.contiguous(),
-            "lambda_reg": torch.tensor(lambda_reg, dtype=torch.float64),
-            "phi_scale": phi_scale.contiguous(),
-        }
-        path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        lambda_reg = torch.tensor(lambda_reg, dtype=torch.float64)
+        tensors = {"xtx": xtx, "kernel": kernel, "lambda_reg": lambda_reg, "phi_scale": phi_scale}
+        save_safetensors(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME), tensors)
 
     def load_kernel(self, model_id: int, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """The tensors of K_m's file (only ``names`` of them, if given: a query needs the k-vector phi_scale,
@@ -362,7 +292,7 @@ class FeatureStore:
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
-        return _load_safetensors(path, names)
+        return load_safetensors(path, names)
 
     def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(XᵀX_m, K_m) in float64, which a normalized ensemble needs for every query (``hf_trak.run.scoring``); with
@@ -419,7 +349,7 @@ class FeatureStore:
         if not os.path.isfile(path):
             return None
         try:
-            return _read_table(path).column("row_hash").to_numpy()
+            return read_table(path).column("row_hash").to_numpy()
         except (pa.ArrowException, KeyError) as error:
             raise CorruptStoreError(f"{path} is corrupt ({error}): run featurize again to rewrite it.") from error
 
@@ -461,5 +391,5 @@ class FeatureStore:
 
     def load_scores(self, name: str) -> np.ndarray:
         """The (n × m) scores saved as ``name``."""
-        table = _read_table(os.path.join(self.root, "scores", f"{name}.arrow"))
+        table = read_table(os.path.join(self.root, "scores", f"{name}.arrow"))
         return fixed_size_list_to_numpy(table.column("scores")).T

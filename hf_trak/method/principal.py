@@ -1,0 +1,47 @@
+"""Principal factors of the factored projector: the leading eigenvectors of a side's per-token second moment.
+
+A side of dimension d ≤ ``MAX_PRINCIPAL_SIDE`` with k < d gets P = [V_a, (I − V_a V_aᵀ) R]: V_a the
+a = round(s·k) leading eigenvectors of its per-token second moment F = Σ_{i,t} u_t u_tᵀ (K-FAC's factor,
+over a sample of the train split), and the rest of the space projected by a Rademacher R (d × (k − a),
+entries ±1/√(k − a)). (I − V_a V_aᵀ) R has the second moments of V_rest R' (V_rest the other eigenvectors,
+R' a (d − a) × (k − a) Rademacher), so E[P Pᵀ] = V_a V_aᵀ + (I − V_a V_aᵀ) = I still: an unbiased
+projection that keeps the directions where the tokens' gradients have most energy exactly (LoGra's PCA
+initialization, with a random rest).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+MAX_PRINCIPAL_SIDE = 4096  # larger sides (a vocabulary's one-hot side) keep a random factor: F would be d × d
+
+
+def leading_eigenvectors(matrix: Tensor, count: int, generator: torch.Generator, iterations: int = 8) -> Tensor:
+    """The ``count`` leading eigenvectors (d × count, orthonormal) of a symmetric PSD matrix (d × d, float64), by
+    subspace iteration on count + 8 seeded Gaussian vectors (Halko et al.): d²·(count + 8) flops per iteration,
+    instead of eigh's d³ (a side of a large layer has d in the thousands and count in the tens)."""
+    dim = matrix.shape[0]
+    if count == 0:
+        return matrix.new_zeros(dim, 0)
+    width = min(dim, count + 8)
+    if width == dim:
+        return torch.linalg.eigh(matrix)[1].flip(1)[:, :count]
+    basis = torch.linalg.qr(torch.randn(dim, width, generator=generator, dtype=matrix.dtype))[0]
+    for _ in range(iterations):
+        basis = torch.linalg.qr(matrix @ basis)[0]
+    vectors = torch.linalg.eigh(basis.T @ matrix @ basis)[1]
+    return basis @ vectors.flip(1)[:, :count]
+
+
+def principal_factor(moment: Tensor, k: int, share: float, generator: torch.Generator) -> Tensor:
+    """P = [V_a, (I − V_a V_aᵀ) R] (d × k, float32) from a side's second moment F (d × d): a = min(k, round(share·k))
+    leading eigenvectors, R a d × (k − a) Rademacher (±1/√(k − a)) drawn from ``generator`` after them."""
+    dim = moment.shape[0]
+    leading = min(k, round(share * k))
+    factor = leading_eigenvectors(moment, leading, generator)
+    if leading < k:
+        signs = torch.randint(0, 2, (dim, k - leading), generator=generator, dtype=torch.int8)
+        rest = (signs.double() * 2 - 1) / math.sqrt(k - leading)
+        factor = torch.cat([factor, rest - factor @ (factor.T @ rest)], dim=1)
+    return factor.float().contiguous()
