@@ -26,7 +26,7 @@ import sys
 from typing import List, Optional
 
 from hf_trak.arguments import FEATURIZE_SCOPES, TRAKArguments, add_arguments, parsed_settings
-from hf_trak.errors import InvalidArgumentError, OutputExistsError
+from hf_trak.errors import InvalidArgumentError, OutputExistsError, OutputNotWritableError
 from hf_trak.store.files import check_output
 
 logger = logging.getLogger("hf_trak")
@@ -171,7 +171,7 @@ def load_split(args, split: str, limit: Optional[int]):
     if os.path.isdir(args.dataset) and os.path.exists(os.path.join(args.dataset, "dataset_dict.json")):
         splits = load_from_disk(args.dataset)
         if split not in splits:
-            raise ValueError(f"{args.dataset} has no split {split!r} (splits: {list(splits)}).")
+            raise InvalidArgumentError(f"{args.dataset} has no split {split!r} (splits: {list(splits)}).")
         data = splits[split]
     else:
         data = load_dataset(args.dataset, args.dataset_config, data_files=args.data_files, split=split)
@@ -266,7 +266,7 @@ def score(args) -> None:
         except (PermissionError, FileExistsError, NotADirectoryError, FileNotFoundError) as error:
             if isinstance(error, OutputExistsError):
                 raise
-            raise PermissionError(
+            raise OutputNotWritableError(
                 f"Cannot write scores into {args.save_dir} ({error}): pass --output scores.npy to write them "
                 "elsewhere, or make the store writable."
             ) from error
@@ -371,8 +371,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        if isinstance(error, KeyError) and error.args:  # KeyError quotes its message
-            message = str(error.args[0])
         parser.exit(2 if isinstance(error, InvalidArgumentError) else 1, f"hf-trak: error: {message}\n")
 
 

@@ -1,28 +1,38 @@
 """The errors hf_trak raises for what a user can fix; each message names the fix.
 
-Every class derives from ``TRAKError`` and from the builtin that fits, so ``except
-ValueError`` keeps working::
+Every error that a user's input, settings or files can cause is one of these (a test walks every
+``raise`` in the package). Each class derives from ``TRAKError`` and from the builtin that fits, so
+``except ValueError`` or ``except FileNotFoundError`` keeps working::
 
     TRAKError
-    ├── InvalidArgumentError (ValueError)   a setting or call argument out of range (proj_dim=0, k=-3)
-    ├── InvalidInputError (ValueError)      a bad row: label out of the head's range, NaN/inf, too long
-    ├── StoreMismatchError (ValueError)     stored features vs. the split, model or settings given
-    ├── CorruptStoreError (OSError)         an unreadable or altered shard or kernel file
-    ├── OutputExistsError (FileExistsError) an output (or a store) that would be overwritten
-    ├── HubError (OSError)                  push/download failed: network, auth, missing repo
-    └── MissingDependencyError (ImportError) an optional package a feature needs (gradio, peft, faiss...)
+    ├── InvalidArgumentError (ValueError)        a setting or argument out of range or of the wrong kind
+    ├── InvalidInputError (ValueError)           a bad row or split: a label out of the head's range, NaN/inf,
+    │                                            too long, a missing column, an empty split
+    ├── StoreMismatchError (ValueError)          stored features vs. the split, model, checkpoints or settings
+    ├── IncompleteStoreError (ValueError)        a store whose featurization did not finish, or that lacks files
+    ├── CorruptStoreError (OSError)              an unreadable or altered store file
+    ├── NotFoundError (FileNotFoundError)        a model, checkpoint, store or folder that does not exist
+    ├── OutputExistsError (FileExistsError)      an output (or a store) that would be overwritten
+    ├── OutputNotWritableError (PermissionError) an output in a folder that cannot be written to
+    ├── NotFeaturizedError (RuntimeError)        a call that needs train features before there are any
+    ├── HubError (OSError)                       push/download failed: network, auth, missing repo
+    └── MissingDependencyError (ImportError)     an optional package a feature needs (gradio, peft, faiss...)
 
 The command line prints them as one line (``hf-trak: error: ...``): exit status 2 for
-``InvalidArgumentError`` (usage), 1 for the others.
+``InvalidArgumentError`` (a bad option or setting), 1 for the others (a failure).
 """
 
 __all__ = [
     "CorruptStoreError",
     "HubError",
+    "IncompleteStoreError",
     "InvalidArgumentError",
     "InvalidInputError",
     "MissingDependencyError",
+    "NotFeaturizedError",
+    "NotFoundError",
     "OutputExistsError",
+    "OutputNotWritableError",
     "StoreMismatchError",
     "TRAKError",
 ]
@@ -33,23 +43,39 @@ class TRAKError(Exception):
 
 
 class InvalidArgumentError(TRAKError, ValueError):
-    """A setting or argument out of its range or of the wrong type."""
+    """A setting or argument out of its range or of the wrong kind (the command line's usage error, exit 2)."""
 
 
 class InvalidInputError(TRAKError, ValueError):
-    """A row of a split that cannot be attributed as it is (its column, row and value are named)."""
+    """A row or split that cannot be attributed as it is (its column, row and value are named)."""
 
 
 class StoreMismatchError(TRAKError, ValueError):
-    """Stored features paired with something they were not made from (split, model, settings)."""
+    """Stored features paired with something they were not made from (split, model, checkpoints, settings)."""
+
+
+class IncompleteStoreError(TRAKError, ValueError):
+    """A store whose featurization did not finish (resume it), or a copy that lacks some of its files."""
 
 
 class CorruptStoreError(TRAKError, OSError):
     """A store file that cannot be read or does not match its recorded checksum."""
 
 
+class NotFoundError(TRAKError, FileNotFoundError):
+    """A model, checkpoint, store or folder named as input or output that does not exist."""
+
+
 class OutputExistsError(TRAKError, FileExistsError):
     """An output that exists and would be overwritten (pass ``overwrite``)."""
+
+
+class OutputNotWritableError(TRAKError, PermissionError):
+    """An output whose folder cannot be written to."""
+
+
+class NotFeaturizedError(TRAKError, RuntimeError):
+    """A call that needs train features (``featurize`` or ``from_pretrained`` first)."""
 
 
 class HubError(TRAKError, OSError):

@@ -17,6 +17,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from hf_trak.data.source import ExampleSource
+from hf_trak.errors import InvalidArgumentError
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.model_outputs import AutoModelOutput, eval_mode
@@ -44,7 +45,7 @@ def lds(scores: np.ndarray, subset_masks: np.ndarray, subset_outputs: np.ndarray
     """LDS of ``scores`` (n × m) given ``subset_masks`` (S × n) and ``subset_outputs`` (S × m)."""
     scores, masks, outputs = np.asarray(scores, np.float64), np.asarray(subset_masks), np.asarray(subset_outputs)
     if masks.shape[1] != scores.shape[0] or outputs.shape != (masks.shape[0], scores.shape[1]):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"Shapes do not agree: scores {scores.shape} (n × m), subset_masks {masks.shape} (S × n), "
             f"subset_outputs {outputs.shape} (S × m)."
         )

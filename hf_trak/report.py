@@ -138,7 +138,7 @@ def write_image_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optio
     """PNG grid: per target row, the target, its proponents and its opponents, captioned label/score."""
     column, label, text = image_column(top_k), _label_column(top_k), text_column(top_k)
     if column is None:
-        raise ValueError("The attributed examples have no image column: write an .html report instead.")
+        raise InvalidArgumentError("The attributed examples have no image column: write an .html report instead.")
     groups = _targets(top_k, num_targets, k)
     width = max(len(group["proponents"]) for group in groups)
     font = ImageFont.load_default()
@@ -165,7 +165,7 @@ def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Option
     """HTML page: per target, its text and label, and its proponents and opponents with scores."""
     text, label = text_column(top_k), _label_column(top_k)
     if text is None:
-        raise ValueError("The attributed examples have no text column: write a .png report instead.")
+        raise InvalidArgumentError("The attributed examples have no text column: write a .png report instead.")
 
     def shown(row):
         return {

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_trak.arguments import TRAKArguments
+from hf_trak.errors import NotFeaturizedError
 from hf_trak.store.card import render_trainer_section
 from hf_trak.traker import TRAKer
 
@@ -87,7 +88,7 @@ class TRAKHFTrainer(Trainer):
     @property
     def traker(self) -> TRAKer:
         if self.trak_callback.traker is None:
-            raise RuntimeError("No TRAK features yet: call train() with a save_strategy that saves checkpoints.")
+            raise NotFeaturizedError("No TRAK features yet: call train() with a save_strategy that saves checkpoints.")
         return self.trak_callback.traker
 
     def attribute(self, eval_dataset=None) -> Optional[np.ndarray]:

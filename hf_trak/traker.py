@@ -18,7 +18,13 @@ from torch import nn
 from hf_trak.arguments import TRAKArguments
 from hf_trak.data.inputs import scan_split
 from hf_trak.data.source import ExampleSource
-from hf_trak.errors import StoreMismatchError, check_positive_int
+from hf_trak.errors import (
+    IncompleteStoreError,
+    InvalidArgumentError,
+    NotFeaturizedError,
+    StoreMismatchError,
+    check_positive_int,
+)
 from hf_trak.hf.adapters import adapter_provenance
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.estimator import resolve_settings
@@ -214,10 +220,10 @@ class TRAKer:
         block_size = self._positive_setting("target_block_size", target_block_size)
         num_rows = self.config.num_train_examples if self.train_rows is None else len(self.train_rows)
         if out is not None and (out.shape[0] != num_rows or out.ndim != 2):
-            raise ValueError(f"out has shape {out.shape}, expected ({num_rows}, number of targets).")
+            raise InvalidArgumentError(f"out has shape {out.shape}, expected ({num_rows}, number of targets).")
         features, num_targets = self._target_features(targets, batch_size, data_collator)
         if out is not None and out.shape != (num_rows, num_targets):
-            raise ValueError(f"out has shape {out.shape}, expected {(num_rows, num_targets)}.")
+            raise InvalidArgumentError(f"out has shape {out.shape}, expected {(num_rows, num_targets)}.")
         show = self.state.is_main_process
         if self.state.num_processes == 1 and self.train_rows is None:
             return scores(self.store, features, self.device, block_size, out, show_progress=show)
@@ -255,7 +261,9 @@ class TRAKer:
         """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path.
         Scores saved under ``name`` before are only replaced with ``overwrite``."""
         if self.train_rows is not None:
-            raise ValueError("Scores of a train subset are not kept in the store (its rows are the full split's).")
+            raise InvalidArgumentError(
+                "Scores of a train subset are not kept in the store (its rows are the full split's)."
+            )
         path = self._require_store().save_scores(name, scores, overwrite=overwrite)
         write_dataset_card(self.store)
         return path
@@ -267,7 +275,7 @@ class TRAKer:
 
     def _require_store(self) -> FeatureStore:
         if self.store is None:
-            raise RuntimeError("No train features: call featurize(...) or TRAKer.from_pretrained(...) first.")
+            raise NotFeaturizedError("No train features: call featurize(...) or TRAKer.from_pretrained(...) first.")
         return self.store
 
     # ------------------------------------------------------------- load/push
@@ -297,7 +305,7 @@ class TRAKer:
         """
         store = FeatureStore.load(save_dir)
         if not store.is_complete():
-            raise ValueError(
+            raise IncompleteStoreError(
                 f"The featurization in {save_dir} is incomplete: run featurize(...) again with the "
                 "same arguments to resume it."
             )
@@ -324,7 +332,7 @@ class TRAKer:
                               traker.state.is_main_process)  # fmt: skip
             traker.train_rows = split_rows(store, scan.row_hashes, subset=train_subset)
         elif train_subset:
-            raise ValueError("train_subset=True needs the subset as train_dataset.")
+            raise InvalidArgumentError("train_subset=True needs the subset as train_dataset.")
         traker.checkpoints = verify_checkpoints(traker.feature_map, store, checkpoints)
         return traker
 

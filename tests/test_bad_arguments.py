@@ -12,7 +12,7 @@ import torch
 
 from hf_trak import TRAKArguments, TRAKer
 from hf_trak.cli import main
-from hf_trak.errors import InvalidArgumentError, TRAKError
+from hf_trak.errors import InvalidArgumentError, NotFoundError, TRAKError
 from hf_trak.testing.datasets import digits
 from hf_trak.testing.models import tiny_vit
 from hf_trak.testing.processes import subprocess_env
@@ -100,9 +100,9 @@ def test_failures_exit_1_with_one_line_and_a_traceback_only_on_request(capsys, m
     argv = ["score", "--save-dir", "no_store", "--dataset", "d", "--output", "s.npy"]
     code, err = run_cli(argv, capsys, monkeypatch)
     assert code == 1 and err == "hf-trak: error: no_store holds no TRAK features (trak_config.json is missing).\n"
-    with pytest.raises(FileNotFoundError, match="no_store holds no TRAK features"):
+    with pytest.raises(NotFoundError, match="no_store holds no TRAK features"):
         run_cli(argv, capsys, monkeypatch, debug=True)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(NotFoundError):
         main(["--debug", *argv])
 
 

@@ -84,7 +84,7 @@ def test_featurize_score_top_k_report_match_the_python_api(workspace):
     )
     assert load_from_disk(str(workspace / "top")).to_dict() == top.to_dict()
     refused = hf_trak_cli("report", "--top-k", "top", "--output", "grid.png", cwd=workspace)
-    assert refused.returncode == 1 and "no image column" in refused.stderr
+    assert refused.returncode == 2 and "no image column" in refused.stderr  # a bad option: usage
 
 
 def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(workspace):
@@ -101,6 +101,12 @@ def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(workspace):
 
     done = hf_trak_cli("score", "--save-dir", "nowhere", "--dataset", "data", cwd=workspace)
     assert done.returncode == 1 and "nowhere" in done.stderr
+
+    # a bad setting is a usage error (exit 2) however deep it is found: grad_wrt is checked against the model
+    done = hf_trak_cli(*args, "--grad-wrt", "nope.weight", "--save-dir", "other", cwd=workspace)
+    assert (
+        done.returncode == 2 and "grad_wrt names parameters" in done.stderr and not os.path.exists(workspace / "other")
+    )
 
 
 def test_push_then_score_against_the_pushed_features(workspace):

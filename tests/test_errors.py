@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hf_trak import TRAKer
+from hf_trak.errors import InvalidArgumentError, InvalidInputError, NotFeaturizedError, NotFoundError
 from hf_trak.testing.datasets import digits, token_sequences
 from hf_trak.testing.models import tiny_bert, tiny_vit
 
@@ -39,22 +40,22 @@ def test_dataloader_of_dict_batches_gives_the_same_features():
 
 def test_wrong_inputs_are_refused_with_a_fix():
     model = tiny_vit()
-    with pytest.raises(TypeError, match="datasets.Dataset or a torch DataLoader"):
+    with pytest.raises(InvalidArgumentError, match="datasets.Dataset or a torch DataLoader"):
         TRAKer(model, proj_dim=8, save_dir=None).featurize([{"pixel_values": 1}], [model.state_dict()])
-    with pytest.raises(ValueError, match="at least one checkpoint"):
+    with pytest.raises(InvalidArgumentError, match="at least one checkpoint"):
         TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(4), [])
-    with pytest.raises(KeyError, match="different model"):
+    with pytest.raises(InvalidArgumentError, match="different model"):
         TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(4), [tiny_bert().state_dict()])
-    with pytest.raises(RuntimeError, match="featurize"):
+    with pytest.raises(NotFeaturizedError, match="featurize"):
         TRAKer(model, proj_dim=8, save_dir=None).score(digits(4))
-    with pytest.raises(ValueError, match="projector must be one of"):
+    with pytest.raises(InvalidArgumentError, match="projector must be one of"):
         TRAKer(model, proj_dim=8, projector="sparse", save_dir=None)
-    with pytest.raises(ValueError, match="grad_wrt names parameters"):
+    with pytest.raises(InvalidArgumentError, match="grad_wrt names parameters"):
         TRAKer(model, proj_dim=8, save_dir=None, grad_wrt=["nope.weight"])
-    with pytest.raises(TypeError, match="DataLoader must yield dict batches"):
+    with pytest.raises(InvalidInputError, match="DataLoader must yield dict batches"):
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8)), batch_size=2)
         TRAKer(model, proj_dim=8, save_dir=None).featurize(loader, [model.state_dict()])
-    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+    with pytest.raises(NotFoundError, match="save_pretrained"):
         TRAKer(model, proj_dim=8, save_dir=None).featurize(digits(4), ["/nonexistent/checkpoint-1"])
     with pytest.raises(ValueError, match="Unknown task"):
         TRAKer(model, task="regression", save_dir=None)

@@ -14,7 +14,7 @@ import torch
 
 from hf_trak import TRAKer
 from hf_trak.cli import main
-from hf_trak.errors import CorruptStoreError
+from hf_trak.errors import CorruptStoreError, InvalidArgumentError
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.testing.datasets import digits
 from hf_trak.testing.models import tiny_vit
@@ -56,7 +56,7 @@ def test_a_run_that_wrote_no_features_never_blocks_the_corrected_rerun(tmp_path)
     model = tiny_vit()
     root = tmp_path / "store"
     wrong = {name: t for name, t in model.state_dict().items() if not name.startswith("classifier")}
-    with pytest.raises(KeyError):  # fails at the checkpoint, after the store's settings were written
+    with pytest.raises(InvalidArgumentError):  # fails at the checkpoint, after the store's settings were written
         featurize(root, checkpoints=[wrong], projector_seed=5)
     assert os.path.isfile(root / "trak_config.json")
     fixed = featurize(root)  # other settings (seed 0): accepted, the empty store is replaced

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_utils import ImageProcessingMixin
 
+from hf_trak.errors import InvalidArgumentError
 from hf_trak.method.model_outputs import CausalLMModelOutput
 
 LABEL_COLUMNS = ("labels", "label")
@@ -40,7 +41,7 @@ def text_columns(dataset: Dataset, text_column: Columns = None) -> List[str]:
         names = [name for name, feature in dataset.features.items() if is_text(feature) and name not in LABEL_COLUMNS]
     missing = [name for name in names if name not in dataset.column_names]
     if missing or not 1 <= len(names) <= 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"Cannot tell which column holds the text (string columns: {names}, columns: {dataset.column_names}): "
             "pass text_column='my_text' (or a pair of column names)."
         )
@@ -55,7 +56,7 @@ def image_column(dataset: Dataset, image_column: Optional[str] = None) -> str:
         names = [name for name, feature in dataset.features.items() if isinstance(feature, Image)]
         names = names or [name for name in IMAGE_NAMES if name in dataset.column_names]
     if len(names) != 1:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"Cannot tell which column holds the images (columns: {dataset.column_names}): "
             "pass image_column='my_images'."
         )
@@ -105,7 +106,7 @@ def processing_function(
         return (lambda batch: processor(images=_images(batch, images, model), return_tensors="np")), [images]
     if callable(processor):
         return processor, []
-    raise TypeError(
+    raise InvalidArgumentError(
         f"processor must be a tokenizer, an image processor, a ProcessorMixin or a function, got {type(processor)}."
     )
 

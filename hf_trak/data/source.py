@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from hf_trak.errors import InvalidArgumentError, InvalidInputError
 from hf_trak.hf.adapters import head_model
 
 Collator = Callable[[list], dict]
@@ -51,14 +52,14 @@ class ExampleSource:
         self.pad_token_id, self.data_collator = pad_token_id, data_collator
         if self.is_dataloader:
             if not (hasattr(data.dataset, "__len__") and hasattr(data.dataset, "__getitem__")):
-                raise TypeError("A DataLoader must wrap a map-style dataset with a length.")
+                raise InvalidArgumentError("A DataLoader must wrap a map-style dataset with a length.")
         elif not hasattr(data, "column_names") or not hasattr(data, "__len__"):
-            raise TypeError(
+            raise InvalidArgumentError(
                 f"Expected a datasets.Dataset or a torch DataLoader of dict batches, got {type(data).__name__}. "
                 "For an IterableDataset, materialise the split first (e.g. Dataset.from_generator)."
             )
         if len(self) == 0:
-            raise ValueError("The dataset is empty: there are no examples to featurize or score.")
+            raise InvalidInputError("The dataset is empty: there are no examples to featurize or score.")
         if not self.is_dataloader:
             if "label" in data.column_names and "labels" not in data.column_names:
                 data = data.rename_column("label", "labels")
@@ -89,7 +90,7 @@ class ExampleSource:
     def _check_columns(self, columns) -> None:
         missing = [name for name in self.required if name not in columns]
         if missing:
-            raise ValueError(
+            raise InvalidInputError(
                 f"The dataset has no {missing} column(s), which the model output function needs "
                 f"(columns found: {sorted(columns)}). Add them, e.g. dataset.rename_column('my_label', 'labels')."
             )
@@ -122,7 +123,9 @@ class ExampleSource:
         rows = range(len(self))[indices] if isinstance(indices, slice) else indices
         batch = self.data.collate_fn([self.data.dataset[i] for i in rows])
         if not isinstance(batch, Mapping):
-            raise TypeError(f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}.")
+            raise InvalidInputError(
+                f"The DataLoader must yield dict batches (column -> tensor), got {type(batch).__name__}."
+            )
         return self._select(dict(batch))
 
     @property
@@ -141,7 +144,7 @@ class ExampleSource:
                 for i in range(begin, end):
                     row = self.data.dataset[i]
                     if not isinstance(row, Mapping):
-                        raise TypeError(
+                        raise InvalidInputError(
                             f"The DataLoader must yield dict batches (column -> tensor); its dataset gives "
                             f"{type(row).__name__} rows."
                         )

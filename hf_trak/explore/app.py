@@ -17,6 +17,7 @@ import logging
 import sys
 from typing import Any, Optional
 
+from hf_trak.errors import MissingDependencyError
 from hf_trak.explore.explorer import Explorer, Query
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def require_gradio():
     try:
         import gradio
     except ImportError as error:
-        raise ImportError("hf_trak's explorer needs Gradio: pip install 'hf_trak[app]'.") from error
+        raise MissingDependencyError("hf_trak's explorer needs Gradio: pip install 'hf_trak[app]'.") from error
     return gradio
 
 

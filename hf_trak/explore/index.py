@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hf_trak.errors import InvalidArgumentError
+from hf_trak.errors import InvalidArgumentError, MissingDependencyError
 from hf_trak.run.scoring import TopK, ensemble_weighted, phi_scale, preconditioned_shards, train_weights
 from hf_trak.store.arrow_files import as_tensor
 from hf_trak.store.feature_store import FeatureStore
@@ -50,7 +50,7 @@ def require_faiss():
     try:
         import faiss
     except ImportError as error:
-        raise ImportError(
+        raise MissingDependencyError(
             "The feature index needs faiss: pip install 'hf_trak[app]' (or faiss-cpu), or query without an index."
         ) from error
     return faiss

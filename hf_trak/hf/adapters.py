@@ -20,6 +20,8 @@ from typing import Dict, List, Mapping, Optional
 
 from torch import Tensor, nn
 
+from hf_trak.errors import InvalidArgumentError, MissingDependencyError
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 # PeftConfig fields that say nothing about the adapter's layout or its features.
@@ -38,7 +40,7 @@ def require_peft():
     try:
         import peft
     except ImportError as error:
-        raise ImportError(
+        raise MissingDependencyError(
             "This is a PEFT adapter model or folder, which needs the peft package: pip install 'hf_trak[peft]'."
         ) from error
     return peft
@@ -69,7 +71,9 @@ def adapter_key_map(model: nn.Module) -> Dict[str, str]:
     for saved_name, tensor in saved.items():
         name = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
         if name is None:
-            raise ValueError(f"The adapter tensor {saved_name} is not one of {type(model).__name__}'s own tensors.")
+            raise InvalidArgumentError(
+                f"The adapter tensor {saved_name} is not one of {type(model).__name__}'s own tensors."
+            )
         key_map[saved_name] = name
     return key_map
 
@@ -106,7 +110,7 @@ def with_adapter(
     )
     if unknown or missing or reshaped:
         shown = ", ".join((unknown or missing or reshaped)[:3])
-        raise ValueError(
+        raise InvalidArgumentError(
             f"The adapter in {source} does not fit {type(model).__name__}'s adapter layout ({len(unknown)} unknown "
             f"tensor(s), {len(missing)} missing, {len(reshaped)} of another shape: {shown}): it was trained with "
             "another adapter configuration (r, target_modules, modules_to_save) or on another base model."
@@ -119,7 +123,7 @@ def with_adapter(
 def read_adapter_folder(path: str, model: nn.Module) -> Dict[str, Tensor]:
     """The state of the PEFT ``model`` with the adapter saved in folder ``path``."""
     if not is_peft_model(model):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{path} holds a PEFT adapter, but the model is a {type(model).__name__}: pass the PeftModel "
             "(peft.get_peft_model or PeftModel.from_pretrained), or the adapter folder as the model."
         )
@@ -132,7 +136,9 @@ def adapter_base_model(path: str, base_model: Optional[str] = None) -> str:
     with open(os.path.join(path, ADAPTER_CONFIG_NAME), encoding="utf-8") as file:
         base_name = base_model or json.load(file).get("base_model_name_or_path")
     if not base_name:
-        raise ValueError(f"The adapter config in {path} names no base model: pass the base model (--base-model).")
+        raise InvalidArgumentError(
+            f"The adapter config in {path} names no base model: pass the base model (--base-model)."
+        )
     return base_name
 
 

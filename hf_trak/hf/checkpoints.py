@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers.utils import logging as transformers_logging
 
+from hf_trak.errors import InvalidArgumentError, NotFoundError
 from hf_trak.hf import adapters
 
 Checkpoint = Union[Mapping[str, Tensor], nn.Module, str, os.PathLike]
@@ -54,7 +55,7 @@ def read_state_dict(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, Te
     if os.path.isdir(path) and hasattr(type(model), "from_pretrained"):
         with _without_loading_bars():  # checkpoints are read often; TRAK's own bars show progress
             return type(model).from_pretrained(path).state_dict()
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"Checkpoint {path!r} is neither a weights file nor a save_pretrained folder of {type(model).__name__}."
     )
 
@@ -70,7 +71,7 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.devi
     missing = [name for name in names if name not in state_dict]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise KeyError(
+        raise InvalidArgumentError(
             f"The checkpoint has no tensor for {len(missing)} parameter(s) of {type(model).__name__} ({shown}): "
             "it was saved from a different model."
         )
@@ -79,7 +80,7 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.devi
     for name in names:
         tensor = state_dict[name]
         if tensor.shape != parameters[name].shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Checkpoint tensor {name} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(parameters[name].shape)}: it was saved from a different model."
             )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedModel
 
+from hf_trak.errors import InvalidArgumentError, NotFoundError
 from hf_trak.hf.adapters import adapter_base_model, is_adapter_folder, require_peft
 from hf_trak.hf.checkpoints import Checkpoint
 
@@ -40,7 +41,7 @@ def local_or_hub(name_or_path: Union[str, os.PathLike], what: str = "model") -> 
     trying it as a Hub id, with retries)."""
     name = os.path.expanduser(os.fspath(name_or_path))
     if not os.path.exists(name) and looks_like_local_path(os.fspath(name_or_path)):
-        raise FileNotFoundError(f"The {what} {os.fspath(name_or_path)!r} does not exist (no such file or folder).")
+        raise NotFoundError(f"The {what} {os.fspath(name_or_path)!r} does not exist (no such file or folder).")
     return name
 
 
@@ -61,7 +62,7 @@ def load_model(name_or_path: str, base_model: Optional[str] = None, **kwargs) ->
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name_or_path} names no model class in its config (architectures={architectures}): load the model "
             "yourself (e.g. AutoModelForSequenceClassification.from_pretrained) and pass it instead."
         )
@@ -104,11 +105,13 @@ def resolve_model(
         return model, [path if os.path.isdir(path) else model]
     checkpoints = list(model_or_checkpoints)
     if not checkpoints:
-        raise ValueError("No checkpoints given: pass a model, a model folder, or a list of checkpoint folders.")
+        raise InvalidArgumentError(
+            "No checkpoints given: pass a model, a model folder, or a list of checkpoint folders."
+        )
     models = [checkpoint for checkpoint in checkpoints if isinstance(checkpoint, nn.Module)]
     paths = [local_or_hub(c, "checkpoint") for c in checkpoints if isinstance(c, (str, os.PathLike))]
     if not models and not paths:
-        raise ValueError("With state dicts as checkpoints, pass the model itself to TRAKer instead.")
+        raise InvalidArgumentError("With state dicts as checkpoints, pass the model itself to TRAKer instead.")
     return (models[-1] if models else load_model(os.fspath(paths[-1]), base_model)), checkpoints
 
 
@@ -157,7 +160,7 @@ def resolve_store_model(
     if model is None:
         model = recorded[-1] if recorded else config.name_or_path or None
     if model is None:
-        raise ValueError(f"The features in {root or 'the store'} record no model folder: pass the model.")
+        raise InvalidArgumentError(f"The features in {root or 'the store'} record no model folder: pass the model.")
     path = None if isinstance(model, nn.Module) else os.fspath(model)
     model, checkpoints = resolve_model(model, base_model)
     if len(checkpoints) != config.num_checkpoints or not all(isinstance(c, str) for c in checkpoints):

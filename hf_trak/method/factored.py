@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_trak.errors import InvalidArgumentError
+from hf_trak.errors import CorruptStoreError, IncompleteStoreError, InvalidArgumentError
 from hf_trak.method.factored_sizes import Target, filled_sizes, legacy_sizes
 from hf_trak.method.gradients import PerExampleGradients
 from hf_trak.method.model_outputs import AbstractModelOutput
@@ -217,7 +217,7 @@ class FactoredGradientProjector:
             expected = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
             if factor is None or tuple(factor.shape) != expected:
                 found = None if factor is None else tuple(factor.shape)
-                raise ValueError(
+                raise CorruptStoreError(
                     f"The principal factor {target.name}/{side} of checkpoint {model_id} is {found}, not {expected}."
                 )
             self._factors[(model_id, target.name, side)] = factor.to(self.device, torch.float32)
@@ -242,7 +242,7 @@ class FactoredGradientProjector:
         dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
         key = (model_id, target.name, side)
         if key not in self._factors and any(t.name == target.name and s == side for t, s in self.principal_sides()):
-            raise RuntimeError(
+            raise IncompleteStoreError(
                 f"Checkpoint {model_id} has no principal factors yet (principal_share={self.principal_share}): "
                 "featurize computes and stores them; scoring loads them from the store."
             )
@@ -287,7 +287,7 @@ class FactoredGradientProjector:
                 inputs = inputs[0].detach()
                 if output.shape[0] != batch_size:
                     if output.shape[0] != 1:
-                        raise ValueError(
+                        raise InvalidArgumentError(
                             f"{type(module).__name__} output has leading dimension {output.shape[0]}, "
                             f"not the batch size {batch_size}: exclude its parameters from grad_wrt."
                         )

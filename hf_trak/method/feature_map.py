@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from hf_trak.arguments import TRAKArguments
-from hf_trak.errors import InvalidArgumentError
+from hf_trak.errors import InvalidArgumentError, NotFeaturizedError
 from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
 from hf_trak.method.estimator import differentiated_parameters
@@ -145,7 +145,7 @@ class CheckpointView:
 
     def _sample(self, num_examples: int, seed: int) -> dict:
         if self._sample_train_batch is None:
-            raise RuntimeError(
+            raise NotFeaturizedError(
                 f"{type(self.map.task).__name__} needs training examples: call featurize(...) first, "
                 "or pass train_dataset= to TRAKer.from_pretrained."
             )

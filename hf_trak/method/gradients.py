@@ -13,6 +13,7 @@ from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from hf_trak.errors import InvalidArgumentError
 from hf_trak.method.model_outputs import AbstractModelOutput
 from hf_trak.method.projectors import AbstractProjector
 
@@ -31,7 +32,9 @@ def select_parameters(model: nn.Module, grad_wrt: GradWrt = None) -> List[str]:
         names = [name for name, parameter in parameters.items() if parameter.requires_grad]
     elif isinstance(grad_wrt, str):
         if grad_wrt != "all":
-            raise ValueError(f"grad_wrt as a string must be 'all', got {grad_wrt!r}; pass a list for parameter names.")
+            raise InvalidArgumentError(
+                f"grad_wrt as a string must be 'all', got {grad_wrt!r}; pass a list for parameter names."
+            )
         names = list(parameters)
     elif callable(grad_wrt):
         names = [name for name, parameter in parameters.items() if grad_wrt(name, parameter)]
@@ -39,11 +42,15 @@ def select_parameters(model: nn.Module, grad_wrt: GradWrt = None) -> List[str]:
         unknown = [name for name in grad_wrt if name not in parameters]
         if unknown:
             shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-            raise ValueError(f"grad_wrt names parameters that {type(model).__name__} does not have: {shown}.")
+            raise InvalidArgumentError(
+                f"grad_wrt names parameters that {type(model).__name__} does not have: {shown}."
+            )
         wanted = set(grad_wrt)
         names = [name for name in parameters if name in wanted]
     if not names:
-        raise ValueError("No parameters selected for gradients: check grad_wrt (or requires_grad of the model).")
+        raise InvalidArgumentError(
+            "No parameters selected for gradients: check grad_wrt (or requires_grad of the model)."
+        )
     return names
 
 

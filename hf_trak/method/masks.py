@@ -14,6 +14,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
+from hf_trak.errors import InvalidArgumentError
+
 logger = logging.getLogger(__name__)
 
 BIDIRECTIONAL, CAUSAL = "bidirectional", "causal"
@@ -69,7 +71,7 @@ class AttentionMaskAdapter:
                 ):
                     logger.info("Using %s 4D attention masks for per-example gradients.", kind)
                     return kind
-        raise ValueError(
+        raise InvalidArgumentError(
             "The model gives different outputs with its 2D attention_mask and with both bidirectional and causal "
             "4D masks, so its per-example gradients cannot be vmapped. Pass a 4D additive attention_mask "
             "(B, 1, L, L) in your dataset or collator."

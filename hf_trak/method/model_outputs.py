@@ -25,6 +25,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from hf_trak.errors import InvalidArgumentError, NotFeaturizedError
+
 Batch = Mapping[str, Tensor]
 
 
@@ -135,7 +137,7 @@ class ClassificationModelOutput(AbstractModelOutput):
             problem_type is None and getattr(config, "num_labels", 2) == 1
         ):
             kind = problem_type or "regression (num_labels=1)"
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{type(self).__name__} attributes single-label classification (softmax cross-entropy), but the "
                 f"model's problem_type is {kind}. Its loss has no margin of the correct class: subclass "
                 "AbstractModelOutput with a model output function for your loss, or set "
@@ -237,7 +239,7 @@ class CLIPModelOutput(AbstractModelOutput):
 
     def __init__(self, num_contrast: int = 64, seed: int = 0):
         if num_contrast < 1:
-            raise ValueError(f"num_contrast must be >= 1, got {num_contrast}.")
+            raise InvalidArgumentError(f"num_contrast must be >= 1, got {num_contrast}.")
         self.num_contrast = num_contrast
         self.seed = seed
         self.contrast_image_embeds: Optional[Tensor] = None
@@ -254,7 +256,10 @@ class CLIPModelOutput(AbstractModelOutput):
 
     def _embeddings(self, model, weights, buffers, batch):
         if self.contrast_image_embeds is None:
-            raise RuntimeError("CLIPModelOutput.at_checkpoint(...) gives the output function to evaluate.")
+            raise NotFeaturizedError(
+                "CLIPModelOutput needs its contrast set of training examples: evaluate the output function that "
+                "at_checkpoint(...) returns."
+            )
         output = call_model(model, weights, buffers, without_labels(batch))
         return output.image_embeds, output.text_embeds
 
@@ -314,7 +319,9 @@ class AutoModelOutput:
     @staticmethod
     def from_task(task: str, **kwargs) -> AbstractModelOutput:
         if task not in TASKS:
-            raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)} or pass an AbstractModelOutput.")
+            raise InvalidArgumentError(
+                f"Unknown task {task!r}; choose one of {sorted(TASKS)} or pass an AbstractModelOutput."
+            )
         return TASKS[task](**kwargs)
 
     @staticmethod
@@ -327,7 +334,7 @@ class AutoModelOutput:
             for task, names in heads.items():
                 if cls.__name__ in names:
                     return AutoModelOutput.from_task(task, **kwargs)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"hf_trak has no model output function for {type(model).__name__}. Supported heads: "
             "*ForSequenceClassification, *ForImageClassification, *ForCausalLM and CLIPModel. Pass "
             f"task= one of {sorted(TASKS)}, or a subclass of AbstractModelOutput for a custom head."
@@ -344,4 +351,4 @@ class AutoModelOutput:
             return task()
         if isinstance(task, AbstractModelOutput):
             return task
-        raise TypeError(f"task must be None, a task name, or an AbstractModelOutput; got {task!r}.")
+        raise InvalidArgumentError(f"task must be None, a task name, or an AbstractModelOutput; got {task!r}.")

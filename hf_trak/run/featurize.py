@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from hf_trak.data.inputs import scan_split
 from hf_trak.data.source import ExampleSource
-from hf_trak.errors import InvalidInputError, OutputExistsError
+from hf_trak.errors import InvalidArgumentError, InvalidInputError, OutputExistsError, StoreMismatchError
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.run.kernels import finalize_checkpoint
@@ -64,9 +64,11 @@ def featurize_store(
 ) -> FeatureStore:
     """Write (or complete) the store of ``source``'s features at ``checkpoints``; returns it."""
     if not checkpoints:
-        raise ValueError("featurize needs at least one checkpoint (a state dict, model or save_pretrained folder).")
+        raise InvalidArgumentError(
+            "featurize needs at least one checkpoint (a state dict, model or save_pretrained folder)."
+        )
     if state.num_processes > 1 and save_dir is None:
-        raise ValueError("save_dir is required with several processes: they share the feature store.")
+        raise InvalidArgumentError("save_dir is required with several processes: they share the feature store.")
     scan = scan_split(source, feature_map.task, feature_map.model, "train", on_nonfinite, state.is_main_process)
     config = dataclasses.replace(
         config,
@@ -135,7 +137,7 @@ def _record_fingerprint(store, view: CheckpointView, recorded: str, checkpoint, 
     fingerprint, base = view.fingerprints()
     if recorded and recorded != fingerprint:
         if not overwrite:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{store.root} holds features of another checkpoint {model_id} than "
                 f"{checkpoint_source(checkpoint)} (its weights differ). Pass the checkpoints of that run in the same "
                 "order, another save_dir, or overwrite=True to redo this checkpoint's features."
@@ -229,7 +231,7 @@ def _write_missing_shards(
                     bar.update(len(projected))
                 features = torch.cat(features)
                 if len(features) != stop - start:
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"The data yielded {len(features)} examples for rows [{start}, {stop}) "
                         "(a DataLoader with drop_last=True?)."
                     )
@@ -276,22 +278,24 @@ def verify_checkpoints(
         elif stored.num_checkpoints == 1:
             checkpoints = [feature_map.model]
         else:
-            raise ValueError(
+            raise StoreMismatchError(
                 f"The features were made at {stored.num_checkpoints} checkpoints "
                 f"({stored.checkpoint_sources}); pass them as checkpoints=[...]."
             )
     if len(checkpoints) != stored.num_checkpoints:
-        raise ValueError(f"The features were made at {stored.num_checkpoints} checkpoints, got {len(checkpoints)}.")
+        raise StoreMismatchError(
+            f"The features were made at {stored.num_checkpoints} checkpoints, got {len(checkpoints)}."
+        )
     for model_id, checkpoint in enumerate(checkpoints):
         weights, base = feature_map.at(checkpoint, model_id).fingerprints()
         if stored.base_fingerprint and base != stored.base_fingerprint:
-            raise ValueError(
+            raise StoreMismatchError(
                 f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has another base model than the one the "
                 f"adapter features were made with ({stored.base_model or 'recorded in the store'}): load the "
                 "adapters onto that base model."
             )
         if weights != stored.checkpoint_fingerprints[model_id]:
-            raise ValueError(
+            raise StoreMismatchError(
                 f"Checkpoint {model_id} ({checkpoint_source(checkpoint)}) has other weights than the one the "
                 f"features were made at ({stored.checkpoint_sources[model_id]}): pass the checkpoints used by "
                 "featurize, in the same order."

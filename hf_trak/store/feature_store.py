@@ -39,7 +39,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hf_trak.errors import CorruptStoreError, OutputExistsError
+from hf_trak.errors import (
+    CorruptStoreError,
+    IncompleteStoreError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutputExistsError,
+)
 from hf_trak.store.arrow_files import (
     checksum,
     fixed_size_list,
@@ -85,7 +91,7 @@ class FeatureStore:
     def load(cls, root: str) -> "FeatureStore":
         path = os.path.join(root, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{root} holds no TRAK features ({CONFIG_NAME} is missing).")
+            raise NotFoundError(f"{root} holds no TRAK features ({CONFIG_NAME} is missing).")
         with open(path) as file:
             return cls(root, TRAKConfig.from_json_string(file.read(), root))
 
@@ -180,7 +186,7 @@ class FeatureStore:
         with ``verify``, its checksum (``CorruptStoreError`` names the file)."""
         path = self.shard_path(model_id, start, stop, kind)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"Shard {path} is missing: run featurize again to complete the store.")
+            raise IncompleteStoreError(f"Shard {path} is missing: run featurize again to complete the store.")
         fix = "run featurize again with the same arguments to redo it"
         try:
             table = read_table(path)
@@ -267,7 +273,9 @@ class FeatureStore:
     def principal_factors(self, model_id: int) -> Dict[str, torch.Tensor]:
         path = self.principal_factors_path(model_id)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
+            raise IncompleteStoreError(
+                f"{path} is missing: the featurization of checkpoint {model_id} did not finish."
+            )
         return load_safetensors(path)
 
     # ----------------------------------------------------------------- kernel
@@ -291,7 +299,9 @@ class FeatureStore:
         not the two k × k matrices)."""
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the featurization of checkpoint {model_id} did not finish.")
+            raise IncompleteStoreError(
+                f"{path} is missing: the featurization of checkpoint {model_id} did not finish."
+            )
         return load_safetensors(path, names)
 
     def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -362,7 +372,7 @@ class FeatureStore:
     # ----------------------------------------------------------------- scores
     def scores_path(self, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"Scores name {name!r} must be letters, digits, '_', '.' or '-'.")
+            raise InvalidArgumentError(f"Scores name {name!r} must be letters, digits, '_', '.' or '-'.")
         return os.path.join(self.root, "scores", f"{name}.arrow")
 
     def save_scores(self, name: str, scores: np.ndarray, overwrite: bool = False) -> str:
@@ -372,22 +382,14 @@ class FeatureStore:
         if os.path.exists(path) and not overwrite:
             raise OutputExistsError(f"{path} exists: choose another name, or pass overwrite=True to replace it.")
         os.makedirs(os.path.join(self.root, "scores"), exist_ok=True)
-        write_arrow(
-            path,
-            {
-                "target_index": pa.array(np.arange(scores.shape[1], dtype=np.int64)),
-                "scores": fixed_size_list(np.asarray(scores, dtype=np.float32).T),
-            },
-        )
+        targets = pa.array(np.arange(scores.shape[1], dtype=np.int64))
+        write_arrow(path, {"target_index": targets, "scores": fixed_size_list(np.asarray(scores, dtype=np.float32).T)})
         return path
 
     def score_names(self) -> List[str]:
         directory = os.path.join(self.root, "scores")
-        return (
-            sorted(name[: -len(".arrow")] for name in os.listdir(directory) if name.endswith(".arrow"))
-            if os.path.isdir(directory)
-            else []
-        )
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        return sorted(name[: -len(".arrow")] for name in names if name.endswith(".arrow"))
 
     def load_scores(self, name: str) -> np.ndarray:
         """The (n × m) scores saved as ``name``."""

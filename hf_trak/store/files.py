@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from hf_trak.errors import OutputExistsError
+from hf_trak.errors import NotFoundError, OutputExistsError, OutputNotWritableError
 
 
 def _umask() -> int:
@@ -86,6 +86,8 @@ def check_output(path: str, overwrite: bool = False, option: str = "--output") -
         raise OutputExistsError(f"{path} exists: choose another {option}, or pass --overwrite to replace it.")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"Cannot write {option} {path}: the folder {parent} does not exist.")
+        raise NotFoundError(f"Cannot write {option} {path}: the folder {parent} does not exist.")
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise PermissionError(f"Cannot write {option} {path}: {parent} is not writable. Choose another {option}.")
+        raise OutputNotWritableError(
+            f"Cannot write {option} {path}: {parent} is not writable. Choose another {option}."
+        )

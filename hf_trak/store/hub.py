@@ -8,7 +8,7 @@ A failure (network, authentication, missing repo) is a ``HubError`` that names i
 import os
 from typing import Optional
 
-from hf_trak.errors import HubError
+from hf_trak.errors import HubError, IncompleteStoreError
 from hf_trak.store.card import render_dataset_card, write_dataset_card
 from hf_trak.store.feature_store import FeatureStore
 
@@ -51,7 +51,7 @@ def push_store(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     if not store.is_complete():
-        raise ValueError("The featurization is incomplete: finish featurize(...) before pushing.")
+        raise IncompleteStoreError("The featurization is incomplete: finish featurize(...) before pushing.")
     card = str(render_dataset_card(store, repo_id))
     operations = [CommitOperationAdd(CARD_NAME, card.encode())]
     for folder, _, names in os.walk(store.root):
