@@ -1,10 +1,10 @@
-# `make demo` and `make test` build .venv on first use (CPU torch first, then hf_trak[dev]).
+# `make demo`, `make test` and `make docs` build .venv on first use (CPU torch first, then hf_trak[dev]).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast quality style bench
+.PHONY: install demo test test-fast docs quality style bench
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ quality: install
 style: install
 	$(BIN)/ruff check --fix hf_trak tests benchmarks examples
 	$(BIN)/ruff format hf_trak tests benchmarks examples
+
+docs: install  # the documentation site, into site/: a broken link, page or API reference fails the build
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 test: quality
 	$(BIN)/python -m pytest

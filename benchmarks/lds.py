@@ -20,8 +20,8 @@ the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviati
   ``hf_trak, with attention q/k/v``, ``hf_trak, mean ensemble``, ``hf_trak, with biases``,
   ``hf_trak, λ_b×10`` and ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
   per-token kernels too) undoes one of its settings, and ``hf_trak, factors from all rows`` takes
-  ``principal_fraction=1``; ``previous default`` undoes the first two (the default of session 6),
-  ``session 5 default`` the first four, ``session 4 default`` the first seven;
+  ``principal_fraction=1``; ``hf_trak, random factors, no shrinkage`` undoes the first two,
+  ``..., mean, q/k/v`` the first four and ``..., biases, λ_b×10, r:c`` the first seven;
 * ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
   the base of the settings below;
 * ``trak, no Q``: the same features with ``train_weight="none"``; ``no Q, λ×10``: also
@@ -265,7 +265,7 @@ def trak(**settings):
 
 
 PER_MODULE = dict(projector="factored", kernel="per_module")
-RANDOM_FACTORS = dict(principal_share=0.0, kernel_shrinkage=0.0)  # the defaults before session 7
+RANDOM_FACTORS = dict(principal_share=0.0, kernel_shrinkage=0.0)
 METHODS = {
     "hf_trak (default)": hf_trak(),
     "hf_trak, random factors": hf_trak(principal_share=0.0),
@@ -276,9 +276,11 @@ METHODS = {
     "hf_trak, with biases": hf_trak(parameters=dict(biases=True)),
     "hf_trak, λ_b×10": hf_trak(lambda_scale=0.1),
     "hf_trak, r:c sides": lambda task, models, k, seed: rc_sides(task, models, k, seed),
-    "previous default": hf_trak(**RANDOM_FACTORS),
-    "session 5 default": hf_trak(ensemble="mean", parameters=dict(attention=True), **RANDOM_FACTORS),
-    "session 4 default": hf_trak(
+    "hf_trak, random factors, no shrinkage": hf_trak(**RANDOM_FACTORS),
+    "hf_trak, random factors, no shrinkage, mean, q/k/v": hf_trak(
+        ensemble="mean", parameters=dict(attention=True), **RANDOM_FACTORS
+    ),
+    "hf_trak, random factors, no shrinkage, mean, q/k/v, biases, λ_b×10, r:c": hf_trak(
         ensemble="mean",
         lambda_scale=0.1,
         store_version=3,

@@ -9,7 +9,7 @@ at a checkpoint's tensors. (Over 300 lines: its docstrings are the API's referen
 
 import dataclasses
 import logging
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from hf_trak.store.provenance import split_rows
 from hf_trak.store.versions import STORE_VERSION
 from hf_trak.version import __version__
 
+if TYPE_CHECKING:
+    import accelerate
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TRAKer", "TopK"]
@@ -66,10 +69,10 @@ class TRAKer:
     def __init__(
         self,
         model: nn.Module,
-        task=None,
+        task: Union[None, str, AbstractModelOutput] = None,
         *,
         args: Optional[TRAKArguments] = None,
-        accelerator=None,
+        accelerator: Optional["accelerate.Accelerator"] = None,
         store_version: int = STORE_VERSION,
         **settings,
     ):
@@ -285,7 +288,7 @@ class TRAKer:
         save_dir: str,
         model: nn.Module,
         checkpoints: Optional[Sequence[Checkpoint]] = None,
-        task=None,
+        task: Union[None, str, AbstractModelOutput] = None,
         train_dataset=None,
         train_subset: bool = False,
         data_collator: Optional[Callable] = None,

@@ -1,5 +1,5 @@
 """``projector="auto"`` (the default): dense for small p·k, factored beyond it when the factorable layers hold
-the parameters; the choice and its reason are recorded in the store (issue 14)."""
+the parameters; the choice and its reason are recorded in the store."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Nonsense arguments are refused at the edge, in the API and on the command line (issue 12, class 6).
+"""Nonsense arguments are refused at the edge, in the API and on the command line.
 
 The command line prints one line, ``hf-trak: error: ...``, with exit status 2 for usage and
 1 for failures, and a traceback only with ``--debug`` or ``HF_TRAK_DEBUG=1``.

@@ -49,10 +49,11 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     masks = np.random.default_rng(0).random((6, 600)) < 0.5
     outputs = np.random.default_rng(1).random((2, 6, 100)).astype(np.float32)
     np.savez(fake / "image.npz", masks=np.packbits(masks, axis=1), num_train=600, outputs=outputs)
-    out = run("lds.py", "--tasks", "image", "--methods", "hf_trak (default)", "session 4 default", "trak", "cosine",
-              "--models", "1", "--proj-dim", "32", "--seeds", "2", "--data", str(fake), cwd=tmp_path)  # fmt: skip
+    out = run("lds.py", "--tasks", "image", "--methods", "hf_trak (default)", "hf_trak, random factors, no shrinkage",
+              "trak", "cosine", "--models", "1", "--proj-dim", "32", "--seeds", "2", "--data", str(fake),
+              cwd=tmp_path)  # fmt: skip
     rows = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| image | ")}
-    assert set(rows) == {"hf_trak (default)", "session 4 default", "trak", "cosine"}
+    assert set(rows) == {"hf_trak (default)", "hf_trak, random factors, no shrinkage", "trak", "cosine"}
     assert all(rows[method].split(" | ")[4].endswith("(2)") for method in ("hf_trak (default)", "trak"))
     assert rows["cosine"].split(" | ")[4].endswith("(1)")  # deterministic: one run
     assert "hf_trak (default)             K=1 seed 1: LDS" in out

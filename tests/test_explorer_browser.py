@@ -3,7 +3,7 @@ driven by Playwright enters targets, reads the results and clicks through them.
 
 Skipped where Chromium or Playwright is missing, except under ``HF_TRAK_REQUIRE_BROWSER=1``
 (``.ci/run`` sets it after installing both), where that fails. With ``HF_TRAK_SCREENSHOT=path``
-the image test also saves its screenshot there (the README's: ``examples/explorer.png``).
+the image test also saves its screenshot there (the README's: ``docs/assets/explorer.png``).
 """
 
 import os

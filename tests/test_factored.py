@@ -120,8 +120,8 @@ def test_a_factored_k_a_few_dimensions_short_is_logged_as_info_and_a_larger_shor
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_factored_gives_the_proj_dim_asked_on_a_small_hidden_big_vocab_bert(fallback):
-    """Issue 12: a BERT with hidden 32 and a 30k vocabulary refused proj_dim 256-1965 with a minimum that moved,
-    and gave 1972 features for 2048."""
+    """A BERT with hidden 32 and a 30k vocabulary (many small matrices beside one large one) gets every proj_dim
+    from its minimum up, exactly: 2048 features for 2048."""
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -1,4 +1,4 @@
-"""Rows that cannot be attributed are named before any compute (issue 12, classes 2, 3 and 10).
+"""Rows that cannot be attributed are named before any compute.
 
 Labels must be integers the head accepts; model inputs and per-example gradients must be
 finite (or, when asked, the row is excluded: its scores are NaN and every other score is

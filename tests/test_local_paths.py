@@ -1,4 +1,4 @@
-"""A checkpoint that looks like a local path is local (issue 12, class 9): a missing one fails at
+"""A checkpoint that looks like a local path is local: a missing one fails at
 once with ``FileNotFoundError`` naming it, instead of being tried as a Hub repo id."""
 
 import time

@@ -1,4 +1,4 @@
-"""Nothing is lost, nothing is overwritten (issue 12, classes 4 and 5).
+"""Nothing is lost, nothing is overwritten.
 
 Outputs that exist are refused before any work unless ``--overwrite``; an output that
 cannot be written is named before any work; files appear complete or not at all, with the

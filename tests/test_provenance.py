@@ -1,4 +1,4 @@
-"""Stored features are only paired with the split they were made from (issue 12, class 1).
+"""Stored features are only paired with the split they were made from.
 
 Scoring, top-k and ``from_pretrained`` check the train split's rows (content hashes of its
 model inputs) against the store before any forward pass; a subset is accepted only when

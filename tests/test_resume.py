@@ -1,4 +1,4 @@
-"""Resuming is robust (issue 12, classes 7 and 8).
+"""Resuming is robust.
 
 A model is its weights, not how its path is spelled; a run that wrote no features never
 blocks a corrected rerun; a corrupt shard or kernel is redone on resume (with a warning

@@ -20,14 +20,14 @@ from hf_trak.testing.reference import PARITY_CASES, identity_traker, kernel_scor
 def test_identity_projector_scores_match_float64_reference(case, lambda_reg, estimator):
     """float32 hf_trak end to end against float64 TRAK by the formula.
 
-    Where the error comes from (issue 15): K = (XtX + λI)⁻¹ has eigenvalues up to 1/λ where
+    Where the error comes from: K = (XtX + λI)⁻¹ has eigenvalues up to 1/λ where
     XtX has no mass (k > n here: k = 890-1937 parameters, n = 20-24 examples), and x_iᵀK
     cancels those down to |x|/s, so float32 rounding anywhere in the kernel path is
     amplified by κ = (s_max + λ)/λ, 2.3e3-9.5e3 in these cases at the default λ. With XtX
-    summed in float32, K stored in float32 and Φ = X K in float32 (hf_trak ≤ 0.1.0), max
+    summed in float32, K stored in float32 and Φ = X K in float32 (a float32 kernel path), max
     |error| / max |score| was up to 1.6e-4 (image, 1 thread) and 2.2e-4 (causal_lm, 2
     threads): which element crossed 1e-4 depended on the BLAS reduction order. XtX, K and
-    Φ are now float64 (``hf_trak.method.kernel``): the kernel path then adds ≤ 4e-7 (next test),
+    Φ are float64 (``hf_trak.method.kernel``): the kernel path then adds ≤ 4e-7 (next test),
     and what is left, ≤ 1.4e-6 at any thread count, is the float32 per-example gradients
     themselves (float64 scoring of hf_trak's float32 features is as far from the
     reference). The a-priori bound on that residue, eps32 ≈ 6e-8 times κ, is 6e-4 and too loose
@@ -174,7 +174,7 @@ def test_explicit_and_derived_lambda(estimator, scale):
 
 
 def test_scoring_reads_the_stored_preconditioned_features_and_matches_forming_them(tmp_path, monkeypatch):
-    """Issue 14: a query costs one read of Φ = XK (stored by featurize) and n·k·T, never n·k²."""
+    """A query costs one read of Φ = XK (stored by featurize) and n·k·T, never n·k²."""
     import os
 
     import hf_trak.run.scoring
