@@ -26,7 +26,6 @@ from offline_data import caption_splits, minilm_path
 from transformers import AutoProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import hf_trak
-from hf_trak.data.processing import prepare_split
 
 
 def parse_args(argv=None):
@@ -96,7 +95,7 @@ def main(argv=None) -> hf_trak.Attribution:
     else:
         train, test = caption_splits(args.num_train, args.num_test)
     model, processor = model_and_processor(args)
-    inputs = prepare_split(train, model, None, processor, text_column=args.text_column)
+    inputs = hf_trak.prepare_split(train, model, None, processor, text_column=args.text_column)
     inputs = inputs.select_columns(["input_ids", "attention_mask", "pixel_values"])
     checkpoints = train_with_checkpoints(model, inputs, args)
 

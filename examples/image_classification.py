@@ -31,7 +31,6 @@ from transformers import (
 )
 
 import hf_trak
-from hf_trak.data.processing import prepare_split
 
 
 def parse_args(argv=None):
@@ -84,7 +83,7 @@ def main(argv=None) -> hf_trak.Attribution:
     Trainer(
         model=model,
         args=training_args,
-        train_dataset=prepare_split(train, model, None, processor),  # the same processing hf_trak applies
+        train_dataset=hf_trak.prepare_split(train, model, None, processor),  # the same processing hf_trak applies
         processing_class=processor,
     ).train()
 

@@ -22,9 +22,8 @@ from datasets import load_dataset
 from offline_data import minilm_path, sentiment_splits
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
+import hf_trak
 from hf_trak import TRAKArguments, TRAKHFTrainer
-from hf_trak.attribute import top_k_dataset
-from hf_trak.report import write_report
 
 
 def parse_args(argv=None):
@@ -75,10 +74,10 @@ def main(argv=None):
     )
     trainer.train()
     scores = trainer.attribute()  # (len(train), len(test)), through the Trainer's own eval DataLoader
-    top = top_k_dataset(scores, train, test, k=5)
+    top = hf_trak.top_k_dataset(scores, train, test, k=5)
     print(f"Scores {scores.shape}; features of {trainer.traker.config.num_checkpoints} checkpoints in "
           f"{trainer.traker.save_dir}")  # fmt: skip
-    print(f"Report: {write_report(top, os.path.join(args.output_dir, 'report.html'))}")
+    print(f"Report: {hf_trak.write_report(top, os.path.join(args.output_dir, 'report.html'))}")
     return scores, top
 
 

@@ -6,7 +6,8 @@ checkpoints and adapters, ``hf_trak.run``: featurize and score, ``hf_trak.explor
 """
 
 from hf_trak.arguments import TRAKArguments
-from hf_trak.attribute import Attribution, attribute
+from hf_trak.attribute import Attribution, attribute, top_k_dataset
+from hf_trak.data.processing import prepare_split
 from hf_trak.errors import (
     CorruptStoreError,
     HubError,
@@ -30,8 +31,11 @@ from hf_trak.method.model_outputs import (
     CLIPModelOutput,
     ImageClassificationModelOutput,
     SequenceClassificationModelOutput,
+    call_model,
 )
+from hf_trak.report import write_report
 from hf_trak.store.config import TRAKConfig
+from hf_trak.store.feature_store import FeatureStore
 from hf_trak.trainer import TRAKCallback, TRAKHFTrainer
 from hf_trak.traker import TopK, TRAKer
 from hf_trak.version import __version__
@@ -42,11 +46,13 @@ __all__ = [
     "Attribution",
     "attribute",
     "AutoModelOutput",
+    "call_model",
     "CausalLMModelOutput",
     "ClassificationModelOutput",
     "CLIPModelOutput",
     "CorruptStoreError",
     "explore",
+    "FeatureStore",
     "HubError",
     "ImageClassificationModelOutput",
     "IncompleteStoreError",
@@ -57,13 +63,16 @@ __all__ = [
     "NotFoundError",
     "OutputExistsError",
     "OutputNotWritableError",
+    "prepare_split",
     "SequenceClassificationModelOutput",
     "StoreMismatchError",
     "TopK",
+    "top_k_dataset",
     "TRAKArguments",
     "TRAKCallback",
     "TRAKConfig",
     "TRAKError",
     "TRAKer",
     "TRAKHFTrainer",
+    "write_report",
 ]

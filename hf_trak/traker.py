@@ -142,7 +142,7 @@ class TRAKer:
         return ExampleSource.for_model(data, self.model, self.task, data_collator)
 
     @property
-    def _train_sampler(self):
+    def train_sampler(self):
         """``(num_examples, seed) -> batch`` of the featurized train split (CLIP's contrast set), if any."""
         return self.train_source.sample if self.train_source is not None else None
 
@@ -170,13 +170,13 @@ class TRAKer:
                 self.config,
                 self.train_source,
                 list(checkpoints),
-                self.args.save_dir,
-                self.state,
-                self.args.torch_dtype,
-                batch_size,
-                self.args.overwrite if overwrite is None else overwrite,
-                self._train_sampler,
-                self.args.on_nonfinite,
+                save_dir=self.args.save_dir,
+                state=self.state,
+                storage_dtype=self.args.torch_dtype,
+                batch_size=batch_size,
+                overwrite=self.args.overwrite if overwrite is None else overwrite,
+                sample_train_batch=self.train_sampler,
+                on_nonfinite=self.args.on_nonfinite,
             )
         self.config, self.checkpoints, self.train_rows = self.store.config, list(checkpoints), None
         return self
@@ -198,7 +198,7 @@ class TRAKer:
                 source,
                 rows,
                 batch_size,
-                self._train_sampler,
+                self.train_sampler,
                 show_progress=self.state.is_main_process,
                 on_nonfinite=self.args.on_nonfinite,
             )

@@ -91,3 +91,19 @@ def test_explore_benchmark_times_a_query_on_a_demo_like_store(tmp_path):
     out = run("explore.py", "--demo-dir", str(tmp_path / "demo"), "--repeats", "1", cwd=tmp_path)
     assert "no index (reads the store): n=600, 1 checkpoints, k=32" in out and "exact faiss index" in out
     assert "IVF8,Flat, nprobe=4: recall@10" in out
+
+
+def test_the_score_snapshot_finds_identical_scores_and_a_changed_one(tmp_path):
+    """Two runs of one checkout score identically; a score changed in the saved file is reported (exit 1)."""
+    args = ("--tasks", "lm", "--settings", "default", "trak", "--epochs", "1", "--threads", "1")
+    run("score_snapshot.py", "--out", "a.npz", *args, cwd=tmp_path)
+    assert run("score_snapshot.py", "--out", "b.npz", "--compare", "a.npz", *args, cwd=tmp_path).endswith(
+        "4 arrays, 0 differ\n"
+    )
+    changed = dict(np.load(tmp_path / "a.npz"))
+    changed["lm/trak"] = changed["lm/trak"] + np.float32(1e-6)
+    np.savez(tmp_path / "changed.npz", **changed)
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "score_snapshot.py"), "--out", "c.npz",
+                           "--compare", "changed.npz", *args], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 1 and done.stdout.splitlines()[-1] == "differs: lm/trak"

@@ -20,7 +20,6 @@ import os
 from datasets import load_dataset, load_from_disk
 
 import hf_trak
-from hf_trak.explore.app import ExplorerApp
 
 TITLE = "hf_trak explorer"
 
@@ -33,7 +32,14 @@ def split(name: str):
 
 
 def message_page(text: str):
-    return ExplorerApp(None, error=text, title=TITLE).blocks
+    """A page with one message (markdown's special characters escaped), for what is missing or failed."""
+    import gradio as gr
+
+    escaped = "".join("\\" + c if c in "\\`*_{}[]<>()#+-.!|~" else c for c in " ".join(text.split()))
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as page:
+        gr.Markdown(f"# {TITLE}")
+        gr.Markdown(f"**Error:** {escaped}", elem_id="message")
+    return page
 
 
 def build():

@@ -134,7 +134,7 @@ class Explorer:
             self.index = FeatureIndex(self.store, EXACT if index == "exact" else index)
         with eval_mode(self.model):
             self.views = [
-                traker.feature_map.at(checkpoint, model_id, traker._train_sampler)
+                traker.feature_map.at(checkpoint, model_id, traker.train_sampler)
                 for model_id, checkpoint in enumerate(traker.checkpoints)
             ]
 

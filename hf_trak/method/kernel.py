@@ -7,8 +7,9 @@ For checkpoint m, with train features X_m (n × k), Q_m (n,) and target features
     K_m   = (XtX_m + λ_m I)⁻¹ / mean|(XtX_m + λ_m I)⁻¹|     inverted and kept in float64
     τ     = mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m)[:, None]     scores (n × b)
 
-X_m is stored (so featurization can resume and processes can write in parallel) and
-Φ = X_m K_m is formed shard by shard when scoring, in float64, then Φ Tᵀ in float32.
+X_m is stored (so featurization can resume and processes can write in parallel), and
+Φ = X_m K_m is formed shard by shard once featurizing ends, in float64, and stored
+column-scaled in the features' dtype (``column_scale``); scoring computes Φ Tᵀ in float32.
 
 Precision. K has eigenvalues 1/(s_j + λ): up to 1/λ in the directions where XtX has
 little or no mass (all of the null space when k > n), while x_i lives in XtX's row
@@ -19,8 +20,8 @@ there, as max error / max |score| against float64 scoring of the same stored fea
 XtX summed in float32 costs up to 5e-5, K rounded to float32 up to 1.3e-5, X·K in
 float32 up to 1.5e-4, and X·(K Tᵀ) in float32 up to 1.3e-4 (with K Tᵀ exact). Hence
 XtX, K and Φ = X K in float64 (k × k and shard × k: small next to featurizing); Φ is
-well scaled, so Φ Tᵀ in float32 costs ≤ 4e-7. Forming Φ costs n·k² per scoring pass,
-next to n·k·T for the scores of T targets.
+well scaled, so Φ Tᵀ in float32 costs ≤ 4e-7. Forming Φ costs n·k² once, at featurize;
+a scoring pass costs n·k·T for the scores of T targets.
 
 The rescaling of K by its mean absolute value is traker's (it keeps Φ in fp16 range);
 it multiplies all scores of a checkpoint by one constant.

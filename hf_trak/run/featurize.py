@@ -54,6 +54,7 @@ def featurize_store(
     config: TRAKConfig,
     source: ExampleSource,
     checkpoints: Sequence[Checkpoint],
+    *,
     save_dir: Optional[str],
     state: PartialState,
     storage_dtype: torch.dtype,
@@ -62,7 +63,10 @@ def featurize_store(
     sample_train_batch: Callable[[int, int], dict],
     on_nonfinite: str = "error",
 ) -> FeatureStore:
-    """Write (or complete) the store of ``source``'s features at ``checkpoints``; returns it."""
+    """Write (or complete) the store of ``source``'s features at ``checkpoints``; returns it. ``save_dir``: the
+    store (None: a temporary folder); ``state``: the processes; ``storage_dtype``: of the stored features;
+    ``overwrite``: replace a store made otherwise; ``sample_train_batch``: training examples for tasks that need
+    them (CLIP); ``on_nonfinite``: "error" or "exclude"."""
     if not checkpoints:
         raise InvalidArgumentError(
             "featurize needs at least one checkpoint (a state dict, model or save_pretrained folder)."
@@ -111,7 +115,7 @@ def _check_resumed_rows(save_dir: Optional[str], row_hashes, overwrite: bool) ->
         return
     existing = FeatureStore.load(save_dir)
     stored = existing.row_hashes()
-    if stored is None or not FeatureStore._holds_work(save_dir):
+    if stored is None or not FeatureStore.holds_work(save_dir):
         return
     row = first_difference(stored, row_hashes)
     if row is not None:

@@ -105,7 +105,7 @@ class FeatureStore:
         if root is None or not os.path.isfile(os.path.join(root, CONFIG_NAME)):
             return None
         mismatches = cls.load(root).config.mismatches(config, resume=True)
-        if mismatches and not cls._holds_work(root):
+        if mismatches and not cls.holds_work(root):
             logger.info("Replacing the settings of %s, which holds no features yet.", root)
             return None
         if mismatches and not overwrite:
@@ -116,7 +116,7 @@ class FeatureStore:
         return mismatches
 
     @staticmethod
-    def _holds_work(root: str) -> bool:
+    def holds_work(root: str) -> bool:
         """Whether ``root`` holds a shard, kernel or scores (anything computed)."""
         for _, _, names in os.walk(root):
             computed = [name for name in names if name == KERNEL_NAME or name.endswith(".arrow")]
