@@ -79,14 +79,14 @@ def test_explore_benchmark_times_a_query_on_a_demo_like_store(tmp_path):
     from transformers import ViTImageProcessor
 
     import hf_trak
-    from hf_trak.demo.digits import digit_images
+    from hf_trak.demo.digits import load_digits
     from hf_trak.demo.pipeline import NUM_TRAIN
     from hf_trak.testing.models import tiny_vit
 
     model, processor = tiny_vit(), ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5])
     model.save_pretrained(str(tmp_path / "model"))
     processor.save_pretrained(str(tmp_path / "model"))
-    hf_trak.attribute(str(tmp_path / "model"), digit_images(0, NUM_TRAIN), digit_images(0, 1), processor=processor,
+    hf_trak.attribute(str(tmp_path / "model"), load_digits(0, NUM_TRAIN), load_digits(0, 1), processor=processor,
                       save_dir=str(tmp_path / "demo" / "trak"), proj_dim=32)  # fmt: skip
     out = run("explore.py", "--demo-dir", str(tmp_path / "demo"), "--repeats", "1", cwd=tmp_path)
     assert "no index (reads the store): n=600, 1 checkpoints, k=32" in out and "exact faiss index" in out

@@ -244,12 +244,12 @@ def test_without_peft_hf_trak_works_and_an_adapter_names_the_extra(tmp_path):
     assert "pip install 'hf_trak[peft]'" in done.stdout
 
 
-def test_the_readme_peft_snippet_runs():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    section = readme.split("## PEFT / LoRA", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+def test_the_peft_guide_attributes_the_adapter_and_the_head_copy():
+    """The PEFT guide's snippet (``docs/guides/peft.md``) differentiates the LoRA matrices and the head copy only."""
+    guide = open(os.path.join(os.path.dirname(__file__), "..", "docs", "guides", "peft.md"), encoding="utf-8").read()
+    code = guide.split("```python\n", 1)[1].split("```", 1)[0]
     namespace = {}
-    exec(compile(code, "README.md (PEFT / LoRA)", "exec"), namespace)
+    exec(compile(code, "docs/guides/peft.md", "exec"), namespace)
     result = namespace["result"]
     assert result.scores.shape == (4, 1) and np.isfinite(result.scores).all()
     names = result.traker.param_names
