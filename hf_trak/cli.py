@@ -322,8 +322,8 @@ def push(args) -> None:
 
 
 def explore(args) -> None:
-    from hf_trak.explore.app import explore as start
-    from hf_trak.explore.app import require_gradio
+    from hf_trak.explore.app import ExplorerApp, require_gradio, serve
+    from hf_trak.explore.explorer import Explorer
 
     require_gradio()  # before any loading
     train = load_split(args, args.train_split, args.max_train_examples)
@@ -333,13 +333,13 @@ def explore(args) -> None:
         logger.warning("No target split %r (%s): targets are new inputs and train rows.", args.target_split, error)
         targets = None
     processor = None if args.no_processor else (args.processor or "auto")
-    blocks = start(
+    # A missing store, or one that does not match the model or split, fails here: one line, exit 1, nothing served.
+    explorer = Explorer.from_store(
         args.save_dir or args.from_hub, train, model=args.model, processor=processor, targets=targets,
-        checkpoints=args.checkpoints,
-        index=args.index, k=args.k, block=False, quiet=True, server_name=args.host, server_port=args.port,
-        base_model=args.base_model,
+        checkpoints=args.checkpoints, index=args.index, k=args.k, base_model=args.base_model,
         text_column=_text_column(args), image_column_name=args.image_column, max_length=args.max_length,
     )  # fmt: skip
+    blocks = serve(ExplorerApp(explorer).blocks, block=False, quiet=True, server_name=args.host, server_port=args.port)
     print(f"hf_trak explorer running on {blocks.local_url} (Ctrl+C stops it)", flush=True)
     blocks.block_thread()
 

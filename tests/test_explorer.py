@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from datasets import DatasetDict
 from PIL import Image as PILImage
 from transformers import ViTImageProcessor
 
@@ -167,7 +168,7 @@ def test_images_an_uploaded_one_and_a_wrong_size(image_store):
     target = image_store["targets"][2]
     uploaded = explorer.query(explorer.new_example(image=target["image"].convert("RGB")), label=target["label"])
     assert [n.row for n in uploaded.proponents] == _top(image_store["result"], 2, "proponent")[0]
-    with pytest.raises(InvalidInputError, match=r"The image is 16×16 pixels; this model takes 8×8 .*upload a 8×8"):
+    with pytest.raises(InvalidInputError, match=r"The image is 16×16 pixels; this model takes 8×8 .*an image of 8×8"):
         explorer.new_example(image=PILImage.new("L", (16, 16)))
     with pytest.raises(InvalidInputError, match="Upload an image"):
         explorer.new_example()
@@ -202,21 +203,64 @@ def test_the_app_handlers_show_results_and_errors_in_the_page(text_store):
 
     explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=5)
     app = ExplorerApp(explorer)
-    message, summary, proponents, opponents, shown, text, label = app.on_target_row(2)
+    message, summary, proponents, opponents, shown, text, label, row = app.on_target_row(2)
     rows, _ = _top(text_store["result"], 2, "proponent")
+    own = explorer.label_name(text_store["targets"][2]["label"])
     assert message == "" and f"Top proponent:** train row {rows[0]}" in summary
+    assert f"**attributed label:** {own} (its own)" in summary
     assert [row[1] for row in proponents] == rows and shown[0] == rows
-    assert text == text_store["targets"][2]["text"]
+    assert [rank for rank, *_ in proponents] == [1, 2, 3, 4, 5]
+    assert text == text_store["targets"][2]["text"] and row == 2
+    assert label == "the prediction"  # the label field is not left at the row's label for the next new input
 
     class Click:  # what Gradio passes a Dataframe's select handler: (row, column)
         index = (0, 1)
 
-    message, summary, *_ = app.on_select(shown, Click(), 0)
+    message, summary, *_, label, row = app.on_select(shown, Click(), 0)
     assert message == "" and f"**Target:** train row {rows[0]} ·" in summary
+    assert label == "the prediction" and row is None  # the row field does not keep the old target row
     message, summary, *_ = app.on_attribute("", "the prediction")
     assert message.startswith("**Error:** Enter a text") and not isinstance(summary, str)  # summary left as it was
     message, *_ = app.on_target_row(99)
     assert "Target rows are 0 to 5" in message and "Traceback" not in message
+    message, *_ = app.on_target_row(2.5)
+    assert "The target row must be a whole number, got 2.5" in message
+
+
+def test_a_new_input_is_attributed_for_its_prediction_after_a_row_unless_a_label_is_picked(text_store):
+    """The label field after a target row holds "the prediction": a new input then gets its prediction's
+    scores, not the previous row's label; a label picked for it is attributed and said so."""
+    pytest.importorskip("gradio")
+    from hf_trak.explore.app import ExplorerApp
+
+    explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=5)
+    app = ExplorerApp(explorer)
+    text = "5 6 7 8 9"
+    predicted = explorer.query(explorer.new_example(text)).label
+    for row in range(len(text_store["targets"])):  # a row whose own label is not the prediction
+        if text_store["targets"][row]["label"] != predicted:
+            break
+    *_, label_field, _ = app.on_target_row(row)
+    _, summary, proponents, *_ = app.on_attribute(text, label_field)
+    expected = explorer.query(explorer.new_example(text), label=predicted)
+    assert f"**attributed label:** {explorer.label_name(predicted)} (the model's prediction)" in summary
+    assert [r[1] for r in proponents] == [n.row for n in expected.proponents]
+    other = (predicted + 1) % len(explorer.label_names)
+    _, summary, proponents, *_ = app.on_attribute(text, explorer.label_name(other))
+    assert f"**attributed label:** {explorer.label_name(other)} (picked in the page)" in summary
+    assert [r[1] for r in proponents] == [n.row for n in explorer.query(explorer.new_example(text), other).proponents]
+
+
+def test_explore_refuses_a_missing_store_before_serving(tmp_path):
+    """``hf-trak explore`` with a store that is not there exits 1 with one line, instead of serving a page."""
+    pytest.importorskip("gradio")
+    DatasetDict(train=raw_text(4)).save_to_disk(str(tmp_path / "data"))
+    done = subprocess.run([sys.executable, "-m", "hf_trak.cli", "explore", "--store", str(tmp_path / "missing"),
+                           "--dataset", str(tmp_path / "data")], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "running on" not in done.stdout
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("hf-trak: error: ") and "missing' does not exist" in error
 
 
 def test_importing_hf_trak_and_its_cli_does_not_import_gradio_or_faiss_and_a_missing_extra_is_named():

@@ -136,9 +136,11 @@ def test_typed_text_shows_attributes_top_proponent_and_a_click_makes_it_the_targ
     summary = _wait_for(page, "#summary", "Top proponent")
     assert f"Top proponent: train row {expected} " in summary, summary
     assert page.locator("#proponents [data-testid=cell-0-1]").inner_text() == str(expected)
+    assert page.locator("#proponents [data-testid=cell-0-0]").inner_text() == "1"  # ranks count from 1
 
     page.locator("#proponents [data-testid=cell-0-1]").click()
     _wait_for(page, "#summary", f"Target: train row {expected} ·")
+    assert "(its own)" in _summary(page)
     assert page.locator("#text-0 textarea").input_value() == splits["train"][expected]["text"]
 
     page.locator("#text-0 textarea").fill("  ")  # bad input: a message in the page, and the server lives on
@@ -147,6 +149,22 @@ def test_typed_text_shows_attributes_top_proponent_and_a_click_makes_it_the_targ
     page.locator("#text-0 textarea").fill(text)
     page.locator("#attribute").click()
     assert f"train row {expected} " in _wait_for(page, "#summary", "a new input")
+
+    # A target row with another label than the new text's prediction, then the new text: attributed for its
+    # prediction (the label field does not keep the row's label), and the page says so.
+    other = [row for row in range(len(splits["test"])) if splits["test"][row]["label"] != predicted]
+    assert other, "the target split needs a row whose label is not the prediction"
+    page.locator("#target-row input").fill(str(other[0]))
+    page.locator("#pick").click()
+    assert "(its own)" in _wait_for(page, "#summary", f"Target: target row {other[0]} ·")
+    page.locator("#text-0 textarea").fill(text)
+    page.locator("#attribute").click()
+    summary = _wait_for(page, "#summary", "a new input")
+    assert "(the model's prediction)" in summary and f"Top proponent: train row {expected} " in summary, summary
+
+    page.locator("#target-row input").fill("2.5")  # not a row: a message, not row 2
+    page.locator("#pick").click()
+    assert "The target row must be a whole number, got 2.5" in _wait_for(page, "#message", "whole number")
     page.close()
 
 
@@ -180,6 +198,7 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
 
     page.locator("#proponents button.thumbnail-item").nth(1).click()
     _wait_for(page, "#summary", f"Target: train row {shown[1]} ·")
+    assert page.locator("#target-row input").input_value() == ""  # the row field does not keep row 3
 
     Image.new("L", (16, 16), 128).save(tmp_path / "large.png")
     page.locator("#image input[type=file]").set_input_files(str(tmp_path / "large.png"))

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any, Optional
 
-from hf_trak.errors import MissingDependencyError
+from hf_trak.errors import InvalidInputError, MissingDependencyError
 from hf_trak.explore.explorer import Explorer, Query
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class ExplorerApp:
         gr.Markdown(
             f"{store.num_train_examples} training examples · {store.num_checkpoints} checkpoint(s) · "
             f"{type(explorer.model).__name__} · {store.projector} projection, k = {store.feature_dim} · "
-            f"{'faiss index ' + explorer.index.string_factory if explorer.index else 'exact scores from the store'}"
+            f"{explorer.index.description if explorer.index else 'exact scores from the store'}"
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -85,7 +85,7 @@ class ExplorerApp:
                 attribute = gr.Button("Attribute", variant="primary", elem_id="attribute")
                 self.row = None
                 if explorer.targets is not None:
-                    self.row = gr.Number(0, label=f"Target row (0–{len(explorer.targets) - 1})", precision=0,
+                    self.row = gr.Number(0, label=f"Target row (0–{len(explorer.targets) - 1})", precision=None,
                                          elem_id="target-row")  # fmt: skip
                     pick = gr.Button("Attribute this target row", elem_id="pick")
             with gr.Column(scale=2):
@@ -123,7 +123,7 @@ class ExplorerApp:
         return gr.Dataframe(headers=headers, label=label, interactive=False, elem_id=kind, wrap=True)
 
     def _outputs(self) -> list:
-        widgets = self.texts + [c for c in (self.image, self.label, self.target_view) if c is not None]
+        widgets = self.texts + [c for c in (self.image, self.label, self.target_view, self.row) if c is not None]
         return [self.message, self.summary, self.proponents, self.opponents, self.shown] + widgets
 
     # ------------------------------------------------------------------ events
@@ -136,15 +136,19 @@ class ExplorerApp:
         try:
             example = self.explorer.new_example(texts or None, image)
             chosen = None if label in (None, PREDICTED) else self.explorer.label_names.index(label)
-            return self._show(self.explorer.query(example, label=chosen), "a new input", fill=False)
+            why = "the model's prediction" if chosen is None else "picked in the page"
+            return self._show(self.explorer.query(example, label=chosen), "a new input", why, fill=False)
         except Exception as error:  # shown in the page; the server keeps running
             logger.warning("Query failed: %s", error)
             return self._failed(error)
 
     def on_target_row(self, row):
         try:
-            row = int(row)
-            return self._show(self.explorer.query(self.explorer.target_example(row)), f"target row {row}")
+            if row is None or float(row) != int(float(row)):
+                raise InvalidInputError(f"The target row must be a whole number, got {row}.")
+            row = int(float(row))
+            query = self.explorer.query(self.explorer.target_example(row))
+            return self._show(query, f"target row {row}", "its own", row=row)
         except Exception as error:
             logger.warning("Query failed: %s", error)
             return self._failed(error)
@@ -154,7 +158,7 @@ class ExplorerApp:
         try:
             position = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
             row = shown[which][int(position)]
-            return self._show(self.explorer.query(self.explorer.train_example(row)), f"train row {row}")
+            return self._show(self.explorer.query(self.explorer.train_example(row)), f"train row {row}", "its own")
         except Exception as error:
             logger.warning("Query failed: %s", error)
             return self._failed(error)
@@ -163,11 +167,15 @@ class ExplorerApp:
     def _failed(self, error: Exception) -> list:
         return [_message(error)] + [self.gr.update() for _ in self._outputs()[1:]]
 
-    def _show(self, query: Query, what: str, fill: bool = True) -> list:
+    def _show(self, query: Query, what: str, why: str, fill: bool = True, row: Optional[int] = None) -> list:
+        """The page for ``query``: ``what`` the target is, ``why`` its label is the one attributed. A row's own
+        label is attributed for a row; the label field goes back to the prediction, so that a new input typed
+        afterwards is attributed for its prediction unless another label is picked for it. ``row``: the target
+        split's row, shown in the row field (empty for other targets)."""
         explorer = self.explorer
         lines = [f"**Target:** {what} · **prediction:** {query.prediction}"]
         if query.label is not None:
-            lines[0] += f" · **attributed label:** {explorer.label_name(query.label)}"
+            lines[0] += f" · **attributed label:** {explorer.label_name(query.label)} ({why})"
         if query.proponents:
             top = query.proponents[0]
             lines.append(f"**Top proponent:** train row {top.row} (score {top.score:.4g})")
@@ -182,9 +190,11 @@ class ExplorerApp:
         if self.image is not None:
             widgets.append(query.target.get(explorer.image_column) if fill else self.gr.update())
         if self.label is not None:
-            widgets.append(explorer.label_name(query.label) if fill and query.label is not None else self.gr.update())
+            widgets.append(PREDICTED if fill else self.gr.update())
         if self.target_view is not None:
             widgets.append(enlarged(query.target.get(explorer.image_column)))
+        if self.row is not None:  # the target row's number, or empty for a train row or a new input
+            widgets.append(row)
         return ["", "\n\n".join(lines), self._render(query.proponents), self._render(query.opponents), shown] + widgets
 
     def _render(self, neighbors) -> Any:
@@ -196,7 +206,7 @@ class ExplorerApp:
         for rank, n in enumerate(neighbors):
             label = [explorer.label_name(n.example.get(label_column))] if label_column else []
             texts = [str(n.example.get(name, ""))[:TEXT_PREVIEW] for name in explorer.text_columns]
-            rows.append([rank, n.row, round(n.score, 6)] + label + texts)
+            rows.append([rank + 1, n.row, round(n.score, 6)] + label + texts)
         return rows
 
     def _caption(self, neighbor) -> str:
@@ -246,8 +256,14 @@ def explore(
         logger.error("The explorer cannot start: %s", error)
         app = ExplorerApp(None, error=str(error), title=title)
     if launch:
-        app.blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet)
-        interactive = hasattr(sys, "ps1") or "ipykernel" in sys.modules
-        if block or (block is None and not interactive):
-            app.blocks.block_thread()
+        serve(app.blocks, block, quiet, server_name, server_port)
     return app.blocks
+
+
+def serve(blocks, block: Optional[bool] = None, quiet: bool = False, server_name=None, server_port=None):
+    """Serve ``blocks`` as ``explore`` does (see there); returns them."""
+    blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet)
+    interactive = hasattr(sys, "ps1") or "ipykernel" in sys.modules
+    if block or (block is None and not interactive):
+        blocks.block_thread()
+    return blocks

@@ -258,7 +258,7 @@ class Explorer:
             width, height = image.size
             raise InvalidInputError(
                 f"The image is {width}×{height} pixels; this model takes {size}×{size} and its processor does not "
-                f"resize: upload a {size}×{size} image."
+                f"resize: upload an image of {size}×{size} pixels."
             )
 
     def _one_row(self, example: Dict[str, Any], label: Optional[int]) -> Dataset:

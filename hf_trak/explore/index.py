@@ -158,6 +158,11 @@ class FeatureIndex:
         return self.string_factory == EXACT
 
     @property
+    def description(self) -> str:
+        """What the index is, for a page: exact, or the approximate factory string."""
+        return "exact faiss index" if self.is_exact else f"approximate faiss index {self.string_factory}"
+
+    @property
     def nprobe(self) -> Optional[int]:
         """Lists an IVF index searches per query (None for other indexes); settable."""
         return getattr(self.index.faiss_index, "nprobe", None)
