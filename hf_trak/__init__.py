@@ -10,6 +10,7 @@ from hf_trak.attribute import Attribution, attribute, top_k_dataset
 from hf_trak.data.processing import prepare_split
 from hf_trak.errors import (
     CorruptStoreError,
+    DiskFullError,
     HubError,
     IncompleteStoreError,
     InvalidArgumentError,
@@ -19,6 +20,7 @@ from hf_trak.errors import (
     NotFoundError,
     OutputExistsError,
     OutputNotWritableError,
+    StoreLockedError,
     StoreMismatchError,
     TRAKError,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "ClassificationModelOutput",
     "CLIPModelOutput",
     "CorruptStoreError",
+    "DiskFullError",
     "explore",
     "FeatureStore",
     "HubError",
@@ -65,6 +68,7 @@ __all__ = [
     "OutputNotWritableError",
     "prepare_split",
     "SequenceClassificationModelOutput",
+    "StoreLockedError",
     "StoreMismatchError",
     "TopK",
     "top_k_dataset",

@@ -142,6 +142,12 @@ class TRAKArguments:
         choices=NONFINITE_POLICIES,
     )
     overwrite: bool = _field(False, "replace a store made with other settings", scope="featurize")
+    lock_timeout: Optional[float] = _field(
+        None,
+        "seconds to wait for another process featurizing the same store before a StoreLockedError (featurize "
+        "takes turns with it; scoring waits for the finished store) (None: as long as it takes; 0: at once)",
+        scope="run",
+    )
     max_checkpoints: Optional[int] = _field(
         None, "TRAKHFTrainer: featurize the last N saved checkpoints (default: all)", scope="trainer"
     )
@@ -169,6 +175,10 @@ class TRAKArguments:
         check_kernel_source(self.kernel_from, self.kernel)
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
+        if self.lock_timeout is not None and not (_is_number(self.lock_timeout) and self.lock_timeout >= 0):
+            raise InvalidArgumentError(
+                f"lock_timeout must be a number of seconds >= 0 (or None), got {self.lock_timeout!r}."
+            )
         if self.lambda_reg is not None and not self.lambda_reg >= 0:
             raise InvalidArgumentError(f"lambda_reg must be >= 0 (or None to derive it), got {self.lambda_reg!r}.")
         if self.lambda_scale is not None and not self.lambda_scale > 0:

@@ -254,12 +254,14 @@ def _npy_path(path: str) -> str:
 def score(args) -> None:
     from hf_trak.store.feature_store import FeatureStore
     from hf_trak.store.files import save_npy
+    from hf_trak.store.saved_scores import scores_path
 
     in_store = bool(args.save_dir) and not args.train_subset  # a subset's scores are not the store's rows
     if args.output:
         check_output(_npy_path(args.output), args.overwrite)
     if in_store:
-        path = FeatureStore.load(args.save_dir).scores_path(args.name or args.target_split)
+        FeatureStore.load(args.save_dir)  # a store is there
+        path = scores_path(args.save_dir, args.name or args.target_split)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             check_output(path, args.overwrite, option="--name (scores in the store)")

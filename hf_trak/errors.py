@@ -10,10 +10,12 @@ Every error that a user's input, settings or files can cause is one of these (a 
     │                                            too long, a missing column, an empty split
     ├── StoreMismatchError (ValueError)          stored features vs. the split, model, checkpoints or settings
     ├── IncompleteStoreError (ValueError)        a store whose featurization did not finish, or that lacks files
+    ├── StoreLockedError (RuntimeError)          a store another process is featurizing, waited for too long
     ├── CorruptStoreError (OSError)              an unreadable or altered store file
     ├── NotFoundError (FileNotFoundError)        a model, checkpoint, store or folder that does not exist
     ├── OutputExistsError (FileExistsError)      an output (or a store) that would be overwritten
     ├── OutputNotWritableError (PermissionError) an output in a folder that cannot be written to
+    ├── DiskFullError (OSError)                  no space left on the device while writing a store file
     ├── NotFeaturizedError (RuntimeError)        a call that needs train features before there are any
     ├── HubError (OSError)                       push/download failed: network, auth, missing repo
     └── MissingDependencyError (ImportError)     an optional package a feature needs (gradio, peft, faiss...)
@@ -24,6 +26,7 @@ The command line prints them as one line (``hf-trak: error: ...``): exit status 
 
 __all__ = [
     "CorruptStoreError",
+    "DiskFullError",
     "HubError",
     "IncompleteStoreError",
     "InvalidArgumentError",
@@ -33,6 +36,7 @@ __all__ = [
     "NotFoundError",
     "OutputExistsError",
     "OutputNotWritableError",
+    "StoreLockedError",
     "StoreMismatchError",
     "TRAKError",
 ]
@@ -58,6 +62,10 @@ class IncompleteStoreError(TRAKError, ValueError):
     """A store whose featurization did not finish (resume it), or a copy that lacks some of its files."""
 
 
+class StoreLockedError(TRAKError, RuntimeError):
+    """A store that another process is featurizing (its owner is named), waited for longer than allowed."""
+
+
 class CorruptStoreError(TRAKError, OSError):
     """A store file that cannot be read or does not match its recorded checksum."""
 
@@ -72,6 +80,11 @@ class OutputExistsError(TRAKError, FileExistsError):
 
 class OutputNotWritableError(TRAKError, PermissionError):
     """An output whose folder cannot be written to."""
+
+
+class DiskFullError(TRAKError, OSError):
+    """No space left on the device while writing a file (named, with the space the store needs); nothing
+    half-written is kept, and a rerun with space resumes."""
 
 
 class NotFeaturizedError(TRAKError, RuntimeError):

@@ -7,9 +7,10 @@ A thin facade: settings are a ``TRAKArguments``; features are made by a ``Featur
 at a checkpoint's tensors. (Over 300 lines: its docstrings are the API's reference.)
 """
 
+import contextlib
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput, e
 from hf_trak.run.featurize import featurize_store, verify_checkpoints
 from hf_trak.run.processes import gather_to_main, process_state
 from hf_trak.run.scoring import TopK, scores, target_features, top_k
+from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import TRAKConfig
 from hf_trak.store.feature_store import FeatureStore
@@ -177,6 +179,7 @@ class TRAKer:
                 overwrite=self.args.overwrite if overwrite is None else overwrite,
                 sample_train_batch=self.train_sampler,
                 on_nonfinite=self.args.on_nonfinite,
+                lock_timeout=self.args.lock_timeout,
             )
         self.config, self.checkpoints, self.train_rows = self.store.config, list(checkpoints), None
         return self
@@ -204,6 +207,15 @@ class TRAKer:
             )
         return features, len(source)
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[FeatureStore]:
+        """The store, held with its shared lock while a call reads it (a featurization of it in another process
+        is waited for, ``lock_timeout``), and checked not to have been featurized again since it was loaded."""
+        store = self._require_store()
+        with lock.reading(store.root, self.args.lock_timeout):
+            store.check_unchanged()
+            yield store
+
     def score(
         self,
         targets,
@@ -224,13 +236,14 @@ class TRAKer:
         num_rows = self.config.num_train_examples if self.train_rows is None else len(self.train_rows)
         if out is not None and (out.shape[0] != num_rows or out.ndim != 2):
             raise InvalidArgumentError(f"out has shape {out.shape}, expected ({num_rows}, number of targets).")
-        features, num_targets = self._target_features(targets, batch_size, data_collator)
-        if out is not None and out.shape != (num_rows, num_targets):
-            raise InvalidArgumentError(f"out has shape {out.shape}, expected {(num_rows, num_targets)}.")
-        show = self.state.is_main_process
-        if self.state.num_processes == 1 and self.train_rows is None:
-            return scores(self.store, features, self.device, block_size, out, show_progress=show)
-        parts = gather_to_main(self.state, scores(self.store, features, self.device, block_size, show_progress=show))
+        with self._reading() as store:
+            features, num_targets = self._target_features(targets, batch_size, data_collator)
+            if out is not None and out.shape != (num_rows, num_targets):
+                raise InvalidArgumentError(f"out has shape {out.shape}, expected {(num_rows, num_targets)}.")
+            show = self.state.is_main_process
+            if self.state.num_processes == 1 and self.train_rows is None:
+                return scores(store, features, self.device, block_size, out, show_progress=show)
+            parts = gather_to_main(self.state, scores(store, features, self.device, block_size, show_progress=show))
         if parts is None:
             return None
         full = np.concatenate(parts, axis=1)
@@ -252,10 +265,11 @@ class TRAKer:
         (NaN scores) rank last."""
         check_positive_int("k", k)
         block_size = self._positive_setting("target_block_size", target_block_size)
-        features, _ = self._target_features(targets, batch_size, data_collator)
-        show = self.state.is_main_process
-        mine = top_k(self.store, features, self.device, block_size, k, largest, show, self.train_rows)
-        parts = gather_to_main(self.state, mine)
+        with self._reading() as store:
+            features, _ = self._target_features(targets, batch_size, data_collator)
+            show = self.state.is_main_process
+            mine = top_k(store, features, self.device, block_size, k, largest, show, self.train_rows)
+            parts = gather_to_main(self.state, mine)
         if parts is None:
             return None
         return TopK(*(np.concatenate([part[i] for part in parts]) for i in range(2)))

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from hf_trak import TRAKArguments, TRAKer
-from hf_trak.arguments import FEATURIZE_SCOPES, fields_in, parsed_settings
+from hf_trak import TRAKArguments, TRAKConfig, TRAKer
+from hf_trak.arguments import FEATURIZE_SCOPES, STORED, fields_in, parsed_settings
 from hf_trak.cli import SCORE_NAMES, SCORE_SCOPES, build_parser, main
 from hf_trak.testing.models import tiny_vit
 from hf_trak.trainer import make_traker
@@ -37,6 +37,7 @@ NON_DEFAULT = dict(
     train_weight="none",
     estimator="trak",
     overwrite=True,
+    lock_timeout=30.0,
     max_checkpoints=2,
 )
 
@@ -131,3 +132,17 @@ def test_the_cli_refuses_nonsense_settings_in_one_line(capsys):
         assert exit.value.code == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error
+
+
+def test_the_settings_of_scope_store_are_the_config_fields_copied_both_ways(tmp_path):
+    """TRAKConfig records the resolved TRAKArguments fields of scope "store" under their names, and gives them back
+    (``settings``): what ``from_pretrained`` scores with."""
+    stored = [field.name for field in fields_in(STORED)]
+    assert stored and set(stored) <= {field.name for field in dataclasses.fields(TRAKConfig)}
+    model = tiny_vit()
+    traker = TRAKer(model, proj_dim=24, lambda_scale=0.3, projector_seed=2, save_dir=str(tmp_path / "store"))
+    resolved = {name: getattr(traker.args, name) for name in stored}
+    assert {name: getattr(traker.config, name) for name in stored} == resolved
+    assert traker.args.kernel != "auto" and traker.args.projector != "auto"  # resolved before it is recorded
+    again = traker.config.settings()
+    assert {name: getattr(again, name) for name in stored} == resolved

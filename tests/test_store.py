@@ -32,6 +32,7 @@ def test_layout_is_arrow_safetensors_and_json_only(tmp_path):
         os.path.relpath(os.path.join(d, f), traker.save_dir) for d, _, fs in os.walk(traker.save_dir) for f in fs
     )
     assert files == [
+        ".trak.lock",  # the featurization's lock, which records its last owner (not pushed)
         "README.md",
         "checkpoint-0/features-000000000-000000008.arrow",
         "checkpoint-0/features-000000008-000000016.arrow",

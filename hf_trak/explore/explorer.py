@@ -48,6 +48,7 @@ from hf_trak.method.model_outputs import (
     without_labels,
 )
 from hf_trak.run.scoring import scores as store_scores
+from hf_trak.store import lock
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.store.hub import download_store
 from hf_trak.traker import TRAKer
@@ -344,7 +345,8 @@ class Explorer:
 
         ``label``: the label to attribute (classifiers): default the example's own, else the prediction."""
         k = min(check_positive_int("k", self.k if k is None else k), len(self.train))
-        with self._lock:  # one query at a time: a server calls from several threads
+        with self._lock, lock.reading(self.store.root):  # one query at a time; a featurization of the store waited for
+            self.store.check_unchanged()
             features, prediction, label = self.target_features(example, label)
             top, top_scores, bottom, bottom_scores, agreement = self.rank(features, k)
         return Query(

@@ -22,6 +22,7 @@ are not finite gets features 0 (so XᵀX is that of the other rows) and Q = NaN 
 scores are NaN), and is listed in the config's ``excluded_rows``.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -37,10 +38,17 @@ from tqdm.auto import tqdm
 
 from hf_trak.data.inputs import scan_split
 from hf_trak.data.source import ExampleSource
-from hf_trak.errors import InvalidArgumentError, InvalidInputError, OutputExistsError, StoreMismatchError
+from hf_trak.errors import (
+    DiskFullError,
+    InvalidArgumentError,
+    InvalidInputError,
+    OutputExistsError,
+    StoreMismatchError,
+)
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.run.kernels import finalize_checkpoint
+from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.feature_store import FeatureStore, shard_ranges
@@ -62,11 +70,14 @@ def featurize_store(
     overwrite: bool,
     sample_train_batch: Callable[[int, int], dict],
     on_nonfinite: str = "error",
+    lock_timeout: Optional[float] = None,
 ) -> FeatureStore:
     """Write (or complete) the store of ``source``'s features at ``checkpoints``; returns it. ``save_dir``: the
     store (None: a temporary folder); ``state``: the processes; ``storage_dtype``: of the stored features;
     ``overwrite``: replace a store made otherwise; ``sample_train_batch``: training examples for tasks that need
-    them (CLIP); ``on_nonfinite``: "error" or "exclude"."""
+    them (CLIP); ``on_nonfinite``: "error" or "exclude"; ``lock_timeout``: how long to wait for another process
+    featurizing the same store (``hf_trak.store.lock``: the runs take turns). A full device is a ``DiskFullError``
+    naming the file and the space the store needs; what was written completely is kept, and a rerun resumes."""
     if not checkpoints:
         raise InvalidArgumentError(
             "featurize needs at least one checkpoint (a state dict, model or save_pretrained folder)."
@@ -74,6 +85,26 @@ def featurize_store(
     if state.num_processes > 1 and save_dir is None:
         raise InvalidArgumentError("save_dir is required with several processes: they share the feature store.")
     scan = scan_split(source, feature_map.task, feature_map.model, "train", on_nonfinite, state.is_main_process)
+    work = (feature_map, config, source, checkpoints, scan, save_dir, state, storage_dtype, batch_size, overwrite,
+            sample_train_batch, on_nonfinite)  # fmt: skip
+    if save_dir is None:
+        return _featurize(*work)
+    holding = lock.writing(save_dir, lock_timeout) if state.is_main_process else contextlib.nullcontext()
+    with holding:  # from the first look at the store to the last write: another featurization waits
+        state.wait_for_everyone()  # every process starts once the main one holds the store
+        try:
+            return _featurize(*work)
+        except DiskFullError as error:
+            needed = _expected_bytes(config, len(source), len(checkpoints))
+            raise DiskFullError(
+                f"{error} The complete store needs about {needed / 2**20:.1f} MiB in {save_dir}: free space (or "
+                "choose another save_dir) and run featurize again: it resumes from the files written completely."
+            ) from error
+
+
+def _featurize(feature_map, config, source, checkpoints, scan, save_dir, state, storage_dtype, batch_size, overwrite,
+               sample_train_batch, on_nonfinite):  # fmt: skip
+    """``featurize_store``'s work once the split is checked (``scan``) and the store held."""
     config = dataclasses.replace(
         config,
         num_checkpoints=len(checkpoints),
@@ -107,6 +138,20 @@ def featurize_store(
         write_dataset_card(store)
     state.wait_for_everyone()
     return store if state.is_main_process else FeatureStore.load(save_dir)  # with what the main process recorded
+
+
+def _expected_bytes(config: TRAKConfig, num_rows: int, num_checkpoints: int) -> int:
+    """About how many bytes a complete store of ``config`` takes: per checkpoint X and Φ (n × k in the features'
+    dtype, with index and Q), the kernel file (two k × k float64), and the per-token statistics (a k_b² float64
+    Gram matrix per block and shard)."""
+    k, itemsize = config.feature_dim, 2 if config.dtype == "float16" else 4
+    shards = 2 * (num_rows * k * itemsize + num_rows * 12)
+    kernel = 2 * k * k * 8 + k * 8
+    statistics = 0
+    if config.kernel_from != "examples":
+        num_shards = len(shard_ranges(num_rows, config.shard_size))
+        statistics = num_shards * sum(size * size * 8 for _, size in config.kernel_blocks)
+    return num_checkpoints * (shards + kernel + statistics)
 
 
 def _check_resumed_rows(save_dir: Optional[str], row_hashes, overwrite: bool) -> None:

@@ -1,22 +1,10 @@
 """The feature store: TRAK features as a self-describing folder of Arrow shards.
 
-Layout (also a Hugging Face dataset repo; ``load_dataset(path, "checkpoint-0")`` works)::
-
-    trak_config.json                        TRAKConfig: model, task, projection, parameters, train set
-    train_rows.arrow                        index, row_hash (uint64): the featurized split's rows (provenance)
-    README.md                               dataset card (templates/trak_features_card.md)
-    checkpoint-<m>/features-<start>-<stop>.arrow   rows [start, stop): index (int64),
-                                            features (fixed-size list of float16/32: x_i = P_mᵀg_i/√p),
-                                            out_to_loss (float32: Q_i)
-    checkpoint-<m>/kernel.safetensors       xtx (k × k), kernel K_m = (XtX + λI)⁻¹/mean|·| (k × k), lambda_reg,
-                                            phi_scale s_m (k,: RMS of Φ_m's columns; version 3 on)
-    checkpoint-<m>/preconditioned-<start>-<stop>.arrow   index, phi (Φ_m/s_m, Φ_m = X_m K_m, in the
-                                            features' dtype), out_to_loss: what scoring reads (version 3 on)
-    checkpoint-<m>/kernel-statistics-<start>-<stop>.safetensors   per-token kernel statistics of those rows
-                                            (``kernel_from`` "tokens" or "ekfac"; see ``FactoredGradientProjector``)
-    checkpoint-<m>/principal-factors.safetensors   the factored projector's principal factors P (d × k per
-                                            side, "<name>/<side>"), made from the data (``principal_share`` > 0)
-    scores/<name>.arrow                     target_index (int64), scores (fixed-size list of float32, n)
+It is also a Hugging Face dataset repo (``load_dataset(path, "checkpoint-0")`` works); its files are
+listed in the docs (``docs/store_format.md``): ``trak_config.json``, ``train_rows.arrow``, the card,
+and per checkpoint m the features X_m and Q_m (``checkpoint-<m>/features-<start>-<stop>.arrow``), Φ_m
+(``preconditioned-...``), the kernel (``kernel.safetensors``), per-token statistics and principal factors;
+saved scores in ``scores/`` (``hf_trak.store.saved_scores``).
 
 Shards cover fixed row ranges ``[s·shard_size, (s+1)·shard_size)``, so any process can
 write any shard and a run can resume by skipping complete ones. Every file is written to a
@@ -42,10 +30,11 @@ import torch
 from hf_trak.errors import (
     CorruptStoreError,
     IncompleteStoreError,
-    InvalidArgumentError,
     NotFoundError,
     OutputExistsError,
+    StoreMismatchError,
 )
+from hf_trak.store import saved_scores
 from hf_trak.store.arrow_files import (
     checksum,
     fixed_size_list,
@@ -58,6 +47,7 @@ from hf_trak.store.arrow_files import (
 )
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.files import write_text
+from hf_trak.store.lock import LOCK_NAME
 from hf_trak.store.versions import stores_preconditioned
 
 logger = logging.getLogger(__name__)
@@ -74,6 +64,15 @@ COLUMNS = {FEATURES: "features", PRECONDITIONED: "phi"}
 def shard_ranges(num_rows: int, shard_size: int) -> List[Tuple[int, int]]:
     """The fixed row ranges [s·shard_size, (s+1)·shard_size) ∩ [0, num_rows) of the shards."""
     return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
+
+
+def _clear(root: str) -> None:
+    """Delete what ``root`` holds, but its lock (held by the featurization that replaces the store)."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name == LOCK_NAME:
+            continue
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 class FeatureStore:
@@ -140,10 +139,20 @@ class FeatureStore:
             return cls.load(root)
         if mismatches:
             logger.warning("Deleting the features in %s (overwrite=True).", root)
-            shutil.rmtree(root)
+            _clear(root)
         os.makedirs(root, exist_ok=True)
         write_text(os.path.join(root, CONFIG_NAME), config.to_json_string())
         return cls(root, config)
+
+    def check_unchanged(self) -> None:
+        """Refuse to read a store that was featurized again since it was loaded (its config changed)."""
+        with open(os.path.join(self.root, CONFIG_NAME), encoding="utf-8") as file:
+            on_disk = TRAKConfig.from_json_string(file.read(), self.root)
+        if on_disk != self.config:
+            raise StoreMismatchError(
+                f"The features in {self.root} were featurized again since they were loaded: load them again "
+                "(TRAKer.from_pretrained) to score against them."
+            )
 
     def checkpoint_dir(self, model_id: int) -> str:
         return os.path.join(self.root, f"checkpoint-{model_id}")
@@ -342,8 +351,7 @@ class FeatureStore:
         if base_fingerprint is not None:
             changes["base_fingerprint"] = base_fingerprint
         self.config = dataclasses.replace(self.config, **changes)
-        text = self.config.to_json_string()
-        write_text(os.path.join(self.root, CONFIG_NAME), text)
+        write_text(os.path.join(self.root, CONFIG_NAME), self.config.to_json_string())
 
     # ------------------------------------------------------------ provenance
     def save_row_hashes(self, row_hashes: np.ndarray) -> None:
@@ -366,32 +374,15 @@ class FeatureStore:
     def record_excluded_rows(self, rows: Sequence[int]) -> None:
         """Record the rows excluded for non-finite inputs or gradients (their features are 0, Q is NaN)."""
         self.config = dataclasses.replace(self.config, excluded_rows=sorted(set(rows)))
-        text = self.config.to_json_string()
-        write_text(os.path.join(self.root, CONFIG_NAME), text)
+        write_text(os.path.join(self.root, CONFIG_NAME), self.config.to_json_string())
 
     # ----------------------------------------------------------------- scores
-    def scores_path(self, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise InvalidArgumentError(f"Scores name {name!r} must be letters, digits, '_', '.' or '-'.")
-        return os.path.join(self.root, "scores", f"{name}.arrow")
-
     def save_scores(self, name: str, scores: np.ndarray, overwrite: bool = False) -> str:
-        """Write ``scores`` (n × m) as ``scores/<name>.arrow``, one row per target; returns the path.
-        Existing scores of that name are only replaced with ``overwrite``."""
-        path = self.scores_path(name)
-        if os.path.exists(path) and not overwrite:
-            raise OutputExistsError(f"{path} exists: choose another name, or pass overwrite=True to replace it.")
-        os.makedirs(os.path.join(self.root, "scores"), exist_ok=True)
-        targets = pa.array(np.arange(scores.shape[1], dtype=np.int64))
-        write_arrow(path, {"target_index": targets, "scores": fixed_size_list(np.asarray(scores, dtype=np.float32).T)})
-        return path
+        """``hf_trak.store.saved_scores.save_scores`` in this store."""
+        return saved_scores.save_scores(self.root, name, scores, overwrite)
 
     def score_names(self) -> List[str]:
-        directory = os.path.join(self.root, "scores")
-        names = os.listdir(directory) if os.path.isdir(directory) else []
-        return sorted(name[: -len(".arrow")] for name in names if name.endswith(".arrow"))
+        return saved_scores.score_names(self.root)
 
     def load_scores(self, name: str) -> np.ndarray:
-        """The (n × m) scores saved as ``name``."""
-        table = read_table(os.path.join(self.root, "scores", f"{name}.arrow"))
-        return fixed_size_list_to_numpy(table.column("scores")).T
+        return saved_scores.load_scores(self.root, name)

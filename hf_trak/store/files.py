@@ -7,13 +7,14 @@ it computes anything (``check_output``): one that exists is refused unless overw
 was asked for, and a folder that cannot be written to is named.
 """
 
+import errno
 import os
 import shutil
 from typing import Callable
 
 import numpy as np
 
-from hf_trak.errors import NotFoundError, OutputExistsError, OutputNotWritableError
+from hf_trak.errors import DiskFullError, NotFoundError, OutputExistsError, OutputNotWritableError
 
 
 def _umask() -> int:
@@ -30,14 +31,29 @@ def _temporary_path(path: str) -> str:
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the device is full (``ENOSPC``, as an ``OSError`` or in a writer's own message)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return "No space left on device" in text or "os error 28" in text
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
     """``write(tmp_path)``, then rename it to ``path``: readers never see a partial file, and a failed
-    write leaves ``path`` as it was. Returns ``path``."""
+    write leaves ``path`` as it was. A full device is a ``DiskFullError`` naming the file. Returns ``path``."""
     tmp = _temporary_path(path)
     try:
         write(tmp)
         os.chmod(tmp, FILE_MODE)  # some writers (safetensors) create their files 0600
         os.replace(tmp, path)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise DiskFullError(
+            f"No space left on the device writing {path} ({free / 2**20:.1f} MiB free there)."
+        ) from error
     finally:
         if os.path.isfile(tmp):
             os.remove(tmp)
