@@ -20,7 +20,6 @@ from hf_trak.arguments import TRAKArguments
 from hf_trak.data.inputs import scan_split
 from hf_trak.data.source import ExampleSource
 from hf_trak.errors import (
-    IncompleteStoreError,
     InvalidArgumentError,
     NotFeaturizedError,
     StoreMismatchError,
@@ -39,6 +38,7 @@ from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import TRAKConfig
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.store.hub import download_store, push_store
+from hf_trak.store.integrity import check_store
 from hf_trak.store.provenance import split_rows
 from hf_trak.store.versions import STORE_VERSION
 from hf_trak.version import __version__
@@ -321,11 +321,7 @@ class TRAKer:
         settings (``device``, ``batch_size``...).
         """
         store = FeatureStore.load(save_dir)
-        if not store.is_complete():
-            raise IncompleteStoreError(
-                f"The featurization in {save_dir} is incomplete: run featurize(...) again with the "
-                "same arguments to resume it."
-            )
+        check_store(store)  # its files against its config, before anything the config sizes is allocated
         stored = store.config
         if stored.model_class not in ("", type(model).__name__):
             raise StoreMismatchError(
