@@ -148,6 +148,12 @@ class TRAKArguments:
         "takes turns with it; scoring waits for the finished store) (None: as long as it takes; 0: at once)",
         scope="run",
     )
+    process_timeout: Optional[float] = _field(
+        None,
+        "several processes: seconds a collective waits for the others before a ProcessFailedError, for the process "
+        "group TRAKer makes (None: torch's, 30 minutes; a process that dies is noticed at once)",
+        scope="run",
+    )
     max_checkpoints: Optional[int] = _field(
         None, "TRAKHFTrainer: featurize the last N saved checkpoints (default: all)", scope="trainer"
     )
@@ -175,6 +181,8 @@ class TRAKArguments:
         check_kernel_source(self.kernel_from, self.kernel)
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")
+        if self.process_timeout is not None and not (_is_number(self.process_timeout) and self.process_timeout > 0):
+            raise InvalidArgumentError(f"process_timeout must be seconds > 0 (or None), got {self.process_timeout!r}.")
         if self.lock_timeout is not None and not (_is_number(self.lock_timeout) and self.lock_timeout >= 0):
             raise InvalidArgumentError(
                 f"lock_timeout must be a number of seconds >= 0 (or None), got {self.lock_timeout!r}."

@@ -17,6 +17,7 @@ Every error that a user's input, settings or files can cause is one of these (a 
     ├── OutputNotWritableError (PermissionError) an output in a folder that cannot be written to
     ├── DiskFullError (OSError)                  no space left on the device while writing a store file
     ├── NotFeaturizedError (RuntimeError)        a call that needs train features before there are any
+    ├── ProcessFailedError (RuntimeError)        another process of a launch ended: this one stops, named
     ├── HubError (OSError)                       push/download failed: network, auth, missing repo
     └── MissingDependencyError (ImportError)     an optional package a feature needs (gradio, peft, faiss...)
 
@@ -36,6 +37,7 @@ __all__ = [
     "NotFoundError",
     "OutputExistsError",
     "OutputNotWritableError",
+    "ProcessFailedError",
     "StoreLockedError",
     "StoreMismatchError",
     "TRAKError",
@@ -89,6 +91,10 @@ class DiskFullError(TRAKError, OSError):
 
 class NotFeaturizedError(TRAKError, RuntimeError):
     """A call that needs train features (``featurize`` or ``from_pretrained`` first)."""
+
+
+class ProcessFailedError(TRAKError, RuntimeError):
+    """Another process of a launch ended (or a collective failed for it): this one stops; a rerun resumes."""
 
 
 class HubError(TRAKError, OSError):

@@ -31,7 +31,7 @@ from hf_trak.method.estimator import resolve_settings
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
 from hf_trak.run.featurize import featurize_store, verify_checkpoints
-from hf_trak.run.processes import gather_to_main, process_state
+from hf_trak.run.processes import collectives, gather_to_main, process_state
 from hf_trak.run.scoring import TopK, scores, target_features, top_k
 from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
@@ -86,7 +86,7 @@ class TRAKer:
         self.model = model
         self.task: AbstractModelOutput = AutoModelOutput.resolve(model, task if task is not None else self.args.task)
         self.task.check_model(model)
-        self.state = process_state()  # the accelerator's, the launcher's (WORLD_SIZE > 1), or one process
+        self.state = process_state(self.args.process_timeout)  # an accelerator's, the launcher's, or one process
         if self.args.device is not None:
             self.device = torch.device(self.args.device)
         elif accelerator is not None or self.state.num_processes > 1:
@@ -166,7 +166,7 @@ class TRAKer:
         """
         batch_size = self._positive_setting("batch_size", batch_size)
         self.train_source = self._source(train_dataset, data_collator)
-        with eval_mode(self.model):
+        with eval_mode(self.model), collectives(self.state):
             self.store = featurize_store(
                 self.feature_map,
                 self.config,
@@ -236,7 +236,7 @@ class TRAKer:
         num_rows = self.config.num_train_examples if self.train_rows is None else len(self.train_rows)
         if out is not None and (out.shape[0] != num_rows or out.ndim != 2):
             raise InvalidArgumentError(f"out has shape {out.shape}, expected ({num_rows}, number of targets).")
-        with self._reading() as store:
+        with self._reading() as store, collectives(self.state):
             features, num_targets = self._target_features(targets, batch_size, data_collator)
             if out is not None and out.shape != (num_rows, num_targets):
                 raise InvalidArgumentError(f"out has shape {out.shape}, expected {(num_rows, num_targets)}.")
@@ -265,7 +265,7 @@ class TRAKer:
         (NaN scores) rank last."""
         check_positive_int("k", k)
         block_size = self._positive_setting("target_block_size", target_block_size)
-        with self._reading() as store:
+        with self._reading() as store, collectives(self.state):
             features, _ = self._target_features(targets, batch_size, data_collator)
             show = self.state.is_main_process
             mine = top_k(store, features, self.device, block_size, k, largest, show, self.train_rows)

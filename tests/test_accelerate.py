@@ -200,3 +200,33 @@ def test_an_accelerator_counting_one_process_in_a_launch_of_two_is_refused(tmp_p
     assert "accelerate counts 1 process(es) but torch.distributed has 2" in done.stderr
     assert "Accelerator(cpu=True)" in done.stderr
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_one_killed_process_stops_the_launch_with_a_named_error_and_a_rerun_resumes(tmp_path):
+    """SIGKILL one of the two processes mid-featurize: the other stops within seconds, saying why
+    (``ProcessFailedError``) instead of waiting in a collective, and the next launch resumes to the exact features."""
+    store = tmp_path / "store"
+    process = _torchrun(store, tmp_path, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shard_dir = store / "checkpoint-0"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if shard_dir.is_dir() and len([f for f in os.listdir(shard_dir) if f.endswith(".arrow")]) >= 6:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the launch finished before it could be killed"
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)
+    start = time.time()
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode != 0 and time.time() - start < 60
+    assert "ProcessFailedError: This process was stopped (SIGTERM): another process of the launch ended" in output
+    assert not FeatureStore.load(str(store)).is_complete()
+
+    resumed = _torchrun(store, tmp_path, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, output[-4000:]
+    reference = _single_process(400)
+    for m in range(2):
+        np.testing.assert_array_equal(FeatureStore.load(str(store)).features(m), reference.store.features(m))

@@ -38,6 +38,7 @@ NON_DEFAULT = dict(
     estimator="trak",
     overwrite=True,
     lock_timeout=30.0,
+    process_timeout=60.0,
     max_checkpoints=2,
 )
 

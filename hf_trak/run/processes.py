@@ -9,20 +9,31 @@ one that drops a tensor owned by a Python object after it is torn down aborts th
 kills the other processes, the main one possibly while it writes its results. (The destroy joins the
 threads only if nothing else holds the group: ``torch._dynamo``, imported after the group was made,
 keeps references to it, so a script imports transformers or hf_trak before making its Accelerator.)
+
+When one process of a launch dies, the launcher stops the others with SIGTERM; hf_trak turns that, and a
+collective that fails because a peer is gone, into a ``ProcessFailedError`` in each survivor: the process
+unwinds (every file is written whole or not at all), says why in one line, and a rerun resumes. A group that
+hf_trak makes waits ``process_timeout`` seconds at most in a collective (a peer that hangs instead of dying).
 """
 
 import atexit
+import contextlib
+import datetime
 import functools
 import os
+import signal
+import threading
+from typing import Iterator, Optional
 
 import torch
 from accelerate import PartialState
 
-from hf_trak.errors import InvalidArgumentError
+from hf_trak.errors import InvalidArgumentError, ProcessFailedError
 
 
-def process_state() -> PartialState:
-    """accelerate's process state: an ``Accelerator``'s made before, else the launcher's, else one process.
+def process_state(timeout: Optional[float] = None) -> PartialState:
+    """accelerate's process state: an ``Accelerator``'s made before, else the launcher's, else one process
+    (whose collectives wait ``timeout`` seconds at most, if given).
 
     Without an accelerator device accelerate's ``PartialState()`` counts a launch's processes only
     with ``cpu=True``, which is given here (a state made before, an ``Accelerator``'s, is kept). A state
@@ -30,7 +41,8 @@ def process_state() -> PartialState:
     ``cpu=True`` on such a machine) would have every process featurize and score everything alone: it
     is refused.
     """
-    state = PartialState(cpu=True) if _launched_without_device() else PartialState()
+    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    state = PartialState(cpu=True, **kwargs) if _launched_without_device() else PartialState(**kwargs)
     group = torch.distributed.get_world_size() if _distributed() else 1
     if state.num_processes != group:
         raise InvalidArgumentError(
@@ -40,6 +52,7 @@ def process_state() -> PartialState:
         )
     if state.num_processes > 1:
         _destroy_process_group_at_exit()
+        _fail_on_sigterm()
     return state
 
 
@@ -64,6 +77,38 @@ def _destroy_process_group() -> None:
     accelerate's ``notebook_launcher`` forked the processes (it owns their group)."""
     if _distributed() and not PartialState().fork_launched:
         torch.distributed.destroy_process_group()
+
+
+STOPPED = (
+    "another process of the launch ended (killed, or failed: its own error is above), and the launcher stopped "
+    "this one. Run the launch again: it resumes from the shards written completely."
+)
+
+
+@functools.lru_cache(maxsize=None)  # installed once per process
+def _fail_on_sigterm() -> None:
+    """A launcher's SIGTERM raises ``ProcessFailedError`` in the main thread (unless the user set a handler)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        return
+
+    def stopped(signum, frame):
+        raise ProcessFailedError(f"This process was stopped (SIGTERM): {STOPPED}")
+
+    signal.signal(signal.SIGTERM, stopped)
+
+
+@contextlib.contextmanager
+def collectives(state: PartialState) -> Iterator[None]:
+    """Turn a collective that fails because a process of the launch is gone into a ``ProcessFailedError``."""
+    try:
+        yield
+    except torch.distributed.DistError as error:
+        if state.num_processes == 1:
+            raise
+        raise ProcessFailedError(f"A collective failed ({' '.join(str(error).split())[:200]}): {STOPPED}") from error
 
 
 def gather_to_main(state: PartialState, value):
