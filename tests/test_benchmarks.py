@@ -107,3 +107,9 @@ def test_the_score_snapshot_finds_identical_scores_and_a_changed_one(tmp_path):
                            "--compare", "changed.npz", *args], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 1 and done.stdout.splitlines()[-1] == "differs: lm/trak"
+
+
+def test_the_explorer_answers_concurrent_clients_each_its_own_target(tmp_path):
+    pytest.importorskip("gradio_client")
+    out = run("explore_load.py", "--tiny", "--clients", "3", "--queries", "2", cwd=tmp_path)
+    assert "3 clients × 2 queries: 6 answered, 0 failed" in out and "latency p50" in out

@@ -208,6 +208,7 @@ def test_the_app_handlers_show_results_and_errors_in_the_page(text_store):
     own = explorer.label_name(text_store["targets"][2]["label"])
     assert message == "" and f"Top proponent:** train row {rows[0]}" in summary
     assert f"**attributed label:** {own} (its own)" in summary
+    assert "checkpoint-1: " in summary and "checkpoint-2: " in summary  # the agreement, by checkpoint name
     assert [row[1] for row in proponents] == rows and shown[0] == rows
     assert [rank for rank, *_ in proponents] == [1, 2, 3, 4, 5]
     assert text == text_store["targets"][2]["text"] and row == 2

@@ -180,7 +180,8 @@ class ExplorerApp:
             top = query.proponents[0]
             lines.append(f"**Top proponent:** train row {top.row} (score {top.score:.4g})")
         if query.agreement:
-            shares = ", ".join(f"{m}: {share:.0%}" for m, share in enumerate(query.agreement))
+            names = explorer.checkpoint_names
+            shares = ", ".join(f"{names[m]}: {share:.0%}" for m, share in enumerate(query.agreement))
             lines.append(f"**Per-checkpoint agreement** (share of the top-{len(query.proponents)} proponents in each "
                          f"checkpoint's own top-{len(query.proponents)}): {shares}")  # fmt: skip
         shown = ([n.row for n in query.proponents], [n.row for n in query.opponents])

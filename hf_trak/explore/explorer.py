@@ -180,6 +180,15 @@ class Explorer:
                                         **settings)  # fmt: skip
         return cls(traker, train, processor, targets, text_column, image_column_name, max_length, index, k)
 
+    @property
+    def checkpoint_names(self) -> List[str]:
+        """A name per checkpoint for the page: its folder's name (``checkpoint-500``), else ``checkpoint <m>``."""
+        sources = self.store.config.checkpoint_sources
+        names = [os.path.basename(os.path.normpath(source)) if os.sep in source or source.startswith("checkpoint")
+                 else "" for source in sources]  # fmt: skip
+        unique = len(set(names)) == len(names) and all(names)
+        return names if unique else [f"checkpoint {m}" for m in range(len(sources))]
+
     # ------------------------------------------------------------------ inputs
     @property
     def text_columns(self) -> List[str]:
