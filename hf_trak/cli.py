@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     explore.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1; 0.0.0.0: all)")
     explore.add_argument("--port", type=positive_int, default=None, help="port (default: Gradio's, 7860 up)")
+    explore.add_argument("--max-upload-mb", type=float, default=10.0, help="uploads over this size are refused")
 
     push = commands.add_parser("push", help="upload a feature store as a Hub dataset repo")
     push.add_argument("--save-dir", required=True)
@@ -341,7 +342,8 @@ def explore(args) -> None:
         checkpoints=args.checkpoints, index=args.index, k=args.k, base_model=args.base_model,
         text_column=_text_column(args), image_column_name=args.image_column, max_length=args.max_length,
     )  # fmt: skip
-    blocks = serve(ExplorerApp(explorer).blocks, block=False, quiet=True, server_name=args.host, server_port=args.port)
+    blocks = serve(ExplorerApp(explorer).blocks, block=False, quiet=True, server_name=args.host, server_port=args.port,
+                   max_upload_mb=args.max_upload_mb)  # fmt: skip
     print(f"hf_trak explorer running on {blocks.local_url} (Ctrl+C stops it)", flush=True)
     blocks.block_thread()
 

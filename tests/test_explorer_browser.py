@@ -180,7 +180,8 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
     store = str(tmp_path / "store")
     result = hf_trak.attribute(str(tmp_path / "model"), splits["train"], splits["test"], processor=processor,
                                save_dir=store, **SETTINGS)  # fmt: skip
-    url = serve("--store", store, "--dataset", str(tmp_path / "data"), "--k", "8", "--index", "exact")
+    url = serve("--store", store, "--dataset", str(tmp_path / "data"), "--k", "8", "--index", "exact",
+                "--max-upload-mb", "1")  # fmt: skip
 
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(url)
@@ -200,13 +201,30 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
     _wait_for(page, "#summary", f"Target: train row {shown[1]} ·")
     assert page.locator("#target-row input").input_value() == ""  # the row field does not keep row 3
 
+    (tmp_path / "fake.png").write_text("not an image")  # a text file named .png: one line in the page
+    page.locator("#image input[type=file]").set_input_files(str(tmp_path / "fake.png"))
+    page.wait_for_timeout(500)
+    page.locator("#attribute").click()
+    message = _wait_for(page, "#message", "Error")
+    assert "The uploaded file is not an image this app can read" in message, message
+    assert "Target: train row" in _summary(page)  # the last answer stays, with the message above it
+
     Image.new("L", (16, 16), 128).save(tmp_path / "large.png")
     page.locator("#image input[type=file]").set_input_files(str(tmp_path / "large.png"))
     page.wait_for_timeout(500)
     page.locator("#attribute").click()
-    message = _wait_for(page, "#message", "Error")
+    message = _wait_for(page, "#message", "16×16")  # the message of this upload replaces the one before
     assert "The image is 16×16 pixels; this model takes 8×8" in message and "Traceback" not in message
+    assert "not an image" not in message
+
+    with open(tmp_path / "huge.png", "wb") as file:  # over --max-upload-mb: refused by the server, with a message
+        Image.new("L", (8, 8), 128).save(file, format="PNG")
+        file.write(os.urandom(2 * 2**20))
+    page.locator("#image input[type=file]").set_input_files(str(tmp_path / "huge.png"))
+    page.wait_for_function("() => /maximum|too large|exceeds/i.test(document.body.innerText)", timeout=TIMEOUT_MS)
     page.close()
+    log = open(next(tmp_path.glob("explore-*.log"))).read()
+    assert "Traceback" not in log and log.count("not an image this app can read") == 1, log[-3000:]
 
 
 PUSH = """

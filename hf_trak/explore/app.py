@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 PREDICTED = "the prediction"
 MARKDOWN_SPECIAL = set("\\`*_[]<>#|")
 TEXT_PREVIEW = 200  # characters of a train example's text shown in the tables
+MAX_UPLOAD_MB = 10  # uploads over this size are refused by the server, with a message in the page
 
 
 def require_gradio():
@@ -47,6 +48,26 @@ def _message(error: Exception) -> str:
     """One line for the page: the error's own text, never a traceback."""
     text = " ".join(str(error).split()) or type(error).__name__
     return "**Error:** " + "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in text)
+
+
+class UnreadableUpload:
+    """What an upload that Gradio could not read as an image becomes, for the handler to refuse in the page."""
+
+    def __init__(self, error: Exception):
+        self.error = " ".join(str(error).split())[:200]
+
+
+def _readable(preprocess):
+    """Gradio's image ``preprocess``, an unreadable file turned into an ``UnreadableUpload`` instead of an error of
+    every output with a traceback in the log."""
+
+    def wrapped(payload):
+        try:
+            return preprocess(payload)
+        except Exception as error:  # PIL's UnidentifiedImageError, a truncated file...
+            return UnreadableUpload(error)
+
+    return wrapped
 
 
 class ExplorerApp:
@@ -78,6 +99,7 @@ class ExplorerApp:
                 self.image = None
                 if explorer.image_column is not None:
                     self.image = gr.Image(label=explorer.image_column, type="pil", elem_id="image", height=200)
+                    self.image.preprocess = _readable(self.image.preprocess)  # a file that is no image: a message
                 self.label = None
                 if explorer.label_column is not None:
                     choices = [PREDICTED] + explorer.label_names
@@ -134,6 +156,8 @@ class ExplorerApp:
         image = rest.pop(0) if self.image is not None else None
         label = rest.pop(0) if self.label is not None else None
         try:
+            if isinstance(image, UnreadableUpload):
+                raise InvalidInputError(f"The uploaded file is not an image this app can read ({image.error}).")
             example = self.explorer.new_example(texts or None, image)
             chosen = None if label in (None, PREDICTED) else self.explorer.label_names.index(label)
             why = "the model's prediction" if chosen is None else "picked in the page"
@@ -233,6 +257,7 @@ def explore(
     server_name: Optional[str] = None,
     server_port: Optional[int] = None,
     title: str = "hf_trak explorer",
+    max_upload_mb: float = MAX_UPLOAD_MB,
     **explorer_kwargs,
 ):
     """Start the explorer of feature store ``store`` (a folder, or a repo id pushed with ``push_to_hub``).
@@ -246,7 +271,8 @@ def explore(
     Gradio's, ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` or 127.0.0.1:7860 up) and, as
     Gradio's ``launch`` does, serves until interrupted in a script and returns at once in a
     notebook or REPL (``block`` True/False decides instead); ``quiet`` hides Gradio's own
-    message with the URL (``blocks.local_url``). Returns the Gradio ``Blocks``.
+    message with the URL (``blocks.local_url``); uploads over ``max_upload_mb`` are refused with a message.
+    Returns the Gradio ``Blocks``.
     """
     require_gradio()
     try:
@@ -257,13 +283,15 @@ def explore(
         logger.error("The explorer cannot start: %s", error)
         app = ExplorerApp(None, error=str(error), title=title)
     if launch:
-        serve(app.blocks, block, quiet, server_name, server_port)
+        serve(app.blocks, block, quiet, server_name, server_port, max_upload_mb)
     return app.blocks
 
 
-def serve(blocks, block: Optional[bool] = None, quiet: bool = False, server_name=None, server_port=None):
-    """Serve ``blocks`` as ``explore`` does (see there); returns them."""
-    blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet)
+def serve(blocks, block: Optional[bool] = None, quiet: bool = False, server_name=None, server_port=None,
+          max_upload_mb: float = MAX_UPLOAD_MB):  # fmt: skip
+    """Serve ``blocks`` as ``explore`` does (see there), refusing uploads over ``max_upload_mb``; returns them."""
+    blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet,
+                  max_file_size=int(max_upload_mb * 2**20))  # fmt: skip
     interactive = hasattr(sys, "ps1") or "ipykernel" in sys.modules
     if block or (block is None and not interactive):
         blocks.block_thread()
