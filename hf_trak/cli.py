@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     explore.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1; 0.0.0.0: all)")
     explore.add_argument("--port", type=positive_int, default=None, help="port (default: Gradio's, 7860 up)")
+    explore.add_argument(
+        "--train-subset",
+        action="store_true",
+        help="the train split is a subset of the featurized one (its rows are matched to the store's)",
+    )
     explore.add_argument("--max-upload-mb", type=float, default=10.0, help="uploads over this size are refused")
 
     push = commands.add_parser("push", help="upload a feature store as a Hub dataset repo")
@@ -340,6 +345,7 @@ def explore(args) -> None:
     explorer = Explorer.from_store(
         args.save_dir or args.from_hub, train, model=args.model, processor=processor, targets=targets,
         checkpoints=args.checkpoints, index=args.index, k=args.k, base_model=args.base_model,
+        train_subset=args.train_subset,
         text_column=_text_column(args), image_column_name=args.image_column, max_length=args.max_length,
     )  # fmt: skip
     blocks = serve(ExplorerApp(explorer).blocks, block=False, quiet=True, server_name=args.host, server_port=args.port,

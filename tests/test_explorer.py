@@ -337,3 +337,32 @@ def test_clip_takes_a_caption_and_an_image(tmp_path):
     assert len(app.texts) == 1 and app.image is not None and app.label is None
     message, summary, *_ = app.on_attribute(target["caption"], target["image"])
     assert message == "" and f"Top proponent:** train row {query.proponents[0].row} " in summary
+
+
+def test_a_train_subset_is_explored_by_its_own_rows(text_store):
+    """``train_subset=True`` (``--train-subset``): the subset's rows are matched to the store's, and a target's
+    proponents are the subset's best rows, numbered in the subset; an index (over the whole split) is refused."""
+    subset_rows = list(range(0, 40, 3))
+    subset = text_store["train"].select(subset_rows)
+    sub = Explorer.from_store(text_store["store"], subset, targets=text_store["targets"], k=4, train_subset=True)
+    full = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=40)
+    everything = [n.row for n in full.query(full.target_example(1)).proponents]
+    expected = [subset_rows.index(row) for row in everything if row in subset_rows][:4]
+    found = sub.query(sub.target_example(1))
+    assert [n.row for n in found.proponents] == expected
+    assert [n.example["text"] for n in found.proponents] == [subset[row]["text"] for row in expected]
+    with pytest.raises(InvalidArgumentError, match="faiss index covers the whole featurized split"):
+        Explorer.from_store(text_store["store"], subset, index="exact", train_subset=True)
+    from hf_trak.cli import build_parser
+
+    assert build_parser().parse_args(["explore", "--store", "s", "--dataset", "d", "--train-subset"]).train_subset
+
+
+def test_a_click_during_a_query_is_answered_after_it(text_store):
+    """Every event of the page is ``always_last``: a click while a query runs is queued, not dropped."""
+    pytest.importorskip("gradio")
+    from hf_trak.explore.app import ExplorerApp
+
+    explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=3)
+    dependencies = ExplorerApp(explorer).blocks.config["dependencies"]
+    assert len(dependencies) == 4 and {d["trigger_mode"] for d in dependencies} == {"always_last"}

@@ -122,9 +122,10 @@ class ExplorerApp:
 
         outputs = self._outputs()
         inputs = self.texts + [c for c in (self.image, self.label) if c is not None]
-        attribute.click(self.on_attribute, inputs, outputs)
+        # A click while a query runs is answered after it (always_last), not dropped.
+        attribute.click(self.on_attribute, inputs, outputs, trigger_mode="always_last")
         if self.row is not None:
-            pick.click(self.on_target_row, [self.row], outputs)
+            pick.click(self.on_target_row, [self.row], outputs, trigger_mode="always_last")
 
         def select_proponent(shown, evt: gr.SelectData):
             return self.on_select(shown, evt, 0)
@@ -132,8 +133,8 @@ class ExplorerApp:
         def select_opponent(shown, evt: gr.SelectData):
             return self.on_select(shown, evt, 1)
 
-        self.proponents.select(select_proponent, [self.shown], outputs)
-        self.opponents.select(select_opponent, [self.shown], outputs)
+        self.proponents.select(select_proponent, [self.shown], outputs, trigger_mode="always_last")
+        self.opponents.select(select_opponent, [self.shown], outputs, trigger_mode="always_last")
 
     def _results(self, label: str):
         gr = self.gr

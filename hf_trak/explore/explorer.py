@@ -35,7 +35,7 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from hf_trak.data.inputs import max_positions, scan_split
 from hf_trak.data.processing import LABEL_COLUMNS, image_column, prepare_split, text_columns
 from hf_trak.data.source import ExampleSource
-from hf_trak.errors import InvalidInputError, check_positive_int
+from hf_trak.errors import InvalidArgumentError, InvalidInputError, check_positive_int
 from hf_trak.hf.loading import local_or_hub, looks_like_local_path, processor_for, resolve_store_model
 from hf_trak.method.kernel import merge_top_k
 from hf_trak.method.model_outputs import (
@@ -132,6 +132,11 @@ class Explorer:
         if index is not None:
             from hf_trak.explore.index import EXACT, FeatureIndex
 
+            if traker.train_rows is not None:
+                raise InvalidArgumentError(
+                    "A faiss index covers the whole featurized split, not a subset of it: leave the index out "
+                    "(--index) to explore a train subset."
+                )
             self.index = FeatureIndex(self.store, EXACT if index == "exact" else index)
         with eval_mode(self.model):
             self.views = [
@@ -341,7 +346,9 @@ class Explorer:
             top_scores, bottom_scores = best.scores[0], worst.scores[0]
         else:
             matrix = store_scores(self.store, targets, self.traker.device, len(targets[0]), show_progress=False)
-            matrix = torch.from_numpy(matrix)
+            if self.traker.train_rows is not None:  # a train subset: its rows, in its order
+                matrix = matrix[self.traker.train_rows]
+            matrix = torch.from_numpy(np.ascontiguousarray(matrix))
             top_scores, top = merge_top_k(None, matrix, 0, k, largest=True)
             bottom_scores, bottom = merge_top_k(None, matrix, 0, k, largest=False)
             top, bottom = top.T.numpy(), bottom.T.numpy()
