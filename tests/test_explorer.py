@@ -264,6 +264,19 @@ def test_explore_refuses_a_missing_store_before_serving(tmp_path):
     assert error.startswith("hf-trak: error: ") and "missing' does not exist" in error
 
 
+def test_explore_refuses_a_store_of_another_split_before_serving(text_store, tmp_path):
+    """A split other than the store's (one row fewer) exits 1 naming the difference and the --train-subset it
+    takes, before serving."""
+    pytest.importorskip("gradio")
+    DatasetDict(train=raw_text(39)).save_to_disk(str(tmp_path / "data"))
+    done = subprocess.run([sys.executable, "-m", "hf_trak.cli", "explore", "--store", text_store["store"],
+                           "--dataset", str(tmp_path / "data")], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    error = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "running on" not in done.stdout
+    assert error.startswith("hf-trak: error: ") and "39 rows" in error and "--train-subset" in error, error
+
+
 def test_importing_hf_trak_and_its_cli_does_not_import_gradio_or_faiss_and_a_missing_extra_is_named():
     script = textwrap.dedent("""
         import sys
