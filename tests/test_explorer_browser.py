@@ -185,7 +185,7 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
 
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(url)
-    assert "exact faiss index" in page.locator("body").inner_text()  # --index exact, named so in the header
+    _wait_for(page, "body", "exact faiss index")  # --index exact, named so in the header
     page.locator("#target-row input").fill("3")
     page.locator("#pick").click()
     summary = _wait_for(page, "#summary", "Target: target row 3")
