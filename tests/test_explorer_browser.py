@@ -201,6 +201,12 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
     page.locator("#proponents button.thumbnail-item").nth(1).click()
     _wait_for(page, "#summary", f"Target: train row {shown[1]} ·")
     assert page.locator("#target-row input").input_value() == ""  # the row field does not keep row 3
+    page.mouse.move(0, 0)  # no hover: every thumbnail of the new results looks alike (no ring left on the clicked one)
+    looks = page.eval_on_selector_all(
+        "#proponents button.thumbnail-item",
+        "items => items.map(i => getComputedStyle(i).borderColor + ' ' + getComputedStyle(i).boxShadow)",
+    )
+    assert len(set(looks)) == 1, looks
 
     (tmp_path / "fake.png").write_text("not an image")  # a text file named .png: one line in the page
     page.locator("#image input[type=file]").set_input_files(str(tmp_path / "fake.png"))

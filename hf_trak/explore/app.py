@@ -13,6 +13,8 @@ does not match the model or split) or in a query (empty text, a wrong image), is
 message in the page; the server keeps running. Needs ``pip install 'hf_trak[app]'``.
 """
 
+import functools
+import inspect
 import logging
 import sys
 from typing import Any, Optional
@@ -26,6 +28,19 @@ PREDICTED = "the prediction"
 MARKDOWN_SPECIAL = set("\\`*_[]<>#|")
 TEXT_PREVIEW = 200  # characters of a train example's text shown in the tables
 MAX_UPLOAD_MB = 10  # uploads over this size are refused by the server, with a message in the page
+# A thumbnail of the results is a button (its example becomes the target), not a choice that stays: Gradio keeps
+# the clicked position "selected" across new results, so the selected look is the plain one.
+GALLERY_CSS = """
+#proponents .thumbnail-item.selected, #opponents .thumbnail-item.selected {
+    --ring-color: transparent; border-color: var(--border-color-primary);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _css_at_launch() -> bool:
+    """Whether Gradio takes the page's css at ``launch`` (Gradio 6) rather than in ``Blocks`` (Gradio 5)."""
+    return "css" in inspect.signature(require_gradio().Blocks.launch).parameters
 
 
 def require_gradio():
@@ -76,7 +91,8 @@ class ExplorerApp:
     def __init__(self, explorer: Optional[Explorer], error: Optional[str] = None, title: str = "hf_trak explorer"):
         self.gr = require_gradio()
         self.explorer = explorer
-        with self.gr.Blocks(title=title, analytics_enabled=False) as self.blocks:
+        styled = {} if _css_at_launch() else {"css": GALLERY_CSS}  # Gradio 6 takes it at launch (``serve``)
+        with self.gr.Blocks(title=title, analytics_enabled=False, **styled) as self.blocks:
             self.gr.Markdown(f"# {title}")
             if explorer is None:
                 self.gr.Markdown(_message(Exception(error)), elem_id="message")
@@ -291,8 +307,9 @@ def explore(
 def serve(blocks, block: Optional[bool] = None, quiet: bool = False, server_name=None, server_port=None,
           max_upload_mb: float = MAX_UPLOAD_MB):  # fmt: skip
     """Serve ``blocks`` as ``explore`` does (see there), refusing uploads over ``max_upload_mb``; returns them."""
+    styled = {"css": GALLERY_CSS} if _css_at_launch() else {}
     blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet,
-                  max_file_size=int(max_upload_mb * 2**20))  # fmt: skip
+                  max_file_size=int(max_upload_mb * 2**20), **styled)  # fmt: skip
     interactive = hasattr(sys, "ps1") or "ipykernel" in sys.modules
     if block or (block is None and not interactive):
         blocks.block_thread()
