@@ -234,6 +234,41 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
     assert "Traceback" not in log and log.count("not an image this app can read") == 1, log[-3000:]
 
 
+def test_a_train_subset_and_the_checkpoints_by_name(tmp_path, browser, serve):
+    """``--train-subset``: the page ranks the subset's rows (numbered in it); with two checkpoints the agreement
+    line names them by their folders."""
+    from hf_trak.testing.models import perturbed_state_dict
+
+    model, tokenizer = tiny_bert(), word_tokenizer()
+    folders = []
+    for step, seed in ((1, None), (2, 3)):
+        if seed is not None:
+            model.load_state_dict(perturbed_state_dict(model, seed, scale=0.3))
+        folders.append(str(tmp_path / f"checkpoint-{step}"))
+        model.save_pretrained(folders[-1])
+        tokenizer.save_pretrained(folders[-1])
+    raw = token_sequences(30).select_columns(["text", "labels"]).rename_column("labels", "label")
+    targets = token_sequences(4, seed=1).select_columns(["text", "labels"]).rename_column("labels", "label")
+    store = str(tmp_path / "store")
+    hf_trak.attribute(folders, raw, targets, processor=tokenizer, save_dir=store, **SETTINGS)
+    rows = list(range(0, 30, 2))
+    subset = DatasetDict(train=raw.select(rows), test=targets)
+    subset.save_to_disk(str(tmp_path / "subset"))
+    full = hf_trak.attribute(folders, raw, targets, processor=tokenizer, save_dir=store, k=30, **SETTINGS)
+    ranked = full.top_k.filter(lambda r: r["target"] == 2 and r["kind"] == "proponent")["train_index"]
+    expected = rows.index(next(row for row in ranked if row in rows))  # the best subset row, numbered in the subset
+
+    url = serve("--store", store, "--dataset", str(tmp_path / "subset"), "--train-subset", "--k", "3")
+    page = browser.new_page()
+    page.goto(url)
+    page.locator("#target-row input").fill("2")
+    page.locator("#pick").click()
+    summary = _wait_for(page, "#summary", "Target: target row 2")
+    assert f"Top proponent: train row {expected} " in summary, summary
+    assert "checkpoint-1: " in summary and "checkpoint-2: " in summary, summary
+    page.close()
+
+
 PUSH = """
 import sys
 from hf_trak import TRAKer
