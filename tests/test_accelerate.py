@@ -96,12 +96,8 @@ def test_two_processes_give_the_single_process_result(tmp_path, model):
         torch.testing.assert_close(store.load_kernel(m)["xtx"], reference.store.load_kernel(m)["xtx"])
 
 
-@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
-def test_a_killed_launch_is_resumed_by_the_next(tmp_path):
-    store = tmp_path / "store"
-    process = _torchrun(
-        store, tmp_path, 400, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def _wait_for_six_shards(process, store) -> None:
+    """Until the launch has written 6 shard files of checkpoint 0, still running (to be killed mid-run)."""
     shard_dir = store / "checkpoint-0"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -109,6 +105,15 @@ def test_a_killed_launch_is_resumed_by_the_next(tmp_path):
             break
         time.sleep(0.01)
     assert process.poll() is None, "the launch finished before it could be killed"
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
+def test_a_killed_launch_is_resumed_by_the_next(tmp_path):
+    store = tmp_path / "store"
+    process = _torchrun(
+        store, tmp_path, 400, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_for_six_shards(process, store)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not FeatureStore.load(str(store)).is_complete()
@@ -208,13 +213,7 @@ def test_one_killed_process_stops_the_launch_with_a_named_error_and_a_rerun_resu
     (``ProcessFailedError``) instead of waiting in a collective, and the next launch resumes to the exact features."""
     store = tmp_path / "store"
     process = _torchrun(store, tmp_path, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    shard_dir = store / "checkpoint-0"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if shard_dir.is_dir() and len([f for f in os.listdir(shard_dir) if f.endswith(".arrow")]) >= 6:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the launch finished before it could be killed"
+    _wait_for_six_shards(process, store)
     workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)
