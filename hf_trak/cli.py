@@ -39,12 +39,21 @@ SCORE_SCOPES, SCORE_NAMES = ("run",), ("task",)
 # ----------------------------------------------------------------------------- arguments
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0."""
+    return _positive(text, int, "integer")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    return _positive(text, float, "number")
+
+
+def _positive(text: str, kind, noun: str):
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text!r}")
     return value
 
 
@@ -151,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the train split is a subset of the featurized one (its rows are matched to the store's)",
     )
-    explore.add_argument("--max-upload-mb", type=float, default=10.0, help="uploads over this size are refused")
+    explore.add_argument(
+        "--max-upload-mb", type=positive_float, default=10.0, help="uploads over this size are refused"
+    )
 
     push = commands.add_parser("push", help="upload a feature store as a Hub dataset repo")
     push.add_argument("--save-dir", required=True)

@@ -107,6 +107,17 @@ def _wait_for_six_shards(process, store) -> None:
     assert process.poll() is None, "the launch finished before it could be killed"
 
 
+def _assert_the_next_launch_resumes_to_the_single_process_features(store, tmp_path) -> None:
+    """The killed launch left the store incomplete; the next one completes it to the one-process features."""
+    assert not FeatureStore.load(str(store)).is_complete()
+    resumed = _torchrun(store, tmp_path, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, output[-4000:]
+    reference = _single_process(400)
+    for m in range(2):
+        np.testing.assert_array_equal(FeatureStore.load(str(store)).features(m), reference.store.features(m))
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
 def test_a_killed_launch_is_resumed_by_the_next(tmp_path):
     store = tmp_path / "store"
@@ -116,14 +127,7 @@ def test_a_killed_launch_is_resumed_by_the_next(tmp_path):
     _wait_for_six_shards(process, store)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not FeatureStore.load(str(store)).is_complete()
-
-    resumed = _torchrun(store, tmp_path, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = resumed.communicate(timeout=600)[0].decode()
-    assert resumed.returncode == 0, output[-4000:]
-    reference = _single_process(400)
-    for m in range(2):
-        np.testing.assert_array_equal(FeatureStore.load(str(store)).features(m), reference.store.features(m))
+    _assert_the_next_launch_resumes_to_the_single_process_features(store, tmp_path)
 
 
 def test_distributed_example_runs_under_torchrun(tmp_path):
@@ -221,11 +225,4 @@ def test_one_killed_process_stops_the_launch_with_a_named_error_and_a_rerun_resu
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode != 0 and time.time() - start < 60
     assert "ProcessFailedError: This process was stopped (SIGTERM): another process of the launch ended" in output
-    assert not FeatureStore.load(str(store)).is_complete()
-
-    resumed = _torchrun(store, tmp_path, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = resumed.communicate(timeout=600)[0].decode()
-    assert resumed.returncode == 0, output[-4000:]
-    reference = _single_process(400)
-    for m in range(2):
-        np.testing.assert_array_equal(FeatureStore.load(str(store)).features(m), reference.store.features(m))
+    _assert_the_next_launch_resumes_to_the_single_process_features(store, tmp_path)

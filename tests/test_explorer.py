@@ -379,3 +379,15 @@ def test_a_click_during_a_query_is_answered_after_it(text_store):
     explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=3)
     dependencies = ExplorerApp(explorer).blocks.config["dependencies"]
     assert len(dependencies) == 4 and {d["trigger_mode"] for d in dependencies} == {"always_last"}
+
+
+def test_an_upload_limit_that_is_not_positive_is_refused():
+    pytest.importorskip("gradio")
+    from hf_trak.cli import build_parser
+    from hf_trak.explore.app import serve
+
+    with pytest.raises(SystemExit):  # argparse's usage error, exit 2
+        build_parser().parse_args(["explore", "--store", "s", "--dataset", "d", "--max-upload-mb", "0"])
+    for bad in (0, -1, "10", True):
+        with pytest.raises(InvalidArgumentError, match="max_upload_mb must be a number of megabytes > 0"):
+            serve(None, max_upload_mb=bad)

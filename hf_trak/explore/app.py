@@ -19,7 +19,7 @@ import logging
 import sys
 from typing import Any, Optional
 
-from hf_trak.errors import InvalidInputError, MissingDependencyError
+from hf_trak.errors import InvalidArgumentError, InvalidInputError, MissingDependencyError
 from hf_trak.explore.explorer import Explorer, Query
 
 logger = logging.getLogger(__name__)
@@ -307,6 +307,8 @@ def explore(
 def serve(blocks, block: Optional[bool] = None, quiet: bool = False, server_name=None, server_port=None,
           max_upload_mb: float = MAX_UPLOAD_MB):  # fmt: skip
     """Serve ``blocks`` as ``explore`` does (see there), refusing uploads over ``max_upload_mb``; returns them."""
+    if isinstance(max_upload_mb, bool) or not isinstance(max_upload_mb, (int, float)) or not max_upload_mb > 0:
+        raise InvalidArgumentError(f"max_upload_mb must be a number of megabytes > 0, got {max_upload_mb!r}.")
     styled = {"css": GALLERY_CSS} if _css_at_launch() else {}
     blocks.launch(server_name=server_name, server_port=server_port, prevent_thread_lock=True, quiet=quiet,
                   max_file_size=int(max_upload_mb * 2**20), **styled)  # fmt: skip

@@ -13,7 +13,7 @@ import pyarrow as pa
 from safetensors import safe_open
 
 from hf_trak.errors import CorruptStoreError, IncompleteStoreError
-from hf_trak.store.feature_store import COLUMNS, FEATURES, KERNEL_NAME, PRECONDITIONED, FeatureStore
+from hf_trak.store.feature_store import COLUMNS, FEATURES, KERNEL_NAME, PRECONDITIONED, ROWS_KEY, FeatureStore
 from hf_trak.store.versions import stores_preconditioned
 
 MAX_FEATURE_DIM = 2**20  # k × k float64 kernels: 8 TiB at this size; a config above it is not a real store
@@ -61,7 +61,7 @@ def _check_shard(store: FeatureStore, path: str, rows: int, kind: str) -> None:
     width = getattr(column, "list_size", None)
     if width != store.config.feature_dim:
         raise _fail(store, f"{path} holds {width} features per row, the config {store.config.feature_dim}")
-    recorded = (schema.metadata or {}).get(b"hf_trak.rows")
+    recorded = (schema.metadata or {}).get(ROWS_KEY)
     if recorded is not None and int(recorded) != rows:
         raise _fail(store, f"{path} holds {int(recorded)} rows, its range {rows}")
 
