@@ -1,10 +1,13 @@
-"""Visual reports of an attribution's top-k dataset (``Attribution.top_k`` or ``hf-trak top-k``).
+"""Visual reports of an attribution's top-k dataset (``Attribution.top_k`` or ``hf-trak top-k``) and of a
+self-influence ranking (``hf_trak.self_influence.self_influence_dataset`` or ``hf-trak self-influence``).
 
 Image tasks: a PNG grid, one row per target: the target, its top proponents (green, largest
 scores) and top opponents (red, smallest scores), each captioned with its label and score.
 Text tasks: an HTML page, one section per target, with the same two lists. The columns are
 those of ``hf_trak.attribute.top_k_dataset``: ``target``, ``kind``, ``rank``, ``train_index``,
 ``score``, the train example's raw columns and the target's, prefixed ``target_``.
+Self-influence: the same two forms, one cell (or table row) per train example, highest first, with its
+label, the model's prediction, its loss and its score.
 """
 
 import os
@@ -20,7 +23,7 @@ from hf_trak.data.processing import LABEL_COLUMNS, is_text
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.store.files import atomic_write, write_text
 
-META_COLUMNS = ("target", "kind", "rank", "train_index", "score")
+META_COLUMNS = ("target", "kind", "rank", "train_index", "score", "loss", "prediction")
 CELL, CAPTION, GAP, LINE = 96, 43, 12, 16
 PROPONENT, OPPONENT, TARGET = (34, 139, 34), (200, 40, 40), (60, 60, 60)
 
@@ -189,6 +192,69 @@ def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Option
         )
     page = jinja2.Environment(autoescape=True).from_string(HTML_TEMPLATE).render(targets=targets)
     return write_text(path, page)
+
+
+SELF_INFLUENCE_TEMPLATE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Self-influence</title>
+<style>
+body { font-family: sans-serif; margin: 2em; max-width: 72em; }
+td, th { vertical-align: top; padding: 0.2em 0.5em; text-align: left; }
+td.number { font-family: monospace; white-space: nowrap; } .differs { color: #c82828; font-weight: bold; }
+</style></head><body>
+<h1>Self-influence</h1>
+<p>The training examples with the largest self-influence, τ(z, z): how much training on each one moves
+the model's loss on that same example. Mislabeled rows, outliers and rare cases rank first; a prediction
+that differs from the label is in red.</p>
+<table><tr><th>rank</th><th>row</th><th>score</th><th>loss</th>{% if labels %}<th>label</th>
+<th>prediction</th>{% endif %}<th>example</th></tr>
+{% for row in rows %}<tr><td class="number">{{ row.rank + 1 }}</td><td class="number">#{{ row.train_index }}</td>
+<td class="number">{{ "%+.4f"|format(row.score) }}</td><td class="number">{{ "%.3f"|format(row.loss) }}</td>
+{% if labels %}<td>{{ row.label }}</td><td{% if row.differs %} class="differs"{% endif %}>{{ row.prediction }}</td>
+{% endif %}<td>{{ row.text }}</td></tr>{% endfor %}
+</table></body></html>
+"""
+SELF_INFLUENCE_COLUMNS = 10  # cells per row of the PNG grid
+
+
+def _self_influence_rows(ranking: Dataset, k: Optional[int]) -> List[dict]:
+    """The first ``k`` rows of a self-influence dataset, with ``label`` and ``prediction`` as names."""
+    label = _label_column(ranking)
+    rows = []
+    for row in ranking.select(range(min(k or len(ranking), len(ranking)))):
+        shown = dict(row, label=_label_text(ranking, label, row.get(label)))
+        prediction = row.get("prediction")
+        shown["prediction"] = None if prediction is None else _label_text(ranking, "prediction", prediction)
+        shown["differs"] = prediction is not None and label is not None and prediction != row.get(label)
+        rows.append(shown)
+    return rows
+
+
+def write_self_influence_report(ranking: Dataset, path: str, k: Optional[int] = None) -> str:
+    """A ``.png`` grid (image examples: captioned ``#row score`` and ``label → prediction``) or an ``.html`` table
+    (any examples) of a self-influence ranking, chosen by ``path``'s suffix."""
+    rows = _self_influence_rows(ranking, k)
+    if check_report_path(path) == "html":
+        text = text_column(ranking)
+        for row in rows:
+            row["text"] = row[text] if text is not None else ""
+        page = jinja2.Environment(autoescape=True).from_string(SELF_INFLUENCE_TEMPLATE)
+        return write_text(path, page.render(rows=rows, labels=_label_column(ranking) is not None))
+    column = image_column(ranking)
+    if column is None:
+        raise InvalidArgumentError("The examples have no image column: write an .html report instead.")
+    font, width = ImageFont.load_default(), min(SELF_INFLUENCE_COLUMNS, len(rows))
+    lines = -(-len(rows) // SELF_INFLUENCE_COLUMNS)
+    grid = PILImage.new("RGB", (CELL * max(width, 1), 20 + lines * (CELL + CAPTION)), "white")
+    title = "highest self-influence first (red: predicted otherwise)"
+    ImageDraw.Draw(grid).text((4, 4), title, fill=TARGET, font=font)
+    for number, row in enumerate(rows):
+        caption = [f"{row['score']:+.4f} #{row['train_index']}"]
+        if row["label"] is not None:
+            caption.append(f"{row['label']} -> {row['prediction']}" if row["prediction"] is not None else row["label"])
+        color = OPPONENT if row["differs"] else TARGET
+        place = (CELL * (number % SELF_INFLUENCE_COLUMNS), 20 + (number // SELF_INFLUENCE_COLUMNS) * (CELL + CAPTION))
+        grid.paste(_cell(to_pil(row[column]), caption, color, font), place)
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def check_report_path(path: str) -> str:

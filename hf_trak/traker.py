@@ -32,7 +32,7 @@ from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
 from hf_trak.run.featurize import featurize_store, verify_checkpoints
 from hf_trak.run.processes import collectives, gather_to_main, process_state
-from hf_trak.run.scoring import TopK, scores, target_features, top_k
+from hf_trak.run.scoring import TopK, scores, self_scores, target_features, top_k
 from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import TRAKConfig
@@ -273,6 +273,18 @@ class TRAKer:
         if parts is None:
             return None
         return TopK(*(np.concatenate([part[i] for part in parts]) for i in range(2)))
+
+    def self_scores(self) -> np.ndarray:
+        """Self-influence: each train example's TRAK score on itself, τ(z_i, z_i), shape (len(train),) float32
+        (NaN for excluded rows; the rows of the subset with a train subset).
+
+        It equals the diagonal of ``score(train_dataset)`` but reads only the stored features: no forward or
+        backward pass, O(n·k). Large values mark examples the model fits by themselves (no other example
+        pushes it the same way): mislabeled rows, outliers and rare cases rank first.
+        """
+        with self._reading() as store:
+            values = self_scores(store, self.device, show_progress=self.state.is_main_process)
+        return values if self.train_rows is None else values[self.train_rows]
 
     def save_scores(self, scores: np.ndarray, name: str, overwrite: bool = False) -> str:
         """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path.

@@ -86,6 +86,18 @@ def test_featurize_score_top_k_report_match_the_python_api(workspace):
     refused = hf_trak_cli("report", "--top-k", "top", "--output", "grid.png", cwd=workspace)
     assert refused.returncode == 2 and "no image column" in refused.stderr  # a bad option: usage
 
+    done = hf_trak_cli("self-influence", "--save-dir", "feats", *data, "--top", "4", "--output", "ranking",
+                       "--report", "self.html", cwd=workspace)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = hf_trak.TRAKer.from_pretrained(str(workspace / "feats"), tiny_bert()).self_scores()
+    ranking = load_from_disk(str(workspace / "ranking"))
+    assert ranking["train_index"] == np.argsort(-values, kind="stable")[:4].tolist()
+    assert ranking["text"] == [train[i]["text"] for i in ranking["train_index"]]
+    assert f"#{ranking['train_index'][0]}: score {values.max():+.4f}" in done.stdout
+    assert train[ranking["train_index"][3]]["text"] in open(workspace / "self.html").read()
+    refused = hf_trak_cli("self-influence", "--save-dir", "feats", *data, cwd=workspace)
+    assert refused.returncode == 2 and "--report" in refused.stderr
+
 
 def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(workspace):
     DatasetDict(train=raw_text(8).remove_columns("label")).save_to_disk(workspace / "unlabeled")

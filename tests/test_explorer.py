@@ -371,6 +371,40 @@ def test_a_train_subset_is_explored_by_its_own_rows(text_store):
     assert build_parser().parse_args(["explore", "--store", "s", "--dataset", "d", "--train-subset"]).train_subset
 
 
+def test_the_self_influence_list_is_the_stores_and_a_click_on_it_makes_the_target(text_store):
+    """The list is ``TRAKer.self_scores``' highest rows (numbered in a train subset's rows for a subset); showing it
+    leaves the target's results as they are (its handler's outputs are the message, the list and its rows); a
+    click on a listed row makes that row the target, with its own label."""
+    pytest.importorskip("gradio")
+    from hf_trak.explore.app import ExplorerApp
+
+    explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=4)
+    values = explorer.traker.self_scores()
+    expected = np.argsort(-values, kind="stable")[:4].tolist()
+    assert [n.row for n in explorer.self_influence()] == expected
+    assert [n.example["text"] for n in explorer.self_influence()] == [text_store["train"][i]["text"] for i in expected]
+    app = ExplorerApp(explorer)
+    _, summary_before, *_ = app.on_target_row(1)
+    message, table, ranked = app.on_self_influence()
+    assert message == "" and ranked == expected and [row[1] for row in table] == expected
+    assert [row[2] for row in table] == [round(float(values[i]), 6) for i in expected]
+
+    class Click:
+        index = (2, 0)
+
+    message, summary, proponents, *_ = app.on_select((ranked,), Click(), 0)
+    own = explorer.label_name(text_store["train"][expected[2]]["label"])
+    assert message == "" and f"**Target:** train row {expected[2]} ·" in summary and f"{own} (its own)" in summary
+    assert summary != summary_before
+    query = explorer.query(explorer.train_example(expected[2]))
+    assert [row[1] for row in proponents] == [n.row for n in query.proponents]
+
+    subset_rows = list(range(1, 40, 2))
+    sub = Explorer.from_store(text_store["store"], text_store["train"].select(subset_rows), k=3, train_subset=True)
+    in_subset = np.argsort(-values[subset_rows], kind="stable")[:3].tolist()
+    assert [n.row for n in sub.self_influence()] == in_subset
+
+
 def test_a_click_during_a_query_is_answered_after_it(text_store):
     """Every event of the page is ``always_last``: a click while a query runs is queued, not dropped."""
     pytest.importorskip("gradio")
@@ -378,7 +412,7 @@ def test_a_click_during_a_query_is_answered_after_it(text_store):
 
     explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=3)
     dependencies = ExplorerApp(explorer).blocks.config["dependencies"]
-    assert len(dependencies) == 4 and {d["trigger_mode"] for d in dependencies} == {"always_last"}
+    assert len(dependencies) == 6 and {d["trigger_mode"] for d in dependencies} == {"always_last"}
 
 
 def test_an_upload_limit_that_is_not_positive_is_refused():

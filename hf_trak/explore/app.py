@@ -5,7 +5,9 @@
 Pick a target (a row of the target split, or a new text / image / both for CLIP), see the
 model's prediction, its top-k proponents and opponents (text or image, label, score, train
 row) and, with several checkpoints, how far each checkpoint's own top-k agrees with the
-ensemble's. Clicking a training example makes it the next target. The same app runs as a
+ensemble's. Clicking a training example makes it the next target. Apart from the target's
+results, "Self-influence" lists the training examples of highest self-influence (likely
+mislabeled, outlying or rare); clicking one makes it the target too. The same app runs as a
 Hugging Face Space (``examples/space/app.py``).
 
 Queries go through ``hf_trak.explore.explorer.Explorer``. Every failure, at start (a store that
@@ -20,7 +22,8 @@ import sys
 from typing import Any, Optional
 
 from hf_trak.errors import InvalidArgumentError, InvalidInputError, MissingDependencyError
-from hf_trak.explore.explorer import Explorer, Query
+from hf_trak.explore.explorer import Explorer
+from hf_trak.explore.results import Query
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ MAX_UPLOAD_MB = 10  # uploads over this size are refused by the server, with a m
 # A thumbnail of the results is a button (its example becomes the target), not a choice that stays: Gradio keeps
 # the clicked position "selected" across new results, so the selected look is the plain one.
 GALLERY_CSS = """
-#proponents .thumbnail-item.selected, #opponents .thumbnail-item.selected {
+#proponents .thumbnail-item.selected, #opponents .thumbnail-item.selected, #self-influence .thumbnail-item.selected {
     --ring-color: transparent; border-color: var(--border-color-primary);
 }
 """
@@ -134,7 +137,11 @@ class ExplorerApp:
                 self.summary = gr.Markdown("Enter a target and press Attribute.", elem_id="summary")
                 self.proponents = self._results("Proponents (largest scores): click one to make it the target")
                 self.opponents = self._results("Opponents (smallest scores): click one to make it the target")
+                with gr.Accordion("Self-influence: likely mislabeled, outlying or rare training examples", open=False):
+                    show_ranking = gr.Button("List the highest self-influence", elem_id="show-self-influence")
+                    self.ranking = self._results("Highest self-influence first: click one to make it the target")
         self.shown = gr.State(([], []))  # train rows of the proponents and opponents on the page
+        self.ranked = gr.State([])  # train rows of the self-influence list
 
         outputs = self._outputs()
         inputs = self.texts + [c for c in (self.image, self.label) if c is not None]
@@ -151,10 +158,17 @@ class ExplorerApp:
 
         self.proponents.select(select_proponent, [self.shown], outputs, trigger_mode="always_last")
         self.opponents.select(select_opponent, [self.shown], outputs, trigger_mode="always_last")
+        show_ranking.click(self.on_self_influence, [], [self.message, self.ranking, self.ranked],
+                           trigger_mode="always_last")  # fmt: skip
+
+        def select_ranked(ranked, evt: gr.SelectData):
+            return self.on_select((ranked,), evt, 0)
+
+        self.ranking.select(select_ranked, [self.ranked], outputs, trigger_mode="always_last")
 
     def _results(self, label: str):
         gr = self.gr
-        kind = "proponents" if label.startswith("Proponents") else "opponents"
+        kind = {"Proponents": "proponents", "Opponents": "opponents"}.get(label.split(" ")[0], "self-influence")
         if self.explorer.image_column is not None:
             return gr.Gallery(label=label, columns=5, height="auto", allow_preview=False, elem_id=kind, format="png")
         label_header = ["label"] if self.explorer.label_column else []
@@ -194,8 +208,18 @@ class ExplorerApp:
             logger.warning("Query failed: %s", error)
             return self._failed(error)
 
+    def on_self_influence(self):
+        """The self-influence list (it does not depend on the target: the target's results stay as they are)."""
+        try:
+            ranked = self.explorer.self_influence()
+            return "", self._render(ranked), [n.row for n in ranked]
+        except Exception as error:
+            logger.warning("Self-influence failed: %s", error)
+            return _message(error), self.gr.update(), self.gr.update()
+
     def on_select(self, shown, evt, which: int):
-        """A clicked proponent (``which`` 0) or opponent (1) becomes the target, with its own label."""
+        """A clicked proponent (``which`` 0 of ``shown``), opponent (1) or self-influence row (0 of ``(ranked,)``)
+        becomes the target, with its own label."""
         try:
             position = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
             row = shown[which][int(position)]

@@ -18,7 +18,6 @@ last checkpoint.
 """
 
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -36,6 +35,7 @@ from hf_trak.data.inputs import max_positions, scan_split
 from hf_trak.data.processing import LABEL_COLUMNS, image_column, prepare_split, text_columns
 from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidArgumentError, InvalidInputError, check_positive_int
+from hf_trak.explore.results import Neighbor, Query
 from hf_trak.hf.loading import local_or_hub, looks_like_local_path, processor_for, resolve_store_model
 from hf_trak.method.kernel import merge_top_k
 from hf_trak.method.model_outputs import (
@@ -66,32 +66,6 @@ def _without_progress_bars():
     finally:
         if enabled:
             datasets.enable_progress_bars()
-
-
-@dataclasses.dataclass
-class Neighbor:
-    """A train row in a target's top-k: its row index, TRAK score and raw columns."""
-
-    row: int
-    score: float
-    example: Dict[str, Any]
-
-
-@dataclasses.dataclass
-class Query:
-    """What ``Explorer.query`` found for one target.
-
-    ``label``: the label attributed (classifiers; None otherwise). ``agreement``: per
-    checkpoint, the share of the ensemble's top-k proponents in that checkpoint's own top-k
-    (empty for one checkpoint).
-    """
-
-    target: Dict[str, Any]
-    prediction: str
-    label: Optional[int]
-    proponents: List[Neighbor]
-    opponents: List[Neighbor]
-    agreement: List[float]
 
 
 class Explorer:
@@ -138,6 +112,7 @@ class Explorer:
                     "(--index) to explore a train subset."
                 )
             self.index = FeatureIndex(self.store, EXACT if index == "exact" else index)
+        self._self_scores: Optional[np.ndarray] = None  # read from the store on the first self_influence call
         with eval_mode(self.model):
             self.views = [
                 traker.feature_map.at(checkpoint, model_id, traker.train_sampler)
@@ -373,6 +348,17 @@ class Explorer:
             opponents=self._neighbors(bottom, bottom_scores),
             agreement=agreement,
         )
+
+    def self_influence(self, k: Optional[int] = None) -> List[Neighbor]:
+        """The ``k`` train rows of highest self-influence (``TRAKer.self_scores``), strongest first: read from the
+        store once, on the first call."""
+        k = min(check_positive_int("k", self.k if k is None else k), len(self.train))
+        with self._lock:
+            if self._self_scores is None:
+                self._self_scores = self.traker.self_scores()  # under the store's shared lock, checked unchanged
+            values = np.nan_to_num(self._self_scores, nan=-np.inf)
+        rows = np.argsort(-values, kind="stable")[:k]
+        return self._neighbors(rows, self._self_scores[rows])
 
     @staticmethod
     def _with_shares(features: List[torch.Tensor]) -> List[torch.Tensor]:

@@ -11,6 +11,8 @@
    stores); memory: a shard's Φ and one (shard × block) block.
 3. ``scores`` writes the blocks into an (n × T) array; ``top_k`` merges them into the k
    largest (or smallest) per target without the full matrix.
+4. ``self_scores``: τ(z_i, z_i), each train example's score on itself, from the stored X and Φ
+   alone (no target pass): one read of the store and 2·n·k flops per checkpoint.
 
 With several processes each scores a contiguous share of the targets and the main process
 gathers the shares (``hf_trak.run.processes.gather_to_main``).
@@ -146,6 +148,32 @@ def preconditioned_shards(store: FeatureStore, model_id: int, device) -> Iterato
     kernel = store.load_kernel(model_id)["kernel"].to(device, torch.float64)
     for start, features, out_to_loss in store.shards(model_id):
         yield start, preconditioned(as_tensor(features), kernel), out_to_loss
+
+
+def self_scores(store: FeatureStore, device, show_progress: bool = True) -> np.ndarray:
+    """Self-influence, τ(z_i, z_i) = mean_m(Φ_m[i] · x_mi / σ_mi) · Q̄_i for every train row i, (n,) float32 (NaN
+    for excluded rows; σ_mi = 1 unless ``ensemble="normalized"``). Q̄_i = mean_m Q_mi, the derivative of the loss
+    to f at the row, turns the influence on f into the influence on the row's own loss, as the influence
+    functions' self-influence ∇ℓ_iᵀH⁻¹∇ℓ_i does, whatever ``train_weight`` scores targets with: with
+    ``train_weight="out_to_loss"`` it is the diagonal of the train split scored as its own targets, otherwise that
+    diagonal times Q̄_i. Read shard by shard, as ``shard_scores`` reads Φ."""
+    n, num_checkpoints, normalized = store.config.num_train_examples, store.config.num_checkpoints, None
+    num_rows = n - len(store.config.excluded_rows)
+    total, out_to_loss = np.zeros(n, dtype=np.float64), []
+    progress = dict(total=num_checkpoints, desc="Self-influence", disable=None if show_progress else True)
+    for model_id in tqdm(range(num_checkpoints), **progress):
+        scale = phi_scale(store, model_id).to(device)
+        if store.config.ensemble == "normalized":
+            normalized = store.gram_and_kernel(model_id)
+        rows, weights = zip(preconditioned_shards(store, model_id, device), store.shards(model_id)), []
+        for (start, phi, _), (_, features, q) in rows:
+            weights.append(q)
+            x = as_tensor(features).to(device=device, dtype=torch.float32)
+            if normalized is not None:
+                x = (x.double() / target_rms(*normalized, x, num_rows).to(device)[:, None]).float()
+            total[start : start + len(x)] += (phi.float() * (x * scale)).sum(1).double().cpu().numpy()
+        out_to_loss.append(np.concatenate(weights))
+    return (total / num_checkpoints * np.mean(out_to_loss, axis=0)).astype(np.float32)
 
 
 def scores(store: FeatureStore, targets: List[Tensor], device, target_block_size: int, out=None, show_progress=True):

@@ -1,0 +1,67 @@
+"""Self-influence: the training examples that most move the model on themselves, with what it predicts for them.
+
+τ(z_i, z_i) (``TRAKer.self_scores``) is the influence of training on row i on row i's own loss. It is
+large when the model's output on the row is far from its label (Q_i) *and* no other example pushes the
+model the same way (a large x_iᵀ K x_i): mislabeled rows, outliers and rare cases rank first, typical
+rows with many look-alikes last. ``benchmarks/mislabeled.py`` measures it as a detector of flipped labels.
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+
+from hf_trak.data.processing import LABEL_COLUMNS, display_columns
+from hf_trak.data.source import ExampleSource
+from hf_trak.errors import check_positive_int
+from hf_trak.hf.checkpoints import load_checkpoint
+from hf_trak.method.model_outputs import ClassificationModelOutput, call_model, eval_mode, without_labels
+from hf_trak.traker import TRAKer
+
+
+@torch.no_grad()
+def last_checkpoint_outputs(
+    traker: TRAKer, prepared: Dataset, rows: np.ndarray
+) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """``(predicted class of each row, or None for heads without classes; its loss)`` at the last checkpoint,
+    for ``rows`` of the train split's model inputs (one forward pass per row)."""
+    weights, buffers = load_checkpoint(traker.checkpoints[-1], traker.model, traker.device)
+    source = ExampleSource.for_model(prepared, traker.model, traker.task)
+    classifier = isinstance(traker.task, ClassificationModelOutput)
+    predictions, losses = [], []
+    with eval_mode(traker.model):
+        for row in rows:
+            batch = {name: value.to(traker.device) for name, value in source.batch([int(row)]).items()}
+            output = call_model(traker.model, weights, buffers, without_labels(batch) if classifier else batch)
+            if classifier:
+                logits = output.logits.float()
+                predictions.append(int(logits.argmax(-1)[0]))
+                losses.append(float(torch.nn.functional.cross_entropy(logits, batch["labels"].reshape(-1))))
+            else:
+                loss = getattr(output, "loss", None)
+                losses.append(float(loss) if loss is not None else float("nan"))
+    return (np.asarray(predictions, dtype=np.int64) if classifier else None), np.asarray(losses, dtype=np.float32)
+
+
+def self_influence_dataset(traker: TRAKer, train: Dataset, prepared: Dataset, k: int = 50) -> Dataset:
+    """The ``k`` train rows of highest self-influence, strongest first: columns ``rank`` (0 = highest),
+    ``train_index``, ``score``, ``loss`` and, for classifiers, ``prediction`` (the last checkpoint's), then the
+    raw columns of ``train`` (the split as loaded; ``prepared`` is its model inputs, as featurized)."""
+    check_positive_int("k", k)
+    values = traker.self_scores()
+    order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[: min(k, len(values))]
+    predictions, losses = last_checkpoint_outputs(traker, prepared, order)
+    columns = {"rank": np.arange(len(order)), "train_index": order, "score": values[order], "loss": losses}
+    features = {"rank": Value("int64"), "train_index": Value("int64"), "score": Value("float32"),
+                "loss": Value("float32")}  # fmt: skip
+    if predictions is not None:
+        label = next((name for name in LABEL_COLUMNS if name in train.column_names), None)
+        columns["prediction"] = predictions
+        is_named = label is not None and isinstance(train.features[label], ClassLabel)
+        features["prediction"] = train.features[label] if is_named else Value("int64")
+    shown = train.select_columns(display_columns(train)).with_format("arrow")[order.tolist()]
+    for name in shown.column_names:
+        columns[name] = shown.column(name).to_pylist()
+        features[name] = train.features[name]
+    return Dataset.from_dict(columns, features=Features(features))
