@@ -140,7 +140,8 @@ def main():
                 seconds = time.perf_counter() - started
                 print(f"  {method:<31} K={count}: AUC {auc:.3f}, top 10% {found:.2f} ({seconds:.1f} s)", flush=True)
                 rows.append((name, method, count, auc, found, seconds))
-    print("\n| task | method | K | AUC | flipped rows in the top 10% | seconds |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| task | method | K | AUC | flipped rows in the top 10% | seconds |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, method, count, auc, found, seconds in rows:
         print(f"| {name} | {method} | {count} | {auc:.3f} | {found:.2f} | {seconds:.1f} |")
 

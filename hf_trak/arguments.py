@@ -154,6 +154,12 @@ class TRAKArguments:
         "group TRAKer makes (None: torch's, 30 minutes; a process that dies is noticed at once)",
         scope="run",
     )
+    keep_initial_weights: bool = _field(
+        True,
+        "TRAKHFTrainer: keep the trained parameters' starting values (and the buffers) in output_dir when "
+        "training starts, so that the checks (check_attribution, hf-trak check) can retrain the model",
+        scope="trainer",
+    )
     max_checkpoints: Optional[int] = _field(
         None, "TRAKHFTrainer: featurize the last N saved checkpoints (default: all)", scope="trainer"
     )

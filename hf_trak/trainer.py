@@ -4,27 +4,64 @@
 ends, featurizes the training set at them: the checkpoint ensemble TRAK needs, at no extra
 training cost. It reads the Trainer's own train DataLoader through its dataset (columns
 already removed by the Trainer) and collator, in dataset order, so no column handling or
-collation is duplicated. ``TRAKHFTrainer`` is a ``Trainer`` with that callback and an
-``attribute(eval_dataset)`` that scores through ``get_eval_dataloader``.
+collation is duplicated. ``TRAKHFTrainer`` is a ``Trainer`` with that callback, an
+``attribute(eval_dataset)`` that scores through ``get_eval_dataloader``, and the two checks of
+``hf_trak.check`` (``check_attribution``: LDS on the user's own task; ``check_counterfactual``), which
+retrain the model from the weights training started from: the callback keeps the trained parameters'
+starting values and the buffers in ``<output_dir>/trak_initial_weights.safetensors`` when training starts
+(``keep_initial_weights``; the frozen parameters are the checkpoints').
 """
 
+import copy
 import dataclasses
 import logging
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_trak.arguments import TRAKArguments
-from hf_trak.errors import NotFeaturizedError
+from hf_trak.check.counterfactual import CounterfactualCheck, check_counterfactual
+from hf_trak.check.lds_check import LDSCheck, check_lds
+from hf_trak.check.retraining import Retrainer
+from hf_trak.errors import NotFeaturizedError, NotFoundError
 from hf_trak.store.card import render_trainer_section
 from hf_trak.traker import TRAKer
 
 logger = logging.getLogger(__name__)
 
 ARGUMENTS_NAME = "trak_arguments.json"
+INITIAL_WEIGHTS_NAME = "trak_initial_weights.safetensors"
+
+
+def initial_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """What retraining needs beyond a checkpoint: the trainable parameters' values and the buffers, copied."""
+    state = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    state.update({name: b.detach().cpu().clone() for name, b in model.named_buffers()})
+    return state
+
+
+def model_from_initial_weights(model: nn.Module, path: str):
+    """``model_init`` for retraining: a copy of ``model`` (a checkpoint of the run: its frozen parameters are the
+    starting ones) with the starting values in ``path`` (``INITIAL_WEIGHTS_NAME``) loaded."""
+    if not os.path.isfile(path):
+        raise NotFoundError(
+            f"{path} is missing: the checks retrain the model from the weights training started from, which "
+            "TRAKHFTrainer keeps there (keep_initial_weights=True); or give a model_init."
+        )
+    weights = load_file(path)
+
+    def model_init():
+        fresh = copy.deepcopy(model)
+        fresh.load_state_dict(weights, strict=False)
+        return fresh.train()
+
+    return model_init
 
 
 def make_traker(trak_args: TRAKArguments, model, output_dir: str) -> TRAKer:
@@ -46,6 +83,11 @@ class TRAKCallback(TrainerCallback):
         self.trak_args = trak_args or TRAKArguments()
         self.saved_checkpoints: List[str] = []
         self.traker: Optional[TRAKer] = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.trak_args.keep_initial_weights and state.is_world_process_zero and state.global_step == 0:
+            os.makedirs(args.output_dir, exist_ok=True)
+            save_file(initial_state(model), os.path.join(args.output_dir, INITIAL_WEIGHTS_NAME))
 
     def on_save(self, args, state, control, **kwargs):
         self.saved_checkpoints.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
@@ -95,6 +137,58 @@ class TRAKHFTrainer(Trainer):
         """TRAK scores of the training set for ``eval_dataset`` (default: the Trainer's), read through
         ``get_eval_dataloader`` (the Trainer's column removal and collator)."""
         return self.traker.score(self.get_eval_dataloader(eval_dataset))
+
+    def _retrainer(self, eval_dataset, folder: Optional[str], max_steps: Optional[int]) -> Retrainer:
+        if self.model_init is not None:
+            model_init = self.call_model_init
+        else:
+            initial = os.path.join(self.args.output_dir, INITIAL_WEIGHTS_NAME)
+            model_init = model_from_initial_weights(self.model, initial)
+        return Retrainer(
+            model_init=model_init,
+            training_args=self.args,
+            train_dataset=self.train_dataset,
+            targets=self.get_eval_dataloader(eval_dataset),
+            folder=folder or os.path.join(self.args.output_dir, "trak_check"),
+            data_collator=self.data_collator,
+            task=self.traker.task,
+            max_steps=max_steps,
+        )
+
+    def check_attribution(
+        self,
+        eval_dataset=None,
+        num_subsets: int = 32,
+        fraction: float = 0.5,
+        max_steps: Optional[int] = None,
+        folder: Optional[str] = None,
+        scores: Optional[np.ndarray] = None,
+    ) -> LDSCheck:
+        """The LDS of the attributions on this run's own task (``hf_trak.check.lds_check``): the model trained
+        again, with these ``TrainingArguments``, on ``num_subsets`` random subsets of ``fraction`` of the train
+        split (``max_steps``: a cap per retraining, for a cheaper check), f evaluated on ``eval_dataset``; each
+        retrained model's outputs are kept in ``folder`` (default ``<output_dir>/trak_check``), so a stopped check
+        resumes. ``scores``: the attributions of ``eval_dataset`` if already computed."""
+        scores = self.attribute(eval_dataset) if scores is None else scores
+        return check_lds(scores, self._retrainer(eval_dataset, folder, max_steps), num_subsets, fraction,
+                         seed=self.args.seed)  # fmt: skip
+
+    def check_counterfactual(
+        self,
+        targets: Sequence[int],
+        eval_dataset=None,
+        k: int = 10,
+        num_seeds: int = 3,
+        max_steps: Optional[int] = None,
+        folder: Optional[str] = None,
+        scores: Optional[np.ndarray] = None,
+    ) -> CounterfactualCheck:
+        """For each of ``targets`` (rows of ``eval_dataset``): the change of f when the model is trained again
+        without the target's top-``k`` proponents, against without ``k`` random rows, means over ``num_seeds``
+        seeds (``hf_trak.check.counterfactual``); kept and resumed like ``check_attribution``."""
+        scores = self.attribute(eval_dataset) if scores is None else scores
+        return check_counterfactual(scores, self._retrainer(eval_dataset, folder, max_steps), targets, k, num_seeds,
+                                    seed=self.args.seed)  # fmt: skip
 
     def push_trak_features(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None) -> str:
         """Upload the TRAK features as the dataset repo ``repo_id``; the model card that ``push_to_hub``

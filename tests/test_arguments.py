@@ -39,6 +39,7 @@ NON_DEFAULT = dict(
     overwrite=True,
     lock_timeout=30.0,
     process_timeout=60.0,
+    keep_initial_weights=False,
     max_checkpoints=2,
 )
 
@@ -68,10 +69,10 @@ def test_the_sample_covers_every_field_and_differs_from_the_defaults():
 
 def test_every_setting_is_reachable_from_the_cli():
     wanted = {field.name: NON_DEFAULT[field.name] for field in fields_in(FEATURIZE_SCOPES)}
-    assert set(wanted) == set(NON_DEFAULT) - {"max_checkpoints"}  # every field but the Trainer's own
+    assert set(wanted) == set(NON_DEFAULT) - {"max_checkpoints", "keep_initial_weights"}  # all but the Trainer's own
     parsed = build_parser().parse_args(["featurize", "--model", "m", "--dataset", "d", *_argv(wanted)])
     assert parsed_settings(parsed) == wanted
-    assert TRAKArguments(**parsed_settings(parsed)) == TRAKArguments(**{**wanted, "max_checkpoints": None})
+    assert TRAKArguments(**parsed_settings(parsed)) == TRAKArguments(**wanted)
 
     scoring = {field.name: NON_DEFAULT[field.name] for field in fields_in(SCORE_SCOPES, SCORE_NAMES)}
     parsed = build_parser().parse_args(["score", "--save-dir", "s", "--dataset", "d", *_argv(scoring)])

@@ -44,8 +44,9 @@ def featurized(model_name, tmp_path, **settings):
 def test_self_scores_are_the_diagonal_of_the_train_split_scored_as_targets(model_name, setting, tmp_path):
     """A second path: scoring the train split as targets recomputes every target feature by a forward and a
     backward pass; its diagonal is τ(z_i, z_i), times Q̄_i (the mean over checkpoints of the stored Q) where the
-    scores leave Q out (``train_weight="none"``, the default estimator's). A float16 store (the default) rounds the train features that
-    self_scores reads and the target pass does not: its tolerance is float16's (measured: 2e-4 relative)."""
+    scores leave Q out (``train_weight="none"``, the default estimator's). A float16 store (the default) rounds
+    the train features that self_scores reads and the target pass does not: its tolerance is float16's (measured:
+    2e-4 relative)."""
     traker, train = featurized(model_name, tmp_path, **SETTINGS[setting])
     expected = np.diag(traker.score(train, batch_size=8))
     if traker.config.train_weight == "none":

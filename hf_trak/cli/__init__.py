@@ -5,6 +5,7 @@
     hf-trak top-k     --save-dir imdb-trak --dataset imdb --target-split test --k 10 --output top_k --report r.html
     hf-trak report    --top-k top_k --output report.html
     hf-trak self-influence --save-dir imdb-trak --dataset imdb --top 50 --report self.html
+    hf-trak check     --output-dir out --dataset imdb --num-subsets 32 --counterfactual 0 1 2 --report check.html
     hf-trak push      --save-dir imdb-trak --repo-id me/imdb-trak
     hf-trak score     --from-hub someone/imdb-trak --model someone/imdb-bert --dataset imdb
     hf-trak explore   --store imdb-trak --train-dataset imdb           (a Gradio app: pip install 'hf_trak[app]')
@@ -24,15 +25,18 @@ import logging
 import os
 from typing import List, Optional
 
-from hf_trak.cli import commands
-from hf_trak.cli.parser import DEBUG_VARIABLE, build_parser
+from hf_trak.cli import checks, commands
+from hf_trak.cli.parser import DEBUG_VARIABLE, SCORE_NAMES, SCORE_SCOPES, build_parser
 from hf_trak.errors import InvalidArgumentError
+
+__all__ = ["main", "build_parser", "SCORE_SCOPES", "SCORE_NAMES", "DEBUG_VARIABLE", "COMMANDS"]
 
 COMMANDS = {
     "featurize": commands.featurize,
     "score": commands.score,
     "top-k": commands.top_k,
     "self-influence": commands.self_influence,
+    "check": checks.check,
     "report": commands.report,
     "explore": commands.explore,
     "push": commands.push,

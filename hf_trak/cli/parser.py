@@ -120,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     ranking.add_argument("--report", default=None, help="a report of the ranking (.png: images, .html: any)")
     ranking.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
 
+    checking = commands.add_parser(
+        "check", help="retrain a Trainer run on subsets: LDS of its attributions, and a counterfactual check"
+    )
+    checking.add_argument("--output-dir", required=True, help="the Trainer's output_dir (checkpoints, trak/)")
+    checking.add_argument("--save-dir", default=None, help="the feature store (default: OUTPUT_DIR/trak)")
+    _add_model_arguments(checking, required=False)
+    _add_data_arguments(checking)
+    add_arguments(checking, SCORE_SCOPES, SCORE_NAMES)
+    checking.add_argument("--num-subsets", type=int, default=32, help="retrained models for the LDS (0: no LDS)")
+    checking.add_argument("--fraction", type=float, default=0.5, help="share of the train split each one sees")
+    checking.add_argument("--max-steps", type=positive_int, default=None, help="cap each retraining at N steps")
+    checking.add_argument("--counterfactual", nargs="+", type=int, default=None, metavar="TARGET",
+                          help="target rows for the counterfactual check (remove their top-k proponents)")  # fmt: skip
+    checking.add_argument("--k", type=positive_int, default=10, help="proponents removed per target")
+    checking.add_argument("--seeds", type=positive_int, default=3, help="seeds of each counterfactual retraining")
+    checking.add_argument("--folder", default=None, help="where retrained models' outputs are kept (resumable)")
+    checking.add_argument("--report", default=None, help="an HTML page of the results")
+    checking.add_argument("--overwrite", action="store_true", help="replace --report if it exists")
+
     report = commands.add_parser("report", help="PNG grid (images) or HTML page (text) of a top-k dataset")
     report.add_argument("--top-k", required=True, help="a folder written by hf-trak top-k")
     report.add_argument("--output", required=True, help="report.png or report.html")

@@ -1,0 +1,94 @@
+"""Training the user's model again on part of its train split, with its own ``TrainingArguments``.
+
+Both checks of ``hf_trak.check`` compare what the scores predict with what retraining does. A ``Retrainer``
+trains a fresh model (``model_init()``: the weights training started from) with a copy of the run's
+``TrainingArguments`` (nothing saved, logged or pushed; ``seed`` and, if given, ``max_steps`` replaced) on
+the rows it is given, and evaluates the model output function f of each target. Each run's outputs are kept in
+``folder`` as ``<name>.npz`` with the rows it was trained on: a check that is stopped resumes where it was,
+and a kept run made on other rows is refused rather than reused.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from typing import Callable, Optional
+
+import numpy as np
+from torch import nn
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from hf_trak.errors import InvalidArgumentError
+from hf_trak.evaluate import model_outputs
+from hf_trak.store.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+def rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
+
+@dataclasses.dataclass
+class Retrainer:
+    """Fresh models of the run, trained on chosen rows of ``train_dataset`` (see the module docstring).
+
+    ``targets``: what f is evaluated on (model inputs, or a DataLoader of them); ``task``: f's task (default: the
+    model head's); ``max_steps``: None keeps the run's length (its epochs or steps), a number caps every retraining
+    at it (a cheaper, rougher check).
+    """
+
+    model_init: Callable[[], nn.Module]
+    training_args: TrainingArguments
+    train_dataset: object
+    targets: object
+    folder: str
+    data_collator: Optional[Callable] = None
+    task: object = None
+    max_steps: Optional[int] = None
+
+    def outputs(self, name: str, rows: np.ndarray, seed: int) -> np.ndarray:
+        """f of every target (T,) for a model trained with ``seed`` on ``rows``: read from ``<folder>/<name>.npz``
+        when an earlier call kept it, else trained, evaluated and kept."""
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        path = os.path.join(self.folder, f"{name}.npz")
+        if os.path.isfile(path):
+            kept = np.load(path)
+            if str(kept["rows_digest"]) != rows_digest(rows) or int(kept["seed"]) != seed:
+                raise InvalidArgumentError(
+                    f"{path} holds a retraining on other rows or another seed (a check with other settings): "
+                    "pass another folder, or delete it to start over."
+                )
+            return kept["outputs"]
+        outputs = self._train_and_evaluate(rows, seed)
+        os.makedirs(self.folder, exist_ok=True)
+
+        def write(tmp):
+            with open(tmp, "wb") as file:
+                np.savez(file, outputs=outputs, rows_digest=rows_digest(rows), seed=seed, num_rows=len(rows))
+
+        atomic_write(path, write)
+        return outputs
+
+    def _train_and_evaluate(self, rows: np.ndarray, seed: int) -> np.ndarray:
+        model = self.model_init()
+        with tempfile.TemporaryDirectory() as scratch:
+            args = dataclasses.replace(
+                self.training_args,
+                output_dir=scratch,
+                seed=seed,
+                max_steps=self.max_steps if self.max_steps is not None else self.training_args.max_steps,
+                save_strategy="no",
+                eval_strategy="no",
+                load_best_model_at_end=False,
+                logging_strategy="no",
+                report_to=[],
+                push_to_hub=False,
+                disable_tqdm=True,
+            )
+            trainer = Trainer(model=model, args=args, train_dataset=self.train_dataset.select(rows),
+                              data_collator=self.data_collator)  # fmt: skip
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+        return model_outputs(model.eval(), self.targets, task=self.task)
