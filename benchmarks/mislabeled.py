@@ -1,7 +1,7 @@
 """Finding mislabeled training rows: hf_trak's self-influence against kronfluence's self-scores and the loss.
 
-    python benchmarks/mislabeled.py [--tasks image text] [--models 5] [--flip 0.1] [--epochs-scale 3]
-                                    [--train-rows 0] [--threads 2] [--seed 0]
+    python benchmarks/mislabeled.py [--tasks image text] [--models 5] [--flip 0.1] [--epochs-scale 8]
+                                    [--methods ...] [--train-rows 0] [--threads 2] [--seed 0]
 
 For each classification task of ``benchmarks/lds_suite.py`` (``image``: the demo's ViT on 600
 digits; ``text``: a 2-layer BERT on 400 keyword sequences, generated here without label noise)
@@ -98,6 +98,13 @@ def kronfluence_self_scores(task, models) -> np.ndarray:
     return total / len(models)
 
 
+METHODS = {
+    "loss": None,  # from the models' own predictions, in main
+    "hf_trak self-influence": hf_trak_self_influence,
+    "kronfluence EK-FAC self-scores": kronfluence_self_scores,
+}
+
+
 def detection(scores: np.ndarray, flipped: np.ndarray):
     """(ROC AUC of ``scores`` for the flipped rows, the share of flipped rows among the top 10% of scores)."""
     top = np.argsort(-scores, kind="stable")[: int(round(0.1 * len(scores)))]
@@ -109,7 +116,8 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=["image", "text"], choices=["image", "text"])
     parser.add_argument("--models", type=int, default=5)
     parser.add_argument("--flip", type=float, default=0.1)
-    parser.add_argument("--epochs-scale", type=float, default=3.0, help="times the suite's epochs")
+    parser.add_argument("--epochs-scale", type=float, default=8.0, help="times the suite's epochs")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--train-rows", type=int, default=0, help="only the first rows of the train split (0: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="which rows are flipped, and to what")
@@ -128,15 +136,14 @@ def main():
         print(f"{name}: n={len(task.train)}, {flipped.sum()} flipped, {task.epochs} epochs, {args.models} models in "
               f"{time.perf_counter() - started:.0f} s; flipped labels fitted: "
               + ", ".join(f"{share:.2f}" for share in fit_share), flush=True)  # fmt: skip
-        methods = {
-            "loss": lambda count: np.mean([loss for loss, _ in fitted[:count]], axis=0),
-            "hf_trak self-influence": lambda count: hf_trak_self_influence(task, models[:count]),
-            "kronfluence EK-FAC self-scores": lambda count: kronfluence_self_scores(task, models[:count]),
-        }
-        for method, scores_of in methods.items():
+        for method in args.methods:
             for count in sorted({1, args.models}):
                 started = time.perf_counter()
-                auc, found = detection(scores_of(count), flipped)
+                if method == "loss":
+                    ranking = np.mean([loss for loss, _ in fitted[:count]], axis=0)
+                else:
+                    ranking = METHODS[method](task, models[:count])
+                auc, found = detection(ranking, flipped)
                 seconds = time.perf_counter() - started
                 print(f"  {method:<31} K={count}: AUC {auc:.3f}, top 10% {found:.2f} ({seconds:.1f} s)", flush=True)
                 rows.append((name, method, count, auc, found, seconds))

@@ -115,3 +115,20 @@ def test_the_explorer_answers_concurrent_clients_each_its_own_target(tmp_path):
     pytest.importorskip("gradio_client")
     out = run("explore_load.py", "--tiny", "--clients", "3", "--queries", "2", cwd=tmp_path)
     assert "3 clients × 2 queries: 6 answered, 0 failed" in out and "latency p50" in out
+
+
+def test_the_mislabeled_benchmark_prints_auc_and_top_share_for_each_method(tmp_path):
+    out = run("mislabeled.py", "--tasks", "image", "--models", "2", "--epochs-scale", "0.1", "--train-rows", "60",
+              "--methods", "loss", "hf_trak self-influence", cwd=tmp_path)  # fmt: skip
+    assert "image: n=60, 6 flipped, 2 epochs, 2 models" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| image | ")]
+    assert [(row[1], row[2]) for row in rows] == [("loss", "1"), ("loss", "2"), ("hf_trak self-influence", "1"),
+                                                  ("hf_trak self-influence", "2")]  # fmt: skip
+    assert all(0 <= float(row[3]) <= 1 and abs(float(row[4]) * 6 - round(float(row[4]) * 6)) < 0.04 for row in rows)
+
+
+def test_the_checks_benchmark_runs_both_checks(tmp_path):
+    out = run("checks.py", "--num-subsets", "2", "--targets", "0", "1", "--k", "3", "--seeds", "1", "--num-train",
+              "40", "--num-targets", "5", "--max-steps", "2", cwd=tmp_path)  # fmt: skip
+    assert "over 2 models trained on 50% of the train split; random scores:" in out
+    assert "target 1: f " in out and "of the 2 targets" in out

@@ -144,3 +144,36 @@ def test_grad_wrt_selects_the_differentiated_parameters(workspace):
     assert done.returncode == 0, done.stderr[-3000:]
     config = hf_trak.TRAKer.from_pretrained(str(workspace / "feats"), tiny_bert()).config
     assert config.param_names == names and config.num_params == 8 * 3 + 3
+
+
+def test_check_reads_a_trainer_run_back_and_gives_the_python_checks(workspace):
+    """``hf-trak check`` on a TRAKHFTrainer's output_dir (checkpoints, saved TrainingArguments, store, initial
+    weights) gives the LDS and counterfactual numbers of ``check_attribution``/``check_counterfactual`` run in
+    Python on the same splits (its own folder of retrained models: every model is trained again)."""
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from hf_trak import TRAKArguments, TRAKHFTrainer, prepare_split
+
+    model, tokenizer = tiny_bert(), word_tokenizer()
+    train, test = (prepare_split(split, model, None, tokenizer) for split in (raw_text(30), raw_text(5, seed=1)))
+    args = TrainingArguments(output_dir=str(workspace / "out"), num_train_epochs=2, save_strategy="epoch",
+                             per_device_train_batch_size=8, learning_rate=5e-3, report_to=[], use_cpu=True,
+                             logging_strategy="no", disable_tqdm=True, seed=4)  # fmt: skip
+    trainer = TRAKHFTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                            data_collator=DataCollatorWithPadding(tokenizer),
+                            trak_args=TRAKArguments(proj_dim=16, dtype="float32"))  # fmt: skip
+    trainer.train()
+    expected = trainer.check_attribution(num_subsets=3, max_steps=2)
+    counterfactual = trainer.check_counterfactual([1], k=3, num_seeds=1, max_steps=2)
+
+    done = hf_trak_cli("check", "--output-dir", "out", "--dataset", "data", "--num-subsets", "3", "--max-steps", "2",
+                       "--counterfactual", "1", "--k", "3", "--seeds", "1", "--folder", "cli_check",
+                       "--report", "check.html", cwd=workspace)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert str(expected) in done.stdout and str(counterfactual) in done.stdout
+    assert len(list((workspace / "cli_check").iterdir())) == 3 + 3  # 3 subsets; all data, random, top: 1 seed
+    page = open(workspace / "check.html").read()
+    assert f"{expected.lds:.3f}" in page and f"{counterfactual.removed_top[0]:+.3f}" in page
+
+    refused = hf_trak_cli("check", "--output-dir", "data", "--dataset", "data", cwd=workspace)
+    assert refused.returncode == 1 and "no checkpoint-N folder" in refused.stderr
