@@ -4,7 +4,7 @@ A thin facade: settings are a ``TRAKArguments``; features are made by a ``Featur
 (``hf_trak.method.feature_map``), written by ``hf_trak.run.featurize``, scored by
 ``hf_trak.run.scoring`` and moved to and from the Hub by ``hf_trak.store.hub``. The model given to
 ``TRAKer`` is only used for its architecture: every forward pass is a ``functional_call``
-at a checkpoint's tensors. (Over 300 lines: its docstrings are the API's reference.)
+at a checkpoint's tensors. (Near 400 lines: its docstrings are the API's reference.)
 """
 
 import contextlib
@@ -33,6 +33,7 @@ from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput, e
 from hf_trak.run.featurize import featurize_store, verify_checkpoints
 from hf_trak.run.processes import collectives, gather_to_main, process_state
 from hf_trak.run.scoring import TopK, scores, self_scores, target_features, top_k
+from hf_trak.run.token_scores import TokenScores, token_scores
 from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import TRAKConfig
@@ -130,15 +131,6 @@ class TRAKer:
     @property
     def num_params(self) -> int:
         return self.feature_map.num_params
-
-    @property
-    def featurizer(self):
-        """The projector (dense or factored) that makes the features; ``featurizer.proj_dim`` is k."""
-        return self.feature_map.projector
-
-    @featurizer.setter
-    def featurizer(self, projector) -> None:
-        self.feature_map.projector = projector
 
     def _source(self, data, data_collator) -> ExampleSource:
         return ExampleSource.for_model(data, self.model, self.task, data_collator)
@@ -286,6 +278,27 @@ class TRAKer:
             values = self_scores(store, self.device, show_progress=self.state.is_main_process)
         return values if self.train_rows is None else values[self.train_rows]
 
+    def score_tokens(
+        self, target, train_rows: Optional[Sequence[int]] = None, k: int = 10, batch_size: Optional[int] = None,
+        data_collator: Optional[Callable] = None,
+    ) -> List[TokenScores]:  # fmt: skip
+        """One ``target``'s (a one-row split) scores of ``train_rows`` (default: its top-``k`` proponents), each split
+        over the example's positions and over the target's (``hf_trak.run.token_scores``). Needs the factored
+        projector and the train split (featurized here, or ``from_pretrained(..., train_dataset=...)``)."""
+        source = self._source(target, data_collator)
+        if len(source) != 1:
+            raise InvalidArgumentError(f"score_tokens takes one target (a one-row split), not {len(source)}.")
+        if self.train_source is None:
+            raise NotFeaturizedError("score_tokens needs the train split: pass train_dataset= to from_pretrained.")
+        if train_rows is None:
+            train_rows = self.top_k(target, k=k, batch_size=batch_size, data_collator=data_collator).indices[0]
+        positions = [int(row) for row in train_rows]
+        stored = positions if self.train_rows is None else [int(self.train_rows[row]) for row in positions]
+        size = self._positive_setting("batch_size", batch_size)
+        with self._reading() as store, eval_mode(self.model):
+            return token_scores(self.feature_map, store, self.checkpoints, self.train_source, positions, stored,
+                                source.batch([0]), size, self.train_sampler)  # fmt: skip
+
     def save_scores(self, scores: np.ndarray, name: str, overwrite: bool = False) -> str:
         """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path.
         Scores saved under ``name`` before are only replaced with ``overwrite``."""
@@ -298,8 +311,7 @@ class TRAKer:
         return path
 
     def _positive_setting(self, name: str, value: Optional[int]) -> int:
-        """``value``, or the ``args`` setting ``name`` when None; refused unless a positive integer (0 is not
-        "the default")."""
+        """``value``, or the ``args`` setting ``name`` when None; refused unless a positive integer (0 included)."""
         return check_positive_int(name, getattr(self.args, name) if value is None else value)
 
     def _require_store(self) -> FeatureStore:

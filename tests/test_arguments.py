@@ -85,7 +85,7 @@ def test_every_setting_is_reachable_from_the_trainer_and_reaches_the_traker(tmp_
     assert traker.args == trak_args
     assert traker.param_names == ["classifier.weight"] and traker.config.projector == "factored"
     assert traker.config.kernel == "per_module" and traker.config.kernel_blocks == [[0, 16]]
-    assert traker.config.train_weight == "none" and traker.featurizer.proj_dim == 16
+    assert traker.config.train_weight == "none" and traker.feature_map.projector.proj_dim == 16
     assert traker.config.shard_size == 7 and traker.config.lambda_scale == 0.2 and traker.config.dtype == "float32"
     # The store defaults to <output_dir>/trak only when save_dir is unset.
     unset = make_traker(dataclasses.replace(trak_args, save_dir=None), tiny_vit(), str(tmp_path))

@@ -29,6 +29,7 @@ class LinearRetrainer(Retrainer):
     weights: np.ndarray = None
     noise: float = 0.0
     trained: list = dataclasses.field(default_factory=list)
+    settings_digest = "a linear datamodel"
 
     def _train_and_evaluate(self, rows, seed):
         self.trained.append(seed)
@@ -104,6 +105,12 @@ def test_a_retraining_is_the_trainer_run_by_hand_with_the_same_arguments(tmp_pat
     by_hand.train()
     np.testing.assert_allclose(outputs, model_outputs(model.eval(), targets), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.load(tmp_path / "kept" / "half.npz")["outputs"], outputs)
+    for changed in ({"max_steps": 1}, {"targets": digits(6, offset=51)}, {"training_args": _training_args("x")}):
+        other = dataclasses.replace(retrainer, **changed)
+        with pytest.raises(InvalidArgumentError, match="other training arguments, max_steps or targets"):
+            other.outputs("half", rows, seed=5)
+    moved = dataclasses.replace(retrainer, training_args=dataclasses.replace(args, output_dir=str(tmp_path / "else")))
+    np.testing.assert_array_equal(moved.outputs("half", rows, seed=5), outputs)  # where it writes does not count
 
 
 def test_trak_trainer_checks_its_own_run_from_its_initial_weights(tmp_path):

@@ -87,18 +87,16 @@ def test_factored_traker_end_to_end_and_dimension_budget():
     weights = [name for name in names if not name.endswith(".bias") and ".c_attn." not in name]
     assert default.param_names == weights  # hf_trak: weights, without the attention's query/key/value (c_attn)
     traker = TRAKer(model, projector="factored", proj_dim=300, save_dir=None, grad_wrt=names)
-    assert traker.featurizer.proj_dim == 300 and traker.config.feature_dim == 300
+    assert traker.feature_map.projector.proj_dim == 300 and traker.config.feature_dim == 300
     scores = traker.featurize(data, [model.state_dict()], batch_size=5).score(lm_sequences(4, seed=1))
     assert scores.shape == (12, 4) and np.isfinite(scores).all()
-    blocks = len(traker.featurizer.targets)
+    blocks = len(traker.feature_map.projector.targets)
     with pytest.raises(
         ValueError, match=f"proj_dim=3 is too small for {blocks} factored blocks .*proj_dim >= {blocks}"
     ):
         TRAKer(model, projector="factored", proj_dim=3, save_dir=None, grad_wrt=names)
-    assert (
-        TRAKer(model, projector="factored", proj_dim=blocks, save_dir=None, grad_wrt=names).featurizer.proj_dim
-        == blocks
-    )
+    smallest = TRAKer(model, projector="factored", proj_dim=blocks, save_dir=None, grad_wrt=names)
+    assert smallest.feature_map.projector.proj_dim == blocks
 
 
 def test_a_factored_k_a_few_dimensions_short_is_logged_as_info_and_a_larger_shortfall_warned(caplog):
@@ -148,10 +146,10 @@ def test_factored_gives_the_proj_dim_asked_on_a_small_hidden_big_vocab_bert(fall
 def test_stores_made_before_version_3_keep_their_factored_sizes(tmp_path):
     model, data, targets = tiny_bert(), token_sequences(10), token_sequences(3, seed=1)
     old = TRAKer(model, projector="factored", proj_dim=100, save_dir=str(tmp_path / "v2"), store_version=2)
-    assert old.featurizer.proj_dim < 100  # the old sizes: at most proj_dim
+    assert old.feature_map.projector.proj_dim < 100  # the old sizes: at most proj_dim
     expected = old.featurize(data, [model.state_dict()]).score(targets)
     loaded = TRAKer.from_pretrained(str(tmp_path / "v2"), model, train_dataset=data)
-    assert loaded.featurizer.proj_dim == old.featurizer.proj_dim
+    assert loaded.feature_map.projector.proj_dim == old.feature_map.projector.proj_dim
     np.testing.assert_array_equal(loaded.score(targets), expected)
 
 
@@ -164,21 +162,21 @@ def test_per_token_kernels_factor_each_matrix_with_equal_sides_from_store_versio
     tokens = TRAKer(model, proj_dim=512)
     assert (tokens.config.kernel_from, tokens.config.store_version) == ("tokens", STORE_VERSION) and STORE_VERSION >= 4
     examples = TRAKer(model, proj_dim=512, kernel_from="examples")
-    for square, proportional in zip(tokens.featurizer.targets, examples.featurizer.targets):
+    for square, proportional in zip(tokens.feature_map.projector.targets, examples.feature_map.projector.targets):
         assert square.name == proportional.name
         if square.rows != square.cols and min(square.k_rows, square.k_cols) < min(square.rows, square.cols):
             assert abs(square.k_rows - square.k_cols) <= 1, square
             assert (proportional.k_rows < proportional.k_cols) == (proportional.rows < proportional.cols), proportional
-    assert 0.99 * 512 <= sum(t.size for t in tokens.featurizer.targets) <= 512
+    assert 0.99 * 512 <= sum(t.size for t in tokens.feature_map.projector.targets) <= 512
     old = TRAKer(model, proj_dim=512, save_dir=str(tmp_path / "v3"), store_version=3, dtype=torch.float32)
-    assert [(t.k_rows, t.k_cols) for t in old.featurizer.targets] == [
-        (t.k_rows, t.k_cols) for t in examples.featurizer.targets
+    assert [(t.k_rows, t.k_cols) for t in old.feature_map.projector.targets] == [
+        (t.k_rows, t.k_cols) for t in examples.feature_map.projector.targets
     ]
     expected = old.featurize(data, [model.state_dict()]).score(targets)
     loaded = TRAKer.from_pretrained(str(tmp_path / "v3"), model, train_dataset=data)
     assert loaded.config.kernel_from == "tokens" and loaded.config.store_version == 3
-    assert [(t.k_rows, t.k_cols) for t in loaded.featurizer.targets] == [
-        (t.k_rows, t.k_cols) for t in old.featurizer.targets
+    assert [(t.k_rows, t.k_cols) for t in loaded.feature_map.projector.targets] == [
+        (t.k_rows, t.k_cols) for t in old.feature_map.projector.targets
     ]
     np.testing.assert_array_equal(loaded.score(targets), expected)
     with pytest.raises(OutputExistsError, match=f"store_version: stored 3, given {STORE_VERSION}"):  # no resume
@@ -218,7 +216,7 @@ ids = torch.randint(0, 50257, (8, 64)).tolist()
 data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 64] * 8, "labels": ids})
 traker = TRAKer(model, projector="factored", proj_dim=2048, save_dir=None)
 traker.featurize(data, [model.state_dict()], batch_size=8)
-assert traker.store.features(0).shape == (8, traker.featurizer.proj_dim)
+assert traker.store.features(0).shape == (8, traker.feature_map.projector.proj_dim)
 assert np.isfinite(traker.store.features(0)).all()
 print("peak GiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 """

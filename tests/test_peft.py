@@ -90,11 +90,11 @@ def test_lora_scores_match_float64_reference_on_adapter_parameters(tmp_path, cas
     train, targets = DATA[case][0](), DATA[case][1]()
     traker = TRAKer(first, projector="identity", proj_dim=None, dtype=torch.float32, save_dir=None, estimator="trak")
     if projector == "factored":
-        traker.featurizer = FactoredGradientProjector(
+        traker.feature_map.projector = FactoredGradientProjector(
             first, traker.param_names, proj_dim=1, seed=0, device="cpu", kind="identity"
         )
-        assert traker.featurizer.proj_dim == traker.num_params
-        assert any("lora_A" in target.name for target in traker.featurizer.targets)
+        assert traker.feature_map.projector.proj_dim == traker.num_params
+        assert any("lora_A" in target.name for target in traker.feature_map.projector.targets)
     folders = [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
     scores = traker.featurize(train, folders, batch_size=6).score(targets, batch_size=4)
     expected = reference_scores(

@@ -75,7 +75,7 @@ def test_features_do_not_depend_on_batch_size_or_parameter_chunks(make_model, ma
     for batch_size, chunk in [(1, None), (5, None), (4, 150)]:
         traker = TRAKer(model, proj_dim=40, save_dir=None, dtype=torch.float32, param_chunk_numel=chunk)
         if chunk is not None:
-            assert len(traker.featurizer.gradients.chunks) > 3
+            assert len(traker.feature_map.projector.gradients.chunks) > 3
         features = torch.as_tensor(
             traker.featurize(data, [model.state_dict()], batch_size=batch_size).store.features(0)
         )

@@ -4,12 +4,15 @@ Both checks of ``hf_trak.check`` compare what the scores predict with what retra
 trains a fresh model (``model_init()``: the weights training started from) with a copy of the run's
 ``TrainingArguments`` (nothing saved, logged or pushed; ``seed`` and, if given, ``max_steps`` replaced) on
 the rows it is given, and evaluates the model output function f of each target. Each run's outputs are kept in
-``folder`` as ``<name>.npz`` with the rows it was trained on: a check that is stopped resumes where it was,
-and a kept run made on other rows is refused rather than reused.
+``folder`` as ``<name>.npz`` with the rows it was trained on, its seed and a digest of what else decides them
+(the training arguments, ``max_steps``, the targets' rows): a check that is stopped resumes where it was, and a
+kept run made otherwise is refused rather than reused.
 """
 
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -19,8 +22,11 @@ import numpy as np
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
+from hf_trak.data.inputs import scan_split
+from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.evaluate import model_outputs
+from hf_trak.method.model_outputs import AutoModelOutput
 from hf_trak.store.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -60,16 +66,35 @@ class Retrainer:
                     f"{path} holds a retraining on other rows or another seed (a check with other settings): "
                     "pass another folder, or delete it to start over."
                 )
+            if str(kept["settings_digest"]) != self.settings_digest:
+                raise InvalidArgumentError(
+                    f"{path} holds a retraining with other training arguments, max_steps or targets: pass another "
+                    "folder, or delete it to start over."
+                )
             return kept["outputs"]
         outputs = self._train_and_evaluate(rows, seed)
         os.makedirs(self.folder, exist_ok=True)
 
         def write(tmp):
             with open(tmp, "wb") as file:
-                np.savez(file, outputs=outputs, rows_digest=rows_digest(rows), seed=seed, num_rows=len(rows))
+                np.savez(file, outputs=outputs, rows_digest=rows_digest(rows), seed=seed, num_rows=len(rows),
+                         settings_digest=self.settings_digest)  # fmt: skip
 
         atomic_write(path, write)
         return outputs
+
+    @functools.cached_property
+    def settings_digest(self) -> str:
+        """A digest of the training arguments (but where they write), ``max_steps`` and the targets' rows."""
+        settings = {key: value for key, value in self.training_args.to_dict().items()
+                    if not key.endswith("_dir") and "hub" not in key}  # fmt: skip
+        model = self.model_init()
+        task = AutoModelOutput.resolve(model, self.task)
+        source = ExampleSource.for_model(self.targets, model, task)
+        hashes = scan_split(source, task, model, "target", "exclude", show_progress=False).row_hashes
+        text = json.dumps([settings, self.max_steps, hashlib.sha256(hashes.tobytes()).hexdigest()], sort_keys=True,
+                          default=str)  # fmt: skip
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def _train_and_evaluate(self, rows: np.ndarray, seed: int) -> np.ndarray:
         model = self.model_init()

@@ -277,7 +277,7 @@ class FactoredGradientProjector:
             out.mul_(math.sqrt(self.proj_dim))
         return out
 
-    def _captured(self, task, weights, buffers, batch, batch_size: int) -> List[Tuple[_Use, Tensor, Tensor]]:
+    def captured(self, task, weights, buffers, batch, batch_size: int) -> List[Tuple[_Use, Tensor, Tensor]]:
         """(layer use, its input, its output gradient δ (B, T, d_out) or None) of every hooked layer, from one
         forward and backward of Σ_i f(z_i)."""
         records: List[Tuple[_Use, Tensor, Tensor]] = []
@@ -322,7 +322,7 @@ class FactoredGradientProjector:
         sides = self.principal_sides()
         batch_size = next(iter(batch.values())).shape[0]
         moments: Dict[str, Tensor] = {}
-        for use, inputs, delta in self._captured(task, weights, buffers, batch, batch_size):
+        for use, inputs, delta in self.captured(task, weights, buffers, batch, batch_size):
             if delta is None or use.weight is None:
                 continue
             alive = reaching_tokens(delta)
@@ -343,7 +343,7 @@ class FactoredGradientProjector:
         batch_size = out.shape[0]
         targets = {target.name: target for target in self.targets}
         position = {target.name: index for index, target in enumerate(self.targets)}
-        for use, inputs, delta in self._captured(task, weights, buffers, batch, batch_size):
+        for use, inputs, delta in self.captured(task, weights, buffers, batch, batch_size):
             if delta is None:
                 continue
             if use.weight is not None:

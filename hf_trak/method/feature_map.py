@@ -31,6 +31,7 @@ from hf_trak.method.gradients import DenseGradientProjector, PerExampleGradients
 from hf_trak.method.masks import AttentionMaskAdapter
 from hf_trak.method.model_outputs import AbstractModelOutput, call_model, without_labels
 from hf_trak.method.projectors import make_projector
+from hf_trak.method.token_vectors import token_features
 from hf_trak.store.versions import STORE_VERSION, factored_sizing
 
 SampleTrainBatch = Callable[[int, int], dict]
@@ -167,6 +168,17 @@ class CheckpointView:
         batch = self.prepare(batch)
         projected = self.map.projector(self.task, self.weights, self.buffers, batch, self.model_id)
         return projected.div_(math.sqrt(self.map.num_params)), batch
+
+    def token_features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """(B, T + 1, k) float32: x_{i,t}, each position's part of ``features``, then the part of the layers that
+        see no positions; they sum to x_i (``hf_trak.method.token_vectors.token_features``)."""
+        if not isinstance(self.map.projector, FactoredGradientProjector):
+            raise InvalidArgumentError(
+                'Per-token scores need the factored projector: featurize with projector="factored".'
+            )
+        batch = self._to_device(batch)
+        projected = token_features(self.map.projector, self.task, self.weights, self.buffers, batch, self.model_id)
+        return projected.div_(math.sqrt(self.map.num_params))
 
     def side_moments(self, batch: Mapping[str, Tensor]) -> dict:
         """The per-token second moments of a batch (``FactoredGradientProjector.side_moments``; one batched

@@ -2,10 +2,19 @@
 
 For ``nn.Linear`` (W: d_out × d_in) u = δ (output gradient), v = x (input); for ``Conv1D`` u = x, v = δ; for
 ``nn.Embedding`` u = one-hot(id), v = δ (rows at ``padding_idx`` get none).
+
+``token_features`` splits an example's projected gradient by position: x_i = Σ_t x_{i,t} + x_{i,pooled}, where
+x_{i,t} sums the layers' (P_rᵀ u_t)(P_cᵀ v_t)ᵀ at position t and x_{i,pooled} the layers that see no
+positions (a classifier's pooler and head, which read a pooled vector): the per-token scores of
+``hf_trak.run.token_scores``.
 """
+
+import math
 
 import torch
 from torch import Tensor, nn
+
+from hf_trak.errors import InvalidArgumentError
 
 
 def reaching_tokens(delta: Tensor) -> Tensor:
@@ -44,3 +53,34 @@ def projected_pair(module: nn.Module, inputs: Tensor, delta: Tensor, rows: Tenso
     if isinstance(module, nn.Linear):
         return delta @ rows, x @ cols
     return x @ rows, delta @ cols
+
+
+def token_features(projector, task, weights, buffers, batch, model_id: int) -> Tensor:
+    """(B, T + 1, k): x_{i,t} for each position t and, last, x_{i,pooled}, of a ``FactoredGradientProjector``'s
+    features (which they sum to: one batched forward and backward)."""
+    if projector.fallback_gradients is not None:
+        raise InvalidArgumentError(
+            "Per-token scores need every differentiated parameter in a Linear, Conv1D or Embedding layer: "
+            "featurize with grad_wrt naming only those (the default for a causal LM)."
+        )
+    batch_size = next(iter(batch.values())).shape[0]
+    targets = {target.name: target for target in projector.targets}
+    parts = []  # (offset, (B, T or 1, size), whether it has positions)
+    for use, inputs, delta in projector.captured(task, weights, buffers, batch, batch_size):
+        if delta is None:
+            continue
+        positioned = isinstance(use.module, nn.Embedding) or inputs.dim() > 2
+        if use.weight is not None:
+            target = targets[use.weight]
+            rows, cols = projector.factor(model_id, target, "rows"), projector.factor(model_id, target, "cols")
+            u, v = projected_pair(use.module, inputs, delta, rows, cols)
+            parts.append((target.offset, torch.einsum("btr,btc->btrc", u, v).flatten(2), positioned))
+        if use.bias is not None:
+            target = targets[use.bias]
+            parts.append((target.offset, delta @ projector.factor(model_id, target, "rows"), positioned))
+    length = max((part.shape[1] for _, part, positioned in parts if positioned), default=0)
+    out = torch.zeros(batch_size, length + 1, projector.proj_dim, device=projector.device)
+    for offset, part, positioned in parts:
+        where = slice(0, length) if positioned else slice(length, length + 1)
+        out[:, where, offset : offset + part.shape[-1]] += part if positioned else part.sum(1, keepdim=True)
+    return out if projector.kind == "identity" else out * math.sqrt(projector.proj_dim)
