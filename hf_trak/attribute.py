@@ -13,11 +13,11 @@ into model inputs (``hf_trak.data.processing``); results show the raw columns (t
 
 import dataclasses
 import logging
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, Sequence, Value
 
 from hf_trak.data.processing import display_columns, prepare_split
 from hf_trak.errors import check_positive_int
@@ -88,6 +88,50 @@ def top_k_dataset(scores: np.ndarray, train: Dataset, targets: Dataset, k: int =
     return Dataset.from_dict(columns, features=features)
 
 
+def token_names(processor, ids) -> List[str]:
+    """The tokens of ``ids`` as the processor's tokenizer writes them (their ids as text without one)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        return [str(token) for token in tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
+    return [str(int(i)) for i in ids]
+
+
+def with_token_scores(top: Dataset, traker: TRAKer, targets: Dataset, processor=None) -> Dataset:
+    """``top`` (``top_k_dataset``) with each row's score split by position (``TRAKer.score_tokens``): columns
+    ``train_tokens``/``train_token_scores`` (the example's attended tokens and their shares), ``train_pooled``
+    (the share of layers without positions), and ``target_tokens``/``target_token_scores``/``target_pooled``.
+    ``targets``: the target split's model inputs. Cost: per target, a forward and backward of it and of each of
+    its listed train rows, per checkpoint."""
+    columns = {name: [None] * len(top) for name in TOKEN_COLUMNS}
+    table = top.select_columns(["target", "train_index"]).to_pandas()
+    for target, rows in table.groupby("target"):
+        found = traker.score_tokens(targets.select([int(target)]), train_rows=rows["train_index"].tolist())
+        for position, tokens in zip(rows.index, found):
+            values = {
+                "train_tokens": token_names(processor, tokens.train_ids),
+                "train_token_scores": tokens.train_tokens.astype(np.float32).tolist(),
+                "train_pooled": float(tokens.train_pooled),
+                "target_tokens": token_names(processor, tokens.target_ids),
+                "target_token_scores": tokens.target_tokens.astype(np.float32).tolist(),
+                "target_pooled": float(tokens.target_pooled),
+            }
+            for name, value in values.items():
+                columns[name][position] = value
+    for name in TOKEN_COLUMNS:
+        top = top.add_column(name, columns[name], feature=TOKEN_COLUMNS[name])
+    return top
+
+
+TOKEN_COLUMNS = {
+    "train_tokens": Sequence(Value("string")),
+    "train_token_scores": Sequence(Value("float32")),
+    "train_pooled": Value("float32"),
+    "target_tokens": Sequence(Value("string")),
+    "target_token_scores": Sequence(Value("float32")),
+    "target_pooled": Value("float32"),
+}
+
+
 def attribute(
     model_or_checkpoints: ModelOrCheckpoints,
     train: Dataset,
@@ -101,6 +145,7 @@ def attribute(
     batch_size: int = 32,
     save_dir: Optional[str] = None,
     overwrite: bool = False,
+    per_token: bool = False,
     **traker_kwargs,
 ) -> Attribution:
     """TRAK attribution of ``targets`` to ``train`` (raw splits, processed with ``processor``).
@@ -108,7 +153,8 @@ def attribute(
     Featurizes ``train`` at every checkpoint (resumable in ``save_dir``; None: a temporary
     folder), scores ``targets`` and collects each target's ``k`` proponents and opponents.
     ``processor``: a tokenizer, image processor, multimodal processor or ``batch -> inputs``
-    function (None: the splits already hold model inputs). ``traker_kwargs`` go to ``TRAKer``
+    function (None: the splits already hold model inputs). ``per_token``: add each listed row's score split by
+    position (``with_token_scores``; a forward and backward per listed row). ``traker_kwargs`` go to ``TRAKer``
     (``proj_dim``, ``projector``, ``accelerator``...).
     """
     check_positive_int("k", k)
@@ -120,7 +166,11 @@ def attribute(
             return prepare_split(split, model, traker.task, processor, text_column, image_column, max_length)
 
     traker.featurize(prepare(train), checkpoints, batch_size=batch_size, overwrite=overwrite)
-    scores = traker.score(prepare(targets), batch_size=batch_size)
+    prepared_targets = prepare(targets)
+    scores = traker.score(prepared_targets, batch_size=batch_size)
     if scores is None:
         return Attribution(None, None, traker)
-    return Attribution(scores, top_k_dataset(scores, train, targets, k), traker)
+    top = top_k_dataset(scores, train, targets, k)
+    return Attribution(
+        scores, with_token_scores(top, traker, prepared_targets, processor) if per_token else top, traker
+    )

@@ -23,11 +23,26 @@ from hf_trak.data.processing import LABEL_COLUMNS, is_text
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.store.files import atomic_write, write_text
 
-META_COLUMNS = ("target", "kind", "rank", "train_index", "score", "loss", "prediction")
+META_COLUMNS = (
+    "target",
+    "kind",
+    "rank",
+    "train_index",
+    "score",
+    "loss",
+    "prediction",
+    "train_tokens",
+    "train_token_scores",
+    "train_pooled",
+)
 CELL, CAPTION, GAP, LINE = 96, 43, 12, 16
 PROPONENT, OPPONENT, TARGET = (34, 139, 34), (200, 40, 40), (60, 60, 60)
 
-HTML_TEMPLATE = """<!doctype html>
+SHADE_MACRO = """{% macro shade(tokens) %}{% for token, color in tokens %}<span class="token" title="{{ color[1] }}"
+style="background: {{ color[0] }}">{{ token }}</span>{% endfor %}{% endmacro %}"""
+HTML_TEMPLATE = (
+    SHADE_MACRO
+    + """<!doctype html>
 <html><head><meta charset="utf-8"><title>TRAK attributions</title>
 <style>
 body { font-family: sans-serif; margin: 2em; max-width: 72em; }
@@ -37,6 +52,7 @@ section { border-top: 1px solid #ccc; padding: 0.5em 0; }
 .columns > div { flex: 1; }
 .proponent { color: #228b22; } .opponent { color: #c82828; }
 td { vertical-align: top; padding: 0.2em 0.5em; } td.score { font-family: monospace; white-space: nowrap; }
+.token { padding: 0 0.1em; margin: 0 0.05em; border-radius: 2px; }
 </style></head><body>
 <h1>TRAK attributions</h1>
 <p>For each target: the training examples with the largest scores (proponents: training on them
@@ -44,19 +60,21 @@ raised the model's output on the target) and the smallest (opponents: they lower
 {% for target in targets %}
 <section>
 <h2>Target {{ target.index }}{% if target.label is not none %} (label: {{ target.label }}){% endif %}</h2>
-<div class="target">{{ target.text }}</div>
+<div class="target">{% if target.tokens %}{{ shade(target.tokens) }}<br><small>shaded: the target's tokens the top
+proponents reach (green: raised, red: lowered)</small>{% else %}{{ target.text }}{% endif %}</div>
 <div class="columns">
 {% for kind, rows in (("proponent", target.proponents), ("opponent", target.opponents)) %}
 <div><h3 class="{{ kind }}">Top {{ kind }}s</h3><table>
 {% for row in rows %}<tr><td class="score {{ kind }}">{{ "%+.4f"|format(row.score) }}</td>
 <td>#{{ row.train_index }}{% if row.label is not none %} · {{ row.label }}{% endif %}</td>
-<td>{{ row.text }}</td></tr>{% endfor %}
+<td>{% if row.tokens %}{{ shade(row.tokens) }}{% else %}{{ row.text }}{% endif %}</td></tr>{% endfor %}
 </table></div>
 {% endfor %}
 </div></section>
 {% endfor %}
 </body></html>
 """
+)
 
 
 def _shown_columns(top_k: Dataset) -> List[str]:
@@ -164,28 +182,50 @@ def write_image_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optio
     return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
+def shaded(tokens: List[str], shares: List[float]) -> List[tuple]:
+    """``(token, (css background, share as text))`` per token: green for a positive share, red for a negative one,
+    as opaque as the share's size relative to the largest of the example's."""
+    largest = max((abs(share) for share in shares), default=0.0) or 1.0
+    colors = []
+    for share in shares:
+        red, green, blue = PROPONENT if share >= 0 else OPPONENT
+        colors.append((f"rgba({red}, {green}, {blue}, {0.75 * abs(share) / largest:.3f})", f"{share:+.4g}"))
+    return list(zip(tokens, colors))
+
+
 def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Optional[int] = None) -> str:
-    """HTML page: per target, its text and label, and its proponents and opponents with scores."""
+    """HTML page: per target, its text and label, and its proponents and opponents with scores; with token
+    scores (``hf_trak.attribute.with_token_scores``), each example's tokens shaded by their shares and the
+    target's by the sum of its proponents' shares."""
     text, label = text_column(top_k), _label_column(top_k)
-    if text is None:
+    if text is None and "train_tokens" not in top_k.column_names:
         raise InvalidArgumentError("The attributed examples have no text column: write a .png report instead.")
+    tokens = "train_tokens" in top_k.column_names
 
     def shown(row):
         return {
             "score": row["score"],
             "train_index": row["train_index"],
-            "text": row[text],
+            "text": row[text] if text is not None else "",
             "label": _label_text(top_k, label, row.get(label)),
+            "tokens": shaded(row["train_tokens"], row["train_token_scores"]) if tokens else None,
         }
 
     targets = []
     for group in _targets(top_k, num_targets, k):
         first = group["first"]
+        reached = None
+        if tokens and group["proponents"]:
+            rows = [top_k[int(i)] for i in group["proponents"]]
+            reached = shaded(
+                rows[0]["target_tokens"], np.sum([r["target_token_scores"] for r in rows], axis=0).tolist()
+            )
         targets.append(
             {
                 "index": group["target"],
-                "text": first[f"target_{text}"],
+                "text": first[f"target_{text}"] if text is not None else "",
                 "label": _label_text(top_k, label, first.get(f"target_{label}")),
+                "tokens": reached,
                 "proponents": [shown(top_k[int(i)]) for i in group["proponents"]],
                 "opponents": [shown(top_k[int(i)]) for i in group["opponents"]],
             }

@@ -177,3 +177,18 @@ def test_check_reads_a_trainer_run_back_and_gives_the_python_checks(workspace):
 
     refused = hf_trak_cli("check", "--output-dir", "data", "--dataset", "data", cwd=workspace)
     assert refused.returncode == 1 and "no checkpoint-N folder" in refused.stderr
+
+
+def test_top_k_per_token_writes_the_token_splits_and_a_shaded_report(workspace):
+    featurize = ["featurize", "--model", "model", "--dataset", "data", "--save-dir", "feats", "--projector",
+                 "factored", "--proj-dim", "64", "--dtype", "float32"]  # fmt: skip
+    assert hf_trak_cli(*featurize, cwd=workspace).returncode == 0
+    done = hf_trak_cli("top-k", "--save-dir", "feats", "--dataset", "data", "--k", "2", "--per-token", "--output",
+                       "top", "--report", "tokens.html", cwd=workspace)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    top = load_from_disk(str(workspace / "top"))
+    for row in top:
+        total = sum(row["train_token_scores"]) + row["train_pooled"]
+        assert total == pytest.approx(row["score"], rel=1e-4, abs=1e-6)
+        assert [t for t in row["train_tokens"] if t not in ("[CLS]", "[SEP]")] == row["text"].split()
+    assert open(workspace / "tokens.html").read().count('<span class="token"') > len(top)

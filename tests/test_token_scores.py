@@ -117,3 +117,30 @@ def test_token_scores_need_the_factored_projector_and_one_target():
         traker.score_tokens(lm_sequences(1, seed=3), k=2)
     with pytest.raises(InvalidArgumentError, match="one target"):
         traker.score_tokens(lm_sequences(2, seed=3), k=2)
+
+
+def test_attribute_per_token_adds_the_splits_and_the_report_shades_them(tmp_path):
+    """``attribute(per_token=True)``: every listed row's token shares sum (with the pooled share) to its score, the
+    tokens are the tokenizer's, and the HTML report shades each token of each listed example once."""
+    import re
+
+    from hf_trak import attribute
+    from hf_trak.testing.models import word_tokenizer
+
+    train, targets = token_sequences(24), token_sequences(3, seed=4)
+    raw_train, raw_targets = (split.select_columns(["text", "labels"]) for split in (train, targets))
+    result = attribute(tiny_bert(0), raw_train, raw_targets, processor=word_tokenizer(), k=3, per_token=True,
+                       projector="factored", proj_dim=64, dtype="float32")  # fmt: skip
+    top = result.top_k
+    assert len(top) == 3 * 2 * 3
+    for row in top:
+        total = sum(row["train_token_scores"]) + row["train_pooled"]
+        assert total == pytest.approx(row["score"], rel=1e-4, abs=1e-6)
+        assert sum(row["target_token_scores"]) + row["target_pooled"] == pytest.approx(total, rel=1e-4, abs=1e-6)
+        text = raw_train[row["train_index"]]["text"]
+        assert [t for t in row["train_tokens"] if t not in ("[CLS]", "[SEP]")] == text.split()
+    page = open(result.save_report(str(tmp_path / "r.html"), num_targets=1)).read()
+    section = page.split("<section>")[1]
+    expected = len(top[0]["target_tokens"]) + sum(len(row["train_tokens"]) for row in top.select(range(6)))
+    assert len(re.findall(r'<span class="token"', section)) == expected
+    assert "rgba(34, 139, 34, 0.750)" in section  # the largest positive share of some example, fully shaded

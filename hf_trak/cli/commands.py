@@ -54,7 +54,7 @@ def score(args) -> None:
             ) from error
     elif not args.output:
         raise InvalidArgumentError("Pass --output scores.npy: these scores cannot be kept in the store.")
-    scores, traker, _, _ = target_scores(args)
+    scores, traker, *_ = target_scores(args)
     if scores is None:
         return
     if args.output:
@@ -65,7 +65,7 @@ def score(args) -> None:
 
 
 def top_k(args) -> None:
-    from hf_trak.attribute import top_k_dataset
+    from hf_trak.attribute import top_k_dataset, with_token_scores
     from hf_trak.report import check_report_path, write_report
     from hf_trak.store.files import atomic_folder
 
@@ -73,10 +73,12 @@ def top_k(args) -> None:
     if args.report:
         check_report_path(args.report)
         check_output(args.report, args.overwrite, option="--report")
-    scores, _, train, raw_targets = target_scores(args)
+    scores, traker, train, raw_targets, targets, processor = target_scores(args)
     if scores is None:
         return
     top = top_k_dataset(scores, train, raw_targets, args.k)
+    if args.per_token:
+        top = with_token_scores(top, traker, targets, processor)
     atomic_folder(args.output, top.save_to_disk, overwrite=args.overwrite)
     print(f"Top-{args.k} proponents and opponents of {scores.shape[1]} targets written to {args.output}")
     if args.report:

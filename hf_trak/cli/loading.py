@@ -77,9 +77,9 @@ def loaded_traker(args):
 
 
 def target_scores(args):
-    """``(scores, TRAKer, raw train split, raw target split)`` of ``--target-split``; scores are None on processes
-    other than the main one."""
+    """``(scores, TRAKer, raw train split, raw target split, the targets' model inputs, processor)`` of
+    ``--target-split``; scores are None on processes other than the main one."""
     traker, train, _, processor = loaded_traker(args)
     raw_targets, targets = prepared_split(args, traker.model, traker.task, processor, args.target_split,
                                            args.max_target_examples)  # fmt: skip
-    return traker.score(targets), traker, train, raw_targets
+    return traker.score(targets), traker, train, raw_targets, targets, processor

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--k", type=positive_int, default=10)
             command.add_argument("--output", required=True, help="folder for the top-k dataset (save_to_disk)")
             command.add_argument("--report", default=None, help="also write a report (.png or .html)")
+            command.add_argument(
+                "--per-token", action="store_true",
+                help="split each listed score over the train example's tokens and the target's (columns "
+                "train_tokens, train_token_scores...; the HTML report shades them): a forward and backward per row",
+            )  # fmt: skip
 
     ranking = commands.add_parser(
         "self-influence", help="the train examples of highest self-influence (mislabeled, outlying, rare)"
