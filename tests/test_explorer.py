@@ -203,7 +203,8 @@ def test_the_app_handlers_show_results_and_errors_in_the_page(text_store):
 
     explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=5)
     app = ExplorerApp(explorer)
-    message, summary, proponents, opponents, shown, text, label, row = app.on_target_row(2)
+    message, summary, proponents, opponents, shown, last, text, label, row = app.on_target_row(2)
+    assert last == (text_store["targets"][2], text_store["targets"][2]["label"]) and app.tokens is None
     rows, _ = _top(text_store["result"], 2, "proponent")
     own = explorer.label_name(text_store["targets"][2]["label"])
     assert message == "" and f"Top proponent:** train row {rows[0]}" in summary
@@ -403,6 +404,37 @@ def test_the_self_influence_list_is_the_stores_and_a_click_on_it_makes_the_targe
     sub = Explorer.from_store(text_store["store"], text_store["train"].select(subset_rows), k=3, train_subset=True)
     in_subset = np.argsort(-values[subset_rows], kind="stable")[:3].tolist()
     assert [n.row for n in sub.self_influence()] == in_subset
+
+
+def test_the_token_view_splits_the_pages_proponents_and_is_cleared_by_the_next_target(text_store, tmp_path):
+    """With the factored projector, "Split the proponents' scores by token" shades the target's and each
+    proponent's tokens; each proponent's shares sum to its score on the page; a new target clears the view
+    (it would otherwise describe the previous target under the new one's results)."""
+    pytest.importorskip("gradio")
+    from hf_trak.explore.app import ExplorerApp
+
+    folder = text_store["folders"][-1]
+    hf_trak.attribute([folder], text_store["train"], text_store["targets"], processor=word_tokenizer(),
+                      save_dir=str(tmp_path / "factored"), projector="factored", proj_dim=64,
+                      dtype=torch.float32)  # fmt: skip
+    explorer = Explorer.from_store(str(tmp_path / "factored"), text_store["train"], targets=text_store["targets"], k=3)
+    app = ExplorerApp(explorer)
+    assert explorer.has_token_scores and app.tokens is not None
+    message, summary, proponents, opponents, shown, last, tokens, *_ = app.on_target_row(1)
+    assert tokens == "" and last[0] == text_store["targets"][1]
+    message, page = app.on_tokens(last, shown)
+    assert message == ""
+    found = explorer.token_scores(last[0], last[1], shown[0])
+    for tokens, row in zip(found, proponents):
+        assert tokens.train_index == row[1]
+        assert tokens.train_tokens.sum() + tokens.train_pooled == pytest.approx(row[2], rel=1e-3, abs=1e-5)
+        assert f"<b>#{row[1]}</b>" in page
+    words = text_store["train"][shown[0][0]]["text"].split()
+    assert all(f">{word}</span>" in page for word in words)
+    *_, tokens_after, _text, _label, _row = app.on_target_row(2)
+    assert tokens_after == ""  # the token view of target 1 is not left under target 2's results
+    message, _ = app.on_tokens(None, ([], []))
+    assert "Attribute a target first" in message
 
 
 def test_a_click_during_a_query_is_answered_after_it(text_store):

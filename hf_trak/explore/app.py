@@ -21,9 +21,13 @@ import logging
 import sys
 from typing import Any, Optional
 
+import numpy as np
+
+from hf_trak.attribute import token_names
 from hf_trak.errors import InvalidArgumentError, InvalidInputError, MissingDependencyError
 from hf_trak.explore.explorer import Explorer
 from hf_trak.explore.results import Query
+from hf_trak.report import SHADE_MACRO, shaded
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +141,17 @@ class ExplorerApp:
                 self.summary = gr.Markdown("Enter a target and press Attribute.", elem_id="summary")
                 self.proponents = self._results("Proponents (largest scores): click one to make it the target")
                 self.opponents = self._results("Opponents (smallest scores): click one to make it the target")
+                self.tokens = None
+                if explorer.has_token_scores:
+                    with gr.Accordion("Tokens: which tokens carry the proponents' scores", open=False):
+                        show_tokens = gr.Button("Split the proponents' scores by token", elem_id="show-tokens")
+                        self.tokens = gr.HTML("", elem_id="tokens")
                 with gr.Accordion("Self-influence: likely mislabeled, outlying or rare training examples", open=False):
                     show_ranking = gr.Button("List the highest self-influence", elem_id="show-self-influence")
                     self.ranking = self._results("Highest self-influence first: click one to make it the target")
         self.shown = gr.State(([], []))  # train rows of the proponents and opponents on the page
         self.ranked = gr.State([])  # train rows of the self-influence list
+        self.last = gr.State(None)  # (the target on the page, its attributed label)
 
         outputs = self._outputs()
         inputs = self.texts + [c for c in (self.image, self.label) if c is not None]
@@ -158,6 +168,9 @@ class ExplorerApp:
 
         self.proponents.select(select_proponent, [self.shown], outputs, trigger_mode="always_last")
         self.opponents.select(select_opponent, [self.shown], outputs, trigger_mode="always_last")
+        if self.tokens is not None:
+            show_tokens.click(self.on_tokens, [self.last, self.shown], [self.message, self.tokens],
+                              trigger_mode="always_last")  # fmt: skip
         show_ranking.click(self.on_self_influence, [], [self.message, self.ranking, self.ranked],
                            trigger_mode="always_last")  # fmt: skip
 
@@ -177,7 +190,8 @@ class ExplorerApp:
 
     def _outputs(self) -> list:
         widgets = self.texts + [c for c in (self.image, self.label, self.target_view, self.row) if c is not None]
-        return [self.message, self.summary, self.proponents, self.opponents, self.shown] + widgets
+        shown = [self.message, self.summary, self.proponents, self.opponents, self.shown, self.last]
+        return shown + ([self.tokens] if self.tokens is not None else []) + widgets
 
     # ------------------------------------------------------------------ events
     def on_attribute(self, *values):
@@ -207,6 +221,18 @@ class ExplorerApp:
         except Exception as error:
             logger.warning("Query failed: %s", error)
             return self._failed(error)
+
+    def on_tokens(self, last, shown):
+        """The page's target and proponents, each proponent's tokens shaded by their share of its score and the
+        target's by the proponents' summed shares (``Explorer.token_scores``)."""
+        try:
+            if not last or not shown[0]:
+                raise InvalidInputError("Attribute a target first.")
+            example, label = last
+            return "", token_view(self.explorer, self.explorer.token_scores(example, label, list(shown[0])))
+        except Exception as error:
+            logger.warning("Token scores failed: %s", error)
+            return _message(error), self.gr.update()
 
     def on_self_influence(self):
         """The self-influence list (it does not depend on the target: the target's results stay as they are)."""
@@ -261,7 +287,11 @@ class ExplorerApp:
             widgets.append(enlarged(query.target.get(explorer.image_column)))
         if self.row is not None:  # the target row's number, or empty for a train row or a new input
             widgets.append(row)
-        return ["", "\n\n".join(lines), self._render(query.proponents), self._render(query.opponents), shown] + widgets
+        page = ["", "\n\n".join(lines), self._render(query.proponents), self._render(query.opponents), shown]
+        page.append((query.target, query.label))
+        if self.tokens is not None:  # the token view of the previous target is not left under this one's results
+            page.append("")
+        return page + widgets
 
     def _render(self, neighbors) -> Any:
         explorer = self.explorer
@@ -282,6 +312,31 @@ class ExplorerApp:
             parts.insert(1, explorer.label_name(neighbor.example.get(explorer.label_column)))
         parts += [str(neighbor.example.get(name, ""))[:60] for name in explorer.text_columns]
         return " · ".join(parts)
+
+
+TOKEN_VIEW = (
+    SHADE_MACRO
+    + """<div><b>Target</b> (its tokens the proponents reach; green: raised, red: lowered):
+<div>{{ shade(target) }}</div></div>
+{% for row in rows %}<div style="margin-top: 0.6em"><b>#{{ row.index }}</b> score {{ "%+.4g"|format(row.score) }}
+{% if row.pooled %}(pooled layers {{ "%+.3g"|format(row.pooled) }}){% endif %}<div>{{ shade(row.tokens) }}</div></div>
+{% endfor %}"""
+)
+
+
+def token_view(explorer: Explorer, found) -> str:
+    """HTML of ``Explorer.token_scores``' result: the target's tokens, then each train row's, shaded."""
+    import jinja2
+
+    processor = explorer.processor
+    reached = np.sum([tokens.target_tokens for tokens in found], axis=0).tolist()
+    rows = [
+        {"index": t.train_index, "score": t.score, "pooled": t.train_pooled,
+         "tokens": shaded(token_names(processor, t.train_ids), t.train_tokens.tolist())}
+        for t in found
+    ]  # fmt: skip
+    target = shaded(token_names(processor, found[0].target_ids), reached)
+    return jinja2.Environment(autoescape=True).from_string(TOKEN_VIEW).render(target=target, rows=rows)
 
 
 def explore(

@@ -37,6 +37,7 @@ from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidArgumentError, InvalidInputError, check_positive_int
 from hf_trak.explore.results import Neighbor, Query
 from hf_trak.hf.loading import local_or_hub, looks_like_local_path, processor_for, resolve_store_model
+from hf_trak.method.factored import FactoredGradientProjector
 from hf_trak.method.kernel import merge_top_k
 from hf_trak.method.model_outputs import (
     AutoModelOutput,
@@ -48,6 +49,7 @@ from hf_trak.method.model_outputs import (
     without_labels,
 )
 from hf_trak.run.scoring import scores as store_scores
+from hf_trak.run.token_scores import TokenScores, token_scores
 from hf_trak.store import lock
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.store.hub import download_store
@@ -168,6 +170,10 @@ class Explorer:
                  else "" for source in sources]  # fmt: skip
         unique = len(set(names)) == len(names) and all(names)
         return names if unique else [f"checkpoint {m}" for m in range(len(sources))]
+
+    @property
+    def has_token_scores(self) -> bool:  # ``token_scores`` needs text inputs and the factored projector
+        return bool(self.text_columns) and isinstance(self.traker.feature_map.projector, FactoredGradientProjector)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -348,6 +354,17 @@ class Explorer:
             opponents=self._neighbors(bottom, bottom_scores),
             agreement=agreement,
         )
+
+    def token_scores(self, example: Dict[str, Any], label: Optional[int], rows: List[int]) -> List[TokenScores]:
+        """The scores of train ``rows`` on ``example`` (attributed for ``label``) split by position, theirs and the
+        target's (``hf_trak.run.token_scores``): a forward and backward of each, per checkpoint."""
+        traker = self.traker
+        stored = rows if traker.train_rows is None else [int(traker.train_rows[r]) for r in rows]
+        with self._lock, lock.reading(self.store.root), eval_mode(self.model):
+            self.store.check_unchanged()
+            batch = self._batch(self._one_row(example, label if self.label_column is not None else None))
+            return token_scores(traker.feature_map, self.store, traker.checkpoints, traker.train_source, rows, stored,
+                                batch, traker.args.batch_size, traker.train_sampler)  # fmt: skip
 
     def self_influence(self, k: Optional[int] = None) -> List[Neighbor]:
         """The ``k`` train rows of highest self-influence (``TRAKer.self_scores``), strongest first: read from the
