@@ -7,7 +7,7 @@ Text tasks: an HTML page, one section per target, with the same two lists. The c
 those of ``hf_trak.attribute.top_k_dataset``: ``target``, ``kind``, ``rank``, ``train_index``,
 ``score``, the train example's raw columns and the target's, prefixed ``target_``.
 Self-influence: the same two forms, one cell (or table row) per train example, highest first, with its
-label, the model's prediction, its loss and its score.
+label, the model's prediction, its loss and its score (and its tokens shaded by their shares, if split).
 """
 
 import os
@@ -234,12 +234,15 @@ def write_text_report(top_k: Dataset, path: str, num_targets: int = 8, k: Option
     return write_text(path, page)
 
 
-SELF_INFLUENCE_TEMPLATE = """<!doctype html>
+SELF_INFLUENCE_TEMPLATE = (
+    SHADE_MACRO
+    + """<!doctype html>
 <html><head><meta charset="utf-8"><title>Self-influence</title>
 <style>
 body { font-family: sans-serif; margin: 2em; max-width: 72em; }
 td, th { vertical-align: top; padding: 0.2em 0.5em; text-align: left; }
 td.number { font-family: monospace; white-space: nowrap; } .differs { color: #c82828; font-weight: bold; }
+.token { padding: 0 0.1em; margin: 0 0.05em; border-radius: 2px; }
 </style></head><body>
 <h1>Self-influence</h1>
 <p>The training examples with the largest self-influence, τ(z, z): how much training on each one moves
@@ -250,9 +253,10 @@ that differs from the label is in red.</p>
 {% for row in rows %}<tr><td class="number">{{ row.rank + 1 }}</td><td class="number">#{{ row.train_index }}</td>
 <td class="number">{{ "%+.4f"|format(row.score) }}</td><td class="number">{{ "%.3f"|format(row.loss) }}</td>
 {% if labels %}<td>{{ row.label }}</td><td{% if row.differs %} class="differs"{% endif %}>{{ row.prediction }}</td>
-{% endif %}<td>{{ row.text }}</td></tr>{% endfor %}
+{% endif %}<td>{% if row.tokens %}{{ shade(row.tokens) }}{% else %}{{ row.text }}{% endif %}</td></tr>{% endfor %}
 </table></body></html>
 """
+)
 SELF_INFLUENCE_COLUMNS = 10  # cells per row of the PNG grid
 
 
@@ -265,6 +269,7 @@ def _self_influence_rows(ranking: Dataset, k: Optional[int]) -> List[dict]:
         prediction = row.get("prediction")
         shown["prediction"] = None if prediction is None else _label_text(ranking, "prediction", prediction)
         shown["differs"] = prediction is not None and label is not None and prediction != row.get(label)
+        shown["tokens"] = shaded(row["tokens"], row["token_scores"]) if "tokens" in row else None
         rows.append(shown)
     return rows
 

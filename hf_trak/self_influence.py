@@ -6,17 +6,21 @@ model the same way (a large x_iᵀ K x_i): mislabeled rows, outliers and rare ca
 rows with many look-alikes last. ``benchmarks/mislabeled.py`` measures it as a detector of flipped labels.
 """
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Sequence as SequenceFeature
 
+from hf_trak.attribute import token_names
 from hf_trak.data.processing import LABEL_COLUMNS, display_columns
 from hf_trak.data.source import ExampleSource
 from hf_trak.errors import check_positive_int
 from hf_trak.hf.checkpoints import load_checkpoint
 from hf_trak.method.model_outputs import ClassificationModelOutput, call_model, eval_mode, without_labels
+from hf_trak.run.token_scores import TokenScores, store_q
 from hf_trak.traker import TRAKer
 
 
@@ -44,10 +48,33 @@ def last_checkpoint_outputs(
     return (np.asarray(predictions, dtype=np.int64) if classifier else None), np.asarray(losses, dtype=np.float32)
 
 
-def self_influence_dataset(traker: TRAKer, train: Dataset, prepared: Dataset, k: int = 50) -> Dataset:
+def self_influence_tokens(traker: TRAKer, prepared: Dataset, rows: Sequence[int]) -> List[TokenScores]:
+    """Each row's self-influence split by position (its tokens as the train example, which ``train_tokens`` gives,
+    and as the target): ``TRAKer.score_tokens`` of the row on itself, times Q̄ where the scores leave Q out, as
+    ``self_scores`` does. ``prepared``: the train split's model inputs, as featurized."""
+    found = []
+    for row in rows:
+        (tokens,) = traker.score_tokens(prepared.select([int(row)]), train_rows=[int(row)])
+        if traker.config.train_weight == "none":
+            stored = int(row) if traker.train_rows is None else int(traker.train_rows[int(row)])
+            weight = float(np.mean([store_q(traker.store, m, [stored])[0] for m in range(len(traker.checkpoints))]))
+            tokens = dataclasses.replace(
+                tokens, score=tokens.score * weight, train_tokens=tokens.train_tokens * weight,
+                train_pooled=tokens.train_pooled * weight, target_tokens=tokens.target_tokens * weight,
+                target_pooled=tokens.target_pooled * weight,
+            )  # fmt: skip
+        found.append(tokens)
+    return found
+
+
+def self_influence_dataset(
+    traker: TRAKer, train: Dataset, prepared: Dataset, k: int = 50, per_token: bool = False, processor=None
+) -> Dataset:
     """The ``k`` train rows of highest self-influence, strongest first: columns ``rank`` (0 = highest),
     ``train_index``, ``score``, ``loss`` and, for classifiers, ``prediction`` (the last checkpoint's), then the
-    raw columns of ``train`` (the split as loaded; ``prepared`` is its model inputs, as featurized)."""
+    raw columns of ``train`` (the split as loaded; ``prepared`` is its model inputs, as featurized). With
+    ``per_token``, ``tokens`` and ``token_scores``: the row's tokens (named by ``processor``'s tokenizer) and
+    their shares of its self-influence (``self_influence_tokens``; a forward and backward per row)."""
     check_positive_int("k", k)
     values = traker.self_scores()
     order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[: min(k, len(values))]
@@ -60,6 +87,12 @@ def self_influence_dataset(traker: TRAKer, train: Dataset, prepared: Dataset, k:
         columns["prediction"] = predictions
         is_named = label is not None and isinstance(train.features[label], ClassLabel)
         features["prediction"] = train.features[label] if is_named else Value("int64")
+    if per_token:
+        found = self_influence_tokens(traker, prepared, order)
+        columns["tokens"] = [token_names(processor, tokens.train_ids) for tokens in found]
+        columns["token_scores"] = [tokens.train_tokens.astype(np.float32).tolist() for tokens in found]
+        features["tokens"] = SequenceFeature(Value("string"))
+        features["token_scores"] = SequenceFeature(Value("float32"))
     shown = train.select_columns(display_columns(train)).with_format("arrow")[order.tolist()]
     for name in shown.column_names:
         columns[name] = shown.column(name).to_pylist()

@@ -128,3 +128,24 @@ def test_a_causal_lm_ranking_has_losses_and_no_prediction(tmp_path):
         row = train.with_format("torch")[ranking["train_index"][0]]
         loss = model.eval()(**{name: value[None] for name, value in row.items() if name != "text"}).loss
     np.testing.assert_allclose(ranking["loss"][0], float(loss), rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{}, {"estimator": "trak", "projector": "factored"}], ids=["default", "trak"])
+def test_a_rows_self_influence_splits_over_its_tokens(settings, tmp_path):
+    """Each listed row's token shares (with its pooled share) sum to ``self_scores``' value, Q̄ included whether
+    or not the scores weigh by Q; the ranking's ``tokens`` are the row's ids and the HTML report shades them."""
+    from hf_trak.self_influence import self_influence_tokens
+
+    model, train = tiny_gpt2(0), lm_sequences(16)
+    traker = TRAKer(model, proj_dim=48, dtype="float32", save_dir=str(tmp_path / "s"), **settings)
+    traker.featurize(train, [model.state_dict(), perturbed_state_dict(model, seed=2, scale=0.2)])
+    values = traker.self_scores()
+    for row, tokens in zip([3, 11], self_influence_tokens(traker, train, [3, 11])):
+        assert tokens.train_tokens.sum() + tokens.train_pooled == pytest.approx(values[row], rel=1e-4)
+        assert tokens.target_tokens.sum() + tokens.target_pooled == pytest.approx(values[row], rel=1e-4)
+    ranking = self_influence_dataset(traker, train, train, k=2, per_token=True)
+    for row in ranking:
+        assert row["tokens"] == [str(i) for i in train[row["train_index"]]["input_ids"]]
+        assert sum(row["token_scores"]) == pytest.approx(row["score"], rel=1e-4)
+    page = open(write_self_influence_report(ranking, str(tmp_path / "self.html"))).read()
+    assert page.count('<span class="token"') == sum(len(row["tokens"]) for row in ranking)

@@ -97,10 +97,12 @@ def self_influence(args) -> None:
         check_output(args.report, args.overwrite, option="--report")
     if not args.output and not args.report:
         raise InvalidArgumentError("Pass --report report.html (or .png) and/or --output FOLDER for the ranking.")
-    traker, train, prepared, _ = loaded_traker(args)
+    traker, train, prepared, processor = loaded_traker(args)
     if not traker.state.is_main_process:
         return
-    ranking = self_influence_dataset(traker, train, prepared, k=args.top)
+    ranking = self_influence_dataset(
+        traker, train, prepared, k=args.top, per_token=args.per_token, processor=processor
+    )
     print(f"The {len(ranking)} train examples of highest self-influence (of {len(prepared)}):")
     for row in ranking.select(range(min(10, len(ranking)))):
         print(f"  #{row['train_index']}: score {row['score']:+.4f}, loss {row['loss']:.3f}")

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ranking.add_argument("--top", type=positive_int, default=50, help="how many examples to list")
     ranking.add_argument("--output", default=None, help="folder for the ranking as a dataset (save_to_disk)")
     ranking.add_argument("--report", default=None, help="a report of the ranking (.png: images, .html: any)")
+    ranking.add_argument("--per-token", action="store_true",
+                         help="split each listed self-influence over its tokens (the report shades them)")  # fmt: skip
     ranking.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
 
     checking = commands.add_parser(
