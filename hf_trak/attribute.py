@@ -146,6 +146,7 @@ def attribute(
     save_dir: Optional[str] = None,
     overwrite: bool = False,
     per_token: bool = False,
+    chat_template: bool = False,
     **traker_kwargs,
 ) -> Attribution:
     """TRAK attribution of ``targets`` to ``train`` (raw splits, processed with ``processor``).
@@ -154,7 +155,9 @@ def attribute(
     folder), scores ``targets`` and collects each target's ``k`` proponents and opponents.
     ``processor``: a tokenizer, image processor, multimodal processor or ``batch -> inputs``
     function (None: the splits already hold model inputs). ``per_token``: add each listed row's score split by
-    position (``with_token_scores``; a forward and backward per listed row). ``traker_kwargs`` go to ``TRAKer``
+    position (``with_token_scores``; a forward and backward per listed row). ``chat_template``: the splits hold
+    conversations (a ``messages`` column), rendered by the tokenizer's chat template with the prompts masked
+    (``hf_trak.data.chat``). ``traker_kwargs`` go to ``TRAKer``
     (``proj_dim``, ``projector``, ``accelerator``...).
     """
     check_positive_int("k", k)
@@ -163,7 +166,8 @@ def attribute(
 
     def prepare(split):
         with traker.state.main_process_first():
-            return prepare_split(split, model, traker.task, processor, text_column, image_column, max_length)
+            return prepare_split(split, model, traker.task, processor, text_column, image_column, max_length,
+                                 chat_template=chat_template)  # fmt: skip
 
     traker.featurize(prepare(train), checkpoints, batch_size=batch_size, overwrite=overwrite)
     prepared_targets = prepare(targets)

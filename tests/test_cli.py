@@ -192,3 +192,23 @@ def test_top_k_per_token_writes_the_token_splits_and_a_shaded_report(workspace):
         assert total == pytest.approx(row["score"], rel=1e-4, abs=1e-6)
         assert [t for t in row["train_tokens"] if t not in ("[CLS]", "[SEP]")] == row["text"].split()
     assert open(workspace / "tokens.html").read().count('<span class="token"') > len(top)
+
+
+def test_chat_data_with_the_chat_template_option(tmp_path):
+    from hf_trak.testing.models import tiny_gpt2
+    from tests.test_chat import chat_tokenizer, conversations
+
+    tiny_gpt2(0).save_pretrained(tmp_path / "lm")
+    chat_tokenizer().save_pretrained(tmp_path / "lm")
+    DatasetDict(train=conversations(12), test=conversations(2, seed=1)).save_to_disk(tmp_path / "chats")
+    common = ["--dataset", "chats", "--chat-template"]
+    done = hf_trak_cli("featurize", "--model", "lm", *common, "--save-dir", "feats", "--proj-dim", "32", "--dtype",
+                       "float32", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = hf_trak_cli("score", "--save-dir", "feats", *common, "--output", "s.npy", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = hf_trak.attribute(tiny_gpt2(0), conversations(12), conversations(2, seed=1), processor=chat_tokenizer(),
+                                 chat_template=True, proj_dim=32, dtype="float32").scores  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    refused = hf_trak_cli("featurize", "--model", "lm", "--dataset", "chats", "--save-dir", "other", cwd=tmp_path)
+    assert refused.returncode == 2 and "--chat-template" in refused.stderr  # conversations without the option

@@ -138,6 +138,8 @@ def explore(args) -> None:
     from hf_trak.explore.explorer import Explorer
 
     require_gradio()  # before any loading
+    if args.chat_template:
+        raise InvalidArgumentError("The explorer takes text targets, not conversations: leave out --chat-template.")
     train = load_split(args, args.train_split, args.max_train_examples)
     try:
         targets = load_split(args, args.target_split, args.max_target_examples)

@@ -44,7 +44,8 @@ def prepared_split(args, model, task, processor, split: str, limit: Optional[int
     from hf_trak.data.processing import prepare_split
 
     raw = load_split(args, split, limit)
-    return raw, prepare_split(raw, model, task, processor, text_column(args), args.image_column, args.max_length)
+    return raw, prepare_split(raw, model, task, processor, text_column(args), args.image_column, args.max_length,
+                              chat_template=args.chat_template)  # fmt: skip
 
 
 def loaded_traker(args):

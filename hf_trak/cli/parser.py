@@ -42,6 +42,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text-column", nargs="+", default=None, help="text column(s) (default: the string ones)")
     group.add_argument("--image-column", default=None, help="image column (default: the Image one)")
     group.add_argument("--max-length", type=positive_int, default=None, help="tokenizer truncation length")
+    group.add_argument(
+        "--chat-template", action="store_true",
+        help="the splits hold conversations (a messages column, or --text-column): apply the tokenizer's chat "
+        "template and attribute the assistant responses only (prompt tokens get labels -100)",
+    )  # fmt: skip
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:

@@ -9,6 +9,8 @@ and ``datasets.Image`` columns (or one named ``image``/``img``).
 
 Causal LMs are attributed on their own tokens: without a ``labels`` column, ``labels`` are
 the ``input_ids`` (the model shifts them), as in ``DataCollatorForLanguageModeling(mlm=False)``.
+Chat data (a ``messages`` column) goes through the tokenizer's chat template with
+``chat_template=True``, the responses alone as labels (``hf_trak.data.chat``).
 """
 
 from typing import Callable, List, Optional, Sequence, Union
@@ -18,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_utils import ImageProcessingMixin
 
+from hf_trak.data.chat import MESSAGES, chat_processing
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.method.model_outputs import CausalLMModelOutput
 
@@ -40,6 +43,11 @@ def text_columns(dataset: Dataset, text_column: Columns = None) -> List[str]:
     else:
         names = [name for name, feature in dataset.features.items() if is_text(feature) and name not in LABEL_COLUMNS]
     missing = [name for name in names if name not in dataset.column_names]
+    if not names and MESSAGES in dataset.column_names:
+        raise InvalidArgumentError(
+            f"The {MESSAGES!r} column holds conversations: pass chat_template=True (hf-trak: --chat-template) to "
+            "render them with the tokenizer's chat template."
+        )
     if missing or not 1 <= len(names) <= 2:
         raise InvalidArgumentError(
             f"Cannot tell which column holds the text (string columns: {names}, columns: {dataset.column_names}): "
@@ -119,8 +127,21 @@ def prepare_split(
     text_column: Columns = None,
     image_column: Optional[str] = None,
     max_length: Optional[int] = None,
+    chat_template: bool = False,
 ) -> Dataset:
-    """``dataset`` with model-input columns (and ``labels``), ready for ``TRAKer.featurize``/``score``."""
+    """``dataset`` with model-input columns (and ``labels``), ready for ``TRAKer.featurize``/``score``.
+
+    ``chat_template=True``: the ``messages`` column (or ``text_column``) is a conversation per row, rendered by
+    ``processor``'s chat template with the prompts masked (``hf_trak.data.chat``)."""
+    if chat_template:
+        column = text_column if isinstance(text_column, str) else MESSAGES
+        if column not in dataset.column_names:
+            raise InvalidArgumentError(
+                f"chat_template=True reads conversations from a {column!r} column; this split has "
+                f"{dataset.column_names}: name it with text_column."
+            )
+        return dataset.map(chat_processing(processor, column, max_length), batched=True, remove_columns=[column],
+                           desc="Applying the chat template")  # fmt: skip
     if processor is not None:
         process, consumed = processing_function(dataset, model, processor, text_column, image_column, max_length)
         dropped = [name for name in consumed if name not in LABEL_COLUMNS]
