@@ -245,13 +245,15 @@ td.number { font-family: monospace; white-space: nowrap; } .differs { color: #c8
 .token { padding: 0 0.1em; margin: 0 0.05em; border-radius: 2px; }
 </style></head><body>
 <h1>Self-influence</h1>
-<p>The training examples with the largest self-influence, τ(z, z): how much training on each one moves
-the model's loss on that same example. Mislabeled rows, outliers and rare cases rank first; a prediction
-that differs from the label is in red.</p>
-<table><tr><th>rank</th><th>row</th><th>score</th><th>loss</th>{% if labels %}<th>label</th>
+<p>The most suspect training examples: ranked by the mean of their ranks by self-influence on their own
+output and on their own loss (suspicion, 1 = the most suspect). The score is the self-influence on the
+loss: how much training on the example moves the model's loss on that same example. Mislabeled rows,
+outliers and rare cases rank first; a prediction that differs from the label is in red.</p>
+<table><tr><th>rank</th><th>row</th><th>suspicion</th><th>score</th><th>loss</th>{% if labels %}<th>label</th>
 <th>prediction</th>{% endif %}<th>example</th></tr>
 {% for row in rows %}<tr><td class="number">{{ row.rank + 1 }}</td><td class="number">#{{ row.train_index }}</td>
-<td class="number">{{ "%+.4f"|format(row.score) }}</td><td class="number">{{ "%.3f"|format(row.loss) }}</td>
+<td class="number">{{ "%.3f"|format(row.suspicion) }}</td><td class="number">{{ "%+.4f"|format(row.score) }}</td>
+<td class="number">{{ "%.3f"|format(row.loss) }}</td>
 {% if labels %}<td>{{ row.label }}</td><td{% if row.differs %} class="differs"{% endif %}>{{ row.prediction }}</td>
 {% endif %}<td>{% if row.tokens %}{{ shade(row.tokens) }}{% else %}{{ row.text }}{% endif %}</td></tr>{% endfor %}
 </table></body></html>
@@ -290,7 +292,7 @@ def write_self_influence_report(ranking: Dataset, path: str, k: Optional[int] = 
     font, width = ImageFont.load_default(), min(SELF_INFLUENCE_COLUMNS, len(rows))
     lines = -(-len(rows) // SELF_INFLUENCE_COLUMNS)
     grid = PILImage.new("RGB", (CELL * max(width, 1), 20 + lines * (CELL + CAPTION)), "white")
-    title = "highest self-influence first (red: predicted otherwise)"
+    title = "most suspect first (red: predicted otherwise)"
     ImageDraw.Draw(grid).text((4, 4), title, fill=TARGET, font=font)
     for number, row in enumerate(rows):
         caption = [f"{row['score']:+.4f} #{row['train_index']}"]

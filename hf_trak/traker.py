@@ -266,16 +266,16 @@ class TRAKer:
             return None
         return TopK(*(np.concatenate([part[i] for part in parts]) for i in range(2)))
 
-    def self_scores(self) -> np.ndarray:
-        """Self-influence: each train example's TRAK score on itself, τ(z_i, z_i), shape (len(train),) float32
-        (NaN for excluded rows; the rows of the subset with a train subset).
+    def self_scores(self, on: str = "loss") -> np.ndarray:
+        """Self-influence: each train example's influence on itself, shape (len(train),) float32 (NaN for excluded
+        rows; the subset's rows with a train subset), from the stored features alone (no forward pass, O(n·k)).
 
-        It equals the diagonal of ``score(train_dataset)`` but reads only the stored features: no forward or
-        backward pass, O(n·k). Large values mark examples the model fits by themselves (no other example
-        pushes it the same way): mislabeled rows, outliers and rare cases rank first.
-        """
+        ``on="loss"``: on its own loss, τ(z_i, z_i) · Q̄_i (Q̄: the loss's derivative to f), like the influence
+        functions' ∇ℓ_iᵀH⁻¹∇ℓ_i; ``on="output"``: on its own output f, the diagonal of ``score(train)``."""
+        if on not in ("loss", "output"):
+            raise InvalidArgumentError(f"on is 'loss' or 'output', not {on!r}.")
         with self._reading() as store:
-            values = self_scores(store, self.device, show_progress=self.state.is_main_process)
+            values = self_scores(store, self.device, on, show_progress=self.state.is_main_process)
         return values if self.train_rows is None else values[self.train_rows]
 
     def score_tokens(

@@ -89,11 +89,14 @@ def test_featurize_score_top_k_report_match_the_python_api(workspace):
     done = hf_trak_cli("self-influence", "--save-dir", "feats", *data, "--top", "4", "--output", "ranking",
                        "--report", "self.html", cwd=workspace)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    values = hf_trak.TRAKer.from_pretrained(str(workspace / "feats"), tiny_bert()).self_scores()
+    from hf_trak.self_influence import suspicion
+
+    ranks, _, values = suspicion(hf_trak.TRAKer.from_pretrained(str(workspace / "feats"), tiny_bert()))
     ranking = load_from_disk(str(workspace / "ranking"))
-    assert ranking["train_index"] == np.argsort(-values, kind="stable")[:4].tolist()
+    first = int(np.argmax(ranks))
+    assert ranking["train_index"] == np.argsort(-ranks, kind="stable")[:4].tolist()
     assert ranking["text"] == [train[i]["text"] for i in ranking["train_index"]]
-    assert f"#{ranking['train_index'][0]}: score {values.max():+.4f}" in done.stdout
+    assert f"#{first}: suspicion {ranks[first]:.3f}, score {values[first]:+.4f}" in done.stdout
     assert train[ranking["train_index"][3]]["text"] in open(workspace / "self.html").read()
     refused = hf_trak_cli("self-influence", "--save-dir", "feats", *data, cwd=workspace)
     assert refused.returncode == 2 and "--report" in refused.stderr

@@ -14,6 +14,7 @@ import pytest
 import torch
 from datasets import DatasetDict
 from PIL import Image as PILImage
+from scipy.stats import rankdata
 from transformers import ViTImageProcessor
 
 import hf_trak
@@ -378,10 +379,11 @@ def test_the_self_influence_list_is_the_stores_and_a_click_on_it_makes_the_targe
     click on a listed row makes that row the target, with its own label."""
     pytest.importorskip("gradio")
     from hf_trak.explore.app import ExplorerApp
+    from hf_trak.self_influence import suspicion
 
     explorer = Explorer.from_store(text_store["store"], text_store["train"], targets=text_store["targets"], k=4)
-    values = explorer.traker.self_scores()
-    expected = np.argsort(-values, kind="stable")[:4].tolist()
+    ranks, _, values = suspicion(explorer.traker)
+    expected = np.argsort(-ranks, kind="stable")[:4].tolist()
     assert [n.row for n in explorer.self_influence()] == expected
     assert [n.example["text"] for n in explorer.self_influence()] == [text_store["train"][i]["text"] for i in expected]
     app = ExplorerApp(explorer)
@@ -402,7 +404,8 @@ def test_the_self_influence_list_is_the_stores_and_a_click_on_it_makes_the_targe
 
     subset_rows = list(range(1, 40, 2))
     sub = Explorer.from_store(text_store["store"], text_store["train"].select(subset_rows), k=3, train_subset=True)
-    in_subset = np.argsort(-values[subset_rows], kind="stable")[:3].tolist()
+    on_output, on_loss = (explorer.traker.self_scores(on=on)[subset_rows] for on in ("output", "loss"))
+    in_subset = np.argsort(-(rankdata(on_output) + rankdata(on_loss)), kind="stable")[:3].tolist()
     assert [n.row for n in sub.self_influence()] == in_subset
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from datasets import ClassLabel
 from PIL import Image as PILImage
+from scipy.stats import rankdata
 from transformers import ViTImageProcessor
 
-from hf_trak import TRAKer, prepare_split
+from hf_trak import InvalidArgumentError, TRAKer, prepare_split
 from hf_trak.method.model_outputs import AutoModelOutput
 from hf_trak.report import CAPTION, CELL, write_self_influence_report
 from hf_trak.self_influence import self_influence_dataset
@@ -48,16 +49,17 @@ def test_self_scores_are_the_diagonal_of_the_train_split_scored_as_targets(model
     the train features that self_scores reads and the target pass does not: its tolerance is float16's (measured:
     2e-4 relative)."""
     traker, train = featurized(model_name, tmp_path, **SETTINGS[setting])
-    expected = np.diag(traker.score(train, batch_size=8))
-    if traker.config.train_weight == "none":
-        expected = expected * np.mean([traker.store.out_to_loss(m) for m in range(2)], axis=0)
-    else:
-        assert setting == "trak"
-    values = traker.self_scores()
-    assert values.shape == (len(train),) and values.dtype == np.float32
+    diagonal = np.diag(traker.score(train, batch_size=8))
+    q = np.mean([traker.store.out_to_loss(m) for m in range(2)], axis=0)
+    on_loss = diagonal * q if traker.config.train_weight == "none" else diagonal
+    assert (traker.config.train_weight == "none") == (setting != "trak")
     rtol = 2e-3 if "float16" in setting else 1e-5
-    np.testing.assert_allclose(values, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
-    assert np.argmax(values) == np.argmax(expected) or "float16" in setting
+    for on, expected in (("output", diagonal), ("loss", on_loss)):
+        values = traker.self_scores(on=on)
+        assert values.shape == (len(train),) and values.dtype == np.float32
+        np.testing.assert_allclose(values, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+    with pytest.raises(InvalidArgumentError, match="'loss' or 'output'"):
+        traker.self_scores(on="outputs")
 
 
 def test_self_scores_of_a_train_subset_and_of_a_loaded_store(tmp_path):
@@ -96,9 +98,12 @@ def test_the_ranking_lists_the_highest_self_scores_with_the_last_checkpoints_pre
         prepared, [model.state_dict(), last], batch_size=8
     )
     ranking = self_influence_dataset(traker, raw, prepared, k=7)
-    values = traker.self_scores()
-    assert ranking["train_index"] == np.argsort(-values, kind="stable")[:7].tolist()
+    values, on_output = traker.self_scores(), traker.self_scores(on="output")
+    mean_rank = (rankdata(values) + rankdata(on_output)) / (2 * len(values))
+    assert ranking["train_index"] == np.argsort(-mean_rank, kind="stable")[:7].tolist()
+    np.testing.assert_allclose(ranking["suspicion"], mean_rank[ranking["train_index"]], rtol=1e-6)
     np.testing.assert_array_equal(ranking["score"], values[ranking["train_index"]])
+    np.testing.assert_array_equal(ranking["score_on_output"], on_output[ranking["train_index"]])
     assert ranking["rank"] == list(range(7)) and ranking.features["prediction"] == raw.features["label"]
     checked = copy.deepcopy(model)
     checked.load_state_dict(last)
@@ -144,6 +149,7 @@ def test_a_rows_self_influence_splits_over_its_tokens(settings, tmp_path):
         assert tokens.train_tokens.sum() + tokens.train_pooled == pytest.approx(values[row], rel=1e-4)
         assert tokens.target_tokens.sum() + tokens.target_pooled == pytest.approx(values[row], rel=1e-4)
     ranking = self_influence_dataset(traker, train, train, k=2, per_token=True)
+    assert set(ranking["train_index"]) <= set(range(16))
     for row in ranking:
         assert row["tokens"] == [str(i) for i in train[row["train_index"]]["input_ids"]]
         assert sum(row["token_scores"]) == pytest.approx(row["score"], rel=1e-4)

@@ -103,9 +103,10 @@ def self_influence(args) -> None:
     ranking = self_influence_dataset(
         traker, train, prepared, k=args.top, per_token=args.per_token, processor=processor
     )
-    print(f"The {len(ranking)} train examples of highest self-influence (of {len(prepared)}):")
+    print(f"The {len(ranking)} most suspect train examples (of {len(prepared)}), by self-influence:")
     for row in ranking.select(range(min(10, len(ranking)))):
-        print(f"  #{row['train_index']}: score {row['score']:+.4f}, loss {row['loss']:.3f}")
+        print(f"  #{row['train_index']}: suspicion {row['suspicion']:.3f}, score {row['score']:+.4f}, "
+              f"loss {row['loss']:.3f}")  # fmt: skip
     if args.output:
         atomic_folder(args.output, ranking.save_to_disk, overwrite=args.overwrite)
         print(f"Ranking written to {args.output}")

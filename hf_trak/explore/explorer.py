@@ -50,6 +50,7 @@ from hf_trak.method.model_outputs import (
 )
 from hf_trak.run.scoring import scores as store_scores
 from hf_trak.run.token_scores import TokenScores, token_scores
+from hf_trak.self_influence import suspicion
 from hf_trak.store import lock
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.store.hub import download_store
@@ -114,7 +115,7 @@ class Explorer:
                     "(--index) to explore a train subset."
                 )
             self.index = FeatureIndex(self.store, EXACT if index == "exact" else index)
-        self._self_scores: Optional[np.ndarray] = None  # read from the store on the first self_influence call
+        self._suspicion = None  # read from the store on the first self_influence call
         with eval_mode(self.model):
             self.views = [
                 traker.feature_map.at(checkpoint, model_id, traker.train_sampler)
@@ -367,15 +368,14 @@ class Explorer:
                                 batch, traker.args.batch_size, traker.train_sampler)  # fmt: skip
 
     def self_influence(self, k: Optional[int] = None) -> List[Neighbor]:
-        """The ``k`` train rows of highest self-influence (``TRAKer.self_scores``), strongest first: read from the
-        store once, on the first call."""
+        """The ``k`` most suspect train rows (``hf_trak.self_influence.suspicion``), scored by their self-influence
+        on their loss: read from the store once, on the first call."""
         k = min(check_positive_int("k", self.k if k is None else k), len(self.train))
         with self._lock:
-            if self._self_scores is None:
-                self._self_scores = self.traker.self_scores()  # under the store's shared lock, checked unchanged
-            values = np.nan_to_num(self._self_scores, nan=-np.inf)
-        rows = np.argsort(-values, kind="stable")[:k]
-        return self._neighbors(rows, self._self_scores[rows])
+            self._suspicion = self._suspicion or suspicion(self.traker)  # under the store's shared lock
+            ranks, _, on_loss = self._suspicion
+        rows = np.argsort(-ranks, kind="stable")[:k]
+        return self._neighbors(rows, on_loss[rows])
 
     @staticmethod
     def _with_shares(features: List[torch.Tensor]) -> List[torch.Tensor]:

@@ -150,13 +150,13 @@ def preconditioned_shards(store: FeatureStore, model_id: int, device) -> Iterato
         yield start, preconditioned(as_tensor(features), kernel), out_to_loss
 
 
-def self_scores(store: FeatureStore, device, show_progress: bool = True) -> np.ndarray:
-    """Self-influence, τ(z_i, z_i) = mean_m(Φ_m[i] · x_mi / σ_mi) · Q̄_i for every train row i, (n,) float32 (NaN
-    for excluded rows; σ_mi = 1 unless ``ensemble="normalized"``). Q̄_i = mean_m Q_mi, the derivative of the loss
-    to f at the row, turns the influence on f into the influence on the row's own loss, as the influence
-    functions' self-influence ∇ℓ_iᵀH⁻¹∇ℓ_i does, whatever ``train_weight`` scores targets with: with
-    ``train_weight="out_to_loss"`` it is the diagonal of the train split scored as its own targets, otherwise that
-    diagonal times Q̄_i. Read shard by shard, as ``shard_scores`` reads Φ."""
+def self_scores(store: FeatureStore, device, on: str = "loss", show_progress: bool = True) -> np.ndarray:
+    """Self-influence of every train row i, (n,) float32 (NaN for excluded rows), read shard by shard as
+    ``shard_scores`` reads Φ. ``on="output"``: τ(z_i, z_i) = mean_m(Φ_m[i] · x_mi / σ_mi) · Q̄_i, the diagonal of
+    the train split scored as its own targets (σ_mi = 1 unless ``ensemble="normalized"``, Q̄_i = 1 with
+    ``train_weight="none"``). ``on="loss"``: the influence on the row's own loss, mean_m(Φ_m[i] · x_mi / σ_mi) ·
+    mean_m Q_mi whatever ``train_weight`` is (Q, the derivative of the loss to f, turns one into the other, as
+    the influence functions' ∇ℓ_iᵀH⁻¹∇ℓ_i)."""
     n, num_checkpoints, normalized = store.config.num_train_examples, store.config.num_checkpoints, None
     num_rows = n - len(store.config.excluded_rows)
     total, out_to_loss = np.zeros(n, dtype=np.float64), []
@@ -173,7 +173,8 @@ def self_scores(store: FeatureStore, device, show_progress: bool = True) -> np.n
                 x = (x.double() / target_rms(*normalized, x, num_rows).to(device)[:, None]).float()
             total[start : start + len(x)] += (phi.float() * (x * scale)).sum(1).double().cpu().numpy()
         out_to_loss.append(np.concatenate(weights))
-    return (total / num_checkpoints * np.mean(out_to_loss, axis=0)).astype(np.float32)
+    weight = np.mean(out_to_loss, axis=0) if on == "loss" else train_weights(store, out_to_loss)
+    return (total / num_checkpoints * weight).astype(np.float32)
 
 
 def scores(store: FeatureStore, targets: List[Tensor], device, target_block_size: int, out=None, show_progress=True):
