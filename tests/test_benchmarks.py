@@ -132,3 +132,11 @@ def test_the_checks_benchmark_runs_both_checks(tmp_path):
               "40", "--num-targets", "5", "--max-steps", "2", cwd=tmp_path)  # fmt: skip
     assert "over 2 models trained on 50% of the train split; random scores:" in out
     assert "target 1: f " in out and "of the 2 targets" in out
+
+
+def test_the_llm_cost_benchmark_prints_each_measurement_against_the_training_step(tmp_path):
+    out = run("llm_cost.py", "--models", "bert-small", "--lengths", "16", "--examples", "4", "--batch-size", "2",
+              "--variants", "training step", "featurize (default)", cwd=tmp_path)  # fmt: skip
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| bert-small | 16 | ")]
+    assert [row[2] for row in rows] == ["training step", "featurize (default)"]
+    assert rows[1][4] and float(rows[1][4]) > 0 and float(rows[1][5].rstrip(" |")) > 0.1  # a ratio, a peak in GiB

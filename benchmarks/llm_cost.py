@@ -1,0 +1,137 @@
+"""Featurize against a training step on real-size text models: time and peak memory, 2 threads, CPU or GPU.
+
+    python benchmarks/llm_cost.py [--models gpt2 bert-small] [--lengths 128 512] [--examples 32]
+                                  [--batch-size 8] [--threads 2] [--device cpu]
+
+Models, random init (no download): ``gpt2`` is ``GPT2LMHeadModel(GPT2Config())``, GPT-2 small (124M
+parameters, vocabulary 50,257); ``bert-small`` is a 4-layer BERT of width 512 (``BertConfig(hidden_size=512,
+num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)``, about 29M parameters) with a 2-class
+head. For each model and length, ``--examples`` random sequences; every measurement runs in a process of its
+own (so that its peak resident memory, ``ru_maxrss``, is its own):
+
+* ``training step``: AdamW, forward, backward and optimizer step over the examples in batches of
+  ``--batch-size``, seconds per example (after one warm-up batch);
+* ``featurize (default)``: ``TRAKer(model).featurize(...)`` at the defaults with the same batch size, one
+  checkpoint, seconds per example (the kernel included), and its ratio to the training step;
+* ``featurize, no per-token statistics`` (``kernel_from="examples"``) and ``featurize, no principal pass``
+  (``principal_share=0``): what those parts of the default cost, as the difference to it.
+
+Peak memory is the process's, model and data included (GiB). GPU: peak allocated memory instead.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "training step": None,
+    "featurize (default)": {},
+    "featurize, no per-token statistics": {"kernel_from": "examples"},
+    "featurize, no principal pass": {"principal_share": 0.0},
+}
+
+
+def make_model(name: str):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config())
+    config = BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048,
+                        num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+def data(name: str, length: int, examples: int):
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(0)
+    vocab = 50257 if name == "gpt2" else 30522
+    ids = rng.integers(0, vocab, size=(examples, length)).tolist()
+    labels = ids if name == "gpt2" else rng.integers(0, 2, size=examples).tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * examples, "labels": labels})
+
+
+def worker(spec: dict) -> dict:
+    """One measurement, in this process: seconds per example and peak memory."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    model = make_model(spec["model"]).to(device)
+    split = data(spec["model"], spec["length"], spec["examples"])
+    size = spec["batch_size"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if spec["variant"] == "training step":
+        rows = split.with_format("torch")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train()
+
+        def step(start):
+            batch = {name: value.to(device) for name, value in rows[start : start + size].items()}
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        step(0)  # warm-up: AdamW's state, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for start in range(0, len(split), size):
+            step(start)
+    else:
+        from hf_trak import TRAKer
+
+        traker = TRAKer(model, save_dir=None, device=str(device), **VARIANTS[spec["variant"]])
+        started = time.perf_counter()
+        traker.featurize(split, [model.state_dict()], batch_size=size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"seconds": (time.perf_counter() - started) / len(split), "peak": peak}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["gpt2", "bert-small"], choices=["gpt2", "bert-small"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512])
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    print("| model | tokens | measurement | s / example | × training step | peak memory (GiB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for model in args.models:
+        for length in args.lengths if model == "gpt2" else args.lengths[:1]:
+            base = None
+            for variant in args.variants:
+                spec = dict(model=model, length=length, examples=args.examples, batch_size=args.batch_size,
+                            threads=args.threads, device=args.device, variant=variant)  # fmt: skip
+                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                      text=True)  # fmt: skip
+                if done.returncode != 0:
+                    print(f"| {model} | {length} | {variant} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                base = result["seconds"] if variant == "training step" else base
+                ratio = f"{result['seconds'] / base:.2f}" if base else ""
+                print(f"| {model} | {length} | {variant} | {result['seconds']:.3f} | {ratio} | {result['peak']:.1f} |",
+                      flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
