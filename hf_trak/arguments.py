@@ -132,7 +132,12 @@ class TRAKArguments:
         "the feature store (None: a temporary folder for TRAKer, <output_dir>/trak for TRAKHFTrainer)",
         scope="featurize",
     )
-    batch_size: int = _field(32, "examples per forward/backward pass", scope="run")
+    batch_size: Optional[int] = _field(
+        None,
+        "examples per forward/backward pass (None: as many as fit half the free memory, at most 32, estimated from "
+        "the longest sequence, the model's size and vocabulary: hf_trak.run.memory)",
+        scope="run",
+    )
     target_block_size: int = _field(4096, "targets scored together against one train shard", scope="run")
     device: Optional[str] = _field(None, "where gradients are computed (default: the model's)", scope="run")
     on_nonfinite: str = _field(
@@ -169,9 +174,9 @@ class TRAKArguments:
             self.dtype = str(self.dtype).replace("torch.", "")
         if isinstance(self.grad_wrt, str):
             self.grad_wrt = [self.grad_wrt]
-        for name in ("batch_size", "target_block_size", "shard_size"):
+        for name in ("target_block_size", "shard_size"):
             check_positive_int(name, getattr(self, name))
-        for name in ("param_chunk_numel", "max_checkpoints"):
+        for name in ("batch_size", "param_chunk_numel", "max_checkpoints"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         if self.projector != "identity" or self.proj_dim is not None:

@@ -142,7 +142,7 @@ def attribute(
     text_column=None,
     image_column: Optional[str] = None,
     max_length: Optional[int] = None,
-    batch_size: int = 32,
+    batch_size: Optional[int] = None,
     save_dir: Optional[str] = None,
     overwrite: bool = False,
     per_token: bool = False,

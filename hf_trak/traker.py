@@ -31,6 +31,7 @@ from hf_trak.method.estimator import resolve_settings
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput, eval_mode
 from hf_trak.run.featurize import featurize_store, verify_checkpoints
+from hf_trak.run.memory import batch_size_for
 from hf_trak.run.processes import collectives, gather_to_main, process_state
 from hf_trak.run.scoring import TopK, scores, self_scores, target_features, top_k
 from hf_trak.run.token_scores import TokenScores, token_scores
@@ -156,7 +157,7 @@ class TRAKer:
         resumes it (complete shards are kept); a store made otherwise is only replaced with
         ``overwrite=True``. ``batch_size``/``overwrite`` default to ``args``'.
         """
-        batch_size = self._positive_setting("batch_size", batch_size)
+        batch_size = self._batch_setting(batch_size)
         self.train_source = self._source(train_dataset, data_collator)
         with eval_mode(self.model), collectives(self.state):
             self.store = featurize_store(
@@ -181,22 +182,14 @@ class TRAKer:
         """(this process's contiguous share of the targets featurized at every checkpoint, each loaded once;
         the number of targets)."""
         self._require_store()
-        batch_size = self._positive_setting("batch_size", batch_size)
         source = self._source(targets, data_collator)
-        scan_split(source, self.task, self.model, "target", self.args.on_nonfinite, self.state.is_main_process)
+        scan = scan_split(source, self.task, self.model, "target", self.args.on_nonfinite, self.state.is_main_process)
+        batch_size = self._batch_setting(batch_size) or batch_size_for(self.feature_map, scan.longest)
         with self.state.split_between_processes(list(range(len(source)))) as mine:
             rows = range(mine[0], mine[-1] + 1) if mine else range(0)
         with eval_mode(self.model):
-            features = target_features(
-                self.feature_map,
-                self.checkpoints,
-                source,
-                rows,
-                batch_size,
-                self.train_sampler,
-                show_progress=self.state.is_main_process,
-                on_nonfinite=self.args.on_nonfinite,
-            )
+            args = (self.train_sampler, self.state.is_main_process, self.args.on_nonfinite)
+            features = target_features(self.feature_map, self.checkpoints, source, rows, batch_size, *args)
         return features, len(source)
 
     @contextlib.contextmanager
@@ -294,10 +287,9 @@ class TRAKer:
             train_rows = self.top_k(target, k=k, batch_size=batch_size, data_collator=data_collator).indices[0]
         positions = [int(row) for row in train_rows]
         stored = positions if self.train_rows is None else [int(self.train_rows[row]) for row in positions]
-        size = self._positive_setting("batch_size", batch_size)
         with self._reading() as store, eval_mode(self.model):
             return token_scores(self.feature_map, store, self.checkpoints, self.train_source, positions, stored,
-                                source.batch([0]), size, self.train_sampler)  # fmt: skip
+                                source.batch([0]), self._batch_setting(batch_size), self.train_sampler)  # fmt: skip
 
     def save_scores(self, scores: np.ndarray, name: str, overwrite: bool = False) -> str:
         """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path.
@@ -309,6 +301,10 @@ class TRAKer:
         path = self._require_store().save_scores(name, scores, overwrite=overwrite)
         write_dataset_card(self.store)
         return path
+
+    def _batch_setting(self, value: Optional[int]) -> Optional[int]:  # None: hf_trak.run.memory's
+        value = self.args.batch_size if value is None else value
+        return None if value is None else check_positive_int("batch_size", value)
 
     def _positive_setting(self, name: str, value: Optional[int]) -> int:
         """``value``, or the ``args`` setting ``name`` when None; refused unless a positive integer (0 included)."""

@@ -37,6 +37,7 @@ class SplitScan(NamedTuple):
 
     row_hashes: np.ndarray  # (n,) uint64
     nonfinite_rows: List[int]
+    longest: int = 0  # the most tokens (input_ids) of a row, 0 without input_ids
 
 
 def row_hash(row: dict) -> int:
@@ -81,7 +82,7 @@ def scan_split(
     labels = task.label_space(model)
     positions = max_positions(model)
     hashes = np.empty(len(source), dtype=np.uint64)
-    nonfinite, float_labels = [], None
+    nonfinite, float_labels, longest = [], None, 0
     rows = tqdm(source.rows(), total=len(source), desc=f"Checking the {split} split", unit="row",
                 disable=None if show_progress else True)  # fmt: skip
     for index, row in enumerate(rows):
@@ -89,8 +90,10 @@ def scan_split(
             _check_labels(row["labels"], labels, index, split)
             if float_labels is None and row["labels"].dtype.kind == "f":
                 float_labels = (index, row["labels"].reshape(-1)[:1].tolist(), row["labels"].dtype)
-        if positions is not None and "input_ids" in row:
-            _check_length(row["input_ids"], positions, index, split)
+        if "input_ids" in row:
+            longest = max(longest, int(row["input_ids"].shape[-1]) if row["input_ids"].ndim else 1)
+            if positions is not None:
+                _check_length(row["input_ids"], positions, index, split)
         bad = [name for name, value in row.items() if value.dtype.kind in "fc" and not np.isfinite(value).all()]
         if bad and on_nonfinite == "error":
             raise InvalidInputError(
@@ -110,7 +113,7 @@ def scan_split(
     if nonfinite:
         logger.warning("%d row(s) of the %s split hold NaN or inf and are excluded: %s", len(nonfinite), split,
                        nonfinite[:20])  # fmt: skip
-    return SplitScan(hashes, nonfinite)
+    return SplitScan(hashes, nonfinite, longest)
 
 
 def _check_labels(value: np.ndarray, space: LabelSpace, index: int, split: str) -> None:

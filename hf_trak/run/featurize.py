@@ -48,6 +48,7 @@ from hf_trak.errors import (
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.run.kernels import finalize_checkpoint
+from hf_trak.run.memory import batch_size_for
 from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
@@ -66,7 +67,7 @@ def featurize_store(
     save_dir: Optional[str],
     state: PartialState,
     storage_dtype: torch.dtype,
-    batch_size: int,
+    batch_size: Optional[int],
     overwrite: bool,
     sample_train_batch: Callable[[int, int], dict],
     on_nonfinite: str = "error",
@@ -75,9 +76,10 @@ def featurize_store(
     """Write (or complete) the store of ``source``'s features at ``checkpoints``; returns it. ``save_dir``: the
     store (None: a temporary folder); ``state``: the processes; ``storage_dtype``: of the stored features;
     ``overwrite``: replace a store made otherwise; ``sample_train_batch``: training examples for tasks that need
-    them (CLIP); ``on_nonfinite``: "error" or "exclude"; ``lock_timeout``: how long to wait for another process
-    featurizing the same store (``hf_trak.store.lock``: the runs take turns). A full device is a ``DiskFullError``
-    naming the file and the space the store needs; what was written completely is kept, and a rerun resumes."""
+    them (CLIP); ``batch_size``: None for ``hf_trak.run.memory``'s; ``on_nonfinite``: "error" or "exclude";
+    ``lock_timeout``: how long to wait for another process featurizing the same store (``hf_trak.store.lock``: the
+    runs take turns). A full device is a ``DiskFullError`` naming the file and the space the store needs; what was
+    written completely is kept, and a rerun resumes."""
     if not checkpoints:
         raise InvalidArgumentError(
             "featurize needs at least one checkpoint (a state dict, model or save_pretrained folder)."
@@ -85,6 +87,7 @@ def featurize_store(
     if state.num_processes > 1 and save_dir is None:
         raise InvalidArgumentError("save_dir is required with several processes: they share the feature store.")
     scan = scan_split(source, feature_map.task, feature_map.model, "train", on_nonfinite, state.is_main_process)
+    batch_size = batch_size or batch_size_for(feature_map, scan.longest)  # None: what the free memory fits
     work = (feature_map, config, source, checkpoints, scan, save_dir, state, storage_dtype, batch_size, overwrite,
             sample_train_batch, on_nonfinite)  # fmt: skip
     if save_dir is None:

@@ -24,6 +24,7 @@ from hf_trak.data.source import ExampleSource
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.kernel import target_rms
+from hf_trak.run.memory import batch_size_for
 from hf_trak.run.scoring import train_weights
 from hf_trak.store.feature_store import FeatureStore
 
@@ -68,12 +69,15 @@ def token_scores(
     positions: Sequence[int],
     stored_rows: Sequence[int],
     target_batch: dict,
-    batch_size: int,
+    batch_size: Optional[int],
     sample_train_batch: Optional[Callable[[int, int], dict]] = None,
 ) -> List[TokenScores]:
     """``TokenScores`` of the one target in ``target_batch`` for the train examples at ``positions`` of
-    ``train_source`` (stored as rows ``stored_rows``)."""
+    ``train_source`` (stored as rows ``stored_rows``), ``batch_size`` at a time (None: ``hf_trak.run.memory``'s
+    for the target's length)."""
     config, num_checkpoints = store.config, len(checkpoints)
+    ids = target_batch.get("input_ids")
+    batch_size = batch_size or batch_size_for(feature_map, ids.shape[-1] if ids is not None else 1)
     num_rows = config.num_train_examples - len(config.excluded_rows)
     totals: List[Optional[torch.Tensor]] = [None] * len(positions)
     for model_id, checkpoint in enumerate(checkpoints):
