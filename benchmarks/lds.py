@@ -16,7 +16,9 @@ the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviati
   per-token gradients for the causal LM, whose matrices are then projected with equal sides and
   principal factors (from 10% of the train rows) and whose Gram matrices are shrunk 30% toward
   K-FAC, and each checkpoint's scores of a target normalized before the mean over checkpoints);
-  each of ``hf_trak, random factors`` (``principal_share=0``), ``hf_trak, no shrinkage``,
+  ``hf_trak, bf16 models`` is the default on the same models cast to bfloat16 (features and kernels are still
+  accumulated in float32 and float64); each of ``hf_trak, random factors`` (``principal_share=0``),
+  ``hf_trak, no shrinkage``,
   ``hf_trak, with attention q/k/v``, ``hf_trak, mean ensemble``, ``hf_trak, with biases``,
   ``hf_trak, λ_b×10`` and ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
   per-token kernels too) undoes one of its settings, and ``hf_trak, factors from all rows`` takes
@@ -44,6 +46,7 @@ task's noise ceiling.
 """
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -87,12 +90,15 @@ def noise_ceiling(outputs: np.ndarray) -> float:
 
 
 def trak_scores(
-    task, models, proj_dim: int, estimator: str = "trak", store_version=STORE_VERSION, seed: int = 0, **settings
-):
+    task, models, proj_dim: int, estimator: str = "trak", store_version=STORE_VERSION, seed: int = 0,
+    model_dtype=None, **settings,
+):  # fmt: skip
     """Scores of hf_trak with ``settings`` over ``estimator``'s (the seeds' TRAK unless named), in a store of
-    ``store_version``'s format, with projector seed ``seed``."""
+    ``store_version``'s format, with projector seed ``seed``; ``model_dtype``: the models cast to it (bf16)."""
+    if model_dtype is not None:
+        models = [copy.deepcopy(model).to(model_dtype) for model in models]
     traker = TRAKer(
-        task.make_model(0),
+        task.make_model(0).to(model_dtype or torch.float32),
         proj_dim=proj_dim,
         estimator=estimator,
         store_version=store_version,
@@ -268,6 +274,7 @@ PER_MODULE = dict(projector="factored", kernel="per_module")
 RANDOM_FACTORS = dict(principal_share=0.0, kernel_shrinkage=0.0)
 METHODS = {
     "hf_trak (default)": hf_trak(),
+    "hf_trak, bf16 models": hf_trak(model_dtype=torch.bfloat16),
     "hf_trak, random factors": hf_trak(principal_share=0.0),
     "hf_trak, no shrinkage": hf_trak(kernel_shrinkage=0.0),
     "hf_trak, factors from all rows": hf_trak(principal_fraction=1.0),
