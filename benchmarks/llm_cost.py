@@ -14,7 +14,9 @@ own (so that its peak resident memory, ``ru_maxrss``, is its own):
 * ``featurize (default)``: ``TRAKer(model).featurize(...)`` at the defaults with the same batch size, one
   checkpoint, seconds per example (the kernel included), and its ratio to the training step;
 * ``featurize, no per-token statistics`` (``kernel_from="examples"``) and ``featurize, no principal pass``
-  (``principal_share=0``): what those parts of the default cost, as the difference to it.
+  (``principal_share=0``): what those parts of the default cost, as the difference to it;
+* ``featurize, batch size left to hf_trak``: the default with ``batch_size=None`` (``hf_trak.run.memory``
+  picks it from the free memory): its peak memory is what a user gets without choosing.
 
 Peak memory is the process's, model and data included (GiB). GPU: peak allocated memory instead.
 """
@@ -31,6 +33,7 @@ VARIANTS = {
     "featurize (default)": {},
     "featurize, no per-token statistics": {"kernel_from": "examples"},
     "featurize, no principal pass": {"principal_share": 0.0},
+    "featurize, batch size left to hf_trak": {"batch_size": None},
 }
 
 
@@ -88,7 +91,9 @@ def worker(spec: dict) -> dict:
     else:
         from hf_trak import TRAKer
 
-        traker = TRAKer(model, save_dir=None, device=str(device), **VARIANTS[spec["variant"]])
+        settings = dict(VARIANTS[spec["variant"]])
+        size = settings.pop("batch_size", size)
+        traker = TRAKer(model, save_dir=None, device=str(device), **settings)
         started = time.perf_counter()
         traker.featurize(split, [model.state_dict()], batch_size=size)
     if device.type == "cuda":
