@@ -5,8 +5,9 @@ other example pushes the model the way the row does, so that the model bends to 
 for a flipped label it has memorized) and on its own loss (``on="loss"``: that times Q_i, the loss's
 derivative, large when the model still gets the row wrong). ``suspicion`` ranks rows by the mean of their
 two ranks: mislabeled rows, outliers and rare cases first, typical rows with many look-alikes last. On
-``benchmarks/mislabeled.py`` the mean rank found flipped labels better than either score alone, than the
-models' loss and than kronfluence's self-scores (docs: How to read a score).
+``benchmarks/mislabeled.py`` it ranked flipped labels (by AUC) above the models' loss and kronfluence's
+self-scores on both tasks, where each score alone was the best on one task and the worst on the other
+(docs: How to read a score).
 """
 
 import dataclasses
