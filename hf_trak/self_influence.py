@@ -10,7 +10,6 @@ self-scores on both tasks, where each score alone was the best on one task and t
 (docs: How to read a score).
 """
 
-import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,7 +24,7 @@ from hf_trak.data.source import ExampleSource
 from hf_trak.errors import check_positive_int
 from hf_trak.hf.checkpoints import load_checkpoint
 from hf_trak.method.model_outputs import ClassificationModelOutput, call_model, eval_mode, without_labels
-from hf_trak.run.token_scores import TokenScores, store_q
+from hf_trak.run.token_scores import TokenScores
 from hf_trak.traker import TRAKer
 
 
@@ -57,7 +56,7 @@ def suspicion(traker: TRAKer) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(suspicion, self-influence on the output, on the loss)`` of every train row: suspicion is the mean of the
     row's two ranks (by each score, highest first) divided by the number of rows, in (0, 1], 1 the most
     suspect; rows excluded for non-finite values get 0."""
-    on_output, on_loss = traker.self_scores(on="output"), traker.self_scores(on="loss")
+    on_output, on_loss = traker.self_scores(on="both")
     finite = np.isfinite(on_output) & np.isfinite(on_loss)
     ranks = np.zeros(len(on_output))
     ranks[finite] = (rankdata(on_output[finite]) + rankdata(on_loss[finite])) / (2 * finite.sum())
@@ -65,22 +64,10 @@ def suspicion(traker: TRAKer) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def self_influence_tokens(traker: TRAKer, prepared: Dataset, rows: Sequence[int]) -> List[TokenScores]:
-    """Each row's self-influence split by position (its tokens as the train example, which ``train_tokens`` gives,
-    and as the target): ``TRAKer.score_tokens`` of the row on itself, times Q̄ where the scores leave Q out, as
-    ``self_scores`` does. ``prepared``: the train split's model inputs, as featurized."""
-    found = []
-    for row in rows:
-        (tokens,) = traker.score_tokens(prepared.select([int(row)]), train_rows=[int(row)])
-        if traker.config.train_weight == "none":
-            stored = int(row) if traker.train_rows is None else int(traker.train_rows[int(row)])
-            weight = float(np.mean([store_q(traker.store, m, [stored])[0] for m in range(len(traker.checkpoints))]))
-            tokens = dataclasses.replace(
-                tokens, score=tokens.score * weight, train_tokens=tokens.train_tokens * weight,
-                train_pooled=tokens.train_pooled * weight, target_tokens=tokens.target_tokens * weight,
-                target_pooled=tokens.target_pooled * weight,
-            )  # fmt: skip
-        found.append(tokens)
-    return found
+    """Each row's self-influence on its loss split by position (its tokens as the train example, which
+    ``train_tokens`` gives, and as the target): ``TRAKer.score_tokens(..., on="loss")`` of the row on itself.
+    ``prepared``: the train split's model inputs, as featurized."""
+    return [traker.score_tokens(prepared.select([int(row)]), train_rows=[int(row)], on="loss")[0] for row in rows]
 
 
 def self_influence_dataset(

@@ -259,25 +259,28 @@ class TRAKer:
             return None
         return TopK(*(np.concatenate([part[i] for part in parts]) for i in range(2)))
 
-    def self_scores(self, on: str = "loss") -> np.ndarray:
+    def self_scores(self, on: str = "loss"):
         """Self-influence: each train example's influence on itself, shape (len(train),) float32 (NaN for excluded
         rows; the subset's rows with a train subset), from the stored features alone (no forward pass, O(n·k)).
 
-        ``on="loss"``: on its own loss, τ(z_i, z_i) · Q̄_i (Q̄: the loss's derivative to f), like the influence
-        functions' ∇ℓ_iᵀH⁻¹∇ℓ_i; ``on="output"``: on its own output f, the diagonal of ``score(train)``."""
-        if on not in ("loss", "output"):
-            raise InvalidArgumentError(f"on is 'loss' or 'output', not {on!r}.")
+        ``on="loss"``: on its own loss, τ(z_i, z_i) · Q̄_i (Q̄: the loss's derivative to f), like ∇ℓ_iᵀH⁻¹∇ℓ_i;
+        ``on="output"``: on its own output f, the diagonal of ``score(train)``; ``"both"``: the pair (output, loss)."""
+        if on not in ("loss", "output", "both"):
+            raise InvalidArgumentError(f"on is 'loss', 'output' or 'both', not {on!r}.")
         with self._reading() as store:
-            values = self_scores(store, self.device, on, show_progress=self.state.is_main_process)
-        return values if self.train_rows is None else values[self.train_rows]
+            found = self_scores(store, self.device, show_progress=self.state.is_main_process)
+        found = {
+            name: values if self.train_rows is None else values[self.train_rows] for name, values in found.items()
+        }
+        return (found["output"], found["loss"]) if on == "both" else found[on]
 
     def score_tokens(
         self, target, train_rows: Optional[Sequence[int]] = None, k: int = 10, batch_size: Optional[int] = None,
-        data_collator: Optional[Callable] = None,
+        data_collator: Optional[Callable] = None, on: str = "output",
     ) -> List[TokenScores]:  # fmt: skip
         """One ``target``'s (a one-row split) scores of ``train_rows`` (default: its top-``k`` proponents), each split
-        over the example's positions and over the target's (``hf_trak.run.token_scores``). Needs the factored
-        projector and the train split (featurized here, or ``from_pretrained(..., train_dataset=...)``)."""
+        over the example's positions and the target's (``hf_trak.run.token_scores``; needs the factored projector
+        and the train split). ``on="loss"``: weighted by the row's Q̄ whatever ``train_weight`` is (``self_scores``)."""
         source = self._source(target, data_collator)
         if len(source) != 1:
             raise InvalidArgumentError(f"score_tokens takes one target (a one-row split), not {len(source)}.")
@@ -287,9 +290,10 @@ class TRAKer:
             train_rows = self.top_k(target, k=k, batch_size=batch_size, data_collator=data_collator).indices[0]
         positions = [int(row) for row in train_rows]
         stored = positions if self.train_rows is None else [int(self.train_rows[row]) for row in positions]
+        size = self._batch_setting(batch_size)
         with self._reading() as store, eval_mode(self.model):
             return token_scores(self.feature_map, store, self.checkpoints, self.train_source, positions, stored,
-                                source.batch([0]), self._batch_setting(batch_size), self.train_sampler)  # fmt: skip
+                                source.batch([0]), size, self.train_sampler, on)  # fmt: skip
 
     def save_scores(self, scores: np.ndarray, name: str, overwrite: bool = False) -> str:
         """Keep ``scores`` in the store as ``scores/<name>.arrow`` (pushed with the features); returns its path.

@@ -96,6 +96,13 @@ def _wait_for(page, selector: str, text: str) -> str:
     return page.locator(selector).inner_text()
 
 
+def _pick_target_row(page, row) -> str:
+    """Attribute row ``row`` of the target split in the page; returns the summary once it names that row."""
+    page.locator("#target-row input").fill(str(row))
+    page.locator("#pick").click()
+    return _wait_for(page, "#summary", f"Target: target row {row} ·")
+
+
 def _top_row(result, target: int = 0) -> int:
     top = result.top_k.filter(lambda row: row["target"] == target and row["kind"] == "proponent")
     return int(top["train_index"][0])
@@ -154,9 +161,7 @@ def test_typed_text_shows_attributes_top_proponent_and_a_click_makes_it_the_targ
     # prediction (the label field does not keep the row's label), and the page says so.
     other = [row for row in range(len(splits["test"])) if splits["test"][row]["label"] != predicted]
     assert other, "the target split needs a row whose label is not the prediction"
-    page.locator("#target-row input").fill(str(other[0]))
-    page.locator("#pick").click()
-    assert "(its own)" in _wait_for(page, "#summary", f"Target: target row {other[0]} ·")
+    assert "(its own)" in _pick_target_row(page, other[0])
     page.locator("#text-0 textarea").fill(text)
     page.locator("#attribute").click()
     summary = _wait_for(page, "#summary", "a new input")
@@ -186,9 +191,7 @@ def test_image_targets_rows_uploads_and_clicks(tmp_path, browser, serve):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(url)
     _wait_for(page, "body", "exact faiss index")  # --index exact, named so in the header
-    page.locator("#target-row input").fill("3")
-    page.locator("#pick").click()
-    summary = _wait_for(page, "#summary", "Target: target row 3")
+    summary = _pick_target_row(page, 3)
     assert f"Top proponent: train row {_top_row(result, 3)} " in summary, summary
     captions = page.locator("#proponents .caption-label").all_inner_texts()
     assert len(captions) == 8 and captions[0].startswith(f"#{_top_row(result, 3)} · ")
@@ -261,9 +264,7 @@ def test_a_train_subset_and_the_checkpoints_by_name(tmp_path, browser, serve):
     url = serve("--store", store, "--dataset", str(tmp_path / "subset"), "--train-subset", "--k", "3")
     page = browser.new_page()
     page.goto(url)
-    page.locator("#target-row input").fill("2")
-    page.locator("#pick").click()
-    summary = _wait_for(page, "#summary", "Target: target row 2")
+    summary = _pick_target_row(page, 2)
     assert f"Top proponent: train row {expected} " in summary, summary
     assert "checkpoint-1: " in summary and "checkpoint-2: " in summary, summary
     page.close()
@@ -311,9 +312,7 @@ def test_the_space_app_serves_a_store_pulled_from_the_hub(tmp_path, browser):
                     time.sleep(0.5)
             page = browser.new_page()
             page.goto(url)
-            page.locator("#target-row input").fill("2")
-            page.locator("#pick").click()
-            summary = _wait_for(page, "#summary", "Target: target row 2")
+            summary = _pick_target_row(page, 2)
             assert f"Top proponent: train row {_top_row(result, 2)} " in summary, summary
             page.close()
         finally:

@@ -58,7 +58,10 @@ def test_self_scores_are_the_diagonal_of_the_train_split_scored_as_targets(model
         values = traker.self_scores(on=on)
         assert values.shape == (len(train),) and values.dtype == np.float32
         np.testing.assert_allclose(values, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
-    with pytest.raises(InvalidArgumentError, match="'loss' or 'output'"):
+    both = traker.self_scores(on="both")  # one read of the store gives the two
+    np.testing.assert_array_equal(both[0], traker.self_scores(on="output"))
+    np.testing.assert_array_equal(both[1], traker.self_scores(on="loss"))
+    with pytest.raises(InvalidArgumentError, match="'loss', 'output' or 'both'"):
         traker.self_scores(on="outputs")
 
 

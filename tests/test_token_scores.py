@@ -117,6 +117,9 @@ def test_token_scores_need_the_factored_projector_and_one_target():
         traker.score_tokens(lm_sequences(1, seed=3), k=2)
     with pytest.raises(InvalidArgumentError, match="one target"):
         traker.score_tokens(lm_sequences(2, seed=3), k=2)
+    factored = featurized(tiny_gpt2, lm_sequences(12))
+    with pytest.raises(InvalidArgumentError, match="'output' or 'loss'"):
+        factored.score_tokens(lm_sequences(1, seed=3), k=2, on="losses")
 
 
 def test_attribute_per_token_adds_the_splits_and_the_report_shades_them(tmp_path):

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
             )  # fmt: skip
 
     ranking = commands.add_parser(
-        "self-influence", help="the train examples of highest self-influence (mislabeled, outlying, rare)"
+        "self-influence", help="the most suspect train examples by self-influence (mislabeled, outlying, rare)"
     )
     _add_features_arguments(ranking)
     _add_model_arguments(ranking, required=False)

@@ -6,7 +6,7 @@ Pick a target (a row of the target split, or a new text / image / both for CLIP)
 model's prediction, its top-k proponents and opponents (text or image, label, score, train
 row) and, with several checkpoints, how far each checkpoint's own top-k agrees with the
 ensemble's. Clicking a training example makes it the next target. Apart from the target's
-results, "Self-influence" lists the training examples of highest self-influence (likely
+results, "Self-influence" lists the most suspect training examples by self-influence (likely
 mislabeled, outlying or rare); clicking one makes it the target too. The same app runs as a
 Hugging Face Space (``examples/space/app.py``).
 
@@ -139,16 +139,19 @@ class ExplorerApp:
                 if explorer.image_column is not None:  # the target, enlarged (the input shows it at its size)
                     self.target_view = gr.Image(label="Target", interactive=False, height=160, elem_id="target-view")
                 self.summary = gr.Markdown("Enter a target and press Attribute.", elem_id="summary")
-                self.proponents = self._results("Proponents (largest scores): click one to make it the target")
-                self.opponents = self._results("Opponents (smallest scores): click one to make it the target")
+                self.proponents = self._results("Proponents (largest scores): click one to make it the target",
+                                                "proponents")  # fmt: skip
+                self.opponents = self._results("Opponents (smallest scores): click one to make it the target",
+                                               "opponents")  # fmt: skip
                 self.tokens = None
                 if explorer.has_token_scores:
                     with gr.Accordion("Tokens: which tokens carry the proponents' scores", open=False):
                         show_tokens = gr.Button("Split the proponents' scores by token", elem_id="show-tokens")
                         self.tokens = gr.HTML("", elem_id="tokens")
                 with gr.Accordion("Self-influence: likely mislabeled, outlying or rare training examples", open=False):
-                    show_ranking = gr.Button("List the highest self-influence", elem_id="show-self-influence")
-                    self.ranking = self._results("Highest self-influence first: click one to make it the target")
+                    show_ranking = gr.Button("List the most suspect", elem_id="show-self-influence")
+                    self.ranking = self._results("Most suspect first: click one to make it the target",
+                                                 "self-influence")  # fmt: skip
         self.shown = gr.State(([], []))  # train rows of the proponents and opponents on the page
         self.ranked = gr.State([])  # train rows of the self-influence list
         self.last = gr.State(None)  # (the target on the page, its attributed label)
@@ -179,9 +182,9 @@ class ExplorerApp:
 
         self.ranking.select(select_ranked, [self.ranked], outputs, trigger_mode="always_last")
 
-    def _results(self, label: str):
+    def _results(self, label: str, kind: str):
+        """The list of train rows ``kind`` (its element id): a gallery of images, else a table."""
         gr = self.gr
-        kind = {"Proponents": "proponents", "Opponents": "opponents"}.get(label.split(" ")[0], "self-influence")
         if self.explorer.image_column is not None:
             return gr.Gallery(label=label, columns=5, height="auto", allow_preview=False, elem_id=kind, format="png")
         label_header = ["label"] if self.explorer.label_column else []

@@ -66,10 +66,10 @@ def available_bytes(device: torch.device) -> int:
 
 def auto_batch_size(model: nn.Module, length: int, device: torch.device, projector=None, output_size=None) -> int:
     """As many examples of ``length`` tokens as fit ``MEMORY_SHARE`` of the free memory, in [1, ``MAX_BATCH``]."""
-    per_example = example_bytes(model, length, projector, output_size)
-    size = int(max(1, min(MAX_BATCH, MEMORY_SHARE * available_bytes(device) // per_example)))
+    per_example, free = example_bytes(model, length, projector, output_size), available_bytes(device)
+    size = int(max(1, min(MAX_BATCH, MEMORY_SHARE * free // per_example)))
     logger.info("batch_size=%d: %.2f GiB per example of %d tokens (estimated), %.1f GiB free", size,
-                per_example / 2**30, length, available_bytes(device) / 2**30)  # fmt: skip
+                per_example / 2**30, length, free / 2**30)  # fmt: skip
     return size
 
 

@@ -19,7 +19,7 @@ gathers the shares (``hf_trak.run.processes.gather_to_main``).
 """
 
 import math
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,11 +102,12 @@ def shard_scores(
             yield start, offset, score_block(phis, block, q)
 
 
-def train_weights(store: FeatureStore, out_to_loss: Sequence[np.ndarray]) -> np.ndarray:
+def train_weights(store: FeatureStore, out_to_loss: Sequence[np.ndarray], on: str = "output") -> np.ndarray:
     """Q̄[rows], the train-side weight of the scores: mean_m Q_m[rows] over the checkpoints, or 1 with
-    ``train_weight="none"``; NaN for rows excluded for non-finite values either way."""
+    ``train_weight="none"``; NaN for rows excluded for non-finite values either way. ``on="loss"``: the weight of
+    a score on the row's own loss, Q̄ (the loss's derivative to f) whatever ``train_weight`` is."""
     q = np.mean(out_to_loss, axis=0)
-    return np.where(np.isnan(q), q, np.ones_like(q)) if store.config.train_weight == "none" else q
+    return np.where(np.isnan(q), q, np.ones_like(q)) if store.config.train_weight == "none" and on != "loss" else q
 
 
 RMS_BLOCK = 4096  # targets per σ computation (two k × block float64 products)
@@ -150,13 +151,12 @@ def preconditioned_shards(store: FeatureStore, model_id: int, device) -> Iterato
         yield start, preconditioned(as_tensor(features), kernel), out_to_loss
 
 
-def self_scores(store: FeatureStore, device, on: str = "loss", show_progress: bool = True) -> np.ndarray:
-    """Self-influence of every train row i, (n,) float32 (NaN for excluded rows), read shard by shard as
-    ``shard_scores`` reads Φ. ``on="output"``: τ(z_i, z_i) = mean_m(Φ_m[i] · x_mi / σ_mi) · Q̄_i, the diagonal of
-    the train split scored as its own targets (σ_mi = 1 unless ``ensemble="normalized"``, Q̄_i = 1 with
-    ``train_weight="none"``). ``on="loss"``: the influence on the row's own loss, mean_m(Φ_m[i] · x_mi / σ_mi) ·
-    mean_m Q_mi whatever ``train_weight`` is (Q, the derivative of the loss to f, turns one into the other, as
-    the influence functions' ∇ℓ_iᵀH⁻¹∇ℓ_i)."""
+def self_scores(store: FeatureStore, device, show_progress: bool = True) -> Dict[str, np.ndarray]:
+    """Self-influence of every train row i, from one read of the store (shard by shard, as ``shard_scores`` reads
+    Φ): {"output": ..., "loss": ...}, each (n,) float32, NaN for excluded rows. ``"output"``: τ(z_i, z_i) =
+    mean_m(Φ_m[i] · x_mi / σ_mi) · Q̄_i, the diagonal of the train split scored as its own targets (σ_mi = 1
+    unless ``ensemble="normalized"``, Q̄_i = 1 with ``train_weight="none"``). ``"loss"``: the influence on the
+    row's own loss, the same mean times Q̄_i whatever ``train_weight`` is (``train_weights``)."""
     n, num_checkpoints, normalized = store.config.num_train_examples, store.config.num_checkpoints, None
     num_rows = n - len(store.config.excluded_rows)
     total, out_to_loss = np.zeros(n, dtype=np.float64), []
@@ -173,8 +173,8 @@ def self_scores(store: FeatureStore, device, on: str = "loss", show_progress: bo
                 x = (x.double() / target_rms(*normalized, x, num_rows).to(device)[:, None]).float()
             total[start : start + len(x)] += (phi.float() * (x * scale)).sum(1).double().cpu().numpy()
         out_to_loss.append(np.concatenate(weights))
-    weight = np.mean(out_to_loss, axis=0) if on == "loss" else train_weights(store, out_to_loss)
-    return (total / num_checkpoints * weight).astype(np.float32)
+    mean = total / num_checkpoints
+    return {on: (mean * train_weights(store, out_to_loss, on)).astype(np.float32) for on in ("output", "loss")}
 
 
 def scores(store: FeatureStore, targets: List[Tensor], device, target_block_size: int, out=None, show_progress=True):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hf_trak.data.source import ExampleSource
+from hf_trak.errors import InvalidArgumentError
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.kernel import target_rms
@@ -71,14 +72,19 @@ def token_scores(
     target_batch: dict,
     batch_size: Optional[int],
     sample_train_batch: Optional[Callable[[int, int], dict]] = None,
+    on: str = "output",
 ) -> List[TokenScores]:
     """``TokenScores`` of the one target in ``target_batch`` for the train examples at ``positions`` of
     ``train_source`` (stored as rows ``stored_rows``), ``batch_size`` at a time (None: ``hf_trak.run.memory``'s
-    for the target's length)."""
+    for the target's length); ``on``: the train rows' weight, as ``hf_trak.run.scoring.train_weights`` takes it."""
+    if on not in ("output", "loss"):
+        raise InvalidArgumentError(f"on is 'output' or 'loss', not {on!r}.")
     config, num_checkpoints = store.config, len(checkpoints)
     ids = target_batch.get("input_ids")
     batch_size = batch_size or batch_size_for(feature_map, ids.shape[-1] if ids is not None else 1)
     num_rows = config.num_train_examples - len(config.excluded_rows)
+    chunks = [list(positions[start : start + batch_size]) for start in range(0, len(positions), batch_size)]
+    batches = [train_source.batch(chunk) for chunk in chunks]  # collated once, read at every checkpoint
     totals: List[Optional[torch.Tensor]] = [None] * len(positions)
     for model_id, checkpoint in enumerate(checkpoints):
         view = feature_map.at(checkpoint, model_id, sample_train_batch)
@@ -87,19 +93,17 @@ def token_scores(
         kernel = saved["kernel"].to(target.device, torch.float64)
         if config.ensemble == "normalized":
             target = target / target_rms(saved["xtx"], kernel, target.sum(0, keepdim=True), num_rows).to(target.device)
-        for start in range(0, len(positions), batch_size):
-            chosen = list(positions[start : start + batch_size])
-            x = view.token_features(train_source.batch(chosen)).double()  # B × (T_i + 1) × k
-            shares = (x @ kernel) @ target.T  # B × (T_i + 1) × (T_j + 1)
-            for offset in range(len(chosen)):
-                index = start + offset
+        index = 0
+        for batch in batches:
+            shares = (view.token_features(batch).double() @ kernel) @ target.T  # B × (T_i + 1) × (T_j + 1)
+            for offset in range(len(shares)):
                 totals[index] = shares[offset] if totals[index] is None else totals[index] + shares[offset]
-    weights = train_weights(store, [store_q(store, m, stored_rows) for m in range(num_checkpoints)])
+                index += 1
+    weights = train_weights(store, [store_q(store, m, stored_rows) for m in range(num_checkpoints)], on)
     results = []
-    for index, (position, row) in enumerate(zip(positions, stored_rows)):
+    for index, (position, (batch, offset)) in enumerate(zip(positions, _rows_of(batches))):
         matrix = (totals[index] / num_checkpoints * float(weights[index])).cpu().numpy()
-        batch = train_source.batch([position])
-        train_positions = _attended(batch, 0, matrix.shape[0] - 1)
+        train_positions = _attended(batch, offset, matrix.shape[0] - 1)
         target_positions = _attended(target_batch, 0, matrix.shape[1] - 1)
         by_train, by_target = matrix.sum(1), matrix.sum(0)
         results.append(
@@ -108,13 +112,20 @@ def token_scores(
                 score=float(matrix.sum()),
                 train_tokens=by_train[train_positions],
                 train_pooled=float(by_train[-1]),
-                train_ids=_ids(batch, 0, train_positions),
+                train_ids=_ids(batch, offset, train_positions),
                 target_tokens=by_target[target_positions],
                 target_pooled=float(by_target[-1]),
                 target_ids=_ids(target_batch, 0, target_positions),
             )
         )
     return results
+
+
+def _rows_of(batches: List[dict]):
+    """``(batch, row within it)`` of every example of ``batches``, in order."""
+    for batch in batches:
+        for offset in range(len(next(iter(batch.values())))):
+            yield batch, offset
 
 
 def store_q(store: FeatureStore, model_id: int, rows: Sequence[int]) -> np.ndarray:
