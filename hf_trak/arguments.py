@@ -138,6 +138,12 @@ class TRAKArguments:
         "the longest sequence, the model's size and vocabulary: hf_trak.run.memory)",
         scope="run",
     )
+    stream_dir: Optional[str] = _field(
+        None,
+        "a streamed split (load_dataset(..., streaming=True)) is read once into Arrow files in <stream_dir>/<split>, "
+        "resumable (default: <save_dir>-rows)",
+        scope="run",
+    )
     target_block_size: int = _field(4096, "targets scored together against one train shard", scope="run")
     device: Optional[str] = _field(None, "where gradients are computed (default: the model's)", scope="run")
     on_nonfinite: str = _field(

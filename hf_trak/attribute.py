@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset, Features, Sequence, Value
 
 from hf_trak.data.processing import display_columns, prepare_split
+from hf_trak.data.streaming import spooled
 from hf_trak.errors import check_positive_int
 from hf_trak.hf.loading import ModelOrCheckpoints, resolve_model
 from hf_trak.method.kernel import merge_top_k
@@ -152,7 +153,8 @@ def attribute(
     """TRAK attribution of ``targets`` to ``train`` (raw splits, processed with ``processor``).
 
     Featurizes ``train`` at every checkpoint (resumable in ``save_dir``; None: a temporary
-    folder), scores ``targets`` and collects each target's ``k`` proponents and opponents.
+    folder; a streamed ``train`` is first read once into ``<save_dir>-rows/train``: ``hf_trak.data.streaming``), scores
+    ``targets`` and collects each target's ``k`` proponents and opponents.
     ``processor``: a tokenizer, image processor, multimodal processor or ``batch -> inputs``
     function (None: the splits already hold model inputs). ``per_token``: add each listed row's score split by
     position (``with_token_scores``; a forward and backward per listed row). ``chat_template``: the splits hold
@@ -169,6 +171,7 @@ def attribute(
             return prepare_split(split, model, traker.task, processor, text_column, image_column, max_length,
                                  chat_template=chat_template)  # fmt: skip
 
+    train = spooled(train, traker.args.stream_dir, save_dir, "train", traker.state, overwrite)  # a stream: on disk
     traker.featurize(prepare(train), checkpoints, batch_size=batch_size, overwrite=overwrite)
     prepared_targets = prepare(targets)
     scores = traker.score(prepared_targets, batch_size=batch_size)

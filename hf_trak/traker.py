@@ -19,12 +19,8 @@ from torch import nn
 from hf_trak.arguments import TRAKArguments
 from hf_trak.data.inputs import scan_split
 from hf_trak.data.source import ExampleSource
-from hf_trak.errors import (
-    InvalidArgumentError,
-    NotFeaturizedError,
-    StoreMismatchError,
-    check_positive_int,
-)
+from hf_trak.data.streaming import spooled
+from hf_trak.errors import InvalidArgumentError, NotFeaturizedError, StoreMismatchError, check_positive_int
 from hf_trak.hf.adapters import adapter_provenance
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.estimator import resolve_settings
@@ -155,10 +151,13 @@ class TRAKer:
         ``checkpoints``: state dicts, models, or ``save_pretrained``/Trainer folders, each
         loaded once. A run on a store with the same settings, train split and checkpoints
         resumes it (complete shards are kept); a store made otherwise is only replaced with
-        ``overwrite=True``. ``batch_size``/``overwrite`` default to ``args``'.
+        ``overwrite=True``. ``batch_size``/``overwrite`` default to ``args``'. A stream (``IterableDataset``) is
+        read once into ``<stream_dir>/train`` (``hf_trak.data.streaming``), resumably.
         """
         batch_size = self._batch_setting(batch_size)
-        self.train_source = self._source(train_dataset, data_collator)
+        overwrite = self.args.overwrite if overwrite is None else overwrite
+        train = spooled(train_dataset, self.args.stream_dir, self.args.save_dir, "train", self.state, overwrite)
+        self.train_source = self._source(train, data_collator)
         with eval_mode(self.model), collectives(self.state):
             self.store = featurize_store(
                 self.feature_map,
@@ -169,7 +168,7 @@ class TRAKer:
                 state=self.state,
                 storage_dtype=self.args.torch_dtype,
                 batch_size=batch_size,
-                overwrite=self.args.overwrite if overwrite is None else overwrite,
+                overwrite=overwrite,
                 sample_train_batch=self.train_sampler,
                 on_nonfinite=self.args.on_nonfinite,
                 lock_timeout=self.args.lock_timeout,
@@ -364,6 +363,7 @@ class TRAKer:
         traker.store, traker.config = store, stored
         traker.feature_map.store = store  # its views use the store's principal factors
         if train_dataset is not None:  # the cheap check first: no checkpoint is loaded for a wrong split
+            train_dataset = spooled(train_dataset, traker.args.stream_dir, save_dir, "train", traker.state)
             traker.train_source = traker._source(train_dataset, data_collator)
             scan = scan_split(traker.train_source, traker.task, model, "train", traker.args.on_nonfinite,
                               traker.state.is_main_process)  # fmt: skip

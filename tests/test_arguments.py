@@ -24,6 +24,7 @@ NON_DEFAULT = dict(
     max_projector_cache_bytes=1000,
     shard_size=7,
     save_dir="features",
+    stream_dir="rows",
     batch_size=5,
     target_block_size=9,
     device="cpu",

@@ -215,3 +215,20 @@ def test_chat_data_with_the_chat_template_option(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
     refused = hf_trak_cli("featurize", "--model", "lm", "--dataset", "chats", "--save-dir", "other", cwd=tmp_path)
     assert refused.returncode == 2 and "--chat-template" in refused.stderr  # conversations without the option
+
+
+def test_streamed_splits_are_read_once_into_the_stream_dir(workspace):
+    for split, rows in (("train", raw_text(30)), ("test", raw_text(5, seed=1))):
+        rows.to_json(str(workspace / "jsonl" / f"{split}.jsonl"))
+    data = ["--dataset", "jsonl", "--streaming", "--max-train-examples", "20"]
+    done = hf_trak_cli("featurize", "--model", "model", *data, "--save-dir", "feats", "--proj-dim", "32", "--dtype",
+                       "float32", cwd=workspace)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = hf_trak_cli("score", "--save-dir", "feats", *data, "--output", "scores.npy", cwd=workspace)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(workspace / "feats-rows")) == ["test", "train"]
+
+    expected = hf_trak.attribute(tiny_bert(), raw_text(30).select(range(20)), raw_text(5, seed=1),
+                                 processor=word_tokenizer(), proj_dim=32, dtype=torch.float32)  # fmt: skip
+    scores = np.load(workspace / "scores.npy")
+    np.testing.assert_allclose(scores, expected.scores, rtol=1e-5, atol=1e-6 * np.abs(scores).max())

@@ -9,7 +9,8 @@ from hf_trak.errors import InvalidArgumentError
 
 
 def load_split(args, split: str, limit: Optional[int]):
-    """One split of ``--dataset`` (load_dataset, or a save_to_disk folder), its first ``limit`` rows."""
+    """One split of ``--dataset`` (load_dataset, or a save_to_disk folder), its first ``limit`` rows; with
+    ``--streaming``, read once from the stream into ``--stream-dir`` (``hf_trak.data.streaming``)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     from hf_trak.hf.loading import local_or_hub
@@ -20,6 +21,17 @@ def load_split(args, split: str, limit: Optional[int]):
         if split not in splits:
             raise InvalidArgumentError(f"{args.dataset} has no split {split!r} (splits: {list(splits)}).")
         data = splits[split]
+    elif getattr(
+        args, "streaming", False
+    ):  # read once into <stream-dir>/<split>, resumably; the first rows: take(limit)
+        from hf_trak.data.streaming import spooled
+        from hf_trak.run.processes import process_state
+
+        data = load_dataset(args.dataset, args.dataset_config, data_files=args.data_files, split=split, streaming=True)
+        data = data.take(limit) if limit is not None else data
+        return spooled(
+            data, getattr(args, "stream_dir", None), getattr(args, "save_dir", None), split, process_state()
+        )
     else:
         data = load_dataset(args.dataset, args.dataset_config, data_files=args.data_files, split=split)
         if isinstance(data, DatasetDict):

@@ -35,6 +35,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="load_dataset name or path, or a save_to_disk folder")  # fmt: skip
     group.add_argument("--dataset-config", default=None, help="load_dataset configuration name")
     group.add_argument("--data-files", nargs="+", default=None, help="load_dataset data_files")
+    group.add_argument(
+        "--streaming", action="store_true",
+        help="load_dataset(..., streaming=True): each split is read once, resumably, into <stream-dir>/<split> "
+        "(default <save-dir>-rows), the first --max-*-examples rows only",
+    )  # fmt: skip
     group.add_argument("--train-split", default="train")
     group.add_argument("--target-split", default="test")
     group.add_argument("--max-train-examples", type=positive_int, default=None, help="use the first N train examples")

@@ -56,7 +56,8 @@ class ExampleSource:
         elif not hasattr(data, "column_names") or not hasattr(data, "__len__"):
             raise InvalidArgumentError(
                 f"Expected a datasets.Dataset or a torch DataLoader of dict batches, got {type(data).__name__}. "
-                "For an IterableDataset, materialise the split first (e.g. Dataset.from_generator)."
+                "A stream (IterableDataset) is taken as the train split of featurize and attribute, which keep its "
+                "rows on disk; elsewhere read it first: hf_trak.data.streaming.spool_stream(stream, folder)."
             )
         if len(self) == 0:
             raise InvalidInputError("The dataset is empty: there are no examples to featurize or score.")
