@@ -29,6 +29,7 @@ from hf_trak.arguments import TRAKArguments
 from hf_trak.check.counterfactual import CounterfactualCheck, check_counterfactual
 from hf_trak.check.lds_check import LDSCheck, check_lds
 from hf_trak.check.retraining import Retrainer
+from hf_trak.data.streaming import is_stream
 from hf_trak.errors import NotFeaturizedError, NotFoundError
 from hf_trak.store.card import render_trainer_section
 from hf_trak.traker import TRAKer
@@ -108,7 +109,11 @@ class TRAKCallback(TrainerCallback):
             )
             return
         self.traker = make_traker(self.trak_args, model, args.output_dir)
-        self.traker.featurize(train_dataloader, checkpoints)
+        data = getattr(train_dataloader, "dataset", None)
+        if is_stream(data):  # read once into <save_dir>-rows/train (hf_trak.data.streaming), batched by its collator
+            self.traker.featurize(data, checkpoints, data_collator=train_dataloader.collate_fn)
+        else:
+            self.traker.featurize(train_dataloader, checkpoints)
         if self.traker.state.is_main_process:
             with open(os.path.join(self.traker.save_dir, ARGUMENTS_NAME), "w") as file:
                 file.write(self.trak_args.to_json_string())

@@ -16,10 +16,9 @@ from tests.hub_server import HubServer
 
 
 def _training_args(output_dir, **kwargs):
+    kwargs = {"num_train_epochs": 3, "save_strategy": "epoch", **kwargs}
     return TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=3,
-        save_strategy="epoch",
         per_device_train_batch_size=8,
         learning_rate=5e-3,
         report_to=[],
@@ -52,6 +51,18 @@ def test_trak_trainer_featurizes_its_checkpoints_and_attributes(tmp_path):
     np.testing.assert_allclose(scores, reference.score(test), rtol=1e-4, atol=1e-5 * np.abs(scores).max())
     saved = json.load(open(os.path.join(tmp_path, "trak", "trak_arguments.json")))
     assert saved["proj_dim"] == 64 and saved["batch_size"] == 7
+
+
+def test_a_streamed_train_dataset_is_featurized_as_the_materialized_one(tmp_path):
+    train, test = digits(24), digits(4, offset=100)
+    args = _training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
+    trainer = TRAKHFTrainer(model=tiny_vit(), args=args, train_dataset=train.to_iterable_dataset(num_shards=2),
+                            trak_args=TRAKArguments(proj_dim=32, dtype="float32"))  # fmt: skip
+    trainer.train()
+    assert os.path.isdir(tmp_path / "trak-rows" / "train") and trainer.traker.config.num_checkpoints == 2
+    checkpoints = [str(tmp_path / f"checkpoint-{step}") for step in (3, 6)]
+    reference = TRAKer(tiny_vit(), proj_dim=32, dtype=torch.float32).featurize(train, checkpoints)
+    np.testing.assert_array_equal(trainer.attribute(test), reference.score(test))
 
 
 def test_callback_works_with_a_plain_trainer_and_keeps_the_last_checkpoints(tmp_path):
