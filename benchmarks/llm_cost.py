@@ -1,13 +1,18 @@
 """Featurize against a training step on real-size text models: time and peak memory, 2 threads, CPU or GPU.
 
     python benchmarks/llm_cost.py [--models gpt2 bert-small] [--lengths 128 512] [--examples 32]
-                                  [--batch-size 8] [--threads 2] [--device cpu]
+                                  [--batch-size 8] [--threads 2] [--device cpu] [--dtype float32]
+
+On a GPU (the device machine): ``--device cuda --dtype bfloat16 --models gpt2 llama-1b``; without a CUDA
+device that prints one line saying it skipped, and exits 0.
 
 Models, random init (no download): ``gpt2`` is ``GPT2LMHeadModel(GPT2Config())``, GPT-2 small (124M
 parameters, vocabulary 50,257); ``bert-small`` is a 4-layer BERT of width 512 (``BertConfig(hidden_size=512,
 num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)``, about 29M parameters) with a 2-class
-head. For each model and length, ``--examples`` random sequences; every measurement runs in a process of its
-own (so that its peak resident memory, ``ru_maxrss``, is its own):
+head; ``llama-1b`` is ``LlamaForCausalLM`` with TinyLlama-1.1B's shape (width 2048, 22 layers, 32 query and 4
+key/value heads, MLP 5632, vocabulary 32,000: 1.1B parameters). For each model and length, ``--examples``
+random sequences; every measurement runs in a process of its own (so that its peak resident memory,
+``ru_maxrss``, is its own):
 
 * ``training step``: AdamW, forward, backward and optimizer step over the examples in batches of
   ``--batch-size``, seconds per example (after one warm-up batch);
@@ -18,7 +23,8 @@ own (so that its peak resident memory, ``ru_maxrss``, is its own):
 * ``featurize, batch size left to hf_trak``: the default with ``batch_size=None`` (``hf_trak.run.memory``
   picks it from the free memory): its peak memory is what a user gets without choosing.
 
-Peak memory is the process's, model and data included (GiB). GPU: peak allocated memory instead.
+Peak memory is the process's, model and data included (GiB). GPU: peak allocated memory instead. Each row
+also gives tokens per second (examples × tokens / seconds).
 """
 
 import argparse
@@ -37,13 +43,28 @@ VARIANTS = {
 }
 
 
+MODELS = ("gpt2", "bert-small", "llama-1b")
+VOCABULARIES = {"gpt2": 50257, "bert-small": 30522, "llama-1b": 32000}
+
+
 def make_model(name: str):
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     if name == "gpt2":
         return GPT2LMHeadModel(GPT2Config())
+    if name == "llama-1b":
+        config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
+        return LlamaForCausalLM(config)
     config = BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048,
                         num_labels=2)  # fmt: skip
     return BertForSequenceClassification(config)
@@ -54,9 +75,8 @@ def data(name: str, length: int, examples: int):
     from datasets import Dataset
 
     rng = np.random.default_rng(0)
-    vocab = 50257 if name == "gpt2" else 30522
-    ids = rng.integers(0, vocab, size=(examples, length)).tolist()
-    labels = ids if name == "gpt2" else rng.integers(0, 2, size=examples).tolist()
+    ids = rng.integers(0, VOCABULARIES[name], size=(examples, length)).tolist()
+    labels = rng.integers(0, 2, size=examples).tolist() if name == "bert-small" else ids
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * examples, "labels": labels})
 
 
@@ -66,7 +86,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    model = make_model(spec["model"]).to(device)
+    model = make_model(spec["model"]).to(device, getattr(torch, spec["dtype"]))
     split = data(spec["model"], spec["length"], spec["examples"])
     size = spec["batch_size"]
     if device.type == "cuda":
@@ -106,36 +126,45 @@ def worker(spec: dict) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["gpt2", "bert-small"], choices=["gpt2", "bert-small"])
+    parser.add_argument("--models", nargs="+", default=["gpt2", "bert-small"], choices=MODELS)
     parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    print("| model | tokens | measurement | s / example | × training step | peak memory (GiB) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"skipped: --device {args.device} but torch sees no CUDA device")
+            return
+        print(f"device: {torch.cuda.get_device_name()}, dtype {args.dtype}")
+    print("| model | tokens | measurement | s / example | × training step | tokens / s | peak memory (GiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models:
-        for length in args.lengths if model == "gpt2" else args.lengths[:1]:
+        for length in args.lengths if model != "bert-small" else args.lengths[:1]:
             base = None
             for variant in args.variants:
                 spec = dict(model=model, length=length, examples=args.examples, batch_size=args.batch_size,
-                            threads=args.threads, device=args.device, variant=variant)  # fmt: skip
+                            threads=args.threads, device=args.device, variant=variant, dtype=args.dtype)  # fmt: skip
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                       text=True)  # fmt: skip
                 if done.returncode != 0:
-                    print(f"| {model} | {length} | {variant} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+                    print(f"| {model} | {length} | {variant} | failed: {done.stderr.strip().splitlines()[-1]} | | | |")
                     continue
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 base = result["seconds"] if variant == "training step" else base
                 ratio = f"{result['seconds'] / base:.2f}" if base else ""
-                print(f"| {model} | {length} | {variant} | {result['seconds']:.3f} | {ratio} | {result['peak']:.1f} |",
-                      flush=True)  # fmt: skip
+                rate = length / result["seconds"]
+                print(f"| {model} | {length} | {variant} | {result['seconds']:.3f} | {ratio} | {rate:.0f} | "
+                      f"{result['peak']:.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -151,11 +151,12 @@ ATTRIBUTE_SCRIPT = textwrap.dedent("""
     from hf_trak.testing.datasets import token_sequences
     from hf_trak.testing.models import tiny_bert, word_tokenizer
     from hf_trak.testing.processes import register_exit_probe
-    store, out = sys.argv[1], sys.argv[2]
+    store, out, streamed = sys.argv[1], sys.argv[2], sys.argv[3] == "streamed"
     register_exit_probe(out)
     raw = lambda n, seed: token_sequences(n, seed=seed).select_columns(["text", "labels"])
+    train = raw(13, 0).to_iterable_dataset(num_shards=2) if streamed else raw(13, 0)  # a stream: spooled once
     # no Accelerator: TRAKer counts the launch's processes itself (with cpu=True on this machine)
-    result = hf_trak.attribute(tiny_bert(), raw(13, 0), raw(5, 1), processor=word_tokenizer(), k=3, proj_dim=16,
+    result = hf_trak.attribute(tiny_bert(), train, raw(5, 1), processor=word_tokenizer(), k=3, proj_dim=16,
                                save_dir=store, shard_size=4)
     if os.environ["RANK"] == "0":
         np.save(out + "/scores.npy", result.scores)
@@ -165,13 +166,15 @@ ATTRIBUTE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_attribute_under_torchrun_equals_one_process(tmp_path):
+@pytest.mark.parametrize("train", ["materialized", "streamed"])
+def test_attribute_under_torchrun_equals_one_process(tmp_path, train):
     """Without an Accelerator, on CPU: accelerate's ``PartialState()`` would count one process in each
-    (``hf_trak.run.processes.process_state`` makes it with ``cpu=True``)."""
+    (``hf_trak.run.processes.process_state`` makes it with ``cpu=True``). A streamed train split is read into
+    its files by the main process, then by the other from them."""
     script = tmp_path / "attribute.py"
     script.write_text(ATTRIBUTE_SCRIPT)
     done = subprocess.run(
-        [*TORCHRUN, str(script), str(tmp_path / "store"), str(tmp_path)],
+        [*TORCHRUN, str(script), str(tmp_path / "store"), str(tmp_path), train],
         env=subprocess_env(),
         capture_output=True,
         text=True,
@@ -187,6 +190,7 @@ def test_attribute_under_torchrun_equals_one_process(tmp_path):
     scores = np.load(tmp_path / "scores.npy")
     np.testing.assert_allclose(scores, single.scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
     assert load_from_disk(str(tmp_path / "top_k"))["train_index"] == single.top_k["train_index"]
+    assert os.path.isdir(tmp_path / "store-rows" / "train") == (train == "streamed")
 
 
 def test_an_accelerator_counting_one_process_in_a_launch_of_two_is_refused(tmp_path):

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from hf_trak.testing.processes import subprocess_env
 
@@ -139,4 +140,11 @@ def test_the_llm_cost_benchmark_prints_each_measurement_against_the_training_ste
               "--variants", "training step", "featurize (default)", cwd=tmp_path)  # fmt: skip
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| bert-small | 16 | ")]
     assert [row[2] for row in rows] == ["training step", "featurize (default)"]
-    assert rows[1][4] and float(rows[1][4]) > 0 and float(rows[1][5].rstrip(" |")) > 0.1  # a ratio, a peak in GiB
+    assert rows[1][4] and float(rows[1][4]) > 0 and float(rows[1][6].rstrip(" |")) > 0.1  # a ratio, a peak in GiB
+    assert float(rows[1][5]) == pytest.approx(16 / float(rows[1][3]), rel=0.01)  # tokens per second
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without a GPU")
+def test_the_llm_cost_benchmark_skips_cleanly_without_a_gpu(tmp_path):
+    out = run("llm_cost.py", "--device", "cuda", "--models", "llama-1b", "--dtype", "bfloat16", cwd=tmp_path)
+    assert out.strip() == "skipped: --device cuda but torch sees no CUDA device"

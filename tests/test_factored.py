@@ -13,12 +13,13 @@ from hf_trak.method.gradients import PerExampleGradients, select_parameters
 from hf_trak.method.model_outputs import AutoModelOutput
 from hf_trak.testing.datasets import clip_pairs, digits, lm_sequences, token_sequences
 from hf_trak.testing.lds import digits_lds
-from hf_trak.testing.models import tiny_bert, tiny_clip, tiny_gpt2, tiny_vit
+from hf_trak.testing.models import tiny_bert, tiny_clip, tiny_gpt2, tiny_llama, tiny_vit
 
 CASES = {
     "vit": (tiny_vit, lambda: digits(7)),
     "bert": (tiny_bert, lambda: token_sequences(7)),
     "gpt2": (tiny_gpt2, lambda: lm_sequences(7)),
+    "llama": (tiny_llama, lambda: lm_sequences(7)),
     "clip": (tiny_clip, lambda: clip_pairs(7)),
 }
 

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from hf_trak import TRAKer
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.testing.datasets import lm_sequences, token_sequences
-from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2, tiny_llama
 
 SETTINGS = {
     "default": {},
@@ -29,10 +29,12 @@ def featurized(make_model, data, **settings):
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("head", ["causal_lm", "text_classification"])
+@pytest.mark.parametrize("head", ["causal_lm", "causal_lm_llama", "text_classification"])
 def test_each_side_sums_to_the_score_and_the_score_is_the_stored_one(setting, head):
     """Exact splits (float64 sums of float32 parts), and the score ``score`` reads from the float32 Φ."""
-    make_model, data = (tiny_gpt2, lm_sequences(20)) if head == "causal_lm" else (tiny_bert, token_sequences(20))
+    make_model = {"causal_lm": tiny_gpt2, "causal_lm_llama": tiny_llama, "text_classification": tiny_bert}[head]
+    head = "causal_lm" if head.startswith("causal_lm") else head
+    data = lm_sequences(20) if head == "causal_lm" else token_sequences(20)
     traker = featurized(make_model, data, **SETTINGS[setting])
     target = (lm_sequences if head == "causal_lm" else token_sequences)(3, seed=5).select([1])
     expected = traker.score(target)[:, 0]
@@ -48,7 +50,7 @@ def test_each_side_sums_to_the_score_and_the_score_is_the_stored_one(setting, he
         assert tokens.train_ids.tolist() == attended and len(tokens.train_tokens) == len(attended)
         assert tokens.target_ids.tolist() == target[0]["input_ids"]
         if head == "causal_lm":
-            assert tokens.train_pooled == 0 and tokens.target_pooled == 0  # every GPT-2 layer sees positions
+            assert tokens.train_pooled == 0 and tokens.target_pooled == 0  # every LM layer sees positions
         else:
             assert tokens.train_pooled != 0  # BERT's pooler and classifier read the [CLS] vector only
 

@@ -8,6 +8,8 @@ from transformers import (
     CLIPModel,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -50,6 +52,22 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0, pad_token_id=0
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """The Llama family's blocks (RMSNorm, rotary positions, grouped-query attention, gated SiLU MLP, untied head)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 def tiny_clip(seed: int = 0) -> CLIPModel:
