@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     stores.add_argument("--from-hub", metavar="REPO_ID", help="a features repo pushed with push")
     _add_model_arguments(explore, required=False)
     _add_data_arguments(explore)
+    explore.add_argument("--stream-dir", default=None, help="with --streaming: where the splits' rows are kept")
     explore.add_argument("--k", type=positive_int, default=10, help="proponents and opponents shown")
     explore.add_argument(
         "--index", default=None,
