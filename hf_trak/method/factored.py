@@ -49,6 +49,7 @@ from hf_trak.method.gradients import PerExampleGradients
 from hf_trak.method.model_outputs import AbstractModelOutput
 from hf_trak.method.principal import MAX_PRINCIPAL_SIDE, principal_factor
 from hf_trak.method.projectors import IdentityProjector, RandomProjector, seeded_generator
+from hf_trak.method.shared_outputs import keeping_outputs
 from hf_trak.method.token_vectors import id_counts, projected_pair, reaching_tokens, side_vectors
 
 logger = logging.getLogger(__name__)
@@ -305,7 +306,7 @@ class FactoredGradientProjector:
             # Detached leaves that require grad put the layer outputs on the autograd graph; only
             # the output gradients δ are asked for, so no weight gradient is ever computed.
             leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in weights.items()}
-            with torch.enable_grad():
+            with torch.enable_grad(), keeping_outputs():  # Q of the batch reuses this forward's outputs
                 total = task.get_output(self.model, leaves, buffers, batch)
                 deltas = torch.autograd.grad(total, [output for _, _, output in records], allow_unused=True)
         finally:

@@ -47,6 +47,7 @@ from hf_trak.errors import (
 )
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
+from hf_trak.method.shared_outputs import shared_outputs
 from hf_trak.run.kernels import finalize_checkpoint
 from hf_trak.run.memory import batch_size_for
 from hf_trak.store import lock
@@ -274,8 +275,9 @@ def _write_missing_shards(
                 if statistics:
                     view.map.projector.start_statistics(kernel_from)
                 for batch in source.batches(batch_size, start, stop):
-                    projected, prepared = view.features(batch)
-                    q = view.out_to_loss(prepared).float()
+                    with shared_outputs():  # Q from the features' forward pass: one forward per batch
+                        projected, prepared = view.features(batch)
+                        q = view.out_to_loss(prepared).float()
                     offset = start + sum(len(block) for block in features)
                     projected, q = _finite_rows(projected, q, offset, view.model_id, on_nonfinite, excluded)
                     features.append(projected.to(storage_dtype).cpu())
