@@ -25,6 +25,7 @@ from hf_trak.arguments import TRAKArguments
 from hf_trak.errors import InvalidArgumentError, NotFeaturizedError
 from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
+from hf_trak.hf.sharding import check_unsharded
 from hf_trak.method.estimator import differentiated_parameters
 from hf_trak.method.factored import FactoredGradientProjector
 from hf_trak.method.gradients import DenseGradientProjector, PerExampleGradients
@@ -50,6 +51,7 @@ class FeatureMap:
         device: torch.device,
         store_version: int = STORE_VERSION,
     ):
+        check_unsharded(model)
         self.model, self.task, self.device = model, task, torch.device(device)
         self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
         self.param_names, self.num_params, self.projector = [], 0, None

@@ -226,11 +226,7 @@ def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, 
     sides = projector.principal_sides()  # none where every side is small enough for k = d: an empty file
     count = max(1, math.ceil(store.config.principal_fraction * len(source)))
     rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
-    moments = {  # zeros where a process sees no token, so that every process reduces the same tensors
-        f"{target.name}/{side}": torch.zeros(*(2 * [target.rows if side == "rows" else target.cols]),
-                                             dtype=torch.float64, device=view.map.device)
-        for target, side in sides
-    }  # fmt: skip
+    moments = {}
     # Batches of the sample, the same whatever the number of processes (each takes a share of them): a batch's
     # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
     batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
@@ -238,8 +234,13 @@ def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, 
         for batch in tqdm(mine, desc=f"Principal factors, checkpoint {model_id}",
                           disable=None if state.is_main_process else True):  # fmt: skip
             for name, moment in view.side_moments(source.batch(batch)).items():
-                moments[name] += moment.to(moments[name].device)
-    moments = {name: reduce(moment, reduction="sum") for name, moment in moments.items()}
+                moments[name] = moments[name] + moment if name in moments else moment
+    if state.num_processes > 1:  # zeros where a process saw no token, so that every process reduces the same tensors
+        for target, side in sides:
+            dim = target.rows if side == "rows" else target.cols
+            name = f"{target.name}/{side}"
+            moments.setdefault(name, torch.zeros(dim, dim, dtype=torch.float64, device=view.map.device))
+        moments = {name: reduce(moments[name], reduction="sum") for name in sorted(moments)}
     if state.is_main_process:
         store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
     state.wait_for_everyone()
