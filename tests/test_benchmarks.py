@@ -36,9 +36,10 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     sys.path.insert(0, BENCHMARKS)
     try:
         from lds import ground_truth, noise_ceiling
-        from lds_suite import TASKS
+        from lds_suite import CHOOSE, CONFIRM, TASKS
     finally:
         sys.path.remove(BENCHMARKS)
+    assert not set(CHOOSE) & set(CONFIRM) and set(CHOOSE) | set(CONFIRM) == set(TASKS)  # fixed before tuning
     for name, make in TASKS.items():
         masks, outputs = ground_truth(name)
         task = make()
