@@ -81,6 +81,14 @@ def test_another_stream_is_refused_and_replaced_only_when_asked(tmp_path):
         spool_stream(stream_of(n=6), folder, chunk_size=3)
     rows = spool_stream(stream_of(n=6, offset=100), folder, chunk_size=4, overwrite=True)
     assert rows["x"][:] == list(range(100, 106))
+    assert len(spool_stream(stream_of(n=9, offset=100), folder, chunk_size=4)) == 6  # kept rows are read back
+    assert spool_stream(stream_of(n=9, offset=100), folder, chunk_size=4, overwrite=True)["x"][:] == list(
+        range(100, 109)
+    )
+    two_shards = token_sequences(6).to_iterable_dataset(num_shards=2)
+    spool_stream(token_sequences(6).to_iterable_dataset(num_shards=1), str(tmp_path / "shards"))
+    with pytest.raises(OutputExistsError, match="number of shards"):
+        spool_stream(two_shards, str(tmp_path / "shards"))
     with pytest.raises(InvalidInputError, match="no rows"):
         spool_stream(stream_of(n=0), str(tmp_path / "empty"))
     with pytest.raises(InvalidArgumentError, match="IterableDataset"):
@@ -100,7 +108,8 @@ def test_a_streamed_train_split_scores_as_the_materialized_one(tmp_path):
     np.testing.assert_array_equal(streamed.score(targets), expected)
     assert os.path.isfile(os.path.join(save_dir + "-rows", "train", MANIFEST_NAME))
 
-    loaded = TRAKer.from_pretrained(save_dir, tiny_bert(), checkpoints, train_dataset=train.to_iterable_dataset())
+    stream = train.to_iterable_dataset(num_shards=4)
+    loaded = TRAKer.from_pretrained(save_dir, tiny_bert(), checkpoints, train_dataset=stream)
     np.testing.assert_array_equal(loaded.score(targets), expected)
     with pytest.raises(InvalidArgumentError, match="stream_dir"):
         TRAKer(tiny_bert(), **SETTINGS).featurize(train.to_iterable_dataset(), checkpoints)

@@ -12,8 +12,9 @@ as it reads any split, so its scores are those of the same rows materialized.
 A run killed part-way resumes by position: the stream is restored to the recorded state
 (``IterableDataset.load_state_dict``) and reading goes on from the first row not in a
 complete file. The stream must yield the same rows in the same order (no shuffle
-buffer): its first row is checked against the first stored one, and another stream is
-refused with the fix named.
+buffer): its first row and number of shards are checked against the stored ones, and
+another stream is refused with the fix named. A complete spool is read back as it is: rows
+added to the source since are not seen (``overwrite=True`` reads the stream afresh).
 """
 
 import json
@@ -88,7 +89,7 @@ def _read(files: List[str]):
 def spool_stream(stream, folder: str, chunk_size: int = 10_000, overwrite: bool = False):
     """The rows of ``stream`` (an ``IterableDataset``) as a memory-mapped ``Dataset`` kept in ``folder``;
     a complete spool of the same stream is read back, a partial one resumed (see the module docstring).
-    ``overwrite``: replace a spool of another stream."""
+    ``overwrite``: read the stream afresh, replacing what ``folder`` holds."""
     if not is_stream(stream):
         raise InvalidArgumentError(f"spool_stream takes a datasets.IterableDataset, got {type(stream).__name__}.")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
@@ -97,16 +98,19 @@ def spool_stream(stream, folder: str, chunk_size: int = 10_000, overwrite: bool 
     if first is None:
         raise InvalidInputError("The stream yields no rows: there are no examples to featurize.")
     manifest_path = os.path.join(folder, MANIFEST_NAME)
-    manifest = {"first_row_hash": first, "chunk_size": chunk_size, "rows": 0, "state": None, "complete": False}
+    manifest = {"first_row_hash": first, "num_shards": stream.n_shards, "chunk_size": chunk_size, "rows": 0,
+                "state": None, "complete": False}  # fmt: skip
     if os.path.isfile(manifest_path):
         with open(manifest_path) as file:
             stored = json.load(file)
-        if stored["first_row_hash"] != first or stored["chunk_size"] != chunk_size:
-            if not overwrite:
-                raise OutputExistsError(
-                    f"{folder} holds the rows of another stream (its first row or chunk size differs). Pass the "
-                    "stream it was made from, another folder, or overwrite=True to read this one afresh."
-                )
+        same = all(stored.get(key) == manifest[key] for key in ("first_row_hash", "num_shards", "chunk_size"))
+        if not same and not overwrite:
+            raise OutputExistsError(
+                f"{folder} holds the rows of another stream (its first row, number of shards or chunk size "
+                "differs). Pass the stream it was made from, another folder, or overwrite=True to read this one "
+                "afresh."
+            )
+        if overwrite:
             shutil.rmtree(folder)
         else:
             manifest = stored
