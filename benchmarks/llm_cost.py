@@ -2,6 +2,7 @@
 
     python benchmarks/llm_cost.py [--models gpt2 bert-small] [--lengths 128 512] [--examples 32]
                                   [--batch-size 8] [--threads 2] [--device cpu] [--dtype float32]
+                                  [--repeats 1]
 
 On a GPU (the device machine): ``--device cuda --dtype bfloat16 --models gpt2 llama-1b``; without a CUDA
 device that prints one line saying it skipped, and exits 0.
@@ -24,12 +25,15 @@ random sequences; every measurement runs in a process of its own (so that its pe
   picks it from the free memory): its peak memory is what a user gets without choosing.
 
 Peak memory is the process's, model and data included (GiB). GPU: peak allocated memory instead. Each row
-also gives tokens per second (examples × tokens / seconds).
+also gives tokens per second (examples × tokens / seconds). With ``--repeats R`` every measurement runs R
+times, the variants in turn, and the table gives the median seconds (the ratio: of the medians) and the
+largest peak.
 """
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -134,6 +138,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each measurement; the table has medians")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -150,21 +155,29 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models:
         for length in args.lengths if model != "bert-small" else args.lengths[:1]:
-            base = None
-            for variant in args.variants:
-                spec = dict(model=model, length=length, examples=args.examples, batch_size=args.batch_size,
-                            threads=args.threads, device=args.device, variant=variant, dtype=args.dtype)  # fmt: skip
-                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                      text=True)  # fmt: skip
-                if done.returncode != 0:
-                    print(f"| {model} | {length} | {variant} | failed: {done.stderr.strip().splitlines()[-1]} | | | |")
+            found = {variant: [] for variant in args.variants}
+            for _ in range(args.repeats):  # the variants in turn, so that a change of the machine's load hits all
+                for variant in args.variants:
+                    spec = dict(model=model, length=length, examples=args.examples, batch_size=args.batch_size,
+                                threads=args.threads, device=args.device, variant=variant,
+                                dtype=args.dtype)  # fmt: skip
+                    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                          capture_output=True, text=True)  # fmt: skip
+                    if done.returncode != 0:
+                        found[variant] = f"failed: {done.stderr.strip().splitlines()[-1]}"
+                    elif isinstance(found[variant], list):
+                        found[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            base = found.get("training step")
+            base = statistics.median(r["seconds"] for r in base) if isinstance(base, list) and base else None
+            for variant, results in found.items():
+                if isinstance(results, str):
+                    print(f"| {model} | {length} | {variant} | {results} | | | |")
                     continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                base = result["seconds"] if variant == "training step" else base
-                ratio = f"{result['seconds'] / base:.2f}" if base else ""
-                rate = length / result["seconds"]
-                print(f"| {model} | {length} | {variant} | {result['seconds']:.3f} | {ratio} | {rate:.0f} | "
-                      f"{result['peak']:.1f} |", flush=True)  # fmt: skip
+                seconds = statistics.median(r["seconds"] for r in results)
+                ratio = f"{seconds / base:.2f}" if base else ""
+                peak = max(r["peak"] for r in results)
+                print(f"| {model} | {length} | {variant} | {seconds:.3f} | {ratio} | {length / seconds:.0f} | "
+                      f"{peak:.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

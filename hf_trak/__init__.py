@@ -9,6 +9,7 @@ checkpoints and adapters, ``hf_trak.run``: featurize and score, ``hf_trak.check`
 from hf_trak.arguments import TRAKArguments
 from hf_trak.attribute import Attribution, attribute, top_k_dataset, with_token_scores
 from hf_trak.data.processing import prepare_split
+from hf_trak.data.streaming import spool_stream
 from hf_trak.errors import (
     CorruptStoreError,
     DiskFullError,
@@ -78,6 +79,7 @@ __all__ = [
     "prepare_split",
     "ProcessFailedError",
     "SequenceClassificationModelOutput",
+    "spool_stream",
     "StoreLockedError",
     "StoreMismatchError",
     "TopK",

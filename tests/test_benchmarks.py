@@ -138,7 +138,7 @@ def test_the_checks_benchmark_runs_both_checks(tmp_path):
 
 def test_the_llm_cost_benchmark_prints_each_measurement_against_the_training_step(tmp_path):
     out = run("llm_cost.py", "--models", "bert-small", "--lengths", "16", "--examples", "4", "--batch-size", "2",
-              "--variants", "training step", "featurize (default)", cwd=tmp_path)  # fmt: skip
+              "--variants", "training step", "featurize (default)", "--repeats", "2", cwd=tmp_path)  # fmt: skip
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| bert-small | 16 | ")]
     assert [row[2] for row in rows] == ["training step", "featurize (default)"]
     assert rows[1][4] and float(rows[1][4]) > 0 and float(rows[1][6].rstrip(" |")) > 0.1  # a ratio, a peak in GiB

@@ -57,7 +57,7 @@ class ExampleSource:
             raise InvalidArgumentError(
                 f"Expected a datasets.Dataset or a torch DataLoader of dict batches, got {type(data).__name__}. "
                 "A stream (IterableDataset) is taken as the train split of featurize and attribute, which keep its "
-                "rows on disk; elsewhere read it first: hf_trak.data.streaming.spool_stream(stream, folder)."
+                "rows on disk; elsewhere read it first: hf_trak.spool_stream(stream, folder)."
             )
         if len(self) == 0:
             raise InvalidInputError("The dataset is empty: there are no examples to featurize or score.")
