@@ -13,8 +13,10 @@ A run killed part-way resumes by position: the stream is restored to the recorde
 (``IterableDataset.load_state_dict``) and reading goes on from the first row not in a
 complete file. The stream must yield the same rows in the same order (no shuffle
 buffer): its first row and number of shards are checked against the stored ones, and
-another stream is refused with the fix named. A complete spool is read back as it is: rows
-added to the source since are not seen (``overwrite=True`` reads the stream afresh).
+another stream is refused with the fix named (``overwrite=True`` replaces it). A complete
+spool of the same stream is read back as it is, with or without ``overwrite`` (which, passed
+on by ``featurize``, is about the features): rows added to the source since are not seen;
+delete the folder to read the stream again.
 """
 
 import json
@@ -89,7 +91,7 @@ def _read(files: List[str]):
 def spool_stream(stream, folder: str, chunk_size: int = 10_000, overwrite: bool = False):
     """The rows of ``stream`` (an ``IterableDataset``) as a memory-mapped ``Dataset`` kept in ``folder``;
     a complete spool of the same stream is read back, a partial one resumed (see the module docstring).
-    ``overwrite``: read the stream afresh, replacing what ``folder`` holds."""
+    ``overwrite``: replace the rows of another stream that ``folder`` holds."""
     if not is_stream(stream):
         raise InvalidArgumentError(f"spool_stream takes a datasets.IterableDataset, got {type(stream).__name__}.")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
@@ -104,16 +106,15 @@ def spool_stream(stream, folder: str, chunk_size: int = 10_000, overwrite: bool 
         with open(manifest_path) as file:
             stored = json.load(file)
         same = all(stored.get(key) == manifest[key] for key in ("first_row_hash", "num_shards", "chunk_size"))
-        if not same and not overwrite:
-            raise OutputExistsError(
-                f"{folder} holds the rows of another stream (its first row, number of shards or chunk size "
-                "differs). Pass the stream it was made from, another folder, or overwrite=True to read this one "
-                "afresh."
-            )
-        if overwrite:
+        if same:
+            manifest = stored
+        elif overwrite:
             shutil.rmtree(folder)
         else:
-            manifest = stored
+            raise OutputExistsError(
+                f"{folder} holds the rows of another stream (its first row, number of shards or chunk size "
+                "differs). Pass the stream it was made from, another folder, or overwrite=True to replace them."
+            )
     os.makedirs(folder, exist_ok=True)
     files = [path for path in _chunk_files(folder) if _stop(path) <= manifest["rows"]]
     for path in set(_chunk_files(folder)) - set(files):  # written after the last record: redone
