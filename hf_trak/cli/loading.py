@@ -21,17 +21,13 @@ def load_split(args, split: str, limit: Optional[int]):
         if split not in splits:
             raise InvalidArgumentError(f"{args.dataset} has no split {split!r} (splits: {list(splits)}).")
         data = splits[split]
-    elif getattr(
-        args, "streaming", False
-    ):  # read once into <stream-dir>/<split>, resumably; the first rows: take(limit)
+    elif args.streaming:  # read once into <stream-dir>/<split>, resumably; the first rows: take(limit)
         from hf_trak.data.streaming import spooled
         from hf_trak.run.processes import process_state
 
         data = load_dataset(args.dataset, args.dataset_config, data_files=args.data_files, split=split, streaming=True)
         data = data.take(limit) if limit is not None else data
-        return spooled(
-            data, getattr(args, "stream_dir", None), getattr(args, "save_dir", None), split, process_state()
-        )
+        return spooled(data, args.stream_dir, args.save_dir, split, process_state())
     else:
         data = load_dataset(args.dataset, args.dataset_config, data_files=args.data_files, split=split)
         if isinstance(data, DatasetDict):

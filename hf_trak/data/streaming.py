@@ -124,7 +124,7 @@ def spool_stream(stream, folder: str, chunk_size: int = 10_000, overwrite: bool 
     if manifest["state"] is not None:
         logger.info("Resuming the stream into %s at row %d.", folder, manifest["rows"])
         stream.load_state_dict(manifest["state"])
-    features = _read(files).features if files else stream.features
+    features = _read(files[:1]).features if files else stream.features  # every file has the first one's
     rows, start = [], manifest["rows"]
     for row in stream:
         rows.append(row)

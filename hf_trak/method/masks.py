@@ -84,12 +84,13 @@ class AttentionMaskAdapter:
         batch = _probe_rows(batch)
         with torch.no_grad():
             reference = _output_tensors(forward(batch))
+            tolerances = [_tolerance(r) for r in reference]
             for kind in (BIDIRECTIONAL, CAUSAL):
                 mask = to_4d_attention_mask(batch["attention_mask"], kind, self.dtype)
                 candidate = _output_tensors(forward(dict(batch, attention_mask=mask)))
                 if len(candidate) == len(reference) and all(
-                    c.shape == r.shape and torch.allclose(c, r, rtol=1e-4, atol=_tolerance(r), equal_nan=True)
-                    for c, r in zip(candidate, reference)
+                    c.shape == r.shape and torch.allclose(c, r, rtol=1e-4, atol=atol, equal_nan=True)
+                    for c, r, atol in zip(candidate, reference, tolerances)
                 ):
                     logger.info("Using %s 4D attention masks for per-example gradients.", kind)
                     return kind
