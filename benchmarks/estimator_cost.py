@@ -1,6 +1,6 @@
 """What the default estimator costs: featurize time and store size, estimator="hf_trak" against "trak".
 
-    python benchmarks/estimator_cost.py [--num-examples 512] [--proj-dim 2048] [--repeats 3] [--threads 2]
+    python benchmarks/estimator_cost.py [--num-examples 512] [--proj-dim auto] [--repeats 3] [--threads 2]
 
 Two random-init models large enough that ``projector="auto"`` factors them under either
 estimator (p·k > 2^28), so that the difference is the estimator's alone: a 4-layer GPT-2
@@ -9,7 +9,9 @@ one extra forward and backward over 10% of the rows for its principal factors)
 and a 4-layer BERT classifier (hidden 256, 64 tokens; hf_trak: per-module kernels from the
 examples, no statistics). Each run featurizes one checkpoint into a fresh store, finalize
 included (K and Φ); the script prints the median seconds of ``--repeats`` runs, the store's
-bytes on disk, and the ratios hf_trak / trak, measured in the same process.
+bytes on disk, and the ratios hf_trak / trak, measured in the same process. ``--proj-dim auto`` (the default)
+gives each estimator its own k (``hf_trak.method.estimator.auto_proj_dim``: hf_trak 4096 for the causal LM's
+per-token kernels, 2048 otherwise; trak 2048), a number the same k to both.
 """
 
 import argparse
@@ -56,7 +58,7 @@ def store_bytes(root: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
 
-def run(model, split, estimator: str, proj_dim: int, repeats: int):
+def run(model, split, estimator: str, proj_dim, repeats: int):
     times, size, config = [], 0, None
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as folder:
@@ -71,7 +73,7 @@ def run(model, split, estimator: str, proj_dim: int, repeats: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-examples", type=int, default=512)
-    parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument("--proj-dim", type=lambda text: text if text == "auto" else int(text), default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -81,9 +83,9 @@ def main():
         p = sum(parameter.numel() for parameter in model.parameters())
         results = {e: run(model, split, e, args.proj_dim, args.repeats) for e in ("trak", "hf_trak")}
         for estimator, (seconds, size, config) in results.items():
-            print(f"{name}, p={p:,}, {estimator:8}: {config.projector} projector, {config.kernel} kernel from "
-                  f"{config.kernel_from}, train_weight={config.train_weight}: featurize {seconds:.1f} s "
-                  f"(median of {args.repeats}), store {size / 2**20:.1f} MiB")  # fmt: skip
+            print(f"{name}, p={p:,}, {estimator:8}: k={config.proj_dim}, {config.projector} projector, "
+                  f"{config.kernel} kernel from {config.kernel_from}, train_weight={config.train_weight}: "
+                  f"featurize {seconds:.1f} s (median of {args.repeats}), store {size / 2**20:.1f} MiB")  # fmt: skip
         (t0, s0, _), (t1, s1, _) = results["trak"], results["hf_trak"]
         print(f"{name}: hf_trak / trak: time {t1 / t0:.2f}×, store {s1 / s0:.2f}×", flush=True)
 

@@ -1,6 +1,6 @@
 """The LDS suite: hf_trak's estimators against kronfluence's EK-FAC and K-FAC and a cosine baseline.
 
-    python benchmarks/lds.py [--tasks image text lm] [--models 5] [--proj-dim 2048] [--seeds 1] [--threads 2]
+    python benchmarks/lds.py [--tasks image text lm] [--models 5] [--proj-dim auto] [--seeds 1] [--threads 2]
 
 For each task of ``benchmarks/lds_suite.py`` (ground truth from ``lds_ground_truth.py``,
 shipped in ``benchmarks/lds_data``): K models trained on the whole train split (seeds
@@ -90,7 +90,7 @@ def noise_ceiling(outputs: np.ndarray) -> float:
 
 
 def trak_scores(
-    task, models, proj_dim: int, estimator: str = "trak", store_version=STORE_VERSION, seed: int = 0,
+    task, models, proj_dim, estimator: str = "trak", store_version=STORE_VERSION, seed: int = 0,
     model_dtype=None, **settings,
 ):  # fmt: skip
     """Scores of hf_trak with ``settings`` over ``estimator``'s (the seeds' TRAK unless named), in a store of
@@ -315,7 +315,12 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--models", type=int, default=5)
-    parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument(
+        "--proj-dim",
+        type=lambda text: text if text == "auto" else int(text),
+        default="auto",
+        help="k of hf_trak's methods (auto: hf_trak.method.estimator.auto_proj_dim; trak: 2048)",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="runs of each randomized method (seeds 0..S-1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=DATA, help="folder of the ground truth (lds_ground_truth.py)")

@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import json
 import typing
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -46,7 +46,12 @@ class TRAKArguments:
         "model output function: text_classification, image_classification, causal_lm, clip (default: the head)",
         scope="featurize",
     )
-    proj_dim: Optional[int] = _field(2048, "k, the feature dimension (ignored by the identity projector)")
+    proj_dim: Union[int, str, None] = _field(
+        "auto",
+        "k, the feature dimension (ignored by the identity projector), or auto (4096 for per-token kernels, else "
+        "2048, at most the number of differentiated parameters: hf_trak.method.estimator.auto_proj_dim)",
+        parse="proj_dim",
+    )
     estimator: str = _field(
         "hf_trak",
         "what the settings left at auto become (hf_trak.method.estimator): hf_trak (the LDS suite's choice: no Q, "
@@ -185,8 +190,10 @@ class TRAKArguments:
         for name in ("batch_size", "param_chunk_numel", "max_checkpoints"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
-        if self.projector != "identity" or self.proj_dim is not None:
-            check_positive_int("proj_dim", self.proj_dim)
+        if self.proj_dim != "auto" and (self.projector != "identity" or self.proj_dim is not None):
+            valid = isinstance(self.proj_dim, int) and not isinstance(self.proj_dim, bool) and self.proj_dim > 0
+            if not valid:
+                raise InvalidArgumentError(f"proj_dim must be 'auto' or a positive integer, got {self.proj_dim!r}.")
         _check_choice("projector", self.projector, PROJECTORS)
         _check_choice("dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
@@ -264,10 +271,26 @@ def add_arguments(parser: argparse.ArgumentParser, scopes=FEATURIZE_SCOPES, name
             continue
         if _is_list(field.type):
             kwargs["nargs"] = "+"
-        kwargs["type"] = kind
+        kwargs["type"] = PARSERS[field.metadata["parse"]] if "parse" in field.metadata else kind
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
         group.add_argument(option, **kwargs)
+
+
+def _proj_dim(text: str) -> Union[int, str]:
+    """argparse type of ``--proj-dim``: "auto" or an integer > 0."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+    return value
+
+
+PARSERS = {"proj_dim": _proj_dim}
 
 
 def parsed_settings(namespace: argparse.Namespace, scopes=FEATURIZE_SCOPES, names=()) -> dict:

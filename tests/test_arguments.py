@@ -104,9 +104,10 @@ def test_keywords_and_args_build_the_same_traker():
 @pytest.mark.parametrize(
     "setting,value,message",
     [
-        ("proj_dim", 2.5, "proj_dim must be a positive integer"),
-        ("proj_dim", 0, "proj_dim must be a positive integer"),
-        ("proj_dim", True, "proj_dim must be a positive integer"),
+        ("proj_dim", 2.5, "proj_dim must be 'auto' or a positive integer"),
+        ("proj_dim", 0, "proj_dim must be 'auto' or a positive integer"),
+        ("proj_dim", True, "proj_dim must be 'auto' or a positive integer"),
+        ("proj_dim", "big", "proj_dim must be 'auto' or a positive integer"),
         ("batch_size", 0, "batch_size must be a positive integer"),
         ("target_block_size", -1, "target_block_size must be a positive integer"),
         ("shard_size", 0, "shard_size must be a positive integer"),
@@ -126,7 +127,8 @@ def test_nonsense_settings_are_refused_before_any_work(setting, value, message):
 
 def test_the_cli_refuses_nonsense_settings_in_one_line(capsys):
     for argv, message in (
-        (["--proj-dim", "2.5"], "argument --proj-dim: invalid int value: '2.5'"),
+        (["--proj-dim", "2.5"], "argument --proj-dim: expected auto or a positive integer, got '2.5'"),
+        (["--proj-dim", "0"], "argument --proj-dim: expected auto or a positive integer, got '0'"),
         (["--batch-size", "0"], "error: batch_size must be a positive integer, got 0."),
         (["--projector", "sparse"], "argument --projector: invalid choice: 'sparse'"),
     ):

@@ -24,7 +24,8 @@ from hf_trak.testing.processes import subprocess_env
      ("target_block_size", 0), ("shard_size", 1.0), ("param_chunk_numel", 0), ("max_checkpoints", True)],
 )  # fmt: skip
 def test_settings_must_be_positive_integers(setting, value):
-    with pytest.raises(InvalidArgumentError, match=rf"{setting} must be a positive integer, got {value!r}"):
+    expected = "'auto' or a positive integer" if setting == "proj_dim" else "a positive integer"
+    with pytest.raises(InvalidArgumentError, match=rf"{setting} must be {expected}, got {value!r}"):
         TRAKArguments(**{setting: value})
     with pytest.raises(InvalidArgumentError, match=setting):
         TRAKer(tiny_vit(), **{setting: value})
@@ -77,7 +78,7 @@ def run_cli(argv, capsys, monkeypatch, debug: bool = False):
         (["top-k", "--save-dir", "s", "--dataset", "d", "--output", "o", "--k", "-3"],
          "argument --k: expected a positive integer"),
         (["featurize", "--model", "m", "--dataset", "d", "--save-dir", "s", "--proj-dim", "2.5"],
-         "--proj-dim: invalid int"),
+         "--proj-dim: expected auto or a positive integer, got '2.5'"),
         (["report", "--top-k", "t", "--output", "r.html", "--num-targets", "0"],
          "expected a positive integer, got '0'"),
         (["featurize", "--model", "m", "--dataset", "d", "--save-dir", "s", "--batch-size", "0"],

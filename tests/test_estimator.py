@@ -10,9 +10,11 @@ from hf_trak import TRAKArguments, TRAKer
 from hf_trak.errors import OutputExistsError
 from hf_trak.method.estimator import (
     AUTO_MIN_DIMS_PER_MATRIX,
+    DEFAULT_PROJ_DIM,
     GLOBAL_LAMBDA_SCALE,
     LAMBDA_SCALE,
     MODULE_LAMBDA_SCALE,
+    TOKENS_PROJ_DIM,
     attention_input_parameters,
     choose_projector,
 )
@@ -188,3 +190,30 @@ def test_the_dataset_card_states_the_estimator_the_store_was_made_with(tmp_path,
     card = str(render_dataset_card(traker.featurize(lm_sequences(6), [model.state_dict()]).store))
     for line in lines:
         assert line in card
+
+
+def test_auto_proj_dim_follows_the_kernel_and_keeps_small_models_whole():
+    """proj_dim="auto": 4096 for per-token kernels, 2048 otherwise, at most p, where the factored projector keeps every
+    matrix whole (identity factors: the exact gradients); the store records the number."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_trak.cli.parser import build_parser
+
+    big_lm = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
+    cases = [(big_lm, {}, TOKENS_PROJ_DIM), (big_lm, dict(kernel_from="examples"), DEFAULT_PROJ_DIM),
+             (big_lm, dict(estimator="trak"), DEFAULT_PROJ_DIM)]  # fmt: skip
+    for model, settings, expected in cases:
+        traker = TRAKer(model, **settings)
+        assert traker.num_params > expected and traker.config.proj_dim == expected
+        assert 0.99 * expected <= traker.feature_map.dim <= expected  # equal sides can leave a dimension unused
+    assert TRAKer(big_lm, proj_dim=4096).config.proj_dim == 4096  # a number is kept
+    small = TRAKer(tiny_gpt2())
+    assert small.config.proj_dim == small.num_params < TOKENS_PROJ_DIM
+    assert all((t.k_rows, t.k_cols) == (t.rows, t.cols) for t in small.feature_map.projector.targets)
+    assert TRAKer(tiny_bert(), proj_dim=512).config.proj_dim == 512
+    assert (
+        build_parser().parse_args(["featurize", "--model", "m", "--dataset", "d", "--proj-dim", "auto"]).proj_dim
+        == "auto"
+    )

@@ -86,7 +86,7 @@ def test_features_do_not_depend_on_batch_size_or_parameter_chunks(make_model, ma
 def test_non_positive_proj_dim_is_refused(proj_dim):
     with pytest.raises(ValueError, match="proj_dim must be a positive integer"):
         make_projector("rademacher", NUMELS, proj_dim, 0, CPU)
-    with pytest.raises(ValueError, match="proj_dim must be a positive integer"):
+    with pytest.raises(ValueError, match="proj_dim must be 'auto' or a positive integer"):
         TRAKer(tiny_vit(), proj_dim=proj_dim, save_dir=None)
 
 

@@ -312,3 +312,26 @@ def test_ekfac_kernels_follow_their_definition_in_projected_space(tmp_path):
     t = traker._target_features(targets, None, None)[0][0].numpy().astype(np.float64)
     expected = x @ kernel @ t.T
     np.testing.assert_allclose(traker.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_block_diagonal_kernels_are_applied_block_by_block_as_the_dense_matrix_would_be():
+    """``column_scale`` and ``preconditioned`` given a per-module K's blocks give diag(K XᵀX K) and X K of the dense
+    K."""
+    from hf_trak.method.kernel import block_diagonal, column_scale, preconditioned
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = [[0, 3], [3, 5], [8, 1]]
+    inverses = []
+    for _, size in blocks:
+        a = torch.randn(size, size, generator=generator, dtype=torch.float64)
+        inverses.append(a @ a.T + torch.eye(size, dtype=torch.float64))
+    kernel = block_diagonal(inverses, blocks)
+    x = torch.randn(12, 9, generator=generator)
+    xtx = x.double().T @ x.double()
+    expected_scale = (torch.diagonal(kernel @ xtx @ kernel) / 12).sqrt()
+    torch.testing.assert_close(column_scale(xtx, kernel, 12, blocks), expected_scale, rtol=1e-12, atol=0)
+    torch.testing.assert_close(column_scale(xtx, kernel, 12), expected_scale, rtol=1e-12, atol=0)
+    dense = (x.double() @ kernel / expected_scale).float()
+    torch.testing.assert_close(preconditioned(x, kernel, expected_scale, blocks), dense, rtol=1e-6, atol=1e-6)
+    cut = preconditioned(x, kernel, None, [[0, 4], [4, 5]])  # blocks that cut K's own: K's entries are left out
+    assert (cut - (x.double() @ kernel).float()).abs().max() > 1e-2

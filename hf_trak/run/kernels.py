@@ -67,7 +67,7 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
         else:
             lambda_reg = resolve_lambda(xtx, config.lambda_reg, config.lambda_scale)
             kernel = regularized_inverse(xtx, lambda_reg)
-        scale = column_scale(xtx, kernel, config.num_train_examples)
+        scale = column_scale(xtx, kernel, config.num_train_examples, config.kernel_blocks)
         store.save_kernel(model_id, xtx.cpu(), kernel.cpu(), lambda_reg, scale.cpu())
         logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
     state.wait_for_everyone()
@@ -133,6 +133,7 @@ def _write_preconditioned(store: FeatureStore, model_id: int, device, state: Par
     with state.split_between_processes(missing) as mine:
         for start, stop in mine:
             features, out_to_loss = store.shard(model_id, start, stop)
-            phi = preconditioned(as_tensor(features), kernel, scale).to(dtype).cpu().numpy()
+            phi = preconditioned(as_tensor(features), kernel, scale, store.config.kernel_blocks)
+            phi = phi.to(dtype).cpu().numpy()
             store.write_shard(model_id, start, phi, out_to_loss, PRECONDITIONED)
     state.wait_for_everyone()

@@ -148,7 +148,7 @@ def preconditioned_shards(store: FeatureStore, model_id: int, device) -> Iterato
         return
     kernel = store.load_kernel(model_id)["kernel"].to(device, torch.float64)
     for start, features, out_to_loss in store.shards(model_id):
-        yield start, preconditioned(as_tensor(features), kernel), out_to_loss
+        yield start, preconditioned(as_tensor(features), kernel, blocks=store.config.kernel_blocks), out_to_loss
 
 
 def self_scores(store: FeatureStore, device, show_progress: bool = True) -> Dict[str, np.ndarray]:
