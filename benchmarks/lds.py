@@ -12,7 +12,8 @@ the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviati
 
 * ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.method.estimator``: on these
   models no Q, the weights and not the biases, without the attention's query/key/value
-  projections, factored projection with a kernel per projected matrix, λ_b = 0.01·tr_b/k_b, from
+  projections, factored projection (k = 4096 for the causal LMs, 2048 for the classifiers, divided among the
+  matrices by their gradients' spectra) with a kernel per projected matrix, λ_b = 0.01·tr_b/k_b, from
   per-token gradients for the causal LM, whose matrices are then projected with equal sides and
   principal factors (from 10% of the train rows) and whose Gram matrices are shrunk 30% toward
   K-FAC, and each checkpoint's scores of a target normalized before the mean over checkpoints);
@@ -20,8 +21,10 @@ the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviati
   accumulated in float32 and float64); each of ``hf_trak, random factors`` (``principal_share=0``),
   ``hf_trak, no shrinkage``,
   ``hf_trak, with attention q/k/v``, ``hf_trak, mean ensemble``, ``hf_trak, with biases``,
-  ``hf_trak, λ_b×10`` and ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
-  per-token kernels too) undoes one of its settings, and ``hf_trak, factors from all rows`` takes
+  ``hf_trak, λ_b×10``, ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
+  per-token kernels too) and ``hf_trak, blocks by size`` (``block_sizes="by_size"``: each matrix a share of k
+  proportional to its size, not by its gradients' spectrum) undoes one of its settings, and ``hf_trak, factors
+  from all rows`` takes
   ``principal_fraction=1``; ``hf_trak, random factors, no shrinkage`` undoes the first two,
   ``..., mean, q/k/v`` the first four and ``..., biases, λ_b×10, r:c`` the first seven;
 * ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
@@ -283,6 +286,7 @@ METHODS = {
     "hf_trak, with biases": hf_trak(parameters=dict(biases=True)),
     "hf_trak, λ_b×10": hf_trak(lambda_scale=0.1),
     "hf_trak, r:c sides": lambda task, models, k, seed: rc_sides(task, models, k, seed),
+    "hf_trak, blocks by size": hf_trak(block_sizes="by_size"),
     "hf_trak, random factors, no shrinkage": hf_trak(**RANDOM_FACTORS),
     "hf_trak, random factors, no shrinkage, mean, q/k/v": hf_trak(
         ensemble="mean", parameters=dict(attention=True), **RANDOM_FACTORS

@@ -30,6 +30,7 @@ KERNELS = ("auto", "global", "per_module")
 KERNEL_SOURCES = ("auto", "examples", "tokens", "ekfac")
 ENSEMBLES = ("auto", "mean", "normalized")
 STORAGE_DTYPES = ("float16", "float32")
+BLOCK_SIZES = ("auto", "by_size", "spectrum")
 
 
 def _field(default, help: str, scope: str = "store", **metadata):
@@ -114,6 +115,14 @@ class TRAKArguments:
         0.1,
         "share of the train rows (evenly spaced) the second moments for principal_share are estimated from (0 only "
         "with principal_share=0: what a store without principal factors records)",
+    )
+    block_sizes: str = _field(
+        "auto",
+        "factored projector: how k is divided among the projected matrices: by_size (each a share ∝ its size) or "
+        "spectrum (by how much of each matrix's per-token gradient spectrum the sizes keep, from principal_fraction "
+        "of the train rows, 0.1 if 0, at the first checkpoint: hf_trak.method.block_sizes) (auto: hf_trak: "
+        "spectrum; trak: by_size)",
+        choices=BLOCK_SIZES,
     )
     kernel_shrinkage: Optional[float] = _field(
         None,
@@ -202,6 +211,7 @@ class TRAKArguments:
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("kernel_from", self.kernel_from, KERNEL_SOURCES)
         _check_choice("ensemble", self.ensemble, ENSEMBLES)
+        _check_choice("block_sizes", self.block_sizes, BLOCK_SIZES)
         check_kernel_source(self.kernel_from, self.kernel)
         if isinstance(self.projector_seed, bool) or not isinstance(self.projector_seed, int):
             raise InvalidArgumentError(f"projector_seed must be an integer, got {self.projector_seed!r}.")

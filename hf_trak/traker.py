@@ -160,19 +160,11 @@ class TRAKer:
         self.train_source = self._source(train, data_collator)
         with eval_mode(self.model), collectives(self.state):
             self.store = featurize_store(
-                self.feature_map,
-                self.config,
-                self.train_source,
-                list(checkpoints),
-                save_dir=self.args.save_dir,
-                state=self.state,
-                storage_dtype=self.args.torch_dtype,
-                batch_size=batch_size,
-                overwrite=overwrite,
-                sample_train_batch=self.train_sampler,
-                on_nonfinite=self.args.on_nonfinite,
+                self.feature_map, self.config, self.train_source, list(checkpoints), save_dir=self.args.save_dir,
+                state=self.state, storage_dtype=self.args.torch_dtype, batch_size=batch_size, overwrite=overwrite,
+                sample_train_batch=self.train_sampler, on_nonfinite=self.args.on_nonfinite,
                 lock_timeout=self.args.lock_timeout,
-            )
+            )  # fmt: skip
         self.config, self.checkpoints, self.train_rows = self.store.config, list(checkpoints), None
         return self
 
@@ -354,6 +346,8 @@ class TRAKer:
         settings.setdefault("grad_wrt", stored.param_names)
         args = stored.settings(save_dir=save_dir)
         traker = cls(model, task, args=args, store_version=stored.store_version, **settings)
+        if stored.block_shapes:  # the factored projector's sizes by spectrum, as featurize made them
+            traker.config = traker.feature_map.reshaped(traker.config, stored.block_shapes)
         mismatches = stored.mismatches(traker.config)
         if mismatches:
             raise StoreMismatchError(

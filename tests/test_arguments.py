@@ -35,6 +35,7 @@ NON_DEFAULT = dict(
     principal_share=0.5,
     principal_fraction=0.5,
     kernel_shrinkage=0.4,
+    block_sizes="spectrum",
     train_weight="none",
     estimator="trak",
     overwrite=True,

@@ -61,32 +61,6 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     assert "hf_trak (default)             K=1 seed 1: LDS" in out
 
 
-def test_the_sizes_benchmark_spends_k_where_its_rule_says():
-    """``lds_sizes.py``'s candidates: by spectrum, a side whose energy is all in one direction keeps one dimension and
-    the budget goes where it keeps the most; equal shares keep a small matrix whole; neither spends more than k."""
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import lds_sizes
-    finally:
-        sys.path.remove(BENCHMARKS)
-    from hf_trak.method import factored
-    from hf_trak.method.factored_sizes import Target
-
-    flat = np.arange(1, 9) / 8  # E(k) = k/8: energy spread evenly over 8 directions
-    energy = {("a", "rows"): np.ones(8), ("a", "cols"): flat, ("b", "rows"): flat, ("b", "cols"): flat}
-    targets = [Target("a", 8, 8), Target("b", 8, 8)]
-    sizes = lds_sizes.spectrum_sizes(targets, energy, 20)
-    assert sizes["a"] == [1, 8]  # all of a's energy in 1 × 8 dimensions
-    left = 20 - sum(r * c for r, c in sizes.values())
-    assert left >= 0 and not any(r < 8 and c <= left or c < 8 and r <= left for r, c in sizes.values())  # none fits
-    sizes = lds_sizes.equal_sizes([Target("small", 2, 3), Target("big", 16, 16)], 40, square=True)
-    assert sizes == {"small": [2, 3], "big": [5, 6]}  # small whole; big takes what is left, sides ≈ equal
-    original = factored.filled_sizes
-    with lds_sizes.given_sizes(sizes):
-        assert factored.filled_sizes is not original
-    assert factored.filled_sizes is original
-
-
 def test_the_estimator_cost_benchmark_compares_the_two_estimators_in_one_run(tmp_path):
     out = run("estimator_cost.py", "--num-examples", "8", "--proj-dim", "512", "--repeats", "1", cwd=tmp_path)
     lines = out.splitlines()

@@ -34,7 +34,7 @@ from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.method.factored import factorable_parameter_names
 from hf_trak.method.gradients import select_parameters
 from hf_trak.method.model_outputs import AbstractModelOutput, CausalLMModelOutput
-from hf_trak.store.versions import STORE_VERSION, has_principal_factors
+from hf_trak.store.versions import STORE_VERSION, has_block_shapes, has_principal_factors
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +244,19 @@ def resolve_estimator(
             f"kernel_shrinkage={kernel_shrinkage} shrinks per-token Gram matrices, and kernel_from={kernel_from!r}: "
             "pass kernel_from='tokens' or kernel_shrinkage=0."
         )
+    block_sizes = args.block_sizes
+    if block_sizes == "auto":
+        spectrum = not classic and projector == "factored" and has_block_shapes(store_version)
+        block_sizes = "spectrum" if spectrum else "by_size"
+    if block_sizes == "spectrum" and (projector != "factored" or not has_block_shapes(store_version)):
+        raise InvalidArgumentError(
+            f"block_sizes='spectrum' sizes the factored projector's matrices in a store of version 6 or later; this "
+            f"is the {projector} projector in a version-{store_version} store: pass projector='factored' (and the "
+            "current store version) or block_sizes='by_size'."
+        )
     return dataclasses.replace(
         args,
+        block_sizes=block_sizes,
         train_weight=train_weight,
         kernel=kernel,
         kernel_from=kernel_from,

@@ -160,11 +160,7 @@ class FactoredGradientProjector:
         else:
             fallback_numel = sum(parameters[n].numel() for n in fallback) if fallback else None
             fallback_dim = filled_sizes(self.targets, proj_dim, fallback_numel, square=self.sizing == "square")
-        offset = 0
-        for target in self.targets:
-            target.offset = offset
-            offset += target.size
-        self.fallback_offset = offset
+        offset = self._place_targets()
         self.fallback_projector = None
         if fallback:
             numels = {name: parameters[name].numel() for name in fallback}
@@ -197,15 +193,9 @@ class FactoredGradientProjector:
         (none when ``principal_share`` is 0)."""
         if not self.principal_share or self.kind == "identity":
             return []
-        bias_names = {use.bias for use in self.uses}
-        sides = []
-        for target in self.targets:
-            if target.name in bias_names:
-                continue
-            for side, dim, k in (("rows", target.rows, target.k_rows), ("cols", target.cols, target.k_cols)):
-                if k < dim <= MAX_PRINCIPAL_SIDE:
-                    sides.append((target, side))
-        return sides
+        sides = (((t, "rows"), t.k_rows, t.rows) for t in self.weights())
+        sides = [*sides, *(((t, "cols"), t.k_cols, t.cols) for t in self.weights())]
+        return [side for side, k, dim in sides if k < dim <= MAX_PRINCIPAL_SIDE]
 
     def set_factors(self, model_id: int, factors: Optional[Mapping[str, Tensor]]) -> None:
         """Use ``factors`` ({"<name>/<side>": d × k}, from ``principal_factors``) for checkpoint ``model_id``;
@@ -317,10 +307,43 @@ class FactoredGradientProjector:
             for (use, inputs, _), delta in zip(records, deltas)
         ]
 
-    def side_moments(self, task, weights, buffers, batch) -> Dict[str, Tensor]:
-        """{"<name>/<side>": Σ_{i,t} u_t u_tᵀ (d × d, float64)} of a batch, for each principal side: the per-token
-        second moments (K-FAC's factors) that ``principal_factors`` takes the eigenvectors of."""
-        sides = self.principal_sides()
+    def weights(self) -> List[Target]:
+        """The targets that are weights (not biases): what ``block_sizes="spectrum"`` sizes."""
+        return [target for target in self.targets if target.name not in {use.bias for use in self.uses}]
+
+    def reshape(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Give each weight the sides ``shapes[name]`` = (k_r, k_c) (``hf_trak.method.block_sizes``); the biases and
+        the dense fallback block keep theirs, and the features' layout (offsets, ``proj_dim``) follows.
+        ``CorruptStoreError`` unless the shapes name every weight and fit it."""
+        weights = {target.name: target for target in self.weights()}
+        fits = set(shapes) == set(weights) and all(
+            1 <= int(shapes[name][0]) <= t.rows and 1 <= int(shapes[name][1]) <= t.cols for name, t in weights.items()
+        )
+        if not fits:
+            raise CorruptStoreError(
+                f"The recorded block shapes do not fit this model's {len(weights)} projected weights: pass the model "
+                "and grad_wrt the features were made with."
+            )
+        for name, (k_rows, k_cols) in shapes.items():
+            weights[name].k_rows, weights[name].k_cols = int(k_rows), int(k_cols)
+        offset = self._place_targets()
+        self.proj_dim = offset + (self.fallback_projector.proj_dim if self.fallback_projector is not None else 0)
+        self._factors.clear()
+
+    def _place_targets(self) -> int:
+        """Each target's offset in the features, one after the other; returns the fallback block's offset."""
+        offset = 0
+        for target in self.targets:
+            target.offset = offset
+            offset += target.size
+        self.fallback_offset = offset
+        return offset
+
+    def side_moments(self, task, weights, buffers, batch, sides=None) -> Dict[str, Tensor]:
+        """{"<name>/<side>": Σ_{i,t} u_t u_tᵀ (d × d, float64)} of a batch, for each of ``sides`` (default: the
+        principal sides): the per-token second moments (K-FAC's factors) that ``principal_factors`` takes the
+        eigenvectors of."""
+        sides = self.principal_sides() if sides is None else sides
         batch_size = next(iter(batch.values())).shape[0]
         moments: Dict[str, Tensor] = {}
         for use, inputs, delta in self.captured(task, weights, buffers, batch, batch_size):

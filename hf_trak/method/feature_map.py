@@ -15,8 +15,9 @@ checkpoint once. A task that depends on other examples (CLIP's contrast set) is 
 the checkpoint by ``task.at_checkpoint`` the first time the view needs it.
 """
 
+import dataclasses
 import math
-from typing import Callable, Mapping, Optional, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +112,17 @@ class FeatureMap:
             blocks.append([self.projector.fallback_offset, self.projector.fallback_projector.proj_dim])
         return blocks
 
+    def reshaped(self, config, shapes: Mapping[str, Sequence[int]]):
+        """``config`` (a ``TRAKConfig``) with the factored projector given ``shapes`` ({weight: (k_r, k_c)},
+        ``FactoredGradientProjector.reshape``): its ``block_shapes``, feature dimension and kernel blocks follow."""
+        self.projector.reshape(shapes)
+        return dataclasses.replace(
+            config,
+            block_shapes={name: [int(k_rows), int(k_cols)] for name, (k_rows, k_cols) in shapes.items()},
+            feature_dim=self.dim,
+            kernel_blocks=self.kernel_blocks(config.kernel),
+        )
+
     def at(
         self, checkpoint: Checkpoint, model_id: int, sample_train_batch: Optional[SampleTrainBatch] = None
     ) -> "CheckpointView":
@@ -182,10 +194,10 @@ class CheckpointView:
         projected = token_features(self.map.projector, self.task, self.weights, self.buffers, batch, self.model_id)
         return projected.div_(math.sqrt(self.map.num_params))
 
-    def side_moments(self, batch: Mapping[str, Tensor]) -> dict:
-        """The per-token second moments of a batch (``FactoredGradientProjector.side_moments``; one batched
-        forward and backward, no ``vmap``: the batch keeps its 2D attention mask)."""
-        return self.map.projector.side_moments(self.task, self.weights, self.buffers, self._to_device(batch))
+    def side_moments(self, batch: Mapping[str, Tensor], sides=None) -> dict:
+        """The per-token second moments of a batch (``FactoredGradientProjector.side_moments``, of ``sides``; one
+        batched forward and backward, no ``vmap``: the batch keeps its 2D attention mask)."""
+        return self.map.projector.side_moments(self.task, self.weights, self.buffers, self._to_device(batch), sides)
 
     def out_to_loss(self, prepared_batch: Mapping[str, Tensor]) -> Tensor:
         """Q of each example of a batch from ``features`` (B,)."""

@@ -48,6 +48,7 @@ from hf_trak.errors import (
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.method.shared_outputs import shared_outputs
+from hf_trak.run.block_shapes import with_block_shapes
 from hf_trak.run.kernels import finalize_checkpoint
 from hf_trak.run.memory import batch_size_for
 from hf_trak.store import lock
@@ -119,6 +120,9 @@ def _featurize(feature_map, config, source, checkpoints, scan, save_dir, state, 
         checkpoint_fingerprints=[""] * len(checkpoints),
         checkpoint_sources=[checkpoint_source(c) for c in checkpoints],
     )
+    config, measured = with_block_shapes(feature_map, config, source, checkpoints[0], save_dir=save_dir,
+                                         overwrite=overwrite, state=state, batch_size=batch_size,
+                                         sample_train_batch=sample_train_batch)  # fmt: skip
     _check_resumed_rows(save_dir, scan.row_hashes, overwrite)
     FeatureStore.validate(save_dir, config, overwrite)  # every process refuses alike, before any write
     store = FeatureStore.create_or_resume(save_dir, config, overwrite=overwrite) if state.is_main_process else None
@@ -133,7 +137,7 @@ def _featurize(feature_map, config, source, checkpoints, scan, save_dir, state, 
         _check_principal_factors(store, model_id, state)
         view = feature_map.at(checkpoint, model_id, sample_train_batch)
         _record_fingerprint(store, view, recorded[model_id], checkpoint, state, overwrite)
-        _write_principal_factors(store, view, source, state, batch_size)
+        _write_principal_factors(store, view, source, state, batch_size, measured if model_id == 0 else None)
         _write_missing_shards(store, view, source, state, storage_dtype, batch_size, on_nonfinite, excluded)
         finalize_checkpoint(store, model_id, feature_map.device, state)
     if state.is_main_process:
@@ -215,13 +219,23 @@ def _check_principal_factors(store: FeatureStore, model_id: int, state: PartialS
     state.wait_for_everyone()
 
 
-def _write_principal_factors(store: FeatureStore, view: CheckpointView, source, state, batch_size: int) -> None:
+def _write_principal_factors(
+    store: FeatureStore, view: CheckpointView, source, state, batch_size: int, measured: Optional[dict] = None
+) -> None:
     """Checkpoint m's principal factors (``principal_share`` > 0), unless stored: the per-token second moment of
     each principal side over ``principal_fraction`` of the train rows, evenly spaced (each process a share, one
-    all-reduce), and its leading eigenvectors (main process, written once: every process and every later scoring
-    projects with the same factors), then set on the projector (``FeatureMap.at`` set those already stored)."""
+    all-reduce; or ``measured``, the main process's moments of the same rows and checkpoint from the block sizes,
+    ``hf_trak.run.block_shapes``), and its leading eigenvectors (main process, written once: every process and every
+    later scoring projects with the same factors), then set on the projector (``FeatureMap.at`` set those already
+    stored)."""
     projector, model_id = view.map.projector, view.model_id
     if not store.config.principal_share or store.has_principal_factors(model_id):
+        return
+    if measured is not None:
+        if state.is_main_process:
+            store.save_principal_factors(model_id, projector.principal_factors(model_id, measured))
+        state.wait_for_everyone()
+        projector.set_factors(model_id, store.principal_factors(model_id))
         return
     sides = projector.principal_sides()  # none where every side is small enough for k = d: an empty file
     count = max(1, math.ceil(store.config.principal_fraction * len(source)))

@@ -2,7 +2,7 @@
 
 import dataclasses
 import json
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hf_trak.arguments import STORED, TRAKArguments, fields_in
 from hf_trak.store.versions import upgrade
@@ -22,6 +22,8 @@ FEATURE_FIELDS = (
     "num_params",
     "adapter_config",
     "principal_share",
+    "block_sizes",
+    "block_shapes",
 )
 # Fields that a resumed featurization must also share (checkpoint fingerprints are checked
 # checkpoint by checkpoint as featurize loads them: ``hf_trak.run.featurize``). The store version
@@ -58,6 +60,9 @@ class TRAKConfig:
     ``ensemble`` how the checkpoints' scores combine (stores without it: "mean"); ``principal_share`` and
     ``principal_fraction`` the factored projector's principal factors (``hf_trak.method.factored``; 0: random),
     ``kernel_shrinkage`` α of the per-token kernels (``hf_trak.method.kernel.shrunk_gram``); stores without them: 0.
+    ``block_sizes`` how the factored projector divided k among its matrices, and ``block_shapes`` the [k_r, k_c] of
+    each weight where they came from the data (``"spectrum"``: made by featurize at the first checkpoint; {} until
+    then, and for ``"by_size"``, whose sizes follow from the model and k).
     ``train_hashes`` identify the train split's rows in order (sha256 per shard of its row
     hashes, ``hf_trak.store.provenance``; ``train_fingerprint`` is ``datasets``' fingerprint, for
     information), ``excluded_rows`` the rows excluded for non-finite values (scores NaN), and
@@ -92,6 +97,7 @@ class TRAKConfig:
     principal_share: float
     principal_fraction: float
     kernel_shrinkage: float
+    block_sizes: str
     dtype: str
     shard_size: int
     # provenance, filled in as featurize goes
@@ -108,6 +114,7 @@ class TRAKConfig:
     base_model: str = ""
     base_fingerprint: str = ""
     excluded_rows: List[int] = dataclasses.field(default_factory=list)
+    block_shapes: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, args: TRAKArguments, **fields) -> "TRAKConfig":

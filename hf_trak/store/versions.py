@@ -17,6 +17,8 @@ version  what it added
 5        principal factors (``principal_share``, ``principal_fraction``, ``principal-factors.safetensors``
          per checkpoint) and per-token kernels shrunk toward K-FAC (``kernel_shrinkage``); a store of a
          version above the reader's is refused.
+6        the factored projector's sizes by spectrum (``block_sizes``, ``block_shapes``: each weight's k_r × k_c,
+         made from the data at the first checkpoint and recorded).
 =======  ===========================================================================================
 
 A field a store does not record (it predates the field) takes the value that store was made with
@@ -25,7 +27,7 @@ A field a store does not record (it predates the field) takes the value that sto
 
 from hf_trak.errors import StoreMismatchError
 
-STORE_VERSION = 5
+STORE_VERSION = 6
 
 # The value of each field for a store written before the field was recorded.
 IMPLIED_BEFORE_RECORDED = {
@@ -40,6 +42,7 @@ IMPLIED_BEFORE_RECORDED = {
     "principal_share": 0.0,
     "principal_fraction": 0.0,
     "kernel_shrinkage": 0.0,
+    "block_sizes": "by_size",
 }
 
 
@@ -67,6 +70,11 @@ def factored_sizing(store_version: int, kernel_from: str) -> str:
 def has_principal_factors(store_version: int) -> bool:
     """Whether the format has principal factors and kernel shrinkage (hf_trak's per-token defaults use them)."""
     return store_version >= 5
+
+
+def has_block_shapes(store_version: int) -> bool:
+    """Whether the format records the factored projector's sizes by spectrum (hf_trak's default uses them)."""
+    return store_version >= 6
 
 
 def stores_preconditioned(store_version: int) -> bool:

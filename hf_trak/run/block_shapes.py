@@ -1,0 +1,95 @@
+"""The factored projector's sizes by spectrum (``block_sizes="spectrum"``), made once per store, before any feature.
+
+The main process measures the per-token second moments of the weights' sides (those of at most
+``MAX_PRINCIPAL_SIDE`` dimensions) over ``principal_fraction`` of the train rows (0.1 where that is 0), evenly
+spaced, at the first checkpoint, and divides the weights' dimensions by them (``hf_trak.method.block_sizes``); the
+other processes receive the result. The store records the shapes (``TRAKConfig.block_shapes``): a resumed run takes
+them back, and scoring projects with them. Where k keeps every weight whole there is nothing to divide, and no pass.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+
+from hf_trak.hf.checkpoints import Checkpoint
+from hf_trak.method.block_sizes import kept_energy, spectrum_shapes
+from hf_trak.method.feature_map import FeatureMap
+from hf_trak.method.principal import MAX_PRINCIPAL_SIDE
+from hf_trak.store.config import CONFIG_NAME, TRAKConfig
+from hf_trak.store.feature_store import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_FRACTION = 0.1  # of the train rows, where principal_fraction is 0 (no principal factors)
+
+
+def with_block_shapes(
+    feature_map: FeatureMap,
+    config: TRAKConfig,
+    source,
+    checkpoint: Checkpoint,
+    *,
+    save_dir: Optional[str],
+    overwrite: bool,
+    state: PartialState,
+    batch_size: int,
+    sample_train_batch: Callable[[int, int], dict],
+) -> Tuple[TRAKConfig, Optional[dict]]:
+    """(``config`` with the projector reshaped to its block shapes, the moments measured): the shapes the store at
+    ``save_dir`` recorded for these same settings and rows (unless ``overwrite``), else measured at ``checkpoint`` (the
+    first); ``config`` unchanged for ``block_sizes="by_size"``. The moments ({"<name>/<side>": F}, on the main
+    process; {} on the others) are None where none were measured, on every process alike."""
+    if config.block_sizes != "spectrum" or config.block_shapes:
+        return config, None
+    shapes = _recorded(config, save_dir) if not overwrite else None
+    if shapes is not None:
+        return feature_map.reshaped(config, shapes), None
+    shapes, moments = _measured(feature_map, config, source, checkpoint, batch_size, sample_train_batch, state)
+    return feature_map.reshaped(config, shapes), moments
+
+
+def _recorded(config: TRAKConfig, save_dir: Optional[str]) -> Optional[Dict[str, Tuple[int, int]]]:
+    """The shapes of the store at ``save_dir``, if it was made with ``config``'s settings and rows."""
+    if save_dir is None or not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
+        return None
+    stored = FeatureStore.load(save_dir).config
+    if not stored.block_shapes:
+        return None
+    layout = dict(block_shapes=stored.block_shapes, feature_dim=stored.feature_dim, kernel_blocks=stored.kernel_blocks)
+    same = not stored.mismatches(dataclasses.replace(config, **layout), resume=True)
+    return {name: tuple(shape) for name, shape in stored.block_shapes.items()} if same else None
+
+
+def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_batch, state) -> Tuple[dict, dict]:
+    """(The shapes by spectrum at ``checkpoint``, measured by the main process and sent to the others; the moments)."""
+    projector = feature_map.projector
+    weights = projector.weights()
+    if all(t.k_rows == t.rows and t.k_cols == t.cols for t in weights):
+        return {t.name: (t.rows, t.cols) for t in weights}, None  # every weight whole: nothing to divide
+    shapes, moments = None, {}
+    if state.is_main_process:
+        view = feature_map.at(checkpoint, 0, sample_train_batch)
+        sides = [(t, side) for t in weights for side, dim in (("rows", t.rows), ("cols", t.cols))
+                 if dim <= MAX_PRINCIPAL_SIDE]  # fmt: skip  # a larger side (a vocabulary's) would need a d × d moment
+        count = max(1, math.ceil((config.principal_fraction or SAMPLE_FRACTION) * len(source)))
+        rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
+        for begin in tqdm(range(0, len(rows), batch_size), desc="Block sizes"):
+            for name, moment in view.side_moments(source.batch(rows[begin : begin + batch_size]), sides).items():
+                moments[name] = moments[name] + moment if name in moments else moment
+        energy = {}
+        for target, side in sides:
+            moment = moments.get(f"{target.name}/{side}")
+            if moment is not None:
+                energy[(target.name, side)] = kept_energy(moment)
+        shapes = spectrum_shapes(weights, energy, sum(t.size for t in weights))
+        logger.info("Block sizes by spectrum, from %d train rows: %s", len(rows), shapes)
+    if state.num_processes > 1:
+        shapes = broadcast_object_list([shapes])[0]
+    return shapes, moments

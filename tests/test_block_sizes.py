@@ -1,0 +1,92 @@
+"""``block_sizes="spectrum"``: k divided among the factored matrices by their gradients' spectra
+(``hf_trak.method.block_sizes``), made once per store at the first checkpoint and recorded."""
+
+import numpy as np
+import pytest
+import torch
+
+import hf_trak.run.block_shapes
+from hf_trak import TRAKer
+from hf_trak.data.source import ExampleSource
+from hf_trak.errors import InvalidArgumentError
+from hf_trak.method.block_sizes import FULL_SPECTRUM_SIDE, LEADING_EIGENVALUES, kept_energy, spectrum_shapes
+from hf_trak.method.factored_sizes import Target
+from hf_trak.testing.datasets import lm_sequences, token_sequences
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
+
+
+def test_kept_energy_is_the_share_of_the_trace_in_the_leading_eigenvalues():
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    moment = rotation @ torch.diag(torch.tensor([1.0, 3.0, 0.0], dtype=torch.float64)) @ rotation.T
+    np.testing.assert_allclose(kept_energy(moment), [0.75, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(kept_energy(torch.tensor([2.0, 0.0, 6.0])), [0.75, 1.0, 1.0])  # id counts
+    np.testing.assert_array_equal(kept_energy(torch.zeros(2, 2)), [1.0, 1.0])  # a side no token reached
+    dim = FULL_SPECTRUM_SIDE + 100  # a large side: its leading eigenvalues, the rest spread evenly
+    spectrum = torch.cat([torch.linspace(200.0, 60.0, 150), torch.ones(dim - 150)]).double()
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[
+        0
+    ]
+    energy = kept_energy(rotation @ torch.diag(spectrum) @ rotation.T)
+    exact = (spectrum.cumsum(0) / spectrum.sum()).numpy()
+    assert len(energy) == dim and energy[-1] == pytest.approx(1.0)
+    np.testing.assert_allclose(energy[:LEADING_EIGENVALUES], exact[:LEADING_EIGENVALUES], atol=1e-3)
+    assert np.allclose(np.diff(energy[LEADING_EIGENVALUES:]), (1 - energy[LEADING_EIGENVALUES - 1]) / (dim - 128))
+
+
+def test_spectrum_shapes_spend_the_budget_where_it_keeps_the_most():
+    flat = np.arange(1, 9) / 8  # energy spread evenly over 8 directions
+    energy = {("a", "rows"): np.ones(8), ("a", "cols"): flat, ("b", "rows"): flat, ("b", "cols"): flat}
+    shapes = spectrum_shapes([Target("a", 8, 8), Target("b", 8, 8)], energy, 20)
+    assert shapes["a"] == (1, 8)  # all of a's energy within 1 × 8 dimensions: no second row
+    left = 20 - sum(r * c for r, c in shapes.values())
+    assert left >= 0 and not any(r < 8 and c <= left or c < 8 and r <= left for r, c in shapes.values())  # none fits
+    whole = spectrum_shapes([Target("a", 8, 8), Target("c", 2, 3)], {("a", "rows"): np.ones(8)}, 100)
+    assert whole == {"a": (8, 8), "c": (2, 3)}  # enough for both whole (c without measurement: k/d)
+
+
+def _measured_again(traker, model, train, fraction):
+    """The shapes recomputed from the moments of the same rows, through the projector directly (a second path)."""
+    projector = traker.feature_map.projector
+    weights = projector.weights()
+    rows = np.unique(np.linspace(0, len(train) - 1, int(np.ceil(fraction * len(train)))).round().astype(int))
+    view = traker.feature_map.at(model.state_dict(), 0)
+    source = ExampleSource.for_model(train, model, traker.task)
+    moments = view.side_moments(source.batch(rows.tolist()), [(t, s) for t in weights for s in ("rows", "cols")])
+    energy = {tuple(name.split("/")): kept_energy(moment) for name, moment in moments.items()}
+    return moments, spectrum_shapes(weights, energy, sum(t.size for t in weights))
+
+
+@pytest.mark.parametrize("make_model,data", [(tiny_gpt2, lm_sequences), (tiny_bert, token_sequences)])
+def test_spectrum_shapes_are_recorded_and_scored_with(make_model, data, tmp_path, monkeypatch):
+    model, train, targets = make_model(), data(30), data(3, seed=1)
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
+    by_size = TRAKer(model, proj_dim=96, block_sizes="by_size")
+    traker = TRAKer(model, proj_dim=96, save_dir=str(tmp_path / "s"), dtype=torch.float32)
+    assert traker.config.block_sizes == "spectrum" and not traker.config.block_shapes
+    traker.featurize(train, checkpoints)
+    recorded = traker.config.block_shapes
+    fraction = traker.config.principal_fraction or hf_trak.run.block_shapes.SAMPLE_FRACTION
+    moments, expected = _measured_again(traker, model, train, fraction)
+    assert recorded == {name: list(shape) for name, shape in expected.items()}
+    sizes = {t.name: [t.k_rows, t.k_cols] for t in by_size.feature_map.projector.weights()}
+    assert recorded != sizes and sum(a * b for a, b in recorded.values()) <= sum(a * b for a, b in sizes.values())
+    assert traker.config.feature_dim == sum(size for _, size in traker.config.kernel_blocks) == traker.feature_map.dim
+    if traker.config.principal_share:  # checkpoint 0's factors from the moments the sizes were measured with
+        factors = traker.feature_map.projector.principal_factors(0, moments)
+        stored = traker.store.principal_factors(0)
+        assert factors.keys() == stored.keys() and all(
+            torch.allclose(factors[n], stored[n], atol=1e-5) for n in factors
+        )
+    scores = traker.score(targets)
+    monkeypatch.setattr(hf_trak.run.block_shapes, "_measured", lambda *a: pytest.fail("measured again"))
+    loaded = TRAKer.from_pretrained(str(tmp_path / "s"), model, checkpoints)
+    np.testing.assert_array_equal(loaded.score(targets), scores)
+    resumed = TRAKer(model, proj_dim=96, save_dir=str(tmp_path / "s"), dtype=torch.float32)
+    np.testing.assert_array_equal(resumed.featurize(train, checkpoints).score(targets), scores)  # the shapes reused
+
+
+def test_block_sizes_follow_the_estimator_and_the_store_version():
+    assert TRAKer(tiny_gpt2(), proj_dim=96, estimator="trak", projector="factored").config.block_sizes == "by_size"
+    assert TRAKer(tiny_gpt2(), proj_dim=96, store_version=5).config.block_sizes == "by_size"
+    with pytest.raises(InvalidArgumentError, match="block_sizes='spectrum' .* projector='factored'"):
+        TRAKer(tiny_gpt2(), proj_dim=96, projector="rademacher", block_sizes="spectrum")
