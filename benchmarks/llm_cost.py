@@ -20,7 +20,8 @@ random sequences; every measurement runs in a process of its own (so that its pe
 * ``featurize (default)``: ``TRAKer(model).featurize(...)`` at the defaults with the same batch size, one
   checkpoint, seconds per example (the kernel included), and its ratio to the training step;
 * ``featurize, no per-token statistics`` (``kernel_from="examples"``) and ``featurize, no principal pass``
-  (``principal_share=0``): what those parts of the default cost, as the difference to it;
+  (``principal_share=0`` and ``block_sizes="by_size"``: no pass over a sample of the rows for the principal
+  factors and the block sizes): what those parts of the default cost, as the difference to it;
 * ``featurize, batch size left to hf_trak``: the default with ``batch_size=None`` (``hf_trak.run.memory``
   picks it from the free memory): its peak memory is what a user gets without choosing.
 
@@ -42,7 +43,7 @@ VARIANTS = {
     "training step": None,
     "featurize (default)": {},
     "featurize, no per-token statistics": {"kernel_from": "examples"},
-    "featurize, no principal pass": {"principal_share": 0.0},
+    "featurize, no principal pass": {"principal_share": 0.0, "block_sizes": "by_size"},
     "featurize, batch size left to hf_trak": {"batch_size": None},
 }
 

@@ -21,8 +21,9 @@ from torch import Tensor
 from hf_trak.method.factored_sizes import Target
 from hf_trak.method.principal import leading_eigenvectors
 
-FULL_SPECTRUM_SIDE = 1024  # larger sides: the leading eigenvalues only
-LEADING_EIGENVALUES = 128  # of a larger side: more than a side's k in practice (k_r·k_c is one matrix's share of k)
+FULL_SPECTRUM_SIDE = 256  # larger sides: the leading eigenvalues only
+LEADING_EIGENVALUES = 64  # of a larger side: more than a side's k in practice (k_r·k_c is one matrix's share of k)
+SUBSPACE_ITERATIONS = 3  # for them: shares of the trace need less precision than eigenvectors
 
 
 def kept_energy(moment: Tensor) -> np.ndarray:
@@ -39,7 +40,7 @@ def kept_energy(moment: Tensor) -> np.ndarray:
         values = values if values.dim() == 1 else torch.linalg.eigvalsh(values)
         values = values.clamp(min=0).sort(descending=True).values
         return np.minimum((values.double().cumsum(0) / trace).numpy(), 1.0)
-    vectors = leading_eigenvectors(values, LEADING_EIGENVALUES, torch.Generator().manual_seed(0))
+    vectors = leading_eigenvectors(values, LEADING_EIGENVALUES, torch.Generator().manual_seed(0), SUBSPACE_ITERATIONS)
     leading = ((values @ vectors) * vectors).sum(0).clamp(min=0).sort(descending=True).values
     kept = np.minimum((leading.double().cumsum(0) / trace).numpy(), 1.0)
     rest = kept[-1] + (1 - kept[-1]) * np.arange(1, dim - len(kept) + 1) / (dim - len(kept))

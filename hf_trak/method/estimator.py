@@ -11,7 +11,8 @@ scores the same whatever the defaults become later.
   table): no Q (``"none"``); the weights only, not the biases, where ``grad_wrt`` is not
   given (``default_parameters``); the factored projector when Linear/Conv1D/Embedding
   layers hold at least 0.9 of p, without the attention's input projections (query, key,
-  value), with a kernel per projected matrix (``"per_module"``,
+  value), k divided among its matrices by their gradients' spectra (``block_sizes="spectrum"``,
+  ``hf_trak.method.block_sizes``), with a kernel per projected matrix (``"per_module"``,
   λ_b = 0.01·tr_b/k_b), built from per-token gradients for a causal LM
   (``kernel_from="tokens"``: every token is a term of its loss; the projector then gives each
   matrix equal sides, 60% of each side's dimensions on the leading eigenvectors of its per-token second
