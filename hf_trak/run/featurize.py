@@ -137,7 +137,8 @@ def _featurize(feature_map, config, source, checkpoints, scan, save_dir, state, 
         _check_principal_factors(store, model_id, state)
         view = feature_map.at(checkpoint, model_id, sample_train_batch)
         _record_fingerprint(store, view, recorded[model_id], checkpoint, state, overwrite)
-        _write_principal_factors(store, view, source, state, batch_size, measured if model_id == 0 else None)
+        _write_principal_factors(store, view, source, state, batch_size, measured)
+        measured = None  # the first checkpoint's moments, d × d per side: not held while its features are made
         _write_missing_shards(store, view, source, state, storage_dtype, batch_size, on_nonfinite, excluded)
         finalize_checkpoint(store, model_id, feature_map.device, state)
     if state.is_main_process:
