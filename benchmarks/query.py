@@ -83,8 +83,8 @@ def synthetic_store(root: str, n: int, k: int, shard_size: int, centers: np.ndar
         store_version=STORE_VERSION, feature_dim=k, kernel_blocks=[], projector="rademacher", proj_dim=k,
         projector_seed=0, lambda_reg=None, lambda_scale=0.1, kernel="global", kernel_from="examples",
         train_weight="out_to_loss", ensemble="mean", principal_share=0.0, principal_fraction=0.0,
-        kernel_shrinkage=0.0, dtype="float16", shard_size=shard_size, num_checkpoints=1, num_train_examples=n,
-        checkpoint_fingerprints=["-"],
+        kernel_shrinkage=0.0, block_sizes="by_size", dtype="float16", shard_size=shard_size, num_checkpoints=1,
+        num_train_examples=n, checkpoint_fingerprints=["-"],
     )  # fmt: skip
     store = FeatureStore.create_or_resume(root, config)
     rng = np.random.default_rng(0)
