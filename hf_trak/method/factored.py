@@ -193,9 +193,8 @@ class FactoredGradientProjector:
         (none when ``principal_share`` is 0)."""
         if not self.principal_share or self.kind == "identity":
             return []
-        sides = (((t, "rows"), t.k_rows, t.rows) for t in self.weights())
-        sides = [*sides, *(((t, "cols"), t.k_cols, t.cols) for t in self.weights())]
-        return [side for side, k, dim in sides if k < dim <= MAX_PRINCIPAL_SIDE]
+        sides = [(t, side) for t in self.weights() for side in ("rows", "cols")]  # k_rows < rows, or k_cols < cols
+        return [(t, side) for t, side in sides if getattr(t, f"k_{side}") < getattr(t, side) <= MAX_PRINCIPAL_SIDE]
 
     def set_factors(self, model_id: int, factors: Optional[Mapping[str, Tensor]]) -> None:
         """Use ``factors`` ({"<name>/<side>": d × k}, from ``principal_factors``) for checkpoint ``model_id``;
@@ -309,7 +308,8 @@ class FactoredGradientProjector:
 
     def weights(self) -> List[Target]:
         """The targets that are weights (not biases): what ``block_sizes="spectrum"`` sizes."""
-        return [target for target in self.targets if target.name not in {use.bias for use in self.uses}]
+        biases = {use.bias for use in self.uses}
+        return [target for target in self.targets if target.name not in biases]
 
     def reshape(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Give each weight the sides ``shapes[name]`` = (k_r, k_c) (``hf_trak.method.block_sizes``); the biases and

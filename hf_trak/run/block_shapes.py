@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 SAMPLE_FRACTION = 0.1  # of the train rows, where principal_fraction is 0 (no principal factors)
 
 
+def sample_rows(fraction: float, num_rows: int) -> list:
+    """The rows the sample passes read: ``fraction`` of ``num_rows`` (at least one), evenly spaced. The principal
+    factors' pass and the block sizes' take the same rows, so that one's moments serve the other."""
+    count = max(1, math.ceil(fraction * num_rows))
+    return np.unique(np.linspace(0, num_rows - 1, count).round().astype(int)).tolist()
+
+
 def with_block_shapes(
     feature_map: FeatureMap,
     config: TRAKConfig,
@@ -78,8 +85,7 @@ def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_
         view = feature_map.at(checkpoint, 0, sample_train_batch)
         sides = [(t, side) for t in weights for side, dim in (("rows", t.rows), ("cols", t.cols))
                  if dim <= MAX_PRINCIPAL_SIDE]  # fmt: skip  # a larger side (a vocabulary's) would need a d × d moment
-        count = max(1, math.ceil((config.principal_fraction or SAMPLE_FRACTION) * len(source)))
-        rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
+        rows = sample_rows(config.principal_fraction or SAMPLE_FRACTION, len(source))
         for begin in tqdm(range(0, len(rows), batch_size), desc="Block sizes"):
             for name, moment in view.side_moments(source.batch(rows[begin : begin + batch_size]), sides).items():
                 moments[name] = moments[name] + moment if name in moments else moment

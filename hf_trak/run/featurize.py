@@ -25,7 +25,6 @@ scores are NaN), and is listed in the config's ``excluded_rows``.
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import shutil
 from typing import Callable, List, Optional, Sequence
@@ -48,7 +47,7 @@ from hf_trak.errors import (
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.method.shared_outputs import shared_outputs
-from hf_trak.run.block_shapes import with_block_shapes
+from hf_trak.run.block_shapes import sample_rows, with_block_shapes
 from hf_trak.run.kernels import finalize_checkpoint
 from hf_trak.run.memory import batch_size_for
 from hf_trak.store import lock
@@ -232,21 +231,24 @@ def _write_principal_factors(
     projector, model_id = view.map.projector, view.model_id
     if not store.config.principal_share or store.has_principal_factors(model_id):
         return
-    if measured is not None:
-        if state.is_main_process:
-            store.save_principal_factors(model_id, projector.principal_factors(model_id, measured))
-        state.wait_for_everyone()
-        projector.set_factors(model_id, store.principal_factors(model_id))
-        return
-    sides = projector.principal_sides()  # none where every side is small enough for k = d: an empty file
-    count = max(1, math.ceil(store.config.principal_fraction * len(source)))
-    rows = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int)).tolist()
+    moments = measured if measured is not None else _principal_moments(view, source, state, batch_size, store)
+    if state.is_main_process:
+        store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
+    state.wait_for_everyone()
+    projector.set_factors(model_id, store.principal_factors(model_id))  # stored ones: set by FeatureMap.at
+
+
+def _principal_moments(view: CheckpointView, source, state, batch_size: int, store: FeatureStore) -> dict:
+    """The principal sides' second moments over the principal factors' sample rows, each process a share of the
+    batches, summed over the processes (one all-reduce)."""
+    sides = view.map.projector.principal_sides()  # none where every side is small enough for k = d: an empty file
+    rows = sample_rows(store.config.principal_fraction, len(source))
     moments = {}
     # Batches of the sample, the same whatever the number of processes (each takes a share of them): a batch's
     # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
     batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
     with state.split_between_processes(batches) as mine:
-        for batch in tqdm(mine, desc=f"Principal factors, checkpoint {model_id}",
+        for batch in tqdm(mine, desc=f"Principal factors, checkpoint {view.model_id}",
                           disable=None if state.is_main_process else True):  # fmt: skip
             for name, moment in view.side_moments(source.batch(batch)).items():
                 moments[name] = moments[name] + moment if name in moments else moment
@@ -256,10 +258,7 @@ def _write_principal_factors(
             name = f"{target.name}/{side}"
             moments.setdefault(name, torch.zeros(dim, dim, dtype=torch.float64, device=view.map.device))
         moments = {name: reduce(moments[name], reduction="sum") for name in sorted(moments)}
-    if state.is_main_process:
-        store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
-    state.wait_for_everyone()
-    projector.set_factors(model_id, store.principal_factors(model_id))  # stored ones: set by FeatureMap.at
+    return moments
 
 
 def _write_missing_shards(
