@@ -9,29 +9,38 @@ import hf_trak.run.block_shapes
 from hf_trak import TRAKer
 from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidArgumentError
-from hf_trak.method.block_sizes import FULL_SPECTRUM_SIDE, LEADING_EIGENVALUES, kept_energy, spectrum_shapes
+from hf_trak.method.block_sizes import (
+    FULL_SPECTRUM_SIDE,
+    LEADING_EIGENVALUES,
+    SideSample,
+    side_spectrum,
+    spectrum_shapes,
+)
 from hf_trak.method.factored_sizes import Target
 from hf_trak.testing.datasets import lm_sequences, token_sequences
 from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
 
 
-def test_kept_energy_is_the_share_of_the_trace_in_the_leading_eigenvalues():
+def test_side_spectrum_is_the_share_of_the_trace_in_the_leading_eigenvalues():
     rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
     moment = rotation @ torch.diag(torch.tensor([1.0, 3.0, 0.0], dtype=torch.float64)) @ rotation.T
-    np.testing.assert_allclose(kept_energy(moment), [0.75, 1.0, 1.0], atol=1e-6)
-    np.testing.assert_allclose(kept_energy(torch.tensor([2.0, 0.0, 6.0])), [0.75, 1.0, 1.0])  # id counts
-    np.testing.assert_array_equal(kept_energy(torch.zeros(2, 2)), [1.0, 1.0])  # a side no token reached
+    np.testing.assert_allclose(side_spectrum(moment)[0], [0.75, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(side_spectrum(torch.tensor([2.0, 0.0, 6.0]))[0], [0.75, 1.0, 1.0])  # id counts
+    np.testing.assert_array_equal(side_spectrum(torch.zeros(2, 2))[0], [1.0, 1.0])  # a side no token reached
     dim = FULL_SPECTRUM_SIDE + 100  # a large side: its leading eigenvalues, the rest spread evenly
     spectrum = (100 * 0.9 ** torch.arange(dim) + 0.01).double()
     rotation = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[
         0
     ]
-    energy = kept_energy(rotation @ torch.diag(spectrum) @ rotation.T)
+    energy, vectors = side_spectrum(rotation @ torch.diag(spectrum) @ rotation.T)
     exact = (spectrum.cumsum(0) / spectrum.sum()).numpy()
     assert len(energy) == dim and energy[-1] == pytest.approx(1.0)
     np.testing.assert_allclose(energy[:LEADING_EIGENVALUES], exact[:LEADING_EIGENVALUES], atol=2e-3)
     step = (1 - energy[LEADING_EIGENVALUES - 1]) / (dim - LEADING_EIGENVALUES)
     np.testing.assert_allclose(np.diff(energy[LEADING_EIGENVALUES - 1 :]), step, rtol=1e-6)
+    exact = rotation[:, :8].float()  # the leading eigenvectors come along, for the principal factors
+    assert vectors.shape == (dim, LEADING_EIGENVALUES)
+    torch.testing.assert_close(vectors[:, :8] @ vectors[:, :8].T, exact @ exact.T, atol=1e-4, rtol=0)
 
 
 def test_spectrum_shapes_spend_the_budget_where_it_keeps_the_most():
@@ -46,15 +55,23 @@ def test_spectrum_shapes_spend_the_budget_where_it_keeps_the_most():
 
 
 def _measured_again(traker, model, train, fraction):
-    """The shapes recomputed from the moments of the same rows, through the projector directly (a second path)."""
+    """(Moments, leading eigenvectors, shapes) recomputed from the tokens of the same rows, through the projector
+    directly (a second path)."""
     projector = traker.feature_map.projector
     weights = projector.weights()
     rows = np.unique(np.linspace(0, len(train) - 1, int(np.ceil(fraction * len(train)))).round().astype(int))
     view = traker.feature_map.at(model.state_dict(), 0)
     source = ExampleSource.for_model(train, model, traker.task)
-    moments = view.side_moments(source.batch(rows.tolist()), [(t, s) for t in weights for s in ("rows", "cols")])
-    energy = {tuple(name.split("/")): kept_energy(moment) for name, moment in moments.items()}
-    return moments, spectrum_shapes(weights, energy, sum(t.size for t in weights))
+    samples = {}
+    for name, tokens in view.side_tokens(
+        source.batch(rows.tolist()), [(t, s) for t in weights for s in ("rows", "cols")]
+    ):
+        samples.setdefault(name, SideSample()).add(tokens)
+    spectra = {name: sample.spectrum() for name, sample in samples.items()}
+    energy = {tuple(name.split("/")): found[0] for name, found in spectra.items()}
+    leading = {name: found[1] for name, found in spectra.items() if found[1] is not None}
+    moments = {name: sample.dense() for name, sample in samples.items()}
+    return moments, leading, spectrum_shapes(weights, energy, sum(t.size for t in weights))
 
 
 @pytest.mark.parametrize("make_model,data", [(tiny_gpt2, lm_sequences), (tiny_bert, token_sequences)])
@@ -67,13 +84,13 @@ def test_spectrum_shapes_are_recorded_and_scored_with(make_model, data, tmp_path
     traker.featurize(train, checkpoints)
     recorded = traker.config.block_shapes
     fraction = traker.config.principal_fraction or hf_trak.run.block_shapes.SAMPLE_FRACTION
-    moments, expected = _measured_again(traker, model, train, fraction)
+    moments, leading, expected = _measured_again(traker, model, train, fraction)
     assert recorded == {name: list(shape) for name, shape in expected.items()}
     sizes = {t.name: [t.k_rows, t.k_cols] for t in by_size.feature_map.projector.weights()}
     assert recorded != sizes and sum(a * b for a, b in recorded.values()) <= sum(a * b for a, b in sizes.values())
     assert traker.config.feature_dim == sum(size for _, size in traker.config.kernel_blocks) == traker.feature_map.dim
-    if traker.config.principal_share:  # checkpoint 0's factors from the moments the sizes were measured with
-        factors = traker.feature_map.projector.principal_factors(0, moments)
+    if traker.config.principal_share:  # checkpoint 0's factors from the moments and eigenvectors of the sizes
+        factors = traker.feature_map.projector.principal_factors(0, moments, leading)
         stored = traker.store.principal_factors(0)
         assert factors.keys() == stored.keys() and all(
             torch.allclose(factors[n], stored[n], atol=1e-5) for n in factors
@@ -91,3 +108,39 @@ def test_block_sizes_follow_the_estimator_and_the_store_version():
     assert TRAKer(tiny_gpt2(), proj_dim=96, store_version=5).config.block_sizes == "by_size"
     with pytest.raises(InvalidArgumentError, match="block_sizes='spectrum' .* projector='factored'"):
         TRAKer(tiny_gpt2(), proj_dim=96, projector="rademacher", block_sizes="spectrum")
+
+
+@pytest.mark.parametrize("dim,count", [(40, 12), (FULL_SPECTRUM_SIDE + 200, FULL_SPECTRUM_SIDE + 40)])
+def test_a_side_sample_of_few_tokens_has_the_spectrum_of_its_moment(dim, count):
+    """Fewer tokens than dimensions: the spectrum from G = VVᵀ equals the one from F = VᵀV (E, and the leading
+    eigenvectors' span); as many tokens as dimensions turn the sample into F itself."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(count, dim, generator=generator) * 0.8 ** torch.arange(dim).clamp(max=30)
+    sample = SideSample()
+    sample.add(tokens[: count // 2])
+    sample.add(tokens[count // 2 :])
+    assert sample.tokens is not None and sample.moment is None
+    moment = (tokens.T @ tokens).double()
+    torch.testing.assert_close(sample.dense(), moment)
+    energy, vectors = sample.spectrum()
+    exact_energy, exact_vectors = side_spectrum(moment)
+    assert len(energy) == dim and np.all(energy[count:] == 1.0)
+    top = min(LEADING_EIGENVALUES, count)
+    np.testing.assert_allclose(energy[:top], exact_energy[:top], atol=2e-3)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(vectors.shape[1]), atol=1e-4, rtol=0)
+    eigenvectors = torch.linalg.eigh(moment)[1].flip(1)[:, :4].float()  # well separated: 0.8^i
+    torch.testing.assert_close(vectors[:, :4] @ vectors[:, :4].T, eigenvectors @ eigenvectors.T, atol=2e-3, rtol=0)
+    sample.add(torch.randn(dim, dim, generator=generator))  # as many tokens as d: F from now on
+    assert sample.tokens is None and sample.moment.shape == (dim, dim)
+
+
+def test_a_side_sample_sums_ids_and_vectors_on_one_side():
+    """A tied embedding's rows side: the embedding's id counts (F's diagonal) and the head's vectors add up."""
+    counts, tokens = torch.tensor([2.0, 0.0, 5.0]), torch.tensor([[1.0, 2.0, 0.0]])
+    for order in ((counts, tokens), (tokens, counts), (counts, counts)):
+        sample = SideSample()
+        for part in order:
+            sample.add(part)
+        expected = sum(torch.diag(p.double()) if p.dim() == 1 else (p.T @ p).double() for p in order)
+        torch.testing.assert_close(sample.dense(), expected)
+    assert sample.moment.dim() == 1  # ids alone: the diagonal only

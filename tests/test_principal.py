@@ -13,7 +13,8 @@ from hf_trak.errors import InvalidArgumentError, OutputExistsError, StoreMismatc
 from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE
 from hf_trak.method.factored import FactoredGradientProjector
 from hf_trak.method.gradients import PerExampleGradients
-from hf_trak.method.principal import leading_eigenvectors
+from hf_trak.method.principal import leading_eigenpairs, principal_factor
+from hf_trak.method.token_vectors import finite_rows
 from hf_trak.store.config import CONFIG_NAME
 from hf_trak.store.feature_store import PRINCIPAL_FACTORS_NAME, FeatureStore
 from hf_trak.store.versions import STORE_VERSION
@@ -29,16 +30,37 @@ def _view_and_batch(traker, checkpoint, model_id, data):
     return view, source, view.prepare(source.batch(list(range(len(data)))))
 
 
-def test_leading_eigenvectors_span_the_leading_eigenspace():
+def test_leading_eigenpairs_span_the_leading_eigenspace():
     generator = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(200, 200, generator=generator, dtype=torch.float64))[0]
-    matrix = (basis * 0.7 ** torch.arange(200, dtype=torch.float64)) @ basis.T  # eigenvalues 0.7^i
-    for count in (1, 12):
-        found = leading_eigenvectors(matrix, count, torch.Generator().manual_seed(1))
+    spectrum = 0.7 ** torch.arange(200, dtype=torch.float64)
+    matrix = (basis * spectrum) @ basis.T  # eigenvalues 0.7^i
+    for count in (1, 12, 195):  # 195: count + 8 ≥ d, eigh
+        values, found = leading_eigenpairs(matrix, count, torch.Generator().manual_seed(1))
         exact = basis[:, :count]
         torch.testing.assert_close(found.T @ found, torch.eye(count, dtype=torch.float64))
-        torch.testing.assert_close(found @ found.T, exact @ exact.T, atol=1e-8, rtol=0)
-    assert leading_eigenvectors(matrix, 0, generator).shape == (200, 0)
+        torch.testing.assert_close(found @ found.T, exact @ exact.T, atol=1e-8, rtol=0) if count < 20 else None
+        torch.testing.assert_close(values, spectrum[:count], atol=1e-12, rtol=1e-8)
+    values, found = leading_eigenpairs(matrix, 0, generator)
+    assert values.shape == (0,) and found.shape == (200, 0)
+
+
+def test_principal_factor_reuses_leading_eigenvectors_found_before():
+    """Given F's leading eigenvectors (from the block sizes' pass), P's first a columns are those, and P equals
+    the factor found by its own eigensolve up to the eigenvectors' signs and the Rademacher draw's order."""
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(50, 50, generator=generator, dtype=torch.float64))[0]
+    moment = (basis * 0.7 ** torch.arange(50, dtype=torch.float64)) @ basis.T
+    leading = -basis[:, :6].float()  # other signs than eigh's: the given vectors are taken as they are
+    factor = principal_factor(moment, 50, 10, 0.5, torch.Generator().manual_seed(2), leading)
+    torch.testing.assert_close(factor[:, :5], leading[:, :5])
+    rest = factor[:, 5:].double()
+    torch.testing.assert_close(basis[:, :5].T @ rest, torch.zeros(5, 5, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert torch.all((rest.abs() > 0).sum(0) > 0)
+    own = principal_factor(moment, 50, 10, 0.5, torch.Generator().manual_seed(2))  # too few given: its own eigensolve
+    too_few = principal_factor(moment, 50, 10, 0.5, torch.Generator().manual_seed(2), leading[:, :4])
+    torch.testing.assert_close(own, too_few)
+    torch.testing.assert_close((own[:, :5].T @ leading[:, :5]).abs(), torch.eye(5), atol=1e-5, rtol=0)
 
 
 def test_principal_factors_keep_the_leading_directions_and_project_the_rest_without_bias():
@@ -75,7 +97,7 @@ def test_side_moments_are_the_kronecker_factors_of_an_identity_projection():
     traker = TRAKer(model, **SETTINGS)
     projector = traker.feature_map.projector
     view, _, batch = _view_and_batch(traker, model.state_dict(), 0, data)
-    moments = projector.side_moments(view.task, view.weights, view.buffers, batch)
+    moments = view.side_moments(batch)
     identity = FactoredGradientProjector(model, traker.param_names, 1, 0, "cpu", kind="identity")
     identity.start_statistics("ekfac")
     identity(view.task, view.weights, view.buffers, batch, model_id=0)
@@ -230,7 +252,7 @@ def test_side_moments_leave_out_the_tokens_that_reach_no_loss():
     name = "transformer.h.0.mlp.c_fc.weight/rows"  # Conv1D: the rows side is the layer's input
     assert name in {f"{t.name}/{side}" for t, side in projector.principal_sides()}
     view, _, batch = _view_and_batch(traker, model.state_dict(), 0, data)
-    moments = projector.side_moments(view.task, view.weights, view.buffers, batch)
+    moments = view.side_moments(batch)
     captured = []
     handle = model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
     with torch.no_grad():
@@ -252,3 +274,11 @@ def test_a_store_whose_sides_all_fit_k_is_complete_without_principal_factors(tmp
     assert traker.store.principal_factors(0) == {}
     loaded = TRAKer.from_pretrained(str(tmp_path / "s"), model)
     np.testing.assert_array_equal(loaded.score(lm_sequences(2, seed=1)), expected)
+
+
+def test_finite_rows_leave_out_the_rows_with_a_non_finite_value():
+    rows = torch.tensor([[1.0, 2.0], [3.0, float("nan")], [0.5, -1.0], [float("inf"), 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(finite_rows(rows), rows[[0, 2]].float())
+    torch.testing.assert_close(finite_rows(rows[[0, 2]]), rows[[0, 2]].float())
+    huge = torch.tensor([[3e38, 3e38], [1.0, 1.0]])  # finite, but their sum is not: kept all the same
+    torch.testing.assert_close(finite_rows(huge), huge)

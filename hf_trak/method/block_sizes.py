@@ -4,7 +4,7 @@ of each one's gradients the sizes keep, not by the matrices' sizes.
 Matrix b's per-example gradient is Σ_t u_t v_tᵀ (``hf_trak.method.factored``). With F_r = Σ u uᵀ and F_c = Σ v vᵀ the
 per-token second moments of its two sides (K-FAC's factors, over a sample of the train rows at the first
 checkpoint), sides of k_r and k_c dimensions along their leading eigenvectors keep about E_r(k_r)·E_c(k_c) of the
-matrix's gradient energy, where E(k) is the share of a side's trace in its k largest eigenvalues (``kept_energy``;
+matrix's gradient energy, where E(k) is the share of a side's trace in its k largest eigenvalues (``side_spectrum``;
 an embedding's one-hot side: its k most frequent ids; a side larger than ``MAX_PRINCIPAL_SIDE``: k/d, what a random
 projection keeps in expectation). From k_r = k_c = 1, ``spectrum_shapes`` adds, one step at a time, the row or
 column whose gain in that product per feature dimension it costs is largest over all matrices (every matrix
@@ -12,39 +12,91 @@ counts alike: each has its own kernel), until the matrices' share of k is spent.
 few directions gets few dimensions, and one whose spectrum is flat gets many, whatever their sizes.
 """
 
-from typing import Dict, Mapping, Sequence, Tuple
+import heapq
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from hf_trak.method.factored_sizes import Target
-from hf_trak.method.principal import leading_eigenvectors
+from hf_trak.method.principal import leading_eigenpairs
 
 FULL_SPECTRUM_SIDE = 256  # larger sides: the leading eigenvalues only
 LEADING_EIGENVALUES = 64  # of a larger side: more than a side's k in practice (k_r·k_c is one matrix's share of k)
 SUBSPACE_ITERATIONS = 3  # for them: shares of the trace need less precision than eigenvectors
 
 
-def kept_energy(moment: Tensor) -> np.ndarray:
-    """E: E[k − 1] is the share of the trace of a side's second moment (d × d; or its diagonal, (d,), for one-hot
-    ids) in its k largest eigenvalues (increasing to 1; all 1 for a side no token reached). A side larger than
-    ``FULL_SPECTRUM_SIDE`` gets its ``LEADING_EIGENVALUES`` largest by subspace iteration (d² per vector instead of
-    d³ for all), and the rest of its trace spread evenly over the other directions."""
-    values = moment.float().cpu()
+def side_spectrum(moment: Tensor) -> Tuple[np.ndarray, Optional[Tensor]]:
+    """(E, V): E[k − 1] is the share of the trace of a side's second moment (d × d; or its diagonal, (d,), for
+    one-hot ids) in its k largest eigenvalues (increasing to 1; all 1 for a side no token reached); V the
+    leading eigenvectors found on the way (d × m, float32; None for a diagonal or a side no token reached), which
+    the principal factors of the same moment reuse. A side larger than ``FULL_SPECTRUM_SIDE`` gets its
+    ``LEADING_EIGENVALUES`` largest by subspace iteration (d² per vector instead of d³ for all), and the rest of
+    its trace spread evenly over the other directions."""
+    energy, vectors, _ = _spectrum(moment.float().cpu())
+    return energy, vectors
+
+
+class SideSample:
+    """A side's second moment F = Σ_t u_t u_tᵀ over a sample of tokens, held as cheaply as they allow: their vectors
+    V (n × d, F = VᵀV) while n < d, then F (d × d, float64); for one-hot ids, their counts (F's diagonal). With
+    few tokens (a small split's sample) the spectrum then costs n²·d, not d²·n and d² per eigenvector."""
+
+    def __init__(self):
+        self.tokens: Optional[Tensor] = None
+        self.moment: Optional[Tensor] = None
+
+    def add(self, tokens: Tensor) -> None:
+        """Add a batch's tokens: V (n × d) or an embedding's id counts (d,) (``side_tokens``)."""
+        if tokens.dim() == 1 and self.tokens is None and (self.moment is None or self.moment.dim() == 1):
+            self.moment = tokens.double() if self.moment is None else self.moment + tokens.double()
+        elif tokens.dim() == 2 and self.moment is None:
+            self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens])
+            if self.tokens.shape[0] >= self.tokens.shape[1]:
+                self.moment, self.tokens = self.dense(), None
+        else:  # F from now on: as many tokens as d, or ids and vectors on one side (a tied embedding and head)
+            added = torch.diag(tokens.double()) if tokens.dim() == 1 else (tokens.T @ tokens).double()
+            self.moment, self.tokens = self.dense() + added, None
+
+    def dense(self) -> Tensor:
+        """F (d × d, float64)."""
+        if self.tokens is not None:
+            return (self.tokens.T @ self.tokens).double()
+        return torch.diag(self.moment) if self.moment.dim() == 1 else self.moment
+
+    def spectrum(self) -> Tuple[np.ndarray, Optional[Tensor]]:
+        """(E, V) of F, as ``side_spectrum``. From n < d tokens: G = VVᵀ (n × n) has F's nonzero eigenvalues, and
+        F's eigenvector for G's (λ, w) is Vᵀw/√λ (re-orthonormalized); E is 1 from k = n on (F's rank ≤ n)."""
+        if self.tokens is None:
+            return side_spectrum(self.moment)
+        tokens = self.tokens.float().cpu()
+        energy, found, values = _spectrum(tokens @ tokens.T)
+        energy = np.concatenate([energy, np.ones(tokens.shape[1] - len(energy))])
+        if found is None:
+            return energy, None
+        kept = values > values[0] * 1e-5  # directions F has (float32 round-off aside)
+        vectors = tokens.T @ found[:, kept] / values[kept].sqrt()
+        return energy, torch.linalg.qr(vectors)[0]
+
+
+def _spectrum(values: Tensor) -> Tuple[np.ndarray, Optional[Tensor], Optional[Tensor]]:
+    """(E, leading eigenvectors, their eigenvalues) of a d × d moment or a (d,) diagonal (``side_spectrum``)."""
     dim = values.shape[0]
     trace = float(values.sum() if values.dim() == 1 else torch.diagonal(values).sum())
     if trace <= 0:
-        return np.ones(dim)
-    if values.dim() == 1 or dim <= FULL_SPECTRUM_SIDE:
-        values = values if values.dim() == 1 else torch.linalg.eigvalsh(values)
-        values = values.clamp(min=0).sort(descending=True).values
-        return np.minimum((values.double().cumsum(0) / trace).numpy(), 1.0)
-    vectors = leading_eigenvectors(values, LEADING_EIGENVALUES, torch.Generator().manual_seed(0), SUBSPACE_ITERATIONS)
-    leading = ((values @ vectors) * vectors).sum(0).clamp(min=0).sort(descending=True).values
-    kept = np.minimum((leading.double().cumsum(0) / trace).numpy(), 1.0)
-    rest = kept[-1] + (1 - kept[-1]) * np.arange(1, dim - len(kept) + 1) / (dim - len(kept))
-    return np.concatenate([kept, rest])
+        return np.ones(dim), None, None
+    if values.dim() == 1:
+        leading, vectors = values.sort(descending=True).values, None
+    else:
+        count = dim if dim <= FULL_SPECTRUM_SIDE else LEADING_EIGENVALUES
+        generator = torch.Generator().manual_seed(0)
+        leading, vectors = leading_eigenpairs(values, count, generator, SUBSPACE_ITERATIONS)
+    kept = np.minimum((leading.clamp(min=0).double().cumsum(0) / trace).numpy(), 1.0)
+    if len(kept) < dim:
+        rest = kept[-1] + (1 - kept[-1]) * np.arange(1, dim - len(kept) + 1) / (dim - len(kept))
+        kept = np.concatenate([kept, rest])
+    return kept, vectors, leading
 
 
 def spectrum_shapes(
@@ -60,21 +112,29 @@ def spectrum_shapes(
             return k / (target.rows if side == "rows" else target.cols)
         return 1.0 if k >= len(curve) else float(curve[k - 1])
 
-    shapes = {target.name: [1, 1] for target in targets}
+    shapes = [[1, 1] for _ in targets]
+    grown = [0] * len(targets)  # steps taken by each target: its heap entries from before are stale
     used = len(targets)
-    while True:
-        best = None  # (gain per dimension, -position, side index, cost)
-        for position, target in enumerate(targets):
-            k_rows, k_cols = shapes[target.name]
-            rows, cols = kept(target, "rows", k_rows), kept(target, "cols", k_cols)
-            if k_rows < target.rows and used + k_cols <= budget:
-                step = ((kept(target, "rows", k_rows + 1) - rows) * cols / k_cols, -position, 0, k_cols)
-                best = step if best is None or step > best else best
-            if k_cols < target.cols and used + k_rows <= budget:
-                step = (rows * (kept(target, "cols", k_cols + 1) - cols) / k_rows, -position, 1, k_rows)
-                best = step if best is None or step > best else best
-        if best is None:
-            return {name: (k_rows, k_cols) for name, (k_rows, k_cols) in shapes.items()}
-        _, negative_position, side, cost = best
-        shapes[targets[-negative_position].name][side] += 1
+    heap = []  # (−gain per dimension, position, −side, steps then, cost): ties go as in a scan for the largest
+
+    def push(position: int) -> None:
+        target, (k_rows, k_cols) = targets[position], shapes[position]
+        rows, cols = kept(target, "rows", k_rows), kept(target, "cols", k_cols)
+        if k_rows < target.rows:
+            gain = (kept(target, "rows", k_rows + 1) - rows) * cols / k_cols
+            heapq.heappush(heap, (-gain, position, 0, grown[position], k_cols))
+        if k_cols < target.cols:
+            gain = rows * (kept(target, "cols", k_cols + 1) - cols) / k_rows
+            heapq.heappush(heap, (-gain, position, -1, grown[position], k_rows))
+
+    for position in range(len(targets)):
+        push(position)
+    while heap:
+        _, position, side, steps, cost = heapq.heappop(heap)
+        if steps != grown[position] or used + cost > budget:
+            continue  # stale, or too large now (the budget left only shrinks)
+        shapes[position][-side] += 1
+        grown[position] += 1
         used += cost
+        push(position)
+    return {target.name: (k_rows, k_cols) for target, (k_rows, k_cols) in zip(targets, shapes)}

@@ -22,13 +22,11 @@ are scaled by √proj_dim to keep the dense projector's convention E⟨Pᵀa, P�
 
 Sizes: ``hf_trak.method.factored_sizes`` divides k among the matrices. Principal factors
 (``principal_share`` > 0, ``hf_trak.method.principal``): a side's factor keeps the leading eigenvectors of
-its per-token second moment (``side_moments``, over a sample of the train split) and projects the rest at
+its per-token second moment (``side_tokens``, over a sample of the train split) and projects the rest at
 random; ``principal_factors`` makes them, the store keeps them per checkpoint (they depend on the data) and
 ``set_factors`` gives them back. The biases' and the dense fallback's projections stay random. How the
-factored projector compares with a dense one on LDS is in the docs (benchmarks).
-
-Parameters of other layers (LayerNorm, position
-tensors, convolutions) fall back to the dense ``vmap(grad)`` path, with their share of
+factored projector compares with a dense one on LDS is in the docs (benchmarks). Parameters of other layers
+(LayerNorm, position tensors, convolutions) fall back to the dense ``vmap(grad)`` path, with their share of
 dimensions in one dense block.
 
 The model output function must return Σ_i f(z_i) when given a batch (the shipped ones do).
@@ -37,7 +35,7 @@ The model output function must return Σ_i f(z_i) when given a batch (the shippe
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +48,7 @@ from hf_trak.method.model_outputs import AbstractModelOutput
 from hf_trak.method.principal import MAX_PRINCIPAL_SIDE, principal_factor
 from hf_trak.method.projectors import IdentityProjector, RandomProjector, seeded_generator
 from hf_trak.method.shared_outputs import keeping_outputs
-from hf_trak.method.token_vectors import id_counts, projected_pair, reaching_tokens, side_vectors
+from hf_trak.method.token_vectors import finite_rows, id_counts, projected_pair, reaching_tokens, side_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -212,18 +210,19 @@ class FactoredGradientProjector:
                 )
             self._factors[(model_id, target.name, side)] = factor.to(self.device, torch.float32)
 
-    def principal_factors(self, model_id: int, moments: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """{"<name>/<side>": P = [V_a, (I − V_a V_aᵀ) R]} for each principal side, from its second moment F
-        (``side_moments`` summed over the sample): V_a F's a = round(s·k) leading eigenvectors
-        (``leading_eigenvectors``), R a seeded d × (k − a) Rademacher (±1/√(k − a)). (I − V_a V_aᵀ) R has the
-        second moments of V_rest R' (V_rest the other eigenvectors, R' a (d − a) × (k − a) Rademacher): E[P Pᵀ] = I."""
+    def principal_factors(
+        self, model_id: int, moments: Mapping[str, Tensor], leading: Optional[Mapping[str, Tensor]] = None
+    ) -> Dict[str, Tensor]:
+        """{"<name>/<side>": P = [V_a, (I − V_a V_aᵀ) R]} for each principal side (``principal_factor``), from its
+        second moment F (``side_tokens`` summed over the sample) and ``leading[name]``, F's leading eigenvectors
+        where found before (``hf_trak.run.block_shapes``)."""
         factors = {}
         for target, side in self.principal_sides():
             name = f"{target.name}/{side}"
             dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
-            moment = moments.get(name, torch.zeros(dim, dim)).double().cpu()  # a side no token reached: any basis
             generator = seeded_generator(self.seed, model_id, target.name, side, "principal")
-            factors[name] = principal_factor(moment, k, self.principal_share, generator)
+            found = (leading or {}).get(name)
+            factors[name] = principal_factor(moments.get(name), dim, k, self.principal_share, generator, found)
         return factors
 
     def factor(self, model_id: int, target: Target, side: str) -> Tensor:
@@ -339,13 +338,13 @@ class FactoredGradientProjector:
         self.fallback_offset = offset
         return offset
 
-    def side_moments(self, task, weights, buffers, batch, sides=None) -> Dict[str, Tensor]:
-        """{"<name>/<side>": Σ_{i,t} u_t u_tᵀ (d × d, float64)} of a batch, for each of ``sides`` (default: the
-        principal sides): the per-token second moments (K-FAC's factors) that ``principal_factors`` takes the
-        eigenvectors of."""
+    def side_tokens(self, task, weights, buffers, batch, sides=None) -> Iterator[Tuple[str, Tensor]]:
+        """("<name>/<side>", V) for each of ``sides`` (default: the principal sides) and each use of its weight in
+        a batch: the vectors u_t of the tokens that reach the loss, with finite values (n × d, float32), whose
+        Σ_t u_t u_tᵀ = VᵀV is the side's per-token second moment (K-FAC's factor); for an embedding's one-hot
+        ids, their counts (d,), the moment's diagonal."""
         sides = self.principal_sides() if sides is None else sides
         batch_size = next(iter(batch.values())).shape[0]
-        moments: Dict[str, Tensor] = {}
         for use, inputs, delta in self.captured(task, weights, buffers, batch, batch_size):
             if delta is None or use.weight is None:
                 continue
@@ -353,15 +352,10 @@ class FactoredGradientProjector:
             for target, side in sides:
                 if target.name != use.weight:
                     continue
-                if isinstance(use.module, nn.Embedding) and side == "rows":  # one-hot ids: Σ u uᵀ = diag(counts)
-                    moment = torch.diag(id_counts(use.module, inputs.reshape(-1)[alive]).double())
+                if isinstance(use.module, nn.Embedding) and side == "rows":
+                    yield f"{target.name}/{side}", id_counts(use.module, inputs.reshape(-1)[alive]).double()
                 else:
-                    vectors = side_vectors(use.module, inputs, delta, side)[alive]
-                    vectors = vectors[torch.isfinite(vectors).all(dim=1)]
-                    moment = (vectors.T @ vectors).double()
-                name = f"{target.name}/{side}"
-                moments[name] = moments[name] + moment if name in moments else moment
-        return moments
+                    yield f"{target.name}/{side}", finite_rows(side_vectors(use.module, inputs, delta, side)[alive])
 
     def _project_factored(self, task, weights, buffers, batch, model_id: int, out: Tensor) -> None:
         batch_size = out.shape[0]
@@ -394,7 +388,6 @@ class FactoredGradientProjector:
         ~1e-7 relative), the running sum over batches in float64."""
         if self.statistics is None:
             return
-        rows = rows.float()
-        rows = rows[torch.isfinite(rows).all(dim=1)]  # a row excluded for non-finite values adds nothing
+        rows = finite_rows(rows)  # a row excluded for non-finite values adds nothing
         gram = (rows.T @ rows).double()
         self.statistics[name] = gram + self.statistics[name] if name in self.statistics else gram

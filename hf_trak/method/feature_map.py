@@ -194,10 +194,20 @@ class CheckpointView:
         projected = token_features(self.map.projector, self.task, self.weights, self.buffers, batch, self.model_id)
         return projected.div_(math.sqrt(self.map.num_params))
 
+    def side_tokens(self, batch: Mapping[str, Tensor], sides=None):
+        """The tokens' vectors of each side in a batch (``FactoredGradientProjector.side_tokens``, an iterator)."""
+        return self.map.projector.side_tokens(self.task, self.weights, self.buffers, self._to_device(batch), sides)
+
     def side_moments(self, batch: Mapping[str, Tensor], sides=None) -> dict:
-        """The per-token second moments of a batch (``FactoredGradientProjector.side_moments``, of ``sides``; one
-        batched forward and backward, no ``vmap``: the batch keeps its 2D attention mask)."""
-        return self.map.projector.side_moments(self.task, self.weights, self.buffers, self._to_device(batch), sides)
+        """{"<name>/<side>": Σ_{i,t} u_t u_tᵀ (d × d, float64)} of a batch, for each of ``sides`` (default: the
+        principal sides) from ``side_tokens``: the per-token second moments (K-FAC's factors) that
+        ``FactoredGradientProjector.principal_factors`` takes the eigenvectors of. One batched forward and
+        backward, no ``vmap``: the batch keeps its 2D attention mask."""
+        moments = {}
+        for name, tokens in self.side_tokens(batch, sides):
+            moment = torch.diag(tokens) if tokens.dim() == 1 else (tokens.T @ tokens).double()
+            moments[name] = moments[name] + moment if name in moments else moment
+        return moments
 
     def out_to_loss(self, prepared_batch: Mapping[str, Tensor]) -> Tensor:
         """Q of each example of a batch from ``features`` (B,)."""

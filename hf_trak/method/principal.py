@@ -10,6 +10,7 @@ initialization, with a random rest).
 """
 
 import math
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,31 +18,47 @@ from torch import Tensor
 MAX_PRINCIPAL_SIDE = 4096  # larger sides (a vocabulary's one-hot side) keep a random factor: F would be d × d
 
 
-def leading_eigenvectors(matrix: Tensor, count: int, generator: torch.Generator, iterations: int = 8) -> Tensor:
-    """The ``count`` leading eigenvectors (d × count, orthonormal) of a symmetric PSD matrix (d × d, float64), by
-    subspace iteration on count + 8 seeded Gaussian vectors (Halko et al.): d²·(count + 8) flops per iteration,
-    instead of eigh's d³ (a side of a large layer has d in the thousands and count in the tens)."""
+def leading_eigenpairs(
+    matrix: Tensor, count: int, generator: torch.Generator, iterations: int = 8
+) -> Tuple[Tensor, Tensor]:
+    """(values (count,), vectors (d × count, orthonormal)): the ``count`` leading eigenpairs of a symmetric PSD
+    matrix (d × d), largest first, by subspace iteration on count + 8 seeded Gaussian vectors and a Rayleigh–Ritz
+    step (Halko et al.): d²·(count + 8) flops per iteration, instead of eigh's d³ (a side of a large layer has d
+    in the thousands and count in the tens). Where count + 8 ≥ d: eigh."""
     dim = matrix.shape[0]
     if count == 0:
-        return matrix.new_zeros(dim, 0)
+        return matrix.new_zeros(0), matrix.new_zeros(dim, 0)
     width = min(dim, count + 8)
     if width == dim:
-        return torch.linalg.eigh(matrix)[1].flip(1)[:, :count]
+        values, vectors = torch.linalg.eigh(matrix)
+        return values.flip(0)[:count], vectors.flip(1)[:, :count]
     basis = torch.linalg.qr(torch.randn(dim, width, generator=generator, dtype=matrix.dtype))[0]
     for _ in range(iterations):
         basis = torch.linalg.qr(matrix @ basis)[0]
-    vectors = torch.linalg.eigh(basis.T @ matrix @ basis)[1]
-    return basis @ vectors.flip(1)[:, :count]
+    values, vectors = torch.linalg.eigh(basis.T @ matrix @ basis)
+    return values.flip(0)[:count], basis @ vectors.flip(1)[:, :count]
 
 
-def principal_factor(moment: Tensor, k: int, share: float, generator: torch.Generator) -> Tensor:
-    """P = [V_a, (I − V_a V_aᵀ) R] (d × k, float32) from a side's second moment F (d × d): a = min(k, round(share·k))
-    leading eigenvectors, R a d × (k − a) Rademacher (±1/√(k − a)) drawn from ``generator`` after them."""
-    dim = moment.shape[0]
-    leading = min(k, round(share * k))
-    factor = leading_eigenvectors(moment, leading, generator)
-    if leading < k:
-        signs = torch.randint(0, 2, (dim, k - leading), generator=generator, dtype=torch.int8)
-        rest = (signs.double() * 2 - 1) / math.sqrt(k - leading)
+def principal_factor(
+    moment: Optional[Tensor],
+    dim: int,
+    k: int,
+    share: float,
+    generator: torch.Generator,
+    leading: Optional[Tensor] = None,
+) -> Tensor:
+    """P = [V_a, (I − V_a V_aᵀ) R] (d × k, float32) from a side's second moment F (d × d; None: a side no token
+    reached, any basis): a = min(k, round(share·k)) leading eigenvectors (the first a columns of ``leading``, F's
+    leading eigenvectors found before, where it has that many), R a d × (k − a) Rademacher (±1/√(k − a)) drawn
+    from ``generator`` after them."""
+    count = min(k, round(share * k))
+    if leading is not None and leading.shape[1] >= count:
+        factor = leading[:, :count].double().cpu()
+    else:
+        moment = torch.zeros(dim, dim) if moment is None else moment
+        factor = leading_eigenpairs(moment.double().cpu(), count, generator)[1]
+    if count < k:
+        signs = torch.randint(0, 2, (dim, k - count), generator=generator, dtype=torch.int8)
+        rest = (signs.double() * 2 - 1) / math.sqrt(k - count)
         factor = torch.cat([factor, rest - factor @ (factor.T @ rest)], dim=1)
     return factor.float().contiguous()

@@ -24,6 +24,12 @@ def reaching_tokens(delta: Tensor) -> Tensor:
     return (delta != 0).any(dim=-1).reshape(-1)
 
 
+def finite_rows(rows: Tensor) -> Tensor:
+    """``rows`` (n × d, as float32) without those that hold a NaN or an infinity (a copy only where one does)."""
+    rows = rows.float()
+    return rows if bool(torch.isfinite(rows.sum())) else rows[torch.isfinite(rows).all(dim=1)]
+
+
 def id_counts(module: nn.Embedding, ids: Tensor) -> Tensor:
     """How many of the tokens ``ids`` (flat) have each id (the padding id's none): (num_embeddings,)."""
     if module.padding_idx is not None:

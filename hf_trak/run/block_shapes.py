@@ -14,12 +14,13 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
+import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from hf_trak.hf.checkpoints import Checkpoint
-from hf_trak.method.block_sizes import kept_energy, spectrum_shapes
+from hf_trak.method.block_sizes import SideSample, spectrum_shapes
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.principal import MAX_PRINCIPAL_SIDE
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
@@ -28,6 +29,17 @@ from hf_trak.store.feature_store import FeatureStore
 logger = logging.getLogger(__name__)
 
 SAMPLE_FRACTION = 0.1  # of the train rows, where principal_fraction is 0 (no principal factors)
+
+
+@dataclasses.dataclass
+class SideMoments:
+    """What the pass measured at the first checkpoint, for its principal factors: the leading eigenvectors each
+    side's spectrum was found with ({"<name>/<side>": d × m}; ``hf_trak.method.block_sizes.SideSample``), so that
+    the factors need no second eigensolve, and the second moment F (d × d) of the sides whose factor needs more
+    eigenvectors than that. On the main process; empty on the others."""
+
+    moments: Dict[str, torch.Tensor]
+    leading: Dict[str, torch.Tensor]
 
 
 def sample_rows(fraction: float, num_rows: int) -> list:
@@ -48,11 +60,11 @@ def with_block_shapes(
     state: PartialState,
     batch_size: int,
     sample_train_batch: Callable[[int, int], dict],
-) -> Tuple[TRAKConfig, Optional[dict]]:
-    """(``config`` with the projector reshaped to its block shapes, the moments measured): the shapes the store at
-    ``save_dir`` recorded for these same settings and rows (unless ``overwrite``), else measured at ``checkpoint`` (the
-    first); ``config`` unchanged for ``block_sizes="by_size"``. The moments ({"<name>/<side>": F}, on the main
-    process; {} on the others) are None where none were measured, on every process alike."""
+) -> Tuple[TRAKConfig, Optional[SideMoments]]:
+    """(``config`` with the projector reshaped to its block shapes, the ``SideMoments`` measured): the shapes the
+    store at ``save_dir`` recorded for these same settings and rows (unless ``overwrite``), else measured at
+    ``checkpoint`` (the first); ``config`` unchanged for ``block_sizes="by_size"``. The moments are None where
+    none were measured, on every process alike."""
     if config.block_sizes != "spectrum" or config.block_shapes:
         return config, None
     shapes = _recorded(config, save_dir) if not overwrite else None
@@ -74,28 +86,38 @@ def _recorded(config: TRAKConfig, save_dir: Optional[str]) -> Optional[Dict[str,
     return {name: tuple(shape) for name, shape in stored.block_shapes.items()} if same else None
 
 
-def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_batch, state) -> Tuple[dict, dict]:
-    """(The shapes by spectrum at ``checkpoint``, measured by the main process and sent to the others; the moments)."""
+def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_batch, state):
+    """(The shapes by spectrum at ``checkpoint``, measured by the main process and sent to the others; the
+    ``SideMoments`` they came from, or None where every weight is whole)."""
     projector = feature_map.projector
     weights = projector.weights()
     if all(t.k_rows == t.rows and t.k_cols == t.cols for t in weights):
         return {t.name: (t.rows, t.cols) for t in weights}, None  # every weight whole: nothing to divide
-    shapes, moments = None, {}
+    shapes, moments, leading = None, {}, {}
     if state.is_main_process:
         view = feature_map.at(checkpoint, 0, sample_train_batch)
         sides = [(t, side) for t in weights for side, dim in (("rows", t.rows), ("cols", t.cols))
                  if dim <= MAX_PRINCIPAL_SIDE]  # fmt: skip  # a larger side (a vocabulary's) would need a d × d moment
         rows = sample_rows(config.principal_fraction or SAMPLE_FRACTION, len(source))
+        samples = {}
         for begin in tqdm(range(0, len(rows), batch_size), desc="Block sizes"):
-            for name, moment in view.side_moments(source.batch(rows[begin : begin + batch_size]), sides).items():
-                moments[name] = moments[name] + moment if name in moments else moment
+            for name, tokens in view.side_tokens(source.batch(rows[begin : begin + batch_size]), sides):
+                samples.setdefault(name, SideSample()).add(tokens)
         energy = {}
         for target, side in sides:
-            moment = moments.get(f"{target.name}/{side}")
-            if moment is not None:
-                energy[(target.name, side)] = kept_energy(moment)
+            name = f"{target.name}/{side}"
+            if name in samples:
+                energy[(target.name, side)], vectors = samples[name].spectrum()
+                if vectors is not None:
+                    leading[name] = vectors
         shapes = spectrum_shapes(weights, energy, sum(t.size for t in weights))
         logger.info("Block sizes by spectrum, from %d train rows: %s", len(rows), shapes)
+        for target, side in sides:  # F itself only where a principal factor needs more eigenvectors than found
+            name, index = f"{target.name}/{side}", 0 if side == "rows" else 1
+            dim, k = (target.rows, target.cols)[index], shapes[target.name][index]
+            needed = min(k, round(config.principal_share * k)) if k < dim else 0
+            if name in samples and needed > (leading[name].shape[1] if name in leading else 0):
+                moments[name] = samples[name].dense()
     if state.num_processes > 1:
         shapes = broadcast_object_list([shapes])[0]
-    return shapes, moments
+    return shapes, SideMoments(moments, leading)

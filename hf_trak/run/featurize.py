@@ -47,7 +47,7 @@ from hf_trak.errors import (
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.method.shared_outputs import shared_outputs
-from hf_trak.run.block_shapes import sample_rows, with_block_shapes
+from hf_trak.run.block_shapes import SideMoments, sample_rows, with_block_shapes
 from hf_trak.run.kernels import finalize_checkpoint
 from hf_trak.run.memory import batch_size_for
 from hf_trak.store import lock
@@ -220,20 +220,22 @@ def _check_principal_factors(store: FeatureStore, model_id: int, state: PartialS
 
 
 def _write_principal_factors(
-    store: FeatureStore, view: CheckpointView, source, state, batch_size: int, measured: Optional[dict] = None
+    store: FeatureStore, view: CheckpointView, source, state, batch_size: int, measured: Optional[SideMoments] = None
 ) -> None:
     """Checkpoint m's principal factors (``principal_share`` > 0), unless stored: the per-token second moment of
     each principal side over ``principal_fraction`` of the train rows, evenly spaced (each process a share, one
     all-reduce; or ``measured``, the main process's moments of the same rows and checkpoint from the block sizes,
-    ``hf_trak.run.block_shapes``), and its leading eigenvectors (main process, written once: every process and every
-    later scoring projects with the same factors), then set on the projector (``FeatureMap.at`` set those already
-    stored)."""
+    ``hf_trak.run.block_shapes``, with the leading eigenvectors found there), and its leading eigenvectors (main
+    process, written once: every process and every later scoring projects with the same factors), then set on the
+    projector (``FeatureMap.at`` set those already stored)."""
     projector, model_id = view.map.projector, view.model_id
     if not store.config.principal_share or store.has_principal_factors(model_id):
         return
-    moments = measured if measured is not None else _principal_moments(view, source, state, batch_size, store)
+    if measured is None:
+        measured = SideMoments(_principal_moments(view, source, state, batch_size, store), {})
     if state.is_main_process:
-        store.save_principal_factors(model_id, projector.principal_factors(model_id, moments))
+        factors = projector.principal_factors(model_id, measured.moments, measured.leading)
+        store.save_principal_factors(model_id, factors)
     state.wait_for_everyone()
     projector.set_factors(model_id, store.principal_factors(model_id))  # stored ones: set by FeatureMap.at
 
