@@ -44,6 +44,9 @@ def test_the_bounds_and_an_explicit_batch_size(monkeypatch):
     model, device = tiny_gpt2(0), torch.device("cpu")
     monkeypatch.setattr(memory, "available_bytes", lambda device: 2**50)
     assert memory.auto_batch_size(model, 8, device) == memory.MAX_BATCH
+    assert memory.auto_batch_size(model, 512, device) == memory.MAX_CPU_TOKENS // 512  # a CPU: tokens per batch
+    assert memory.auto_batch_size(model, 512, torch.device("cuda")) == memory.MAX_BATCH  # a GPU: memory alone
+    assert memory.auto_batch_size(model, 10**6, device) == 1
     monkeypatch.setattr(memory, "available_bytes", lambda device: 0)
     assert memory.auto_batch_size(model, 8, device) == 1
 

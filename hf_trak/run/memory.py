@@ -9,8 +9,9 @@ float32, from the longest sequence T, the model's width h, depth L, attention he
 
 (plus, for the dense projector, two chunks of per-example gradients). ``auto_batch_size`` takes as many
 examples as fit ``MEMORY_SHARE`` of the memory free now (the GPU's, or the machine's available RAM), at
-least 1 and at most ``MAX_BATCH``. The constants are upper bounds measured on GPT-2 small and BERT
-(``benchmarks/llm_cost.py`` prints the peak memory a run reached).
+least 1 and at most ``MAX_BATCH``; on a CPU also at most ``MAX_CPU_TOKENS`` tokens, past which a larger
+batch costs memory and gains no speed (the docs' benchmarks, "Causal LMs"). The constants are upper bounds
+measured on GPT-2 small and BERT (``benchmarks/llm_cost.py`` prints the peak memory a run reached).
 """
 
 import logging
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 ACTIVATIONS, ATTENTION, LOGITS = 20, 3, 3  # floats per token: per layer × h, per layer × a × T, × V
 MEMORY_SHARE, MAX_BATCH = 0.5, 32
+MAX_CPU_TOKENS = 2048  # per batch, on a CPU
 
 
 def _config_value(config, names, default: int) -> int:
@@ -65,9 +67,11 @@ def available_bytes(device: torch.device) -> int:
 
 
 def auto_batch_size(model: nn.Module, length: int, device: torch.device, projector=None, output_size=None) -> int:
-    """As many examples of ``length`` tokens as fit ``MEMORY_SHARE`` of the free memory, in [1, ``MAX_BATCH``]."""
+    """As many examples of ``length`` tokens as fit ``MEMORY_SHARE`` of the free memory, in [1, ``MAX_BATCH``]
+    (on a CPU: and at most ``MAX_CPU_TOKENS`` tokens)."""
     per_example, free = example_bytes(model, length, projector, output_size), available_bytes(device)
-    size = int(max(1, min(MAX_BATCH, MEMORY_SHARE * free // per_example)))
+    most = MAX_BATCH if device.type != "cpu" else min(MAX_BATCH, MAX_CPU_TOKENS // max(int(length), 1))
+    size = int(max(1, min(most, MEMORY_SHARE * free // per_example)))
     logger.info("batch_size=%d: %.2f GiB per example of %d tokens (estimated), %.1f GiB free", size,
                 per_example / 2**30, length, free / 2**30)  # fmt: skip
     return size
