@@ -27,6 +27,7 @@ from hf_trak.errors import InvalidArgumentError, NotFeaturizedError
 from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
 from hf_trak.hf.sharding import check_unsharded
+from hf_trak.method.block_sizes import SideSample
 from hf_trak.method.estimator import differentiated_parameters
 from hf_trak.method.factored import FactoredGradientProjector
 from hf_trak.method.gradients import DenseGradientProjector, PerExampleGradients
@@ -203,11 +204,10 @@ class CheckpointView:
         principal sides) from ``side_tokens``: the per-token second moments (K-FAC's factors) that
         ``FactoredGradientProjector.principal_factors`` takes the eigenvectors of. One batched forward and
         backward, no ``vmap``: the batch keeps its 2D attention mask."""
-        moments = {}
+        samples = {}
         for name, tokens in self.side_tokens(batch, sides):
-            moment = torch.diag(tokens) if tokens.dim() == 1 else (tokens.T @ tokens).double()
-            moments[name] = moments[name] + moment if name in moments else moment
-        return moments
+            samples.setdefault(name, SideSample()).add(tokens)
+        return {name: sample.dense() for name, sample in samples.items()}
 
     def out_to_loss(self, prepared_batch: Mapping[str, Tensor]) -> Tensor:
         """Q of each example of a batch from ``features`` (B,)."""

@@ -39,6 +39,12 @@ def leading_eigenpairs(
     return values.flip(0)[:count], basis @ vectors.flip(1)[:, :count]
 
 
+def principal_count(k: int, dim: int, share: float) -> int:
+    """a, the leading eigenvectors in a side's principal factor: min(k, round(share·k)) where k < d, 0 where the
+    side is kept whole (k ≥ d)."""
+    return min(k, round(share * k)) if k < dim else 0
+
+
 def principal_factor(
     moment: Optional[Tensor],
     dim: int,
@@ -51,7 +57,7 @@ def principal_factor(
     reached, any basis): a = min(k, round(share·k)) leading eigenvectors (the first a columns of ``leading``, F's
     leading eigenvectors found before, where it has that many), R a d × (k − a) Rademacher (±1/√(k − a)) drawn
     from ``generator`` after them."""
-    count = min(k, round(share * k))
+    count = principal_count(k, dim, share)
     if leading is not None and leading.shape[1] >= count:
         factor = leading[:, :count].double().cpu()
     else:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.block_sizes import SideSample, spectrum_shapes
 from hf_trak.method.feature_map import FeatureMap
-from hf_trak.method.principal import MAX_PRINCIPAL_SIDE
+from hf_trak.method.principal import MAX_PRINCIPAL_SIDE, principal_count
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.feature_store import FeatureStore
 
@@ -115,7 +115,7 @@ def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_
         for target, side in sides:  # F itself only where a principal factor needs more eigenvectors than found
             name, index = f"{target.name}/{side}", 0 if side == "rows" else 1
             dim, k = (target.rows, target.cols)[index], shapes[target.name][index]
-            needed = min(k, round(config.principal_share * k)) if k < dim else 0
+            needed = principal_count(k, dim, config.principal_share)
             if name in samples and needed > (leading[name].shape[1] if name in leading else 0):
                 moments[name] = samples[name].dense()
     if state.num_processes > 1:
