@@ -176,10 +176,12 @@ def test_token_statistics_of_a_causal_lm_default_are_what_its_kernels_use(tmp_pa
     [
         ("hf_trak", ["| kernel | `per_module` (", "from `tokens`", "| λ | 0.01 · tr(XᵀX)/k per checkpoint (per block",
                      "| train-side weight | `none` (no Q) |", "| ensemble | `normalized` (",
-                     "mean_m(X_m K_m T_mᵀ / σ_m), where", "σ_mj = ‖X_m K_m t_mj‖/√n."]),
+                     "mean_m(X_m K_m T_mᵀ / σ_m), where", "σ_mj² = Σ_b ‖X_mb K_mb t_mjb‖²/n over the blocks b.",
+                     "holds the diagonal blocks of XᵀX"]),
         ("trak", ["| kernel | `global` |", "| λ | 0.1 · tr(XᵀX)/k per checkpoint |",
                   "| train-side weight | `out_to_loss` |", "| ensemble | `mean` |",
-                  "mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m), where T_m are the targets' features."]),
+                  "mean_m(X_m K_m T_mᵀ) ⊙ mean_m(Q_m), where T_m are the targets' features.",
+                  "holds XᵀX and the regularized inverse K_m."]),
     ],
 )  # fmt: skip
 def test_the_dataset_card_states_the_estimator_the_store_was_made_with(tmp_path, estimator, lines):

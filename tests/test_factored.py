@@ -233,3 +233,33 @@ def test_gpt2_small_featurizes_in_factored_mode_within_memory():
     assert result.returncode == 0, result.stderr[-2000:]
     peak = float(result.stdout.split("peak GiB")[-1])
     assert peak < 12, f"peak memory {peak:.1f} GiB"
+
+
+def test_an_embedding_s_per_token_gram_grouped_by_id_is_the_sum_over_its_tokens(monkeypatch):
+    """``token_gram`` groups an embedding's tokens by id (Σ_id (a aᵀ) ⊗ C_id, C_id = Σ v_t v_tᵀ over the id's tokens,
+    formed a few tokens at a time): it equals Σ_t (u_t ⊗ v_t)(u_t ⊗ v_t)ᵀ summed here in float64, the padding id's
+    tokens and a token with a NaN left out; with as many ids as tokens it takes the rows' product, the same sum."""
+    from hf_trak.method import token_vectors
+
+    generator = torch.Generator().manual_seed(0)
+    embedding, factor = torch.nn.Embedding(60, 8, padding_idx=0), torch.randn(60, 3, generator=generator)
+    v = torch.randn(4, 12, 5, generator=generator)
+    v[1, 3, 2] = float("nan")
+
+    def expected(ids):
+        u = factor[ids] * (ids != 0).unsqueeze(-1)
+        rows = torch.einsum("btr,btc->btrc", u, v).reshape(-1, 15).double()
+        rows = rows[torch.isfinite(rows).all(dim=1)]
+        return (rows.T @ rows).numpy(), u
+
+    few = torch.randint(0, 6, (4, 12), generator=generator)  # 6 ids (the padding id among them) over 48 tokens
+    reference, u = expected(few)
+    monkeypatch.setattr(token_vectors, "GROUPED_CHUNK", 50)  # two tokens' v_t v_tᵀ at a time
+    with monkeypatch.context() as patched:  # grouped: the rows' product is not formed
+        patched.setattr(token_vectors, "finite_gram", lambda rows: pytest.fail("not grouped by id"))
+        grouped = token_vectors.token_gram(embedding, few, u, v)
+    np.testing.assert_allclose(grouped.double().numpy(), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    many = torch.arange(48).reshape(4, 12) + 1  # every token its own id: not grouped
+    reference, u = expected(many)
+    ungrouped = token_vectors.token_gram(embedding, many, u, v)
+    np.testing.assert_allclose(ungrouped.double().numpy(), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())

@@ -14,7 +14,7 @@ from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE
 from hf_trak.method.factored import FactoredGradientProjector
 from hf_trak.method.gradients import PerExampleGradients
 from hf_trak.method.principal import leading_eigenpairs, principal_factor
-from hf_trak.method.token_vectors import finite_rows
+from hf_trak.method.token_vectors import finite_rows, reaching_tokens
 from hf_trak.store.config import CONFIG_NAME
 from hf_trak.store.feature_store import PRINCIPAL_FACTORS_NAME, FeatureStore
 from hf_trak.store.versions import STORE_VERSION
@@ -282,3 +282,15 @@ def test_finite_rows_leave_out_the_rows_with_a_non_finite_value():
     torch.testing.assert_close(finite_rows(rows[[0, 2]]), rows[[0, 2]].float())
     huge = torch.tensor([[3e38, 3e38], [1.0, 1.0]])  # finite, but their sum is not: kept all the same
     torch.testing.assert_close(finite_rows(huge), huge)
+
+
+def test_the_tokens_that_reach_the_loss_are_those_whose_output_gradient_is_not_all_zero():
+    """``reaching_tokens``: a token whose δ is all zero does not reach; one zero coordinate, a NaN or an infinity
+    (left to ``finite_rows``) does."""
+    delta = torch.ones(2, 3, 4)
+    delta[0, 1] = 0
+    delta[0, 2, 0] = 0
+    delta[1, 0] = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    delta[1, 2] = torch.tensor([0.0, 0.0, float("-inf"), 0.0])
+    delta[1, 1] = -1e-30
+    assert reaching_tokens(delta).tolist() == [True, False, True, True, True, True]

@@ -215,8 +215,9 @@ def test_train_weight_none_drops_q_and_nothing_else(tmp_path):
 
 def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_features():
     """``kernel="per_module"``: τ = Σ_b x_b (XᵀX_bb + λ_b I)⁻¹ t_b ⊙ Q over the factored projector's blocks, with
-    λ_b = 0.01 tr(XᵀX_bb)/k_b (hf_trak's scale), each target's scores divided by their RMS over the rows (hf_trak's
-    ensemble), recomputed here from the stored features."""
+    λ_b = 0.01 tr(XᵀX_bb)/k_b (hf_trak's scale), each target's scores divided by σ (hf_trak's ensemble), recomputed
+    here from the stored features: σ² = Σ_b mean over the rows of the block's part of the scores, squared (the store
+    keeps XᵀX's diagonal blocks only); a version-6 store (XᵀX whole) divides by the RMS of the scores."""
     model, train, targets = tiny_bert(), token_sequences(24), token_sequences(4, seed=1)
     traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", dtype=torch.float32,
                     train_weight="out_to_loss")  # fmt: skip
@@ -232,9 +233,17 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
         xtx = x[:, b].T @ x[:, b]
         kernel[b, b] = np.linalg.inv(xtx + MODULE_LAMBDA_SCALE * np.trace(xtx) / size * np.eye(size))
     checkpoint_scores = x @ kernel @ t.T
-    rms = np.sqrt((checkpoint_scores**2).mean(axis=0))  # hf_trak's ensemble="normalized", from the scores
-    expected = checkpoint_scores / rms * traker.store.out_to_loss(0)[:, None]
+    parts = [x[:, a : a + n] @ kernel[a : a + n, a : a + n] @ t[:, a : a + n].T for a, n in blocks]
+    sigma = np.sqrt(sum((part**2).mean(axis=0) for part in parts))  # hf_trak's ensemble="normalized"
+    rms = np.sqrt((checkpoint_scores**2).mean(axis=0))  # the scores' RMS, which a version-6 store divides by
+    assert np.abs(sigma / rms - 1).max() > 1e-3
+    expected = checkpoint_scores / sigma * traker.store.out_to_loss(0)[:, None]
     np.testing.assert_allclose(traker.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    old = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", dtype=torch.float32,
+                 train_weight="out_to_loss", store_version=6).featurize(train, [model.state_dict()])  # fmt: skip
+    np.testing.assert_array_equal(old.store.features(0), traker.store.features(0))
+    expected = checkpoint_scores / rms * traker.store.out_to_loss(0)[:, None]
+    np.testing.assert_allclose(old.score(targets), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     with pytest.raises(ValueError, match="kernel='per_module' needs .* projector='factored'"):
         TRAKer(tiny_vit(), proj_dim=16, projector="rademacher", kernel="per_module")
 

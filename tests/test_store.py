@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 from datasets import load_dataset
+from safetensors.torch import load_file, save_file
 
 from hf_trak import TRAKer
+from hf_trak.errors import CorruptStoreError
 from hf_trak.store.card import render_trainer_section
 from hf_trak.store.feature_store import FeatureStore
+from hf_trak.store.integrity import check_store
 from hf_trak.store.versions import STORE_VERSION
 from hf_trak.testing.datasets import digits
 from hf_trak.testing.models import perturbed_state_dict, tiny_vit
@@ -218,6 +221,33 @@ def test_a_resume_with_another_checkpoint_is_refused_or_redoes_only_that_checkpo
     for m in range(2):
         np.testing.assert_array_equal(redone.store.features(m), fresh.store.features(m))
     assert redone.store.config.checkpoint_fingerprints == fresh.store.config.checkpoint_fingerprints
+
+
+def test_a_block_diagonal_kernel_is_kept_as_its_blocks_and_read_as_the_whole_matrix(tmp_path):
+    """A per-module K_m's file (version 7 on) holds K_m's and XᵀX_m's diagonal blocks one after another (Σ_b k_b²
+    values each, not k²), read back as the k × k block-diagonal matrices: a version-6 store's K and XᵀX on the
+    blocks, 0 off them. A packed file of another size is named as corrupt."""
+    settings = dict(projector="factored", kernel="per_module", dtype=torch.float32)
+    new, _, _ = _featurized(tmp_path / "v7", **settings)
+    old, _, _ = _featurized(tmp_path / "v6", store_version=6, **settings)
+    blocks, k = new.config.kernel_blocks, new.config.feature_dim
+    path = os.path.join(new.store.checkpoint_dir(0), "kernel.safetensors")
+    packed = load_file(path)
+    assert sorted(packed) == ["kernel_blocks", "lambda_reg", "phi_scale", "xtx_blocks"]
+    assert packed["kernel_blocks"].shape == packed["xtx_blocks"].shape == (sum(n * n for _, n in blocks),)
+    assert len(blocks) > 1 and os.path.getsize(path) < os.path.getsize(path.replace("v7", "v6"))
+    on_blocks = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool) for _, n in blocks])
+    whole, read = old.store.load_kernel(0), new.store.load_kernel(0)
+    assert (whole["xtx"][~on_blocks] != 0).any()  # version 6 keeps XᵀX whole
+    for name in ("xtx", "kernel"):
+        assert read[name].shape == (k, k) and (read[name][~on_blocks] == 0).all()
+        np.testing.assert_allclose(read[name][on_blocks], whole[name][on_blocks], rtol=1e-9, atol=0)
+    check_store(new.store)
+    save_file({**packed, "kernel_blocks": packed["kernel_blocks"][1:]}, path)
+    with pytest.raises(CorruptStoreError, match="kernel_blocks of shape"):
+        check_store(new.store)
+    with pytest.raises(CorruptStoreError, match="kernel_blocks of shape"):
+        new.store.load_kernel(0)
 
 
 def test_the_kernel_kept_for_queries_follows_its_file(tmp_path):

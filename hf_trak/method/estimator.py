@@ -189,8 +189,8 @@ def auto_proj_dim(model: nn.Module, args: TRAKArguments) -> int:
     Chosen on the LDS suite's ``lm`` task (k = 512 ... 8192, seed 0, K=1 / K=5: 2048 0.564 / 0.640, 4096 0.590 / 0.657,
     8192 0.583 / 0.654) and confirmed on ``lm_llama`` (2048 0.220 / 0.368, 4096 0.242 / 0.396): the docs' "LDS
     against k". For kernels from the examples the choice tasks disagree (``text`` gains with k, ``image`` loses at
-    K=1), so they keep 2048. A store holds 2·k bytes per example and checkpoint (float16): 8 KiB at 4096, 8 GiB for
-    a million examples, whatever the model's size."""
+    K=1), so they keep 2048. A store holds 4·k bytes per example and checkpoint (X and Φ in float16): 16 KiB at 4096,
+    16 GB for a million examples, whatever the model's size."""
     k = TOKENS_PROJ_DIM if args.kernel_from == "tokens" else DEFAULT_PROJ_DIM
     parameters = dict(model.named_parameters())
     p = sum(parameters[name].numel() for name in differentiated_parameters(model, args))

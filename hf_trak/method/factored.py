@@ -48,7 +48,15 @@ from hf_trak.method.model_outputs import AbstractModelOutput
 from hf_trak.method.principal import MAX_PRINCIPAL_SIDE, principal_factor
 from hf_trak.method.projectors import IdentityProjector, RandomProjector, seeded_generator
 from hf_trak.method.shared_outputs import keeping_outputs
-from hf_trak.method.token_vectors import finite_rows, id_counts, projected_pair, reaching_tokens, side_vectors
+from hf_trak.method.token_vectors import (
+    finite_gram,
+    finite_rows,
+    id_counts,
+    projected_pair,
+    reaching_tokens,
+    side_vectors,
+    token_gram,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +380,7 @@ class FactoredGradientProjector:
                 out[:, target.offset : target.offset + target.size] += projected
                 block = f"block_{position[use.weight]}"
                 if self.statistics is not None and self.statistics_kind == "tokens":
-                    self._add_gram(block, torch.einsum("btr,btc->btrc", u, v).reshape(-1, target.size))
+                    self._add_gram(block, gram=token_gram(use.module, inputs, u, v))
                 if self.statistics is not None:
                     alive = reaching_tokens(delta)
                     self._add_gram(block + "_rows", u.reshape(-1, target.k_rows)[alive])
@@ -383,11 +391,9 @@ class FactoredGradientProjector:
                 out[:, target.offset : target.offset + target.size] += tokens.sum(1)
                 self._add_gram(f"block_{position[use.bias]}", tokens.reshape(-1, target.size))
 
-    def _add_gram(self, name: str, rows: Tensor) -> None:
-        """statistics[name] += rowsᵀ rows: one batch's product in float32 (a batch's few thousand token rows lose
-        ~1e-7 relative), the running sum over batches in float64."""
-        if self.statistics is None:
-            return
-        rows = finite_rows(rows)  # a row excluded for non-finite values adds nothing
-        gram = (rows.T @ rows).double()
-        self.statistics[name] = gram + self.statistics[name] if name in self.statistics else gram
+    def _add_gram(self, name: str, rows: Optional[Tensor] = None, gram: Optional[Tensor] = None) -> None:
+        """statistics[name] += rowsᵀ rows (or ``gram``, formed so): one batch's product in float32 (a batch's few
+        thousand token rows lose ~1e-7 relative), the running sum over batches in float64."""
+        if self.statistics is not None:
+            gram = (finite_gram(rows) if gram is None else gram).double()
+            self.statistics[name] = gram + self.statistics[name] if name in self.statistics else gram

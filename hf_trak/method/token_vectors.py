@@ -21,13 +21,20 @@ def reaching_tokens(delta: Tensor) -> Tensor:
     """(B·T,) bool: the tokens whose output gradient δ_t (B, T, d_out) is not all zero. The others (padding, a
     causal LM's last position) add nothing to any example's gradient Σ_t u_t v_tᵀ, so the Kronecker factors
     leave them out too (their input-side u or v is not zero)."""
-    return (delta != 0).any(dim=-1).reshape(-1)
+    return (delta.abs().amax(dim=-1) != 0).reshape(-1)  # a NaN reaches (NaN != 0), as in (δ != 0).any(-1)
 
 
 def finite_rows(rows: Tensor) -> Tensor:
     """``rows`` (n × d, as float32) without those that hold a NaN or an infinity (a copy only where one does)."""
     rows = rows.float()
     return rows if bool(torch.isfinite(rows.sum())) else rows[torch.isfinite(rows).all(dim=1)]
+
+
+def finite_gram(rows: Tensor) -> Tensor:
+    """rowsᵀ rows (float32) over the rows with finite values only (a row excluded for non-finite values adds
+    nothing)."""
+    rows = finite_rows(rows)
+    return rows.T @ rows
 
 
 def id_counts(module: nn.Embedding, ids: Tensor) -> Tensor:
@@ -59,6 +66,39 @@ def projected_pair(module: nn.Module, inputs: Tensor, delta: Tensor, rows: Tenso
     if isinstance(module, nn.Linear):
         return delta @ rows, x @ cols
     return x @ rows, delta @ cols
+
+
+GROUPED_CHUNK = 1 << 22  # values of the tokens' v_t v_tᵀ formed at once when an embedding's tokens are grouped
+
+
+def token_gram(module: nn.Module, inputs: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """Σ_t (u_t ⊗ v_t)(u_t ⊗ v_t)ᵀ over a batch's tokens (u: (B, T, k_r), v: (B, T, k_c)), float32, (k_r·k_c)²,
+    tokens with a non-finite value left out: the per-token Gram matrix of a projected layer.
+
+    An embedding's u_t is row id_t of P_r (0 for the padding id), so its tokens are grouped by id: the sum is
+    Σ_id (a_id a_idᵀ) ⊗ C_id, C_id = Σ_{t: id_t = id} v_t v_tᵀ, in m·(k_r k_c)² + n·k_c² flops for m distinct ids among
+    n tokens instead of n·(k_r k_c)² (a position embedding has as many ids as positions); where m ≤ n/2 and the
+    C_id take no more memory than the tokens' rows (m·k_c ≤ n·k_r)."""
+    k_r, k_c = u.shape[-1], v.shape[-1]
+    if isinstance(module, nn.Embedding):
+        ids, tokens = inputs.reshape(-1), v.reshape(-1, k_c)
+        keep = torch.isfinite(tokens).all(dim=1)
+        if module.padding_idx is not None:
+            keep &= ids != module.padding_idx
+        unique, inverse = torch.unique(ids[keep], return_inverse=True)
+        m, n = len(unique), int(keep.sum())
+        if 2 * m <= n and m * k_c <= n * k_r:
+            tokens = tokens[keep]
+            a = torch.zeros(m, k_r, device=u.device).index_copy_(0, inverse, u.reshape(-1, k_r)[keep])  # any token's
+            moments = torch.zeros(m, k_c * k_c, device=v.device)
+            step = max(1, GROUPED_CHUNK // (k_c * k_c))
+            for begin in range(0, n, step):
+                chunk, where = tokens[begin : begin + step], inverse[begin : begin + step]
+                moments.index_add_(0, where, (chunk[:, :, None] * chunk[:, None, :]).flatten(1))
+            outer = (a[:, :, None] * a[:, None, :]).reshape(m, k_r * k_r)
+            gram = (outer.T @ moments).reshape(k_r, k_r, k_c, k_c).permute(0, 2, 1, 3)
+            return gram.reshape(k_r * k_c, k_r * k_c)
+    return finite_gram(torch.einsum("btr,btc->btrc", u, v).reshape(-1, k_r * k_c))
 
 
 def token_features(projector, task, weights, buffers, batch, model_id: int) -> Tensor:

@@ -55,6 +55,7 @@ from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.feature_store import FeatureStore, shard_ranges
 from hf_trak.store.provenance import first_difference, shard_hashes
+from hf_trak.store.versions import keeps_kernel_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +151,12 @@ def _featurize(feature_map, config, source, checkpoints, scan, save_dir, state, 
 
 def _expected_bytes(config: TRAKConfig, num_rows: int, num_checkpoints: int) -> int:
     """About how many bytes a complete store of ``config`` takes: per checkpoint X and Φ (n × k in the features'
-    dtype, with index and Q), the kernel file (two k × k float64), and the per-token statistics (a k_b² float64
-    Gram matrix per block and shard)."""
+    dtype, with index and Q), the kernel file (two k × k float64, or their diagonal blocks), and the per-token
+    statistics (a k_b² float64 Gram matrix per block and shard)."""
     k, itemsize = config.feature_dim, 2 if config.dtype == "float16" else 4
     shards = 2 * (num_rows * k * itemsize + num_rows * 12)
-    kernel = 2 * k * k * 8 + k * 8
+    blocks = config.kernel_blocks and keeps_kernel_blocks(config.store_version)
+    kernel = 2 * (sum(size * size for _, size in config.kernel_blocks) if blocks else k * k) * 8 + k * 8
     statistics = 0
     if config.kernel_from != "examples":
         num_shards = len(shard_ranges(num_rows, config.shard_size))

@@ -1,6 +1,7 @@
 """Once every shard of a checkpoint's features is written: its kernel K_m, then Φ_m = X_m K_m.
 
-XᵀX_m = Σ_shards X_sᵀX_s (float64) is summed over processes (a k × k all-reduce: no features travel) and
+XᵀX_m = Σ_shards X_sᵀX_s (float64; its diagonal blocks only where K_m is block-diagonal and the store keeps
+its blocks) is summed over processes (a k × k all-reduce: no features travel) and
 the main process writes λ_m and K_m (``hf_trak.method.kernel``): one global kernel, or one per projected
 matrix from XᵀX's blocks, the per-token Gram matrices or EK-FAC's bases (``kernel_from``). Each process
 then writes Φ_m for its share of the shards (formed in float64, stored in the features' dtype), so that
@@ -54,7 +55,7 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
     with state.split_between_processes(store.shard_ranges()) as mine:
         for start, stop in mine:
             features = as_tensor(store.shard(model_id, start, stop)[0]).to(device)
-            xtx += gram(features)
+            xtx += gram(features, config.kernel_blocks if store.keeps_kernel_blocks else ())
             for b, (q_rows, q_cols) in bases.items():  # Λ_b = Σ_i (Q_rᵀ X_i Q_c)², X_i the block as k_r × k_c
                 offset, size = config.kernel_blocks[b]
                 block = features[:, offset : offset + size].double().reshape(-1, len(q_rows), len(q_cols))

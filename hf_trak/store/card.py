@@ -31,7 +31,11 @@ def render_dataset_card(store: FeatureStore, repo_id: str = "<user>/<features-re
     ]
     card_data = DatasetCardData(configs=configs, tags=["trak", "data-attribution", "hf-trak"])
     content = jinja2.Template(_template("trak_features_card.md")).render(
-        card_data=card_data.to_yaml(), config=config, repo_id=repo_id, score_names=score_names
+        card_data=card_data.to_yaml(),
+        config=config,
+        repo_id=repo_id,
+        score_names=score_names,
+        blocks=store.keeps_kernel_blocks,
     )
     return DatasetCard(content)
 

@@ -47,13 +47,13 @@ from hf_trak.store.arrow_files import (
 )
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.files import write_text
+from hf_trak.store.kernel_file import KERNEL_NAME, load_kernel_file, save_kernel_file
 from hf_trak.store.lock import LOCK_NAME
-from hf_trak.store.versions import stores_preconditioned
+from hf_trak.store.versions import keeps_kernel_blocks, stores_preconditioned
 
 logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = re.compile(r"(features|preconditioned)-(\d+)-(\d+)\.arrow$")
-KERNEL_NAME = "kernel.safetensors"
 PRINCIPAL_FACTORS_NAME = "principal-factors.safetensors"
 ROW_HASHES_NAME = "train_rows.arrow"
 ROWS_KEY, CHECKSUM_KEY = b"hf_trak.rows", b"hf_trak.crc32"
@@ -299,19 +299,27 @@ class FeatureStore:
     def save_kernel(
         self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float, phi_scale: torch.Tensor
     ) -> None:
+        """K_m's file (``hf_trak.store.kernel_file``): XᵀX_m and K_m as k × k matrices, or as their diagonal blocks
+        where ``keeps_kernel_blocks``."""
         lambda_reg = torch.tensor(lambda_reg, dtype=torch.float64)
         tensors = {"xtx": xtx, "kernel": kernel, "lambda_reg": lambda_reg, "phi_scale": phi_scale}
-        save_safetensors(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME), tensors)
+        blocks = self.config.kernel_blocks if self.keeps_kernel_blocks else ()
+        save_kernel_file(os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME), tensors, blocks)
+
+    @property
+    def keeps_kernel_blocks(self) -> bool:
+        """Whether K_m's file keeps XᵀX_m and K_m as their diagonal blocks: a block-diagonal K, version 7 on."""
+        return bool(self.config.kernel_blocks) and keeps_kernel_blocks(self.config.store_version)
 
     def load_kernel(self, model_id: int, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """The tensors of K_m's file (only ``names`` of them, if given: a query needs the k-vector phi_scale,
-        not the two k × k matrices)."""
+        not the two k × k matrices); ``xtx`` and ``kernel`` as k × k matrices however the file keeps them."""
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         if not os.path.isfile(path):
             raise IncompleteStoreError(
                 f"{path} is missing: the featurization of checkpoint {model_id} did not finish."
             )
-        return load_safetensors(path, names)
+        return load_kernel_file(path, names, self.config.kernel_blocks if self.keeps_kernel_blocks else ())
 
     def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(XᵀX_m, K_m) in float64, which a normalized ensemble needs for every query (``hf_trak.run.scoring``); with

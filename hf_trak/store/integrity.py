@@ -13,7 +13,14 @@ import pyarrow as pa
 from safetensors import safe_open
 
 from hf_trak.errors import CorruptStoreError, IncompleteStoreError
-from hf_trak.store.feature_store import COLUMNS, FEATURES, KERNEL_NAME, PRECONDITIONED, ROWS_KEY, FeatureStore
+from hf_trak.store.feature_store import (
+    COLUMNS,
+    FEATURES,
+    PRECONDITIONED,
+    ROWS_KEY,
+    FeatureStore,
+)
+from hf_trak.store.kernel_file import KERNEL_NAME, PACKED
 from hf_trak.store.versions import stores_preconditioned
 
 MAX_FEATURE_DIM = 2**20  # k × k float64 kernels: 8 TiB at this size; a config above it is not a real store
@@ -73,9 +80,10 @@ def _check_kernel(store: FeatureStore, path: str) -> None:
             shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
     except Exception as error:  # safetensors' own error on a bad header
         raise CorruptStoreError(f"{path} is corrupt ({error}): {REDO}.") from error
-    for name in ("xtx", "kernel"):
-        if shapes.get(name) != (k, k):
-            raise _fail(store, f"{path} holds {name} of shape {shapes.get(name)}, not ({k}, {k})")
+    packed = (sum(size * size for _, size in store.config.kernel_blocks),)
+    for name, expected in [(PACKED[n], packed) if store.keeps_kernel_blocks else (n, (k, k)) for n in PACKED]:
+        if shapes.get(name) != expected:
+            raise _fail(store, f"{path} holds {name} of shape {shapes.get(name)}, not {expected}")
 
 
 def check_store(store: FeatureStore) -> None:

@@ -19,6 +19,8 @@ version  what it added
          version above the reader's is refused.
 6        the factored projector's sizes by spectrum (``block_sizes``, ``block_shapes``: each weight's k_r × k_c,
          made from the data at the first checkpoint and recorded).
+7        a block-diagonal (per-module) K is kept as its diagonal blocks, with XᵀX's diagonal blocks only
+         (``kernel.safetensors``: ``kernel_blocks``, ``xtx_blocks``); the normalized ensemble's σ comes from them.
 =======  ===========================================================================================
 
 A field a store does not record (it predates the field) takes the value that store was made with
@@ -27,7 +29,7 @@ A field a store does not record (it predates the field) takes the value that sto
 
 from hf_trak.errors import StoreMismatchError
 
-STORE_VERSION = 6
+STORE_VERSION = 7
 
 # The value of each field for a store written before the field was recorded.
 IMPLIED_BEFORE_RECORDED = {
@@ -80,3 +82,8 @@ def has_block_shapes(store_version: int) -> bool:
 def stores_preconditioned(store_version: int) -> bool:
     """Whether featurize stores Φ = XK (scoring forms it from X and K for older stores)."""
     return store_version >= 3
+
+
+def keeps_kernel_blocks(store_version: int) -> bool:
+    """Whether the format keeps a block-diagonal K, and XᵀX, as their diagonal blocks only."""
+    return store_version >= 7
