@@ -294,3 +294,12 @@ def test_the_tokens_that_reach_the_loss_are_those_whose_output_gradient_is_not_a
     delta[1, 2] = torch.tensor([0.0, 0.0, float("-inf"), 0.0])
     delta[1, 1] = -1e-30
     assert reaching_tokens(delta).tolist() == [True, False, True, True, True, True]
+
+
+def test_a_side_gets_share_times_k_leading_eigenvectors_unless_it_is_kept_whole():
+    """``principal_count``: min(k, round(share·k)) where k < d; 0 where k ≥ d (the side is kept whole, no factor)."""
+    from hf_trak.method.principal import principal_count
+
+    assert [principal_count(10, 50, share) for share in (0.0, 0.25, 0.5, 1.0)] == [0, 2, 5, 10]
+    assert principal_count(10, 10, 0.5) == principal_count(12, 10, 0.5) == 0
+    assert principal_count(49, 50, 1.5) == 49
