@@ -1,6 +1,7 @@
 """What the default estimator costs: featurize time and store size, estimator="hf_trak" against "trak".
 
     python benchmarks/estimator_cost.py [--num-examples 512] [--proj-dim auto] [--repeats 3] [--threads 2]
+                                        [--kernel-from mixed]
 
 Two random-init models large enough that ``projector="auto"`` factors them under either
 estimator (p·k > 2^28), so that the difference is the estimator's alone: a 4-layer GPT-2
@@ -11,7 +12,8 @@ examples, no statistics). Each run featurizes one checkpoint into a fresh store,
 included (K and Φ); the script prints the median seconds of ``--repeats`` runs, the store's
 bytes on disk, and the ratios hf_trak / trak, measured in the same process. ``--proj-dim auto`` (the default)
 gives each estimator its own k (``hf_trak.method.estimator.auto_proj_dim``: hf_trak 4096 for the causal LM's
-per-token kernels, 2048 otherwise; trak 2048), a number the same k to both.
+per-token kernels, 2048 otherwise; trak 2048), a number the same k to both. ``--kernel-from`` gives hf_trak's
+estimator that ``kernel_from`` on both models (its own k for it, with ``--proj-dim auto``).
 """
 
 import argparse
@@ -58,11 +60,12 @@ def store_bytes(root: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
 
-def run(model, split, estimator: str, proj_dim, repeats: int):
+def run(model, split, estimator: str, proj_dim, repeats: int, **settings):
     times, size, config = [], 0, None
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as folder:
-            traker = TRAKer(model, proj_dim=proj_dim, estimator=estimator, save_dir=os.path.join(folder, "s"))
+            save_dir = os.path.join(folder, "s")
+            traker = TRAKer(model, proj_dim=proj_dim, estimator=estimator, save_dir=save_dir, **settings)
             start = time.perf_counter()
             traker.featurize(split, [model.state_dict()], batch_size=32)
             times.append(time.perf_counter() - start)
@@ -76,12 +79,17 @@ def main():
     parser.add_argument("--proj-dim", type=lambda text: text if text == "auto" else int(text), default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kernel-from", choices=["examples", "tokens", "mixed"], help="hf_trak's kernel_from")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name, model in models().items():
         split = data(args.num_examples, labels="bert" in name)
         p = sum(parameter.numel() for parameter in model.parameters())
-        results = {e: run(model, split, e, args.proj_dim, args.repeats) for e in ("trak", "hf_trak")}
+        settings = {"kernel_from": args.kernel_from} if args.kernel_from else {}
+        results = {
+            "trak": run(model, split, "trak", args.proj_dim, args.repeats),
+            "hf_trak": run(model, split, "hf_trak", args.proj_dim, args.repeats, **settings),
+        }
         for estimator, (seconds, size, config) in results.items():
             print(f"{name}, p={p:,}, {estimator:8}: k={config.proj_dim}, {config.projector} projector, "
                   f"{config.kernel} kernel from {config.kernel_from}, train_weight={config.train_weight}: "

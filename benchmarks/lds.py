@@ -23,9 +23,11 @@ the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviati
   ``hf_trak, with attention q/k/v``, ``hf_trak, mean ensemble``, ``hf_trak, with biases``,
   ``hf_trak, λ_b×10``, ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
   per-token kernels too) and ``hf_trak, blocks by size`` (``block_sizes="by_size"``: each matrix a share of k
-  proportional to its size, not by its gradients' spectrum) undoes one of its settings, and ``hf_trak, factors
-  from all rows`` takes
-  ``principal_fraction=1``; ``hf_trak, random factors, no shrinkage`` undoes the first two,
+  proportional to its size, not by its gradients' spectrum) undoes one of its settings, ``hf_trak, factors
+  from all rows`` takes ``principal_fraction=1``, and ``hf_trak, mixed kernels`` ``kernel_from="mixed"`` (each
+  block's Gram matrix the mean of the examples' and the per-token one, with the per-token kernels' k, principal
+  factors and shrinkage), ``hf_trak, per-token kernels`` ``kernel_from="tokens"`` (the causal LMs' default, on
+  every task); ``hf_trak, random factors, no shrinkage`` undoes the first two,
   ``..., mean, q/k/v`` the first four and ``..., biases, λ_b×10, r:c`` the first seven;
 * ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
   the base of the settings below;
@@ -287,6 +289,8 @@ METHODS = {
     "hf_trak, λ_b×10": hf_trak(lambda_scale=0.1),
     "hf_trak, r:c sides": lambda task, models, k, seed: rc_sides(task, models, k, seed),
     "hf_trak, blocks by size": hf_trak(block_sizes="by_size"),
+    "hf_trak, mixed kernels": hf_trak(kernel_from="mixed"),
+    "hf_trak, per-token kernels": hf_trak(kernel_from="tokens"),
     "hf_trak, random factors, no shrinkage": hf_trak(**RANDOM_FACTORS),
     "hf_trak, random factors, no shrinkage, mean, q/k/v": hf_trak(
         ensemble="mean", parameters=dict(attention=True), **RANDOM_FACTORS

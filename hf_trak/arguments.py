@@ -27,7 +27,7 @@ NONFINITE_POLICIES = ("error", "exclude")
 ESTIMATORS = ("hf_trak", "trak")
 TRAIN_WEIGHTS = ("auto", "out_to_loss", "none")
 KERNELS = ("auto", "global", "per_module")
-KERNEL_SOURCES = ("auto", "examples", "tokens", "ekfac")
+KERNEL_SOURCES = ("auto", "examples", "tokens", "mixed", "ekfac")
 ENSEMBLES = ("auto", "mean", "normalized")
 STORAGE_DTYPES = ("float16", "float32")
 BLOCK_SIZES = ("auto", "by_size", "spectrum")
@@ -87,8 +87,9 @@ class TRAKArguments:
     kernel_from: str = _field(
         "auto",
         "each per-module kernel from: the examples' features (XᵀX blocks), tokens (Σ_i Σ_t z_it z_itᵀ of the "
-        "projected per-token gradients), or ekfac (EK-FAC in projected space: the Kronecker factors' eigenbases, "
-        "eigenvalues fitted to the examples); tokens and ekfac need the factored projector (auto: hf_trak: tokens "
+        "projected per-token gradients), mixed (the mean of the two, the tokens' scaled to the examples' trace), or "
+        "ekfac (EK-FAC in projected space: the Kronecker factors' eigenbases, eigenvalues fitted to the examples); "
+        "tokens, mixed and ekfac need the factored projector (auto: hf_trak: tokens "
         "for a causal LM's per-module kernels, else examples; trak: examples)",
         choices=KERNEL_SOURCES,
     )

@@ -218,7 +218,7 @@ def test_the_estimator_gives_principal_factors_and_shrinkage_to_per_token_kernel
     assert TRAKer(tiny_bert(), proj_dim=512, principal_share=0.5).config.principal_share == 0.5  # explicit: taken
     with pytest.raises(InvalidArgumentError, match="pass projector='factored' or principal_share=0"):
         TRAKer(tiny_gpt2(), proj_dim=64, projector="rademacher", principal_share=0.5)
-    with pytest.raises(InvalidArgumentError, match="pass kernel_from='tokens' or kernel_shrinkage=0"):
+    with pytest.raises(InvalidArgumentError, match=r"pass kernel_from='tokens' \(or 'mixed'\) or kernel_shrinkage=0"):
         TRAKer(tiny_bert(), proj_dim=512, kernel_shrinkage=0.3)
     with pytest.raises(InvalidArgumentError, match=r"principal_share must be in \[0, 1\]"):
         TRAKer(tiny_gpt2(), principal_share=1.5)

@@ -248,6 +248,41 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
         TRAKer(tiny_vit(), proj_dim=16, projector="rademacher", kernel="per_module")
 
 
+def test_mixed_kernels_average_the_examples_and_the_per_token_gram_matrices(tmp_path):
+    """``kernel_from="mixed"``: each block's kernel is (M_b + λ_b I)⁻¹ with M_b = (XᵀX_bb + G_b·tr(XᵀX_bb)/tr(G_b))/2,
+    XᵀX_bb recomputed here from the stored features and G_b from the stored per-token statistics (the per-token
+    Gram matrix shrunk toward K-FAC, as ``kernel_from="tokens"`` takes it), λ_b = 0.01·tr(M_b)/k_b; it has the
+    per-token kernels' principal factors and shrinkage, and differs from both kernels it averages."""
+    from hf_trak.method.kernel import shrunk_gram
+
+    model, train = tiny_bert(), token_sequences(12)
+    settings = dict(proj_dim=96, dtype=torch.float32, shard_size=5)
+    mixed = TRAKer(model, kernel_from="mixed", save_dir=str(tmp_path / "mixed"), **settings)
+    mixed.featurize(train, [model.state_dict()])
+    config = mixed.config
+    assert config.kernel == "per_module" and config.principal_share > 0 and config.kernel_shrinkage == 0.3
+    x = mixed.store.features(0).astype(np.float64)
+    statistics = {}
+    for start, stop in mixed.store.shard_ranges():
+        for name, tensor in mixed.store.statistics(0, start, stop).items():
+            statistics[name] = statistics.get(name, 0) + tensor.double()
+    kernel, scale = mixed.store.load_kernel(0)["kernel"].numpy(), config.feature_dim / config.num_params
+    others = {kind: TRAKer(model, kernel_from=kind, principal_share=config.principal_share,
+                           kernel_shrinkage=config.kernel_shrinkage if kind == "tokens" else 0.0, **settings)
+              .featurize(train, [model.state_dict()]).store.load_kernel(0)["kernel"].numpy()
+              for kind in ("tokens", "examples")}  # fmt: skip
+    for b, (offset, size) in enumerate(config.kernel_blocks):
+        block = slice(offset, offset + size)
+        examples = x[:, block].T @ x[:, block]
+        tokens = statistics[f"block_{b}"] * scale
+        tokens = shrunk_gram(tokens, statistics[f"block_{b}_rows"], statistics[f"block_{b}_cols"], 0.3).numpy()
+        m = (examples + tokens * np.trace(examples) / np.trace(tokens)) / 2
+        expected = np.linalg.inv(m + MODULE_LAMBDA_SCALE * np.trace(m) / size * np.eye(size))
+        np.testing.assert_allclose(kernel[block, block], expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+        for other in others.values():
+            assert not np.allclose(kernel[block, block], other[block, block], rtol=1e-3)
+
+
 def test_a_float16_store_keeps_the_precision_of_per_module_kernels(tmp_path):
     """Φ is stored column-scaled (``hf_trak.method.kernel.column_scale``), so that kernels whose blocks differ by
     orders of magnitude keep float16's relative precision in every column (a per-module K rescaled by mean|K| once left

@@ -96,6 +96,7 @@ def default_parameters(args: TRAKArguments, model: nn.Module, names: List[str], 
 # (benchmarks/factored.py: on a BERT-small-sized classifier dense costs 183× factored per example.)
 DEFAULT_PROJ_DIM = 2048  # proj_dim="auto": k for kernels from the examples (TRAK's 2048)
 TOKENS_PROJ_DIM = 4096  # proj_dim="auto": k for per-token kernels (see auto_proj_dim)
+PER_TOKEN_SOURCES = ("tokens", "mixed")  # the kernels built from per-token Gram matrices
 AUTO_DENSE_MAX_ELEMENTS = 2**28
 AUTO_MIN_FACTORABLE_SHARE = 0.9
 # estimator="hf_trak" takes the factored projector (for its per-module kernels) when k gives each factored
@@ -182,7 +183,8 @@ def resolve_settings(
 
 
 def auto_proj_dim(model: nn.Module, args: TRAKArguments) -> int:
-    """k for ``proj_dim="auto"``: ``TOKENS_PROJ_DIM`` (4096) for per-token kernels (``kernel_from="tokens"``), else
+    """k for ``proj_dim="auto"``: ``TOKENS_PROJ_DIM`` (4096) for per-token kernels (``kernel_from`` "tokens" or
+    "mixed"), else
     ``DEFAULT_PROJ_DIM`` (2048); at most p, the differentiated parameters' count (the factored projector then keeps
     every matrix whole: the exact gradients).
 
@@ -191,7 +193,7 @@ def auto_proj_dim(model: nn.Module, args: TRAKArguments) -> int:
     against k". For kernels from the examples the choice tasks disagree (``text`` gains with k, ``image`` loses at
     K=1), so they keep 2048. A store holds 4·k bytes per example and checkpoint (X and Φ in float16): 16 KiB at 4096,
     16 GB for a million examples, whatever the model's size."""
-    k = TOKENS_PROJ_DIM if args.kernel_from == "tokens" else DEFAULT_PROJ_DIM
+    k = TOKENS_PROJ_DIM if args.kernel_from in PER_TOKEN_SOURCES else DEFAULT_PROJ_DIM
     parameters = dict(model.named_parameters())
     p = sum(parameters[name].numel() for name in differentiated_parameters(model, args))
     return min(k, p)
@@ -228,7 +230,7 @@ def resolve_estimator(
     ensemble = args.ensemble
     if ensemble == "auto":
         ensemble = "mean" if classic else "normalized"
-    per_token = kernel_from == "tokens" and not classic and has_principal_factors(store_version)
+    per_token = kernel_from in PER_TOKEN_SOURCES and not classic and has_principal_factors(store_version)
     principal_share = args.principal_share
     if principal_share is None:
         principal_share = PRINCIPAL_SHARE if per_token and projector == "factored" else 0.0
@@ -240,10 +242,10 @@ def resolve_estimator(
     kernel_shrinkage = args.kernel_shrinkage
     if kernel_shrinkage is None:
         kernel_shrinkage = KERNEL_SHRINKAGE if per_token else 0.0
-    if kernel_shrinkage and kernel_from != "tokens":
+    if kernel_shrinkage and kernel_from not in PER_TOKEN_SOURCES:
         raise InvalidArgumentError(
             f"kernel_shrinkage={kernel_shrinkage} shrinks per-token Gram matrices, and kernel_from={kernel_from!r}: "
-            "pass kernel_from='tokens' or kernel_shrinkage=0."
+            "pass kernel_from='tokens' (or 'mixed') or kernel_shrinkage=0."
         )
     block_sizes = args.block_sizes
     if block_sizes == "auto":

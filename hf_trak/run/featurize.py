@@ -292,7 +292,7 @@ def _write_missing_shards(
             for start, stop in mine:
                 features, out_to_loss = [], []
                 if statistics:
-                    view.map.projector.start_statistics(kernel_from)
+                    view.map.projector.start_statistics("tokens" if kernel_from == "mixed" else kernel_from)
                 for batch in source.batches(batch_size, start, stop):
                     with shared_outputs():  # Q from the features' forward pass: one forward per batch
                         projected, prepared = view.features(batch)

@@ -20,6 +20,7 @@ from hf_trak.method.kernel import (
     eigen_block_inverse,
     gram,
     gram_block_inverse,
+    mixed_gram,
     preconditioned,
     regularized_inverse,
     resolve_lambda,
@@ -76,7 +77,8 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
 
 def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, moments: dict):
     """(K, mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix (shrunk toward
-    its K-FAC approximation by ``kernel_shrinkage``: ``hf_trak.method.kernel.shrunk_gram``), or XᵀX_bb."""
+    its K-FAC approximation by ``kernel_shrinkage``: ``hf_trak.method.kernel.shrunk_gram``; with
+    ``kernel_from="mixed"`` averaged with XᵀX_bb, ``mixed_gram``), or XᵀX_bb."""
     inverses, lambdas = [], []
     scale = config.feature_dim / config.num_params  # the statistics are of P_mᵀg, the features of P_mᵀg/√p · √k
     for b, (offset, size) in enumerate(config.kernel_blocks):
@@ -89,6 +91,8 @@ def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, m
             if config.kernel_shrinkage and f"block_{b}_rows" in statistics:
                 rows, cols = statistics[f"block_{b}_rows"], statistics[f"block_{b}_cols"]
                 block = shrunk_gram(block, rows, cols, config.kernel_shrinkage)
+            if config.kernel_from == "mixed":
+                block = mixed_gram(xtx[offset : offset + size, offset : offset + size], block)
             inverse, lambda_b = gram_block_inverse(block, config.lambda_reg, config.lambda_scale)
         inverses.append(inverse)
         lambdas.append(lambda_b)

@@ -20,7 +20,8 @@ version  what it added
 6        the factored projector's sizes by spectrum (``block_sizes``, ``block_shapes``: each weight's k_r × k_c,
          made from the data at the first checkpoint and recorded).
 7        a block-diagonal (per-module) K is kept as its diagonal blocks, with XᵀX's diagonal blocks only
-         (``kernel.safetensors``: ``kernel_blocks``, ``xtx_blocks``); the normalized ensemble's σ comes from them.
+         (``kernel.safetensors``: ``kernel_blocks``, ``xtx_blocks``); the normalized ensemble's σ comes from them;
+         ``kernel_from="mixed"``.
 =======  ===========================================================================================
 
 A field a store does not record (it predates the field) takes the value that store was made with
@@ -63,10 +64,10 @@ def upgrade(fields: dict, root: str = "") -> dict:
 
 def factored_sizing(store_version: int, kernel_from: str) -> str:
     """How the factored projector sizes its matrices for a store of ``store_version``: ``"legacy"`` (before 3),
-    ``"square"`` (from 4, for per-token kernels) or ``"fill"``."""
+    ``"square"`` (from 4, for per-token kernels: ``kernel_from`` "tokens" or "mixed") or ``"fill"``."""
     if store_version < 3:
         return "legacy"
-    return "square" if store_version >= 4 and kernel_from == "tokens" else "fill"
+    return "square" if store_version >= 4 and kernel_from in ("tokens", "mixed") else "fill"
 
 
 def has_principal_factors(store_version: int) -> bool:
