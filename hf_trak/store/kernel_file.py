@@ -2,8 +2,8 @@
 
 XᵀX_m and K_m are k × k float64 matrices (``xtx``, ``kernel``), or, for a block-diagonal (per-module) K from store
 version 7 on, their diagonal blocks [offset, size] flattened row by row one after another (``xtx_blocks``,
-``kernel_blocks``: Σ_b k_b² values each instead of k²; for the 4-layer GPT-2 of ``benchmarks/estimator_cost.py``, 14
-blocks at k = 4096, a 37 MiB file instead of 256 MiB). Either way they are read back as k × k matrices.
+``kernel_blocks``: Σ_b k_b² values each instead of k², which at k = 4096 is 128 MiB). Either way they are read back
+as k × k matrices.
 """
 
 from typing import Dict, Optional, Sequence
