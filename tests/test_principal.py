@@ -220,6 +220,9 @@ def test_the_estimator_gives_principal_factors_and_shrinkage_to_per_token_kernel
         TRAKer(tiny_gpt2(), proj_dim=64, projector="rademacher", principal_share=0.5)
     with pytest.raises(InvalidArgumentError, match=r"pass kernel_from='tokens' \(or 'mixed'\) or kernel_shrinkage=0"):
         TRAKer(tiny_bert(), proj_dim=512, kernel_shrinkage=0.3)
+    with pytest.raises(InvalidArgumentError, match="kernel_from='mixed' is a format of store version 7 or later, and "
+                                                   "this is a version-6 store"):  # fmt: skip
+        TRAKer(tiny_bert(), proj_dim=512, kernel_from="mixed", store_version=6)
     with pytest.raises(InvalidArgumentError, match=r"principal_share must be in \[0, 1\]"):
         TRAKer(tiny_gpt2(), principal_share=1.5)
     for bad in (0, None, "0.1"):

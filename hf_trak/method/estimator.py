@@ -35,7 +35,7 @@ from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.method.factored import factorable_parameter_names
 from hf_trak.method.gradients import select_parameters
 from hf_trak.method.model_outputs import AbstractModelOutput, CausalLMModelOutput
-from hf_trak.store.versions import STORE_VERSION, has_block_shapes, has_principal_factors
+from hf_trak.store.versions import STORE_VERSION, has_block_shapes, has_principal_factors, keeps_kernel_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,11 @@ def resolve_estimator(
         per_token = kernel == "per_module" and isinstance(task, CausalLMModelOutput) and not classic
         kernel_from = "tokens" if per_token else "examples"
     check_kernel_source(kernel_from, kernel, projector)
+    if kernel_from == "mixed" and not keeps_kernel_blocks(store_version):
+        raise InvalidArgumentError(
+            f"kernel_from='mixed' is a format of store version 7 or later, and this is a version-{store_version} "
+            "store: pass the current store version or another kernel_from."
+        )
     lambda_scale = args.lambda_scale
     if lambda_scale is None:
         lambda_scale = LAMBDA_SCALE if classic else GLOBAL_LAMBDA_SCALE if kernel == "global" else MODULE_LAMBDA_SCALE

@@ -86,5 +86,6 @@ def stores_preconditioned(store_version: int) -> bool:
 
 
 def keeps_kernel_blocks(store_version: int) -> bool:
-    """Whether the format keeps a block-diagonal K, and XᵀX, as their diagonal blocks only."""
+    """Whether the format keeps a block-diagonal K, and XᵀX, as their diagonal blocks only (and has
+    ``kernel_from="mixed"``)."""
     return store_version >= 7
