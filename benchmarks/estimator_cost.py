@@ -1,19 +1,19 @@
 """What the default estimator costs: featurize time and store size, estimator="hf_trak" against "trak".
 
     python benchmarks/estimator_cost.py [--num-examples 512] [--proj-dim auto] [--repeats 3] [--threads 2]
-                                        [--kernel-from mixed]
+                                        [--kernel-from mixed] [--kernel-shrinkage 1]
 
-Two random-init models large enough that ``projector="auto"`` factors them under either
-estimator (p·k > 2^28), so that the difference is the estimator's alone: a 4-layer GPT-2
-(hidden 256, 64-token sequences; hf_trak adds per-token kernel statistics beside each shard and
-one extra forward and backward over 10% of the rows for its principal factors)
-and a 4-layer BERT classifier (hidden 256, 64 tokens; hf_trak: per-module kernels from the
-examples, no statistics). Each run featurizes one checkpoint into a fresh store, finalize
-included (K and Φ); the script prints the median seconds of ``--repeats`` runs, the store's
-bytes on disk, and the ratios hf_trak / trak, measured in the same process. ``--proj-dim auto`` (the default)
-gives each estimator its own k (``hf_trak.method.estimator.auto_proj_dim``: hf_trak 4096 for the causal LM's
-per-token kernels, 2048 otherwise; trak 2048), a number the same k to both. ``--kernel-from`` gives hf_trak's
-estimator that ``kernel_from`` on both models (its own k for it, with ``--proj-dim auto``).
+Two random-init models large enough that ``projector="auto"`` factors them under either estimator (p·k > 2^28), so
+that the difference is the estimator's alone: a 4-layer GPT-2 (hidden 256, 64-token sequences; hf_trak adds
+per-token Gram matrices and Kronecker factors beside each shard) and a 4-layer BERT classifier (hidden 256, 64
+tokens; hf_trak: mixed kernels, with Kronecker factors beside each shard); for both, hf_trak adds one forward and
+backward over 10% of the rows for its principal factors. Each run featurizes one checkpoint into a fresh store,
+finalize included (K and Φ); the script prints the median seconds of ``--repeats`` runs, the store's bytes on disk,
+and the ratios hf_trak / trak, measured in the same process. ``--proj-dim auto`` (the default) gives each estimator
+its own k (``hf_trak.method.estimator.auto_proj_dim``: hf_trak 4096 for its per-token and mixed kernels, 2048
+otherwise; trak 2048), a number the same k to both. ``--kernel-from`` gives hf_trak's estimator that
+``kernel_from`` on both models (its own k for it, with ``--proj-dim auto``), ``--kernel-shrinkage`` that
+``kernel_shrinkage``.
 """
 
 import argparse
@@ -80,12 +80,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernel-from", choices=["examples", "tokens", "mixed"], help="hf_trak's kernel_from")
+    parser.add_argument("--kernel-shrinkage", type=float, help="hf_trak's kernel_shrinkage")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name, model in models().items():
         split = data(args.num_examples, labels="bert" in name)
         p = sum(parameter.numel() for parameter in model.parameters())
         settings = {"kernel_from": args.kernel_from} if args.kernel_from else {}
+        if args.kernel_shrinkage is not None:
+            settings["kernel_shrinkage"] = args.kernel_shrinkage
         results = {
             "trak": run(model, split, "trak", args.proj_dim, args.repeats),
             "hf_trak": run(model, split, "hf_trak", args.proj_dim, args.repeats, **settings),

@@ -12,22 +12,26 @@ the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviati
 
 * ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.method.estimator``: on these
   models no Q, the weights and not the biases, without the attention's query/key/value
-  projections, factored projection (k = 4096 for the causal LMs, 2048 for the classifiers, divided among the
-  matrices by their gradients' spectra) with a kernel per projected matrix, λ_b = 0.01·tr_b/k_b, from
-  per-token gradients for the causal LM, whose matrices are then projected with equal sides and
-  principal factors (from 10% of the train rows) and whose Gram matrices are shrunk 30% toward
-  K-FAC, and each checkpoint's scores of a target normalized before the mean over checkpoints);
+  projections, factored projection (k = 4096, divided among the matrices by their gradients' spectra, with
+  equal sides and principal factors from 10% of the train rows) with a kernel per projected matrix,
+  λ_b = 0.01·tr_b/k_b, from per-token gradients: for the causal LMs each block's per-token Gram matrix shrunk
+  30% toward K-FAC, for the classifiers the mean of the examples' Gram matrix and K-FAC's, and each
+  checkpoint's scores of a target normalized before the mean over checkpoints);
   ``hf_trak, bf16 models`` is the default on the same models cast to bfloat16 (features and kernels are still
   accumulated in float32 and float64); each of ``hf_trak, random factors`` (``principal_share=0``),
-  ``hf_trak, no shrinkage``,
+  ``hf_trak, no shrinkage`` (``kernel_shrinkage=0``: for the classifiers, the per-token Gram matrix in place of
+  K-FAC's),
   ``hf_trak, with attention q/k/v``, ``hf_trak, mean ensemble``, ``hf_trak, with biases``,
   ``hf_trak, λ_b×10``, ``hf_trak, r:c sides`` (a version-3 store: k_r:k_c ≈ r:c for the
-  per-token kernels too) and ``hf_trak, blocks by size`` (``block_sizes="by_size"``: each matrix a share of k
+  per-token kernels too; for the classifiers also kernels from the examples and random factors, which that
+  format's defaults are) and ``hf_trak, blocks by size`` (``block_sizes="by_size"``: each matrix a share of k
   proportional to its size, not by its gradients' spectrum) undoes one of its settings, ``hf_trak, factors
-  from all rows`` takes ``principal_fraction=1``, and ``hf_trak, mixed kernels`` ``kernel_from="mixed"`` (each
-  block's Gram matrix the mean of the examples' and the per-token one, with the per-token kernels' k, principal
-  factors and shrinkage), ``hf_trak, per-token kernels`` ``kernel_from="tokens"`` (the causal LMs' default, on
-  every task); ``hf_trak, random factors, no shrinkage`` undoes the first two,
+  from all rows`` takes ``principal_fraction=1``; ``hf_trak, kernels from the examples``
+  (``kernel_from="examples"``: each block's XᵀX_bb, with k = 2048 and random factors), ``hf_trak, per-token
+  kernels`` (``kernel_from="tokens"``, the causal LMs' default), ``hf_trak, mixed kernels``
+  (``kernel_from="mixed"``, the classifiers' default) and ``hf_trak, mixed kernels, per-token Gram`` (the
+  per-token part the per-token Gram matrix shrunk 30% toward K-FAC) take one kernel on every task;
+  ``hf_trak, random factors, no shrinkage`` undoes the first two,
   ``..., mean, q/k/v`` the first four and ``..., biases, λ_b×10, r:c`` the first seven;
 * ``trak``: ``estimator="trak"``, TRAK as the seeds define it (Q, one global kernel, λ = 0.1·tr/k),
   the base of the settings below;
@@ -290,6 +294,8 @@ METHODS = {
     "hf_trak, r:c sides": lambda task, models, k, seed: rc_sides(task, models, k, seed),
     "hf_trak, blocks by size": hf_trak(block_sizes="by_size"),
     "hf_trak, mixed kernels": hf_trak(kernel_from="mixed"),
+    "hf_trak, mixed kernels, per-token Gram": hf_trak(kernel_from="mixed", kernel_shrinkage=KERNEL_SHRINKAGE),
+    "hf_trak, kernels from the examples": hf_trak(kernel_from="examples"),
     "hf_trak, per-token kernels": hf_trak(kernel_from="tokens"),
     "hf_trak, random factors, no shrinkage": hf_trak(**RANDOM_FACTORS),
     "hf_trak, random factors, no shrinkage, mean, q/k/v": hf_trak(

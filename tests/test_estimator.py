@@ -23,14 +23,23 @@ from hf_trak.testing.datasets import digits, lm_sequences, token_sequences
 from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_clip, tiny_gpt2, tiny_vit
 
 
-@pytest.mark.parametrize("make_model,kernel_from", [(tiny_bert, "examples"), (tiny_gpt2, "tokens")])
-def test_hf_trak_takes_per_module_kernels_without_q_and_per_token_statistics_for_causal_lms(make_model, kernel_from):
+@pytest.mark.parametrize(
+    "make_model,kernel_from,shrinkage",
+    [(tiny_bert, "mixed", 1.0), (tiny_gpt2, "tokens", 0.3)],
+)
+def test_hf_trak_takes_per_module_kernels_without_q_from_per_token_statistics(make_model, kernel_from, shrinkage):
+    """A causal LM's kernels from its per-token Gram matrices shrunk 30% toward K-FAC; a classifier's the mean of
+    the examples' Gram matrix and K-FAC's (``kernel_shrinkage=1``); in a version-6 store, from the examples."""
     traker = TRAKer(make_model(), proj_dim=512)
     config = traker.config
     assert config.projector == "factored" and "estimator='hf_trak'" in config.projector_reason
     assert (config.train_weight, config.kernel, config.kernel_from) == ("none", "per_module", kernel_from)
+    assert config.kernel_shrinkage == shrinkage and config.principal_share == 0.6
     assert config.lambda_scale == MODULE_LAMBDA_SCALE and len(config.kernel_blocks) > 1
     assert config.ensemble == "normalized"
+    old = TRAKer(make_model(), proj_dim=512, store_version=6).config
+    assert old.kernel_from == ("tokens" if kernel_from == "tokens" else "examples")
+    assert old.kernel_shrinkage == (shrinkage if kernel_from == "tokens" else 0.0)
 
 
 def test_trak_is_the_seeds_estimator():

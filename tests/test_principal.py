@@ -210,16 +210,18 @@ def test_shrunk_per_token_kernels_follow_their_definition():
 def test_the_estimator_gives_principal_factors_and_shrinkage_to_per_token_kernels_only():
     assert TRAKer(tiny_gpt2(), proj_dim=512).config.principal_share == PRINCIPAL_SHARE == 0.6
     for config in (
-        TRAKer(tiny_bert(), proj_dim=512).config,  # kernels from the examples
+        TRAKer(tiny_bert(), proj_dim=512, kernel_from="examples").config,
+        TRAKer(tiny_bert(), proj_dim=512, store_version=6).config,  # kernels from the examples
         TRAKer(tiny_gpt2(), proj_dim=512, estimator="trak").config,
         TRAKer(tiny_gpt2(), proj_dim=512, store_version=4).config,  # that format had neither
     ):
         assert (config.principal_share, config.principal_fraction, config.kernel_shrinkage) == (0.0, 0.0, 0.0)
-    assert TRAKer(tiny_bert(), proj_dim=512, principal_share=0.5).config.principal_share == 0.5  # explicit: taken
+    explicit = TRAKer(tiny_bert(), proj_dim=512, kernel_from="examples", principal_share=0.5).config
+    assert explicit.principal_share == 0.5  # taken
     with pytest.raises(InvalidArgumentError, match="pass projector='factored' or principal_share=0"):
         TRAKer(tiny_gpt2(), proj_dim=64, projector="rademacher", principal_share=0.5)
     with pytest.raises(InvalidArgumentError, match=r"pass kernel_from='tokens' \(or 'mixed'\) or kernel_shrinkage=0"):
-        TRAKer(tiny_bert(), proj_dim=512, kernel_shrinkage=0.3)
+        TRAKer(tiny_bert(), proj_dim=512, kernel_from="examples", kernel_shrinkage=0.3)
     with pytest.raises(InvalidArgumentError, match="kernel_from='mixed' is a format of store version 7 or later, and "
                                                    "this is a version-6 store"):  # fmt: skip
         TRAKer(tiny_bert(), proj_dim=512, kernel_from="mixed", store_version=6)

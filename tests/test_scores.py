@@ -220,7 +220,7 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
     keeps XᵀX's diagonal blocks only); a version-6 store (XᵀX whole) divides by the RMS of the scores."""
     model, train, targets = tiny_bert(), token_sequences(24), token_sequences(4, seed=1)
     traker = TRAKer(model, proj_dim=96, projector="factored", kernel="per_module", dtype=torch.float32,
-                    train_weight="out_to_loss")  # fmt: skip
+                    train_weight="out_to_loss", kernel_from="examples")  # fmt: skip
     traker.featurize(train, [model.state_dict()])
     blocks = traker.config.kernel_blocks
     assert sum(size for _, size in blocks) == 96 and blocks[0][0] == 0
@@ -251,13 +251,13 @@ def test_per_module_kernels_are_the_block_diagonal_inverse_of_each_matrix_s_feat
 def test_mixed_kernels_average_the_examples_and_the_per_token_gram_matrices(tmp_path):
     """``kernel_from="mixed"``: each block's kernel is (M_b + λ_b I)⁻¹ with M_b = (XᵀX_bb + G_b·tr(XᵀX_bb)/tr(G_b))/2,
     XᵀX_bb recomputed here from the stored features and G_b from the stored per-token statistics (the per-token
-    Gram matrix shrunk toward K-FAC, as ``kernel_from="tokens"`` takes it), λ_b = 0.01·tr(M_b)/k_b; it has the
-    per-token kernels' principal factors and shrinkage, and differs from both kernels it averages."""
+    Gram matrix shrunk 30% toward K-FAC, as ``kernel_from="tokens"`` takes it), λ_b = 0.01·tr(M_b)/k_b; it has the
+    per-token kernels' principal factors, and differs from both kernels it averages."""
     from hf_trak.method.kernel import shrunk_gram
 
     model, train = tiny_bert(), token_sequences(12)
     settings = dict(proj_dim=96, dtype=torch.float32, shard_size=5)
-    mixed = TRAKer(model, kernel_from="mixed", save_dir=str(tmp_path / "mixed"), **settings)
+    mixed = TRAKer(model, kernel_from="mixed", kernel_shrinkage=0.3, save_dir=str(tmp_path / "mixed"), **settings)
     mixed.featurize(train, [model.state_dict()])
     config = mixed.config
     assert config.kernel == "per_module" and config.principal_share > 0 and config.kernel_shrinkage == 0.3
@@ -281,6 +281,37 @@ def test_mixed_kernels_average_the_examples_and_the_per_token_gram_matrices(tmp_
         np.testing.assert_allclose(kernel[block, block], expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
         for other in others.values():
             assert not np.allclose(kernel[block, block], other[block, block], rtol=1e-3)
+
+
+def test_mixed_kernels_with_full_shrinkage_take_the_kronecker_factors_alone(tmp_path):
+    """``kernel_from="mixed", kernel_shrinkage=1``: the per-token part of each weight block is K-FAC's A ⊗ B alone, so
+    featurize gathers the Kronecker factors and no per-token Gram matrix (``statistics_kind``: "ekfac"), and K_b =
+    (M_b + λ_b I)⁻¹ with M_b = (XᵀX_bb + (A ⊗ B)·tr(XᵀX_bb)/tr(A ⊗ B))/2, recomputed here from the stored features
+    and factors; it differs from the kernel with shrinkage 0.3 (except on a block whose tokens all share one row
+    vector, such as the token-type embedding's: there the per-token Gram matrix is A ⊗ B)."""
+    model, train = tiny_bert(), token_sequences(12)
+    settings = dict(proj_dim=96, dtype=torch.float32, shard_size=5, kernel_from="mixed")
+    mixed = TRAKer(model, kernel_shrinkage=1.0, save_dir=str(tmp_path / "kfac"), **settings)
+    mixed.featurize(train, [model.state_dict()])
+    x = mixed.store.features(0).astype(np.float64)
+    statistics = {}
+    for start, stop in mixed.store.shard_ranges():
+        for name, tensor in mixed.store.statistics(0, start, stop).items():
+            statistics[name] = statistics.get(name, 0) + tensor.double()
+    blocks = mixed.config.kernel_blocks
+    assert sorted(statistics) == sorted(f"block_{b}_{side}" for b in range(len(blocks)) for side in ("rows", "cols"))
+    kernel = mixed.store.load_kernel(0)["kernel"].numpy()
+    shrunk = TRAKer(model, kernel_shrinkage=0.3, **settings).featurize(train, [model.state_dict()])
+    shrunk, differs = shrunk.store.load_kernel(0)["kernel"].numpy(), []
+    for b, (offset, size) in enumerate(blocks):
+        block = slice(offset, offset + size)
+        examples = x[:, block].T @ x[:, block]
+        kronecker = np.kron(statistics[f"block_{b}_rows"].numpy(), statistics[f"block_{b}_cols"].numpy())
+        m = (examples + kronecker * np.trace(examples) / np.trace(kronecker)) / 2
+        expected = np.linalg.inv(m + MODULE_LAMBDA_SCALE * np.trace(m) / size * np.eye(size))
+        np.testing.assert_allclose(kernel[block, block], expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+        differs.append(not np.allclose(kernel[block, block], shrunk[block, block], rtol=1e-3))
+    assert sum(differs) == len(blocks) - 1
 
 
 def test_a_float16_store_keeps_the_precision_of_per_module_kernels(tmp_path):

@@ -227,7 +227,7 @@ def test_a_block_diagonal_kernel_is_kept_as_its_blocks_and_read_as_the_whole_mat
     """A per-module K_m's file (version 7 on) holds K_m's and XᵀX_m's diagonal blocks one after another (Σ_b k_b²
     values each, not k²), read back as the k × k block-diagonal matrices: a version-6 store's K and XᵀX on the
     blocks, 0 off them. A packed file of another size is named as corrupt."""
-    settings = dict(projector="factored", kernel="per_module", dtype=torch.float32)
+    settings = dict(projector="factored", kernel="per_module", kernel_from="examples", dtype=torch.float32)
     new, _, _ = _featurized(tmp_path / "v7", **settings)
     old, _, _ = _featurized(tmp_path / "v6", store_version=6, **settings)
     blocks, k = new.config.kernel_blocks, new.config.feature_dim

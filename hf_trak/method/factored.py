@@ -152,7 +152,7 @@ class FactoredGradientProjector:
         self.statistics_kind = "tokens"
 
     def start_statistics(self, kind: str) -> None:
-        """Accumulate ``kind`` ("tokens" or "ekfac") kernel statistics from now on (see ``__init__``)."""
+        """Accumulate ``kind`` ("tokens" or "ekfac": ``run.kernels.statistics_kind``) statistics (see ``__init__``)."""
         self.statistics, self.statistics_kind = {}, kind
 
     def _size_targets(self, proj_dim: int, fallback: List[str], parameters: Mapping[str, nn.Parameter]) -> None:

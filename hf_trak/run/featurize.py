@@ -48,12 +48,13 @@ from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.method.shared_outputs import shared_outputs
 from hf_trak.run.block_shapes import SideMoments, sample_rows, with_block_shapes
-from hf_trak.run.kernels import finalize_checkpoint
+from hf_trak.run.kernels import finalize_checkpoint, statistics_kind
 from hf_trak.run.memory import batch_size_for
 from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.feature_store import FeatureStore, shard_ranges
+from hf_trak.store.kernel_file import packed_length
 from hf_trak.store.provenance import first_difference, shard_hashes
 from hf_trak.store.versions import keeps_kernel_blocks
 
@@ -152,11 +153,11 @@ def _featurize(feature_map, config, source, checkpoints, scan, save_dir, state, 
 def _expected_bytes(config: TRAKConfig, num_rows: int, num_checkpoints: int) -> int:
     """About how many bytes a complete store of ``config`` takes: per checkpoint X and Φ (n × k in the features'
     dtype, with index and Q), the kernel file (two k × k float64, or their diagonal blocks), and the per-token
-    statistics (a k_b² float64 Gram matrix per block and shard)."""
+    statistics (at most a k_b² float64 Gram matrix per block and shard)."""
     k, itemsize = config.feature_dim, 2 if config.dtype == "float16" else 4
     shards = 2 * (num_rows * k * itemsize + num_rows * 12)
     blocks = config.kernel_blocks and keeps_kernel_blocks(config.store_version)
-    kernel = 2 * (sum(size * size for _, size in config.kernel_blocks) if blocks else k * k) * 8 + k * 8
+    kernel = 2 * (packed_length(config.kernel_blocks) if blocks else k * k) * 8 + k * 8
     statistics = 0
     if config.kernel_from != "examples":
         num_shards = len(shard_ranges(num_rows, config.shard_size))
@@ -231,7 +232,11 @@ def _write_principal_factors(
     process, written once: every process and every later scoring projects with the same factors), then set on the
     projector (``FeatureMap.at`` set those already stored)."""
     projector, model_id = view.map.projector, view.model_id
-    if not store.config.principal_share or store.has_principal_factors(model_id):
+    if not store.config.principal_share:
+        return
+    stored = store.has_principal_factors(model_id)
+    state.wait_for_everyone()  # every process has looked before the main one writes them
+    if stored:
         return
     if measured is None:
         measured = SideMoments(_principal_moments(view, source, state, batch_size, store), {})
@@ -292,7 +297,7 @@ def _write_missing_shards(
             for start, stop in mine:
                 features, out_to_loss = [], []
                 if statistics:
-                    view.map.projector.start_statistics("tokens" if kernel_from == "mixed" else kernel_from)
+                    view.map.projector.start_statistics(statistics_kind(store.config))
                 for batch in source.batches(batch_size, start, stop):
                     with shared_outputs():  # Q from the features' forward pass: one forward per batch
                         projected, prepared = view.features(batch)

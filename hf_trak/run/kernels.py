@@ -15,10 +15,10 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 
 from hf_trak.method.kernel import (
+    add_gram,
     block_diagonal,
     column_scale,
     eigen_block_inverse,
-    gram,
     gram_block_inverse,
     mixed_gram,
     preconditioned,
@@ -56,7 +56,7 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
     with state.split_between_processes(store.shard_ranges()) as mine:
         for start, stop in mine:
             features = as_tensor(store.shard(model_id, start, stop)[0]).to(device)
-            xtx += gram(features, config.kernel_blocks if store.keeps_kernel_blocks else ())
+            add_gram(xtx, features, config.kernel_blocks if store.keeps_kernel_blocks else ())
             for b, (q_rows, q_cols) in bases.items():  # Λ_b = Σ_i (Q_rᵀ X_i Q_c)², X_i the block as k_r × k_c
                 offset, size = config.kernel_blocks[b]
                 block = features[:, offset : offset + size].double().reshape(-1, len(q_rows), len(q_cols))
@@ -85,18 +85,36 @@ def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, m
         if b in bases:
             inverse, lambda_b = eigen_block_inverse(*bases[b], moments[b], config.lambda_reg, config.lambda_scale)
         else:
-            block = (
-                statistics[f"block_{b}"] * scale if statistics else xtx[offset : offset + size, offset : offset + size]
-            )
-            if config.kernel_shrinkage and f"block_{b}_rows" in statistics:
-                rows, cols = statistics[f"block_{b}_rows"], statistics[f"block_{b}_cols"]
-                block = shrunk_gram(block, rows, cols, config.kernel_shrinkage)
+            examples = xtx[offset : offset + size, offset : offset + size]
+            block = _token_gram(statistics, b, config.kernel_shrinkage) * scale if statistics else examples
             if config.kernel_from == "mixed":
-                block = mixed_gram(xtx[offset : offset + size, offset : offset + size], block)
+                block = mixed_gram(examples, block)
             inverse, lambda_b = gram_block_inverse(block, config.lambda_reg, config.lambda_scale)
         inverses.append(inverse)
         lambdas.append(lambda_b)
     return block_diagonal(inverses, config.kernel_blocks), float(sum(lambdas) / len(lambdas))
+
+
+def statistics_kind(config: TRAKConfig) -> str:
+    """The per-token statistics ``config``'s kernel is built from (``FactoredGradientProjector.start_statistics``):
+    "ekfac" (each weight's Kronecker factors) for EK-FAC and for mixed kernels whose per-token part is K-FAC's
+    approximation alone (``kernel_shrinkage=1``: T·(k_r² + k_c²) flops per block, not T·k_b²), "tokens" (also
+    each weight's per-token Gram matrix) otherwise."""
+    kronecker_only = config.kernel_from == "mixed" and config.kernel_shrinkage == 1
+    return "ekfac" if config.kernel_from == "ekfac" or kronecker_only else "tokens"
+
+
+def _token_gram(statistics: dict, b: int, shrinkage: float):
+    """Block b's per-token Gram matrix G_b, shrunk toward its K-FAC approximation A ⊗ B by ``shrinkage``
+    (``shrunk_gram``), or A ⊗ B alone where G_b was not gathered (``statistics_kind``; a mixed kernel then matches
+    its trace to XᵀX_bb's)."""
+    name = f"block_{b}"
+    if not shrinkage or f"{name}_rows" not in statistics:
+        return statistics[name]
+    rows, cols = statistics[f"{name}_rows"], statistics[f"{name}_cols"]
+    if name not in statistics:
+        return torch.kron(rows.double(), cols.double())
+    return shrunk_gram(statistics[name], rows, cols, shrinkage)
 
 
 def _summed_statistics(store: FeatureStore, model_id: int, device) -> dict:

@@ -222,7 +222,7 @@ class FeatureStore:
         return os.path.isfile(self.statistics_path(model_id, start, stop))
 
     def write_statistics(self, model_id: int, start: int, stop: int, statistics: Dict[str, torch.Tensor]) -> None:
-        """The kernel statistics of rows [start, stop) (``kernel_from`` "tokens" or "ekfac"), by name."""
+        """The kernel statistics of rows [start, stop) (``kernel_from`` "tokens", "mixed" or "ekfac"), by name."""
         os.makedirs(self.checkpoint_dir(model_id), exist_ok=True)
         save_safetensors(self.statistics_path(model_id, start, stop), statistics)
 

@@ -20,7 +20,7 @@ from hf_trak.store.feature_store import (
     ROWS_KEY,
     FeatureStore,
 )
-from hf_trak.store.kernel_file import KERNEL_NAME, PACKED
+from hf_trak.store.kernel_file import KERNEL_NAME, PACKED, packed_length
 from hf_trak.store.versions import stores_preconditioned
 
 MAX_FEATURE_DIM = 2**20  # k × k float64 kernels: 8 TiB at this size; a config above it is not a real store
@@ -80,7 +80,7 @@ def _check_kernel(store: FeatureStore, path: str) -> None:
             shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
     except Exception as error:  # safetensors' own error on a bad header
         raise CorruptStoreError(f"{path} is corrupt ({error}): {REDO}.") from error
-    packed = (sum(size * size for _, size in store.config.kernel_blocks),)
+    packed = (packed_length(store.config.kernel_blocks),)
     for name, expected in [(PACKED[n], packed) if store.keeps_kernel_blocks else (n, (k, k)) for n in PACKED]:
         if shapes.get(name) != expected:
             raise _fail(store, f"{path} holds {name} of shape {shapes.get(name)}, not {expected}")

@@ -17,6 +17,11 @@ KERNEL_NAME = "kernel.safetensors"
 PACKED = {"xtx": "xtx_blocks", "kernel": "kernel_blocks"}  # the names of the matrices kept as their blocks
 
 
+def packed_length(blocks: Sequence[Sequence[int]]) -> int:
+    """Σ_b k_b²: the values of one matrix kept as its diagonal blocks [offset, size]."""
+    return sum(size * size for _, size in blocks)
+
+
 def save_kernel_file(path: str, tensors: Dict[str, torch.Tensor], blocks: Sequence[Sequence[int]] = ()) -> None:
     """Write ``tensors`` ({"xtx", "kernel", "lambda_reg", "phi_scale"}); with ``blocks``, the two matrices as their
     diagonal blocks."""
@@ -36,7 +41,7 @@ def load_kernel_file(
     matrices = {}
     for name, packed in PACKED.items():
         if packed in saved:
-            if saved[packed].shape != (sum(size * size for _, size in blocks),):
+            if saved[packed].shape != (packed_length(blocks),):
                 raise CorruptStoreError(
                     f"{path} holds {packed} of shape {tuple(saved[packed].shape)}, not the config's kernel blocks: "
                     "run featurize again with the same arguments to redo it."
