@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import hf_trak.method.block_sizes
 import hf_trak.run.block_shapes
 from hf_trak import TRAKer
 from hf_trak.data.source import ExampleSource
@@ -144,3 +145,55 @@ def test_a_side_sample_sums_ids_and_vectors_on_one_side():
         expected = sum(torch.diag(p.double()) if p.dim() == 1 else (p.T @ p).double() for p in order)
         torch.testing.assert_close(sample.dense(), expected)
     assert sample.moment.dim() == 1  # ids alone: the diagonal only
+
+
+def test_a_side_sample_of_few_tokens_gives_its_moments_leading_eigenvectors():
+    """``SideSample.leading``: from n < d tokens, F's leading eigenvectors come from the n × n Gram matrix (the same
+    span as eigh of F = VᵀV); None where the sample is F itself or F has fewer directions than asked for."""
+    generator = torch.Generator().manual_seed(0)
+    dim, count = 300, 120
+    tokens = torch.randn(count, dim, generator=generator, dtype=torch.float64) * 0.9 ** torch.arange(dim).clamp(max=60)
+    sample = SideSample()
+    sample.add(tokens.float())
+    vectors = sample.leading(40)
+    assert vectors.shape == (dim, 40) and vectors.dtype == torch.float64
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(40, dtype=torch.float64), atol=1e-10, rtol=0)
+    values, exact = torch.linalg.eigh(sample.dense())
+    exact = exact.flip(1)[:, :10]  # well separated: 0.9^i
+    torch.testing.assert_close(vectors[:, :10] @ vectors[:, :10].T, exact @ exact.T, atol=1e-6, rtol=0)
+    assert sample.leading(count + 1) is None  # F's rank is at most n
+    sample.add(torch.randn(dim, dim, generator=generator))  # as many tokens as d: F itself
+    assert sample.leading(40) is None
+
+
+def test_principal_factors_of_a_side_with_fewer_sampled_tokens_than_dimensions_come_from_the_tokens(monkeypatch):
+    """A side whose factor needs more eigenvectors than its spectrum found, sampled with fewer tokens than it has
+    dimensions (here: a spectrum of 1 leading eigenvalue past 2 dimensions): the factor's leading part is
+    ``SideSample.leading`` of the sample (no d × d moment is kept for it), and spans F's leading eigenvectors."""
+    monkeypatch.setattr(hf_trak.method.block_sizes, "FULL_SPECTRUM_SIDE", 2)
+    monkeypatch.setattr(hf_trak.method.block_sizes, "LEADING_EIGENVALUES", 1)
+    model, train = tiny_gpt2(), lm_sequences(10)
+    traker = TRAKer(model, proj_dim=96, dtype=torch.float32)
+    traker.featurize(train, [model.state_dict()])
+    moments, _, _ = _measured_again(traker, model, train, traker.config.principal_fraction)
+    projector, share = traker.feature_map.projector, traker.config.principal_share
+    source = ExampleSource.for_model(train, model, traker.task)
+    view = traker.feature_map.at(model.state_dict(), 0)
+    rows = hf_trak.run.block_shapes.sample_rows(traker.config.principal_fraction, len(train))
+    samples = {}
+    for name, tokens in view.side_tokens(source.batch(rows), projector.principal_sides()):
+        samples.setdefault(name, SideSample()).add(tokens)
+    checked = 0
+    for target, side in projector.principal_sides():
+        name = f"{target.name}/{side}"
+        dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+        count = round(share * k)
+        if samples[name].tokens is None or not 1 < count <= samples[name].tokens.shape[0]:
+            continue
+        leading = samples[name].leading(count)
+        stored = traker.store.principal_factors(0)[name]
+        torch.testing.assert_close(stored[:, :count], leading.float(), atol=1e-5, rtol=0)
+        exact = torch.linalg.eigh(moments[name])[1].flip(1)[:, :1].float()  # the leading direction of F itself
+        torch.testing.assert_close(stored[:, :1] @ stored[:, :1].T, exact @ exact.T, atol=1e-3, rtol=0)
+        checked += 1
+    assert checked >= 2

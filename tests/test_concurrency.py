@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from hf_trak import DiskFullError, StoreLockedError, TRAKer
+from hf_trak.run.featurize import _expected_bytes
 from hf_trak.store import lock
-from hf_trak.testing.datasets import digits
-from hf_trak.testing.models import perturbed_state_dict, tiny_vit
+from hf_trak.testing.datasets import digits, token_sequences
+from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_vit
 from hf_trak.testing.processes import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -162,3 +163,17 @@ def test_a_full_disk_is_a_named_error_and_a_rerun_with_space_gives_the_same_byte
     np.testing.assert_array_equal(resumed.score(digits(8, offset=600)), reference.score(digits(8, offset=600)))
     for model_id in range(2):
         np.testing.assert_array_equal(resumed.store.features(model_id), reference.store.features(model_id))
+
+
+@pytest.mark.parametrize("kernel_from", ["auto", "tokens", "examples"])
+def test_the_full_disk_message_states_the_size_of_the_complete_store(tmp_path, kernel_from):
+    """``_expected_bytes``, the size the full-disk message names, against the bytes a complete store takes: within
+    5% for mixed kernels from the Kronecker factors alone (the default here), per-token kernels and kernels from
+    the examples."""
+    model = tiny_bert()
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
+    traker = TRAKer(model, proj_dim=512, shard_size=100, save_dir=str(tmp_path / "s"), kernel_from=kernel_from)
+    traker.featurize(token_sequences(300), checkpoints)
+    written = sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(tmp_path / "s") for f in names)
+    expected = _expected_bytes(traker.config, traker.feature_map, 300, len(checkpoints))
+    assert 0.95 < expected / written < 1.05, (expected, written)

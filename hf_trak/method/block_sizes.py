@@ -75,9 +75,29 @@ class SideSample:
         energy = np.concatenate([energy, np.ones(tokens.shape[1] - len(energy))])
         if found is None:
             return energy, None
-        kept = values > values[0] * 1e-5  # directions F has (float32 round-off aside)
-        vectors = tokens.T @ found[:, kept] / values[kept].sqrt()
-        return energy, torch.linalg.qr(vectors)[0]
+        return energy, _moment_vectors(tokens, values, found, 1e-5)  # 1e-5: float32 round-off
+
+    def leading(self, count: int) -> Optional[Tensor]:
+        """F's ``count`` leading eigenvectors (d × count, float64, orthonormal) from n < d tokens: those of
+        G = VVᵀ (n × n, float64; ``leading_eigenpairs``, seeded, eigh where count ≥ n/2) mapped to F's as in
+        ``spectrum``: n²·d flops and G's eigenpairs instead of d²·count per iteration on F. None where the sample
+        is F itself or F has fewer than ``count`` directions (its rank is at most n): F's eigenvectors then come
+        from F (``dense``)."""
+        if self.tokens is None or count > self.tokens.shape[0]:
+            return None
+        tokens = self.tokens.double().cpu()
+        gram, generator = tokens @ tokens.T, torch.Generator().manual_seed(0)
+        values, found = leading_eigenpairs(gram, count, generator, eigh_share=0.5)
+        if values.numel() and values[-1] <= values[0] * 1e-10:  # 1e-10: float64 round-off
+            return None
+        return _moment_vectors(tokens, values, found, 0.0)
+
+
+def _moment_vectors(tokens: Tensor, values: Tensor, found: Tensor, tolerance: float) -> Tensor:
+    """F = VᵀV's eigenvectors Vᵀw/√λ (re-orthonormalized) for G = VVᵀ's eigenpairs (λ, w) with λ > λ_1·``tolerance``
+    (the directions F has): F Vᵀw = Vᵀ(VVᵀ)w = λ Vᵀw and ‖Vᵀw‖² = wᵀGw = λ."""
+    kept = values > values[0] * tolerance
+    return torch.linalg.qr(tokens.T @ found[:, kept] / values[kept].sqrt())[0]
 
 
 def _spectrum(values: Tensor) -> Tuple[np.ndarray, Optional[Tensor], Optional[Tensor]]:

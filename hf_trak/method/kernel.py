@@ -90,6 +90,12 @@ def mixed_gram(examples: Tensor, tokens: Tensor) -> Tensor:
     return (examples.double() + tokens.double() * ratio) / 2
 
 
+def kronecker_gram(rows: Tensor, cols: Tensor) -> Tensor:
+    """A ⊗ B (float64): K-FAC's approximation of a weight block's per-token Gram matrix (k_r·k_c square, row-major
+    like the features) from its projected per-token Kronecker factors A (k_r × k_r) and B (k_c × k_c)."""
+    return torch.kron(rows.double(), cols.double())
+
+
 def shrunk_gram(gram: Tensor, rows: Tensor, cols: Tensor, shrinkage: float) -> Tensor:
     """(1 − α)·G + α·(A ⊗ B)·tr(G)/(tr A · tr B) for one weight block's per-token Gram matrix G (k_r·k_c square,
     row-major like the features) and its projected per-token Kronecker factors A = Σ (P_rᵀu_t)(P_rᵀu_t)ᵀ and
@@ -102,7 +108,7 @@ def shrunk_gram(gram: Tensor, rows: Tensor, cols: Tensor, shrinkage: float) -> T
     gram = gram.double()
     if not shrinkage:
         return gram
-    kronecker = torch.kron(rows.double(), cols.double())
+    kronecker = kronecker_gram(rows, cols)
     trace = float(torch.diagonal(rows).double().sum() * torch.diagonal(cols).double().sum())
     if trace <= 0:
         return gram

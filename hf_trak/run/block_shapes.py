@@ -34,9 +34,10 @@ SAMPLE_FRACTION = 0.1  # of the train rows, where principal_fraction is 0 (no pr
 @dataclasses.dataclass
 class SideMoments:
     """What the pass measured at the first checkpoint, for its principal factors: the leading eigenvectors each
-    side's spectrum was found with ({"<name>/<side>": d × m}; ``hf_trak.method.block_sizes.SideSample``), so that
-    the factors need no second eigensolve, and the second moment F (d × d) of the sides whose factor needs more
-    eigenvectors than that. On the main process; empty on the others."""
+    side's spectrum was found with ({"<name>/<side>": d × m}; ``hf_trak.method.block_sizes.SideSample``), or as
+    many as its factor needs from the sampled tokens where there are fewer of them than d, so that the factors need
+    no eigensolve of a d × d matrix, and the second moment F (d × d) of the other sides whose factor needs more
+    eigenvectors than found. On the main process; empty on the others."""
 
     moments: Dict[str, torch.Tensor]
     leading: Dict[str, torch.Tensor]
@@ -112,12 +113,16 @@ def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_
                     leading[name] = vectors
         shapes = spectrum_shapes(weights, energy, sum(t.size for t in weights))
         logger.info("Block sizes by spectrum, from %d train rows: %s", len(rows), shapes)
-        for target, side in sides:  # F itself only where a principal factor needs more eigenvectors than found
-            name, index = f"{target.name}/{side}", 0 if side == "rows" else 1
+        for target, side in sides:  # where a principal factor needs more eigenvectors than found: from the
+            name, index = f"{target.name}/{side}", 0 if side == "rows" else 1  # tokens (n < d), else F itself
             dim, k = (target.rows, target.cols)[index], shapes[target.name][index]
             needed = principal_count(k, dim, config.principal_share)
             if name in samples and needed > (leading[name].shape[1] if name in leading else 0):
-                moments[name] = samples[name].dense()
+                found = samples[name].leading(needed)
+                if found is not None:
+                    leading[name] = found
+                else:
+                    moments[name] = samples[name].dense()
     if state.num_processes > 1:
         shapes = broadcast_object_list([shapes])[0]
     return shapes, SideMoments(moments, leading)

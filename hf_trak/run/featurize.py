@@ -101,7 +101,7 @@ def featurize_store(
         try:
             return _featurize(*work)
         except DiskFullError as error:
-            needed = _expected_bytes(config, len(source), len(checkpoints))
+            needed = _expected_bytes(config, feature_map, len(source), len(checkpoints))
             raise DiskFullError(
                 f"{error} The complete store needs about {needed / 2**20:.1f} MiB in {save_dir}: free space (or "
                 "choose another save_dir) and run featurize again: it resumes from the files written completely."
@@ -150,18 +150,25 @@ def _featurize(feature_map, config, source, checkpoints, scan, save_dir, state, 
     return store if state.is_main_process else FeatureStore.load(save_dir)  # with what the main process recorded
 
 
-def _expected_bytes(config: TRAKConfig, num_rows: int, num_checkpoints: int) -> int:
-    """About how many bytes a complete store of ``config`` takes: per checkpoint X and Φ (n × k in the features'
-    dtype, with index and Q), the kernel file (two k × k float64, or their diagonal blocks), and the per-token
-    statistics (at most a k_b² float64 Gram matrix per block and shard)."""
-    k, itemsize = config.feature_dim, 2 if config.dtype == "float16" else 4
+def _expected_bytes(config: TRAKConfig, feature_map: FeatureMap, num_rows: int, num_checkpoints: int) -> int:
+    """About how many bytes a complete store of ``config`` takes, with ``feature_map``'s projector as it is now (its
+    block shapes measured or not): per checkpoint X and Φ (n × k in the features' dtype, with index and Q), the
+    kernel file (two k × k float64, or their diagonal blocks), and per shard the per-token statistics (float64): each
+    weight's Kronecker factors, k_r² + k_c², and each other block's k_b² Gram matrix, with a weight's own k_b² one
+    where ``statistics_kind`` is "tokens"."""
+    k, itemsize = feature_map.dim, 2 if config.dtype == "float16" else 4
     shards = 2 * (num_rows * k * itemsize + num_rows * 12)
-    blocks = config.kernel_blocks and keeps_kernel_blocks(config.store_version)
-    kernel = 2 * (packed_length(config.kernel_blocks) if blocks else k * k) * 8 + k * 8
+    kernel_blocks = feature_map.kernel_blocks(config.kernel)
+    blocks = kernel_blocks and keeps_kernel_blocks(config.store_version)
+    kernel = 2 * (packed_length(kernel_blocks) if blocks else k * k) * 8 + k * 8
     statistics = 0
     if config.kernel_from != "examples":
-        num_shards = len(shard_ranges(num_rows, config.shard_size))
-        statistics = num_shards * sum(size * size * 8 for _, size in config.kernel_blocks)
+        weights = [(t.k_rows, t.k_cols) for t in feature_map.projector.weights()]
+        grams = sum(size * size for _, size in kernel_blocks)
+        if statistics_kind(config) == "ekfac":
+            grams -= sum((rows * cols) ** 2 for rows, cols in weights)
+        factors = sum(rows * rows + cols * cols for rows, cols in weights)
+        statistics = len(shard_ranges(num_rows, config.shard_size)) * (grams + factors) * 8
     return num_checkpoints * (shards + kernel + statistics)
 
 

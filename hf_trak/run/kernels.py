@@ -20,6 +20,7 @@ from hf_trak.method.kernel import (
     column_scale,
     eigen_block_inverse,
     gram_block_inverse,
+    kronecker_gram,
     mixed_gram,
     preconditioned,
     regularized_inverse,
@@ -113,7 +114,7 @@ def _token_gram(statistics: dict, b: int, shrinkage: float):
         return statistics[name]
     rows, cols = statistics[f"{name}_rows"], statistics[f"{name}_cols"]
     if name not in statistics:
-        return torch.kron(rows.double(), cols.double())
+        return kronecker_gram(rows, cols)
     return shrunk_gram(statistics[name], rows, cols, shrinkage)
 
 
