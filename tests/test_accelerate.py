@@ -30,14 +30,14 @@ SCRIPT = textwrap.dedent("""
     from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
     from hf_trak.testing.processes import register_exit_probe
     from hf_trak.testing.datasets import token_sequences
-    store, out, num_train = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    store, out, num_train, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
     register_exit_probe(out)
     make_model, make_data = {"bert": (tiny_bert, token_sequences), "gpt2": (tiny_gpt2, lm_sequences)}[sys.argv[4]]
     accelerator = Accelerator(cpu=True)
     model = make_model()
     checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
     traker = TRAKer(model, proj_dim=32, save_dir=store, shard_size=4, accelerator=accelerator)
-    traker.featurize(make_data(num_train), checkpoints, batch_size=3)
+    traker.featurize(make_data(num_train), checkpoints, batch_size=batch_size)
     targets = make_data(7, seed=1)
     scores = traker.score(targets, batch_size=2, target_block_size=2)
     top = traker.top_k(targets, k=3, batch_size=2)
@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent("""
 MODELS = {"bert": (tiny_bert, token_sequences), "gpt2": (tiny_gpt2, lm_sequences)}
 
 
-def _torchrun(store, out, num_train, model="bert", **kwargs):
+def _torchrun(store, out, num_train, model="bert", batch_size=3, **kwargs):
     script = os.path.join(out, "script.py")
     with open(script, "w") as file:
         file.write(SCRIPT)
@@ -63,16 +63,17 @@ def _torchrun(store, out, num_train, model="bert", **kwargs):
         str(out),
         str(num_train),
         model,
+        str(batch_size),
     ]
     return subprocess.Popen(command, env=subprocess_env(), **kwargs)
 
 
-def _single_process(num_train, model="bert"):
+def _single_process(num_train, model="bert", batch_size=3):
     make_model, make_data = MODELS[model]
     model = make_model()
     checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
     traker = TRAKer(model, proj_dim=32, save_dir=None, shard_size=4).featurize(
-        make_data(num_train), checkpoints, batch_size=3
+        make_data(num_train), checkpoints, batch_size=batch_size
     )
     return traker
 
@@ -94,6 +95,22 @@ def test_two_processes_give_the_single_process_result(tmp_path, model):
     for m in range(2):  # 6 shards of 4 (the last has 3) written by two processes: the same features
         np.testing.assert_array_equal(store.features(m), reference.store.features(m))
         torch.testing.assert_close(store.load_kernel(m)["xtx"], reference.store.load_kernel(m)["xtx"])
+
+
+def test_principal_factors_from_tokens_gathered_across_processes_are_the_single_process_ones(tmp_path):
+    """gpt2's 3 sample rows hold fewer tokens than its MLP is wide: at the second checkpoint the MLP's sides take
+    their principal factors from the tokens, gathered from both processes (batches of one row: two to the first,
+    one to the second; ``hf_trak.run.side_samples``), and get the one-process factors (to float32 rounding: the
+    processes run one thread each, the reference two). A side missing a process's tokens would be another factor."""
+    process = _torchrun(tmp_path / "store", tmp_path, 23, "gpt2", 1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.communicate(timeout=600)[0].decode()
+    assert process.returncode == 0, output[-4000:]
+    reference = _single_process(23, "gpt2", batch_size=1).store.principal_factors(1)
+    factors = FeatureStore.load(str(tmp_path / "store")).principal_factors(1)
+    assert factors.keys() == reference.keys()
+    assert {"transformer.h.0.mlp.c_fc.weight/cols", "transformer.h.0.mlp.c_proj.weight/rows"} <= factors.keys()
+    for name in factors:
+        torch.testing.assert_close(factors[name], reference[name], rtol=0, atol=1e-6)
 
 
 def _wait_for_six_shards(process, store) -> None:

@@ -18,6 +18,7 @@ from hf_trak.method.block_sizes import (
     spectrum_shapes,
 )
 from hf_trak.method.factored_sizes import Target
+from hf_trak.run.side_samples import BatchMoments
 from hf_trak.testing.datasets import lm_sequences, token_sequences
 from hf_trak.testing.models import perturbed_state_dict, tiny_bert, tiny_gpt2
 
@@ -167,33 +168,57 @@ def test_a_side_sample_of_few_tokens_gives_its_moments_leading_eigenvectors():
 
 
 def test_principal_factors_of_a_side_with_fewer_sampled_tokens_than_dimensions_come_from_the_tokens(monkeypatch):
-    """A side whose factor needs more eigenvectors than its spectrum found, sampled with fewer tokens than it has
-    dimensions (here: a spectrum of 1 leading eigenvalue past 2 dimensions): the factor's leading part is
-    ``SideSample.leading`` of the sample (no d × d moment is kept for it), and spans F's leading eigenvectors."""
+    """A side whose factor needs more eigenvectors than its spectrum found (here: a spectrum of 1 leading eigenvalue
+    past 2 dimensions), sampled with fewer tokens than it has dimensions: at the first checkpoint and at a later one
+    (``hf_trak.run.side_samples``), the factor's leading part is ``SideSample.leading`` of the sample at that
+    checkpoint (no d × d moment is kept for it), and spans F's leading eigenvector."""
     monkeypatch.setattr(hf_trak.method.block_sizes, "FULL_SPECTRUM_SIDE", 2)
     monkeypatch.setattr(hf_trak.method.block_sizes, "LEADING_EIGENVALUES", 1)
     model, train = tiny_gpt2(), lm_sequences(10)
+    checkpoints = [model.state_dict(), perturbed_state_dict(model, seed=1)]
     traker = TRAKer(model, proj_dim=96, dtype=torch.float32)
-    traker.featurize(train, [model.state_dict()])
-    moments, _, _ = _measured_again(traker, model, train, traker.config.principal_fraction)
+    traker.featurize(train, checkpoints)
     projector, share = traker.feature_map.projector, traker.config.principal_share
     source = ExampleSource.for_model(train, model, traker.task)
-    view = traker.feature_map.at(model.state_dict(), 0)
     rows = hf_trak.run.block_shapes.sample_rows(traker.config.principal_fraction, len(train))
-    samples = {}
-    for name, tokens in view.side_tokens(source.batch(rows), projector.principal_sides()):
-        samples.setdefault(name, SideSample()).add(tokens)
     checked = 0
-    for target, side in projector.principal_sides():
-        name = f"{target.name}/{side}"
-        dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
-        count = round(share * k)
-        if samples[name].tokens is None or not 1 < count <= samples[name].tokens.shape[0]:
-            continue
-        leading = samples[name].leading(count)
-        stored = traker.store.principal_factors(0)[name]
-        torch.testing.assert_close(stored[:, :count], leading.float(), atol=1e-5, rtol=0)
-        exact = torch.linalg.eigh(moments[name])[1].flip(1)[:, :1].float()  # the leading direction of F itself
-        torch.testing.assert_close(stored[:, :1] @ stored[:, :1].T, exact @ exact.T, atol=1e-3, rtol=0)
-        checked += 1
-    assert checked >= 2
+    for model_id, checkpoint in enumerate(checkpoints):
+        view = traker.feature_map.at(checkpoint, model_id)
+        samples = {}
+        for name, tokens in view.side_tokens(source.batch(rows), projector.principal_sides()):
+            samples.setdefault(name, SideSample()).add(tokens)
+        for target, side in projector.principal_sides():
+            name = f"{target.name}/{side}"
+            dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+            count = round(share * k)
+            if samples[name].tokens is None or not 1 < count <= samples[name].tokens.shape[0]:
+                continue
+            leading = samples[name].leading(count)
+            stored = traker.store.principal_factors(model_id)[name]
+            torch.testing.assert_close(stored[:, :count], leading.float(), atol=1e-5, rtol=0)
+            exact = torch.linalg.eigh(samples[name].dense())[1].flip(1)[:, :1].float()  # F's leading direction
+            torch.testing.assert_close(stored[:, :1] @ stored[:, :1].T, exact @ exact.T, atol=1e-3, rtol=0)
+            checked += 1
+    assert checked >= 4
+
+
+def test_a_side_sample_kept_batch_by_batch_sums_its_moment_in_batch_order():
+    """``BatchMoments``: a batch's tokens are kept while all the batches hold fewer than d of them; from then on F
+    is the sum of the batches' F_b in batch order, the same bits as summing them as they come."""
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(count, 12, generator=generator) for count in (3, 4, 6, 2)]
+    samples = []
+    for part in parts:
+        sample = SideSample()
+        sample.add(part)
+        samples.append(sample)
+    moments = BatchMoments()
+    moments.add(samples[0])
+    moments.add(samples[1])
+    assert moments.moment is None and moments.token_count == 7
+    torch.testing.assert_close(moments.tokens(), torch.cat(parts[:2]), rtol=0, atol=0)
+    moments.add(samples[2])  # 13 tokens ≥ d = 12: F from now on
+    moments.add(samples[3])
+    assert not moments.batches
+    expected = ((samples[0].dense() + samples[1].dense()) + samples[2].dense()) + samples[3].dense()
+    torch.testing.assert_close(moments.dense(), expected, rtol=0, atol=0)

@@ -6,8 +6,8 @@ import threading
 import time
 from types import SimpleNamespace
 
-from hf_trak.run.block_shapes import SideMoments
 from hf_trak.run.featurize import _write_principal_factors
+from hf_trak.run.side_samples import SideMoments
 
 
 class ThreadState:

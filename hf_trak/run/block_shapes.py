@@ -14,7 +14,6 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
-import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
@@ -23,24 +22,13 @@ from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.block_sizes import SideSample, spectrum_shapes
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.principal import MAX_PRINCIPAL_SIDE, principal_count
+from hf_trak.run.side_samples import SideMoments
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.feature_store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_FRACTION = 0.1  # of the train rows, where principal_fraction is 0 (no principal factors)
-
-
-@dataclasses.dataclass
-class SideMoments:
-    """What the pass measured at the first checkpoint, for its principal factors: the leading eigenvectors each
-    side's spectrum was found with ({"<name>/<side>": d × m}; ``hf_trak.method.block_sizes.SideSample``), or as
-    many as its factor needs from the sampled tokens where there are fewer of them than d, so that the factors need
-    no eigensolve of a d × d matrix, and the second moment F (d × d) of the other sides whose factor needs more
-    eigenvectors than found. On the main process; empty on the others."""
-
-    moments: Dict[str, torch.Tensor]
-    leading: Dict[str, torch.Tensor]
 
 
 def sample_rows(fraction: float, num_rows: int) -> list:
@@ -94,7 +82,7 @@ def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_
     weights = projector.weights()
     if all(t.k_rows == t.rows and t.k_cols == t.cols for t in weights):
         return {t.name: (t.rows, t.cols) for t in weights}, None  # every weight whole: nothing to divide
-    shapes, moments, leading = None, {}, {}
+    shapes, found = None, SideMoments({}, {})
     if state.is_main_process:
         view = feature_map.at(checkpoint, 0, sample_train_batch)
         sides = [(t, side) for t in weights for side, dim in (("rows", t.rows), ("cols", t.cols))
@@ -110,19 +98,15 @@ def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_
             if name in samples:
                 energy[(target.name, side)], vectors = samples[name].spectrum()
                 if vectors is not None:
-                    leading[name] = vectors
+                    found.leading[name] = vectors
         shapes = spectrum_shapes(weights, energy, sum(t.size for t in weights))
         logger.info("Block sizes by spectrum, from %d train rows: %s", len(rows), shapes)
         for target, side in sides:  # where a principal factor needs more eigenvectors than found: from the
             name, index = f"{target.name}/{side}", 0 if side == "rows" else 1  # tokens (n < d), else F itself
             dim, k = (target.rows, target.cols)[index], shapes[target.name][index]
             needed = principal_count(k, dim, config.principal_share)
-            if name in samples and needed > (leading[name].shape[1] if name in leading else 0):
-                found = samples[name].leading(needed)
-                if found is not None:
-                    leading[name] = found
-                else:
-                    moments[name] = samples[name].dense()
+            if name in samples and needed > (found.leading[name].shape[1] if name in found.leading else 0):
+                found.take(name, samples[name], needed)
     if state.num_processes > 1:
         shapes = broadcast_object_list([shapes])[0]
-    return shapes, SideMoments(moments, leading)
+    return shapes, found

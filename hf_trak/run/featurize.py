@@ -32,7 +32,6 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from hf_trak.data.inputs import scan_split
@@ -45,11 +44,14 @@ from hf_trak.errors import (
     StoreMismatchError,
 )
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
+from hf_trak.method.block_sizes import SideSample
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
+from hf_trak.method.principal import principal_count
 from hf_trak.method.shared_outputs import shared_outputs
-from hf_trak.run.block_shapes import SideMoments, sample_rows, with_block_shapes
+from hf_trak.run.block_shapes import sample_rows, with_block_shapes
 from hf_trak.run.kernels import finalize_checkpoint, statistics_kind
 from hf_trak.run.memory import batch_size_for
+from hf_trak.run.side_samples import BatchMoments, SideMoments, combined
 from hf_trak.store import lock
 from hf_trak.store.card import write_dataset_card
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
@@ -232,12 +234,12 @@ def _check_principal_factors(store: FeatureStore, model_id: int, state: PartialS
 def _write_principal_factors(
     store: FeatureStore, view: CheckpointView, source, state, batch_size: int, measured: Optional[SideMoments] = None
 ) -> None:
-    """Checkpoint m's principal factors (``principal_share`` > 0), unless stored: the per-token second moment of
-    each principal side over ``principal_fraction`` of the train rows, evenly spaced (each process a share, one
-    all-reduce; or ``measured``, the main process's moments of the same rows and checkpoint from the block sizes,
-    ``hf_trak.run.block_shapes``, with the leading eigenvectors found there), and its leading eigenvectors (main
-    process, written once: every process and every later scoring projects with the same factors), then set on the
-    projector (``FeatureMap.at`` set those already stored)."""
+    """Checkpoint m's principal factors (``principal_share`` > 0), unless stored: the leading eigenvectors of each
+    principal side's per-token second moment over ``principal_fraction`` of the train rows, evenly spaced (each
+    process a share, ``_principal_moments``; or ``measured``, from the main process's pass over the same rows and
+    checkpoint for the block sizes, ``hf_trak.run.block_shapes``), made by the main process and written once (every
+    process and every later scoring projects with the same factors), then set on the projector (``FeatureMap.at``
+    set those already stored)."""
     projector, model_id = view.map.projector, view.model_id
     if not store.config.principal_share:
         return
@@ -246,7 +248,7 @@ def _write_principal_factors(
     if stored:
         return
     if measured is None:
-        measured = SideMoments(_principal_moments(view, source, state, batch_size, store), {})
+        measured = _principal_moments(view, source, state, batch_size, store)
     if state.is_main_process:
         factors = projector.principal_factors(model_id, measured.moments, measured.leading)
         store.save_principal_factors(model_id, factors)
@@ -254,27 +256,30 @@ def _write_principal_factors(
     projector.set_factors(model_id, store.principal_factors(model_id))  # stored ones: set by FeatureMap.at
 
 
-def _principal_moments(view: CheckpointView, source, state, batch_size: int, store: FeatureStore) -> dict:
-    """The principal sides' second moments over the principal factors' sample rows, each process a share of the
-    batches, summed over the processes (one all-reduce)."""
-    sides = view.map.projector.principal_sides()  # none where every side is small enough for k = d: an empty file
+def _principal_moments(view: CheckpointView, source, state, batch_size: int, store: FeatureStore) -> SideMoments:
+    """What the principal factors are made from, over the principal factors' sample rows, each process a share of
+    the batches (``hf_trak.run.side_samples``: each side's tokens where the sample holds fewer than d, else F)."""
+    projector = view.map.projector
+    sides = projector.principal_sides()  # none where every side is small enough for k = d: an empty file
     rows = sample_rows(store.config.principal_fraction, len(source))
-    moments = {}
+    samples = {}
     # Batches of the sample, the same whatever the number of processes (each takes a share of them): a batch's
     # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
     batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
     with state.split_between_processes(batches) as mine:
         for batch in tqdm(mine, desc=f"Principal factors, checkpoint {view.model_id}",
                           disable=None if state.is_main_process else True):  # fmt: skip
-            for name, moment in view.side_moments(source.batch(batch)).items():
-                moments[name] = moments[name] + moment if name in moments else moment
-    if state.num_processes > 1:  # zeros where a process saw no token, so that every process reduces the same tensors
-        for target, side in sides:
-            dim = target.rows if side == "rows" else target.cols
-            name = f"{target.name}/{side}"
-            moments.setdefault(name, torch.zeros(dim, dim, dtype=torch.float64, device=view.map.device))
-        moments = {name: reduce(moments[name], reduction="sum") for name in sorted(moments)}
-    return moments
+            batch_samples = {}
+            for name, tokens in view.side_tokens(source.batch(batch)):
+                batch_samples.setdefault(name, SideSample()).add(tokens)
+            for name, sample in batch_samples.items():
+                samples.setdefault(name, BatchMoments()).add(sample)
+    dims, counts = {}, {}
+    for target, side in sides:
+        name = f"{target.name}/{side}"
+        dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+        dims[name], counts[name] = dim, principal_count(k, dim, store.config.principal_share)
+    return combined(samples, dims, counts, state, view.map.device)
 
 
 def _write_missing_shards(
