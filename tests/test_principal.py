@@ -90,14 +90,14 @@ def test_principal_factors_keep_the_leading_directions_and_project_the_rest_with
     assert (draws[0] - torch.eye(dim, dtype=torch.float64)).abs().max() > 0.3  # one draw is not I (k < d)
 
 
-def test_side_moments_are_the_kronecker_factors_of_an_identity_projection():
+def test_side_samples_moments_are_the_kronecker_factors_of_an_identity_projection():
     """Σ_t u_t u_tᵀ and Σ_t v_t v_tᵀ of every principal side (an embedding's one-hot side from id counts; the tied
     head adds its own tokens) equal the "ekfac" statistics of the identity projector (the exact-gradient path)."""
     model, data = tiny_gpt2(), lm_sequences(6)
     traker = TRAKer(model, **SETTINGS)
     projector = traker.feature_map.projector
     view, _, batch = _view_and_batch(traker, model.state_dict(), 0, data)
-    moments = view.side_moments(batch)
+    moments = {name: sample.dense() for name, sample in view.side_samples(batch).items()}
     identity = FactoredGradientProjector(model, traker.param_names, 1, 0, "cpu", kind="identity")
     identity.start_statistics("ekfac")
     identity(view.task, view.weights, view.buffers, batch, model_id=0)
@@ -247,7 +247,7 @@ def test_a_store_of_a_newer_format_is_refused_naming_the_upgrade(tmp_path):
         FeatureStore.load(root)
 
 
-def test_side_moments_leave_out_the_tokens_that_reach_no_loss():
+def test_side_samples_leave_out_the_tokens_that_reach_no_loss():
     """An input side's moment is Σ x_t x_tᵀ over the tokens whose output gradient is not zero. In a one-layer GPT-2
     the MLP's output at position t only feeds the logits at t, so those are the tokens whose next label is in the
     loss (not the masked first ones, nor a sequence's last token, nor padding): by hand from the layer's inputs."""
@@ -257,7 +257,7 @@ def test_side_moments_leave_out_the_tokens_that_reach_no_loss():
     name = "transformer.h.0.mlp.c_fc.weight/rows"  # Conv1D: the rows side is the layer's input
     assert name in {f"{t.name}/{side}" for t, side in projector.principal_sides()}
     view, _, batch = _view_and_batch(traker, model.state_dict(), 0, data)
-    moments = view.side_moments(batch)
+    moments = {name: sample.dense() for name, sample in view.side_samples(batch).items()}
     captured = []
     handle = model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
     with torch.no_grad():

@@ -199,15 +199,15 @@ class CheckpointView:
         """The tokens' vectors of each side in a batch (``FactoredGradientProjector.side_tokens``, an iterator)."""
         return self.map.projector.side_tokens(self.task, self.weights, self.buffers, self._to_device(batch), sides)
 
-    def side_moments(self, batch: Mapping[str, Tensor], sides=None) -> dict:
-        """{"<name>/<side>": Σ_{i,t} u_t u_tᵀ (d × d, float64)} of a batch, for each of ``sides`` (default: the
-        principal sides) from ``side_tokens``: the per-token second moments (K-FAC's factors) that
-        ``FactoredGradientProjector.principal_factors`` takes the eigenvectors of. One batched forward and
+    def side_samples(self, batch: Mapping[str, Tensor], sides=None) -> dict:
+        """{"<name>/<side>": ``SideSample``} of a batch, for each of ``sides`` (default: the principal sides) from
+        ``side_tokens``: the per-token second moments F = Σ_{i,t} u_t u_tᵀ (K-FAC's factors, ``SideSample.dense``)
+        that ``FactoredGradientProjector.principal_factors`` takes the eigenvectors of. One batched forward and
         backward, no ``vmap``: the batch keeps its 2D attention mask."""
         samples = {}
         for name, tokens in self.side_tokens(batch, sides):
             samples.setdefault(name, SideSample()).add(tokens)
-        return {name: sample.dense() for name, sample in samples.items()}
+        return samples
 
     def out_to_loss(self, prepared_batch: Mapping[str, Tensor]) -> Tensor:
         """Q of each example of a batch from ``features`` (B,)."""

@@ -44,7 +44,6 @@ from hf_trak.errors import (
     StoreMismatchError,
 )
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
-from hf_trak.method.block_sizes import SideSample
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.method.principal import principal_count
 from hf_trak.method.shared_outputs import shared_outputs
@@ -269,10 +268,7 @@ def _principal_moments(view: CheckpointView, source, state, batch_size: int, sto
     with state.split_between_processes(batches) as mine:
         for batch in tqdm(mine, desc=f"Principal factors, checkpoint {view.model_id}",
                           disable=None if state.is_main_process else True):  # fmt: skip
-            batch_samples = {}
-            for name, tokens in view.side_tokens(source.batch(batch)):
-                batch_samples.setdefault(name, SideSample()).add(tokens)
-            for name, sample in batch_samples.items():
+            for name, sample in view.side_samples(source.batch(batch)).items():
                 samples.setdefault(name, BatchMoments()).add(sample)
     dims, counts = {}, {}
     for target, side in sides:
