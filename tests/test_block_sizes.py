@@ -13,6 +13,7 @@ from hf_trak.errors import InvalidArgumentError
 from hf_trak.method.block_sizes import (
     FULL_SPECTRUM_SIDE,
     LEADING_EIGENVALUES,
+    MAX_SIDE_DIMS,
     SideSample,
     side_spectrum,
     spectrum_shapes,
@@ -54,6 +55,17 @@ def test_spectrum_shapes_spend_the_budget_where_it_keeps_the_most():
     assert left >= 0 and not any(r < 8 and c <= left or c < 8 and r <= left for r, c in shapes.values())  # none fits
     whole = spectrum_shapes([Target("a", 8, 8), Target("c", 2, 3)], {("a", "rows"): np.ones(8)}, 100)
     assert whole == {"a": (8, 8), "c": (2, 3)}  # enough for both whole (c without measurement: k/d)
+
+
+def test_no_side_gets_more_than_max_side_dims_however_flat_its_spectrum():
+    wide = 4 * MAX_SIDE_DIMS  # one row, a flat spectrum: every dimension of it gains alike, 1/wide
+    energy = {("a", "rows"): np.ones(1), ("a", "cols"): np.arange(1, wide + 1) / wide}
+    energy.update({("b", side): np.arange(1, 9) / 8 for side in ("rows", "cols")})
+    targets, budget = [Target("a", 1, wide), Target("b", 8, 8)], 2 * MAX_SIDE_DIMS
+    assert spectrum_shapes(targets, energy, budget) == {"a": (1, MAX_SIDE_DIMS), "b": (8, 8)}
+    with pytest.MonkeyPatch.context() as patch:  # without the cap the flat side takes the rest of the budget
+        patch.setattr(hf_trak.method.block_sizes, "MAX_SIDE_DIMS", wide)
+        assert spectrum_shapes(targets, energy, budget)["a"] == (1, budget - 64)
 
 
 def _measured_again(traker, model, train, fraction):

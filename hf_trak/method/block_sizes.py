@@ -9,7 +9,10 @@ an embedding's one-hot side: its k most frequent ids; a side larger than ``MAX_P
 projection keeps in expectation). From k_r = k_c = 1, ``spectrum_shapes`` adds, one step at a time, the row or
 column whose gain in that product per feature dimension it costs is largest over all matrices (every matrix
 counts alike: each has its own kernel), until the matrices' share of k is spent. A matrix whose gradients live in
-few directions gets few dimensions, and one whose spectrum is flat gets many, whatever their sizes.
+few directions gets few dimensions, and one whose spectrum is flat gets many, whatever their sizes, but no side more
+than ``MAX_SIDE_DIMS``: a large side's E past its measured eigenvalues is an extrapolation (flat), and projecting
+its tokens costs d·k per token (random-init GPT-2 small and BERT-small otherwise give a 768- or 2048-wide side
+1 × 768 or 1 × 1909 of k = 4096, which made projecting that one matrix cost 30% of the model's backward pass).
 """
 
 import heapq
@@ -25,6 +28,7 @@ from hf_trak.method.principal import leading_eigenpairs
 FULL_SPECTRUM_SIDE = 256  # larger sides: the leading eigenvalues only
 LEADING_EIGENVALUES = 64  # of a larger side: more than a side's k in practice (k_r·k_c is one matrix's share of k)
 SUBSPACE_ITERATIONS = 3  # for them: shares of the trace need less precision than eigenvectors
+MAX_SIDE_DIMS = 4 * LEADING_EIGENVALUES  # a side's k at most: past its measured eigenvalues E is extrapolated
 
 
 def side_spectrum(moment: Tensor) -> Tuple[np.ndarray, Optional[Tensor]]:
@@ -123,13 +127,13 @@ def spectrum_shapes(
     targets: Sequence[Target], energy: Mapping[Tuple[str, str], np.ndarray], budget: int
 ) -> Dict[str, Tuple[int, int]]:
     """{name: (k_r, k_c)} of ``targets`` with Σ k_r·k_c ≤ ``budget``, by greedy steps of largest gain in
-    E_r(k_r)·E_c(k_c) per dimension (see the module's docstring); ``energy[(name, "rows" or "cols")]`` is E, a side
-    without one keeps k/d."""
+    E_r(k_r)·E_c(k_c) per dimension (see the module's docstring), each side at most min(d, ``MAX_SIDE_DIMS``);
+    ``energy[(name, "rows" or "cols")]`` is E, a side without one keeps k/d."""
 
     def kept(target: Target, side: str, k: int) -> float:
         curve = energy.get((target.name, side))
         if curve is None:
-            return k / (target.rows if side == "rows" else target.cols)
+            return k / target.side(side)[0]
         return 1.0 if k >= len(curve) else float(curve[k - 1])
 
     shapes = [[1, 1] for _ in targets]
@@ -140,10 +144,10 @@ def spectrum_shapes(
     def push(position: int) -> None:
         target, (k_rows, k_cols) = targets[position], shapes[position]
         rows, cols = kept(target, "rows", k_rows), kept(target, "cols", k_cols)
-        if k_rows < target.rows:
+        if k_rows < min(target.rows, MAX_SIDE_DIMS):
             gain = (kept(target, "rows", k_rows + 1) - rows) * cols / k_cols
             heapq.heappush(heap, (-gain, position, 0, grown[position], k_cols))
-        if k_cols < target.cols:
+        if k_cols < min(target.cols, MAX_SIDE_DIMS):
             gain = rows * (kept(target, "cols", k_cols + 1) - cols) / k_rows
             heapq.heappush(heap, (-gain, position, -1, grown[position], k_rows))
 

@@ -210,7 +210,7 @@ class FactoredGradientProjector:
                 self._factors.pop((model_id, target.name, side), None)
                 continue
             factor = factors.get(f"{target.name}/{side}")
-            expected = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+            expected = target.side(side)
             if factor is None or tuple(factor.shape) != expected:
                 found = None if factor is None else tuple(factor.shape)
                 raise CorruptStoreError(
@@ -227,7 +227,7 @@ class FactoredGradientProjector:
         factors = {}
         for target, side in self.principal_sides():
             name = f"{target.name}/{side}"
-            dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+            dim, k = target.side(side)
             generator = seeded_generator(self.seed, model_id, target.name, side, "principal")
             found = (leading or {}).get(name)
             factors[name] = principal_factor(moments.get(name), dim, k, self.principal_share, generator, found)
@@ -236,7 +236,7 @@ class FactoredGradientProjector:
     def factor(self, model_id: int, target: Target, side: str) -> Tensor:
         """P_r (rows × k_rows) or P_c (cols × k_cols) of ``target``: identity, ±1/√k Rademacher, or the principal
         factor given by ``set_factors``."""
-        dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+        dim, k = target.side(side)
         key = (model_id, target.name, side)
         if key not in self._factors and any(t.name == target.name and s == side for t, s in self.principal_sides()):
             raise IncompleteStoreError(

@@ -10,7 +10,7 @@ least for equal sides at a given k_r·k_c. The first store formats used ``legacy
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from hf_trak.errors import InvalidArgumentError
 
@@ -29,6 +29,10 @@ class Target:
     @property
     def size(self) -> int:
         return self.k_rows * self.k_cols
+
+    def side(self, side: str) -> Tuple[int, int]:
+        """(d, k) of one side, "rows" or "cols": its dimension and its projected dimension."""
+        return (self.rows, self.k_rows) if side == "rows" else (self.cols, self.k_cols)
 
 
 def legacy_sizes(targets: Sequence[Target], proj_dim: int, fallback_numel: int) -> int:

@@ -273,7 +273,7 @@ def _principal_moments(view: CheckpointView, source, state, batch_size: int, sto
     dims, counts = {}, {}
     for target, side in sides:
         name = f"{target.name}/{side}"
-        dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+        dim, k = target.side(side)
         dims[name], counts[name] = dim, principal_count(k, dim, store.config.principal_share)
     return combined(samples, dims, counts, state, view.map.device)
 
