@@ -12,7 +12,8 @@ counts alike: each has its own kernel), until the matrices' share of k is spent.
 few directions gets few dimensions, and one whose spectrum is flat gets many, whatever their sizes, but no side more
 than ``MAX_SIDE_DIMS``: a large side's E past its measured eigenvalues is an extrapolation (flat), and projecting
 its tokens costs d·k per token (random-init GPT-2 small and BERT-small otherwise give a 768- or 2048-wide side
-1 × 768 or 1 × 1909 of k = 4096, which made projecting that one matrix cost 30% of the model's backward pass).
+1 × 768 or 1 × 1909 of k = 4096: on BERT-small over 256 rows that one matrix took about 7 s of a 26 s featurize,
+its projection and Kronecker factor 4 s and its principal factor 3 s).
 """
 
 import heapq
