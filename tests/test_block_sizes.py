@@ -201,7 +201,7 @@ def test_principal_factors_of_a_side_with_fewer_sampled_tokens_than_dimensions_c
             samples.setdefault(name, SideSample()).add(tokens)
         for target, side in projector.principal_sides():
             name = f"{target.name}/{side}"
-            dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+            _, k = target.side(side)
             count = round(share * k)
             if samples[name].tokens is None or not 1 < count <= samples[name].tokens.shape[0]:
                 continue

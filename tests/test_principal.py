@@ -69,7 +69,7 @@ def test_principal_factors_keep_the_leading_directions_and_project_the_rest_with
     model = tiny_gpt2()
     projector = FactoredGradientProjector(model, ["transformer.wte.weight"], 24, 0, "cpu", principal_share=0.5)
     (target, side), *_ = projector.principal_sides()
-    dim, k = (target.rows, target.k_rows) if side == "rows" else (target.cols, target.k_cols)
+    dim, k = target.side(side)
     leading = round(0.5 * k)
     assert 0 < leading < k < dim
     generator = torch.Generator().manual_seed(2)
