@@ -390,9 +390,9 @@ def test_ekfac_kernels_follow_their_definition_in_projected_space(tmp_path):
 
 
 def test_block_diagonal_kernels_are_applied_block_by_block_as_the_dense_matrix_would_be():
-    """``column_scale`` and ``preconditioned`` given a per-module K's blocks give diag(K XᵀX K) and X K of the dense
-    K."""
-    from hf_trak.method.kernel import block_diagonal, column_scale, preconditioned
+    """``column_scale`` and ``preconditioned`` given a per-module K's blocks (with K and XᵀX whole, or kept as their
+    blocks) give diag(K XᵀX K) and X K of the dense K; ``add_gram`` into the blocks gives XᵀX's."""
+    from hf_trak.method.kernel import add_gram, block_diagonal, column_scale, diagonal_blocks, preconditioned
 
     generator = torch.Generator().manual_seed(0)
     blocks = [[0, 3], [3, 5], [8, 1]]
@@ -406,7 +406,14 @@ def test_block_diagonal_kernels_are_applied_block_by_block_as_the_dense_matrix_w
     expected_scale = (torch.diagonal(kernel @ xtx @ kernel) / 12).sqrt()
     torch.testing.assert_close(column_scale(xtx, kernel, 12, blocks), expected_scale, rtol=1e-12, atol=0)
     torch.testing.assert_close(column_scale(xtx, kernel, 12), expected_scale, rtol=1e-12, atol=0)
+    grams = [torch.zeros(size, size, dtype=torch.float64) for _, size in blocks]
+    add_gram(grams, x[:5], blocks)
+    add_gram(grams, x[5:], blocks)
+    for gram, piece in zip(grams, diagonal_blocks(xtx, blocks)):
+        torch.testing.assert_close(gram, piece, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(column_scale(grams, inverses, 12, blocks), expected_scale, rtol=1e-12, atol=0)
     dense = (x.double() @ kernel / expected_scale).float()
     torch.testing.assert_close(preconditioned(x, kernel, expected_scale, blocks), dense, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(preconditioned(x, inverses, expected_scale, blocks), dense, rtol=1e-6, atol=1e-6)
     cut = preconditioned(x, kernel, None, [[0, 4], [4, 5]])  # blocks that cut K's own: K's entries are left out
     assert (cut - (x.double() @ kernel).float()).abs().max() > 1e-2

@@ -226,7 +226,8 @@ def test_a_resume_with_another_checkpoint_is_refused_or_redoes_only_that_checkpo
 def test_a_block_diagonal_kernel_is_kept_as_its_blocks_and_read_as_the_whole_matrix(tmp_path):
     """A per-module K_m's file (version 7 on) holds K_m's and XᵀX_m's diagonal blocks one after another (Σ_b k_b²
     values each, not k²), read back as the k × k block-diagonal matrices: a version-6 store's K and XᵀX on the
-    blocks, 0 off them. A packed file of another size is named as corrupt."""
+    blocks, 0 off them; or as the list of the blocks (``as_blocks``, what featurize makes and applies them as), with
+    the same Φ = XK as the version-6 store's from its whole K. A packed file of another size is named as corrupt."""
     settings = dict(projector="factored", kernel="per_module", kernel_from="examples", dtype=torch.float32)
     new, _, _ = _featurized(tmp_path / "v7", **settings)
     old, _, _ = _featurized(tmp_path / "v6", store_version=6, **settings)
@@ -242,6 +243,13 @@ def test_a_block_diagonal_kernel_is_kept_as_its_blocks_and_read_as_the_whole_mat
     for name in ("xtx", "kernel"):
         assert read[name].shape == (k, k) and (read[name][~on_blocks] == 0).all()
         np.testing.assert_allclose(read[name][on_blocks], whole[name][on_blocks], rtol=1e-9, atol=0)
+    pieces = new.store.load_kernel(0, ["xtx", "kernel"], as_blocks=True)
+    for name in ("xtx", "kernel"):
+        assert [tuple(piece.shape) for piece in pieces[name]] == [(n, n) for _, n in blocks]
+        assert torch.equal(torch.block_diag(*pieces[name]), read[name])
+    for m in range(2):
+        phi_new, phi_old = (t.store.shard(m, 0, 8, kind="preconditioned")[0] for t in (new, old))
+        np.testing.assert_allclose(phi_new, phi_old, rtol=1e-5, atol=1e-6)
     check_store(new.store)
     save_file({**packed, "kernel_blocks": packed["kernel_blocks"][1:]}, path)
     with pytest.raises(CorruptStoreError, match="kernel_blocks of shape"):

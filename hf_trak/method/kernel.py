@@ -36,7 +36,7 @@ to the scale of the gradients. ``benchmarks/lds_digits.py`` sweeps the scale on 
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -49,14 +49,24 @@ def resolve_lambda(xtx: Tensor, lambda_reg: Optional[float], lambda_scale: float
     return lambda_scale * float(torch.diagonal(xtx).double().sum()) / xtx.shape[0]
 
 
-def add_gram(xtx: Tensor, features: Tensor, blocks: Sequence[Sequence[int]] = ()) -> None:
-    """xtx += XᵀX for a block of features X (rows × k), in float64, in place (``xtx``: k × k float64). ``blocks``:
-    only the diagonal blocks [offset, size], all a block-diagonal K needs: rows · Σ_b k_b² flops, not rows · k²."""
+Matrix = Union[Tensor, List[Tensor]]  # k × k, or a block-diagonal one kept as its diagonal blocks, in order
+
+
+def diagonal_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> List[Tensor]:
+    """The diagonal blocks [offset, size] of a k × k matrix (views; the whole matrix where ``blocks`` is empty), or
+    ``matrix`` itself where it is kept as its blocks already."""
+    if isinstance(matrix, list):
+        return matrix
+    return [matrix[a : a + size, a : a + size] for a, size in (blocks or [(0, matrix.shape[0])])]
+
+
+def add_gram(xtx: Matrix, features: Tensor, blocks: Sequence[Sequence[int]] = ()) -> None:
+    """xtx += XᵀX for a block of features X (rows × k), in float64, in place (``xtx``: k × k float64, or its
+    diagonal blocks). ``blocks``: only the diagonal blocks [offset, size], all a block-diagonal K needs:
+    rows · Σ_b k_b² flops, not rows · k²."""
     features = features.double()
-    if not blocks:
-        xtx += features.T @ features
-    for a, size in blocks:
-        xtx[a : a + size, a : a + size] += features[:, a : a + size].T @ features[:, a : a + size]
+    for gram, (a, size) in zip(diagonal_blocks(xtx, blocks), blocks or [(0, features.shape[1])]):
+        gram += features[:, a : a + size].T @ features[:, a : a + size]
 
 
 def _inverse(gram: Tensor, lambda_reg: float) -> Tensor:
@@ -138,19 +148,17 @@ def block_diagonal(inverses: Sequence[Tensor], blocks: Sequence[Sequence[int]]) 
     return kernel
 
 
-def column_scale(xtx: Tensor, kernel: Tensor, num_rows: int, blocks: Sequence[Sequence[int]] = ()) -> Tensor:
+def column_scale(xtx: Matrix, kernel: Matrix, num_rows: int, blocks: Sequence[Sequence[int]] = ()) -> Tensor:
     """s_j = RMS over rows of column j of Φ = XK, from ΦᵀΦ = K XᵀX K (no pass over X); 1 where Φ_j = 0.
 
     Φ is stored as Φ/s so that every column uses the storage dtype's precision: kernels of
     very different scales (per-module blocks) otherwise leave most of Φ below float16's
     smallest normal number (6·10⁻⁵). Scoring multiplies the targets by s instead. ``blocks``: the
-    [offset, size] of a block-diagonal K's blocks (per-module kernels), whose diagonal of K XᵀX K is
-    diag(K_b XᵀX_bb K_b) block by block: Σ_b k_b³ flops instead of k³."""
-    k, xtx = kernel.double(), xtx.double()
-    squares = torch.cat(
-        [((k[a : a + size, a : a + size] @ xtx[a : a + size, a : a + size]) * k[a : a + size, a : a + size]).sum(1)
-         for a, size in (blocks or [(0, k.shape[0])])]
-    ).clamp(min=0)  # fmt: skip  # diag(K XᵀX K), K symmetric
+    [offset, size] of a block-diagonal K's blocks (per-module kernels; or K and XᵀX kept as those blocks), whose
+    diagonal of K XᵀX K is diag(K_b XᵀX_bb K_b) block by block: Σ_b k_b³ flops instead of k³."""
+    pairs = zip(diagonal_blocks(kernel, blocks), diagonal_blocks(xtx, blocks))
+    squares = torch.cat([((k.double() @ g.double()) * k.double()).sum(1) for k, g in pairs]).clamp(min=0)
+    # diag(K XᵀX K), K symmetric
     scale = (squares / max(num_rows, 1)).sqrt()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -173,16 +181,15 @@ def target_rms(xtx: Tensor, kernel: Tensor, targets: Tensor, num_rows: int) -> T
 
 
 def preconditioned(
-    features: Tensor, kernel: Tensor, scale: Optional[Tensor] = None, blocks: Sequence[Sequence[int]] = ()
+    features: Tensor, kernel: Matrix, scale: Optional[Tensor] = None, blocks: Sequence[Sequence[int]] = ()
 ) -> Tensor:
     """Φ = X K (divided column-wise by ``scale``, if given) for a block of train features (rows × k), formed in
-    float64 (see the module's note), float32. ``blocks``: a block-diagonal K's [offset, size] blocks, multiplied
-    one at a time (rows · Σ_b k_b² flops instead of rows · k²)."""
-    x, k = features.to(device=kernel.device, dtype=torch.float64), kernel.double()
-    if blocks:
-        phi = torch.cat([x[:, a : a + size] @ k[a : a + size, a : a + size] for a, size in blocks], dim=1)
-    else:
-        phi = x @ k
+    float64 (see the module's note), float32. ``blocks``: a block-diagonal K's [offset, size] blocks (K may be kept
+    as them), multiplied one at a time (rows · Σ_b k_b² flops instead of rows · k²)."""
+    kernels = diagonal_blocks(kernel, blocks)
+    x = features.to(device=kernels[0].device, dtype=torch.float64)
+    layout = blocks or [(0, x.shape[1])]
+    phi = torch.cat([x[:, a : a + size] @ k.double() for k, (a, size) in zip(kernels, layout)], dim=1)
     return (phi if scale is None else phi / scale).float()
 
 

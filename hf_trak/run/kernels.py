@@ -1,11 +1,12 @@
 """Once every shard of a checkpoint's features is written: its kernel K_m, then Φ_m = X_m K_m.
 
-XᵀX_m = Σ_shards X_sᵀX_s (float64; its diagonal blocks only where K_m is block-diagonal and the store keeps
-its blocks) is summed over processes (a k × k all-reduce: no features travel) and
+XᵀX_m = Σ_shards X_sᵀX_s (float64) is summed over processes (one all-reduce: no features travel) and
 the main process writes λ_m and K_m (``hf_trak.method.kernel``): one global kernel, or one per projected
 matrix from XᵀX's blocks, the per-token Gram matrices or EK-FAC's bases (``kernel_from``). Each process
 then writes Φ_m for its share of the shards (formed in float64, stored in the features' dtype), so that
-scoring reads Φ and never forms it.
+scoring reads Φ and never forms it. Where K_m is block-diagonal and the store keeps its blocks
+(``FeatureStore.keeps_kernel_blocks``), XᵀX_m and K_m are made, reduced, written and applied as their Σ_b k_b²
+diagonal blocks throughout, never as k × k matrices (at k = 4096, 128 MiB each).
 """
 
 import logging
@@ -18,6 +19,7 @@ from hf_trak.method.kernel import (
     add_gram,
     block_diagonal,
     column_scale,
+    diagonal_blocks,
     eigen_block_inverse,
     gram_block_inverse,
     kronecker_gram,
@@ -51,49 +53,58 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
     config = store.config
     statistics = _summed_statistics(store, model_id, device) if config.kernel_from != "examples" else {}
     bases = _kronecker_bases(statistics) if config.kernel_from == "ekfac" else {}
-    xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    blocks = config.kernel_blocks if store.keeps_kernel_blocks else ()
+    sizes = [size for _, size in blocks] or [dim]
+    xtx = [torch.zeros(size, size, dtype=torch.float64, device=device) for size in sizes]
     moments = {b: torch.zeros(len(q_rows), len(q_cols), dtype=torch.float64, device=device)
                for b, (q_rows, q_cols) in bases.items()}  # fmt: skip
     with state.split_between_processes(store.shard_ranges()) as mine:
         for start, stop in mine:
             features = as_tensor(store.shard(model_id, start, stop)[0]).to(device)
-            add_gram(xtx, features, config.kernel_blocks if store.keeps_kernel_blocks else ())
+            add_gram(xtx, features, blocks)
             for b, (q_rows, q_cols) in bases.items():  # Λ_b = Σ_i (Q_rᵀ X_i Q_c)², X_i the block as k_r × k_c
                 offset, size = config.kernel_blocks[b]
                 block = features[:, offset : offset + size].double().reshape(-1, len(q_rows), len(q_cols))
                 moments[b] += (q_rows.T @ block @ q_cols).square().sum(0)
-    xtx = reduce(xtx, reduction="sum")
-    moments = {b: reduce(moment, reduction="sum") for b, moment in moments.items()}
+    if state.num_processes > 1:  # one all-reduce of the blocks, flattened one after another
+        summed = reduce(torch.cat([gram.reshape(-1) for gram in xtx]), reduction="sum")
+        xtx = [piece.reshape(size, size) for piece, size in zip(summed.split([s * s for s in sizes]), sizes)]
+        moments = {b: reduce(moment, reduction="sum") for b, moment in moments.items()}
+    xtx = xtx if blocks else xtx[0]
     if state.is_main_process:
         if config.kernel == "per_module":
-            kernel, lambda_reg = _per_module_kernel(config, xtx, statistics, bases, moments)
+            inverses, lambda_reg = _per_module_kernel(config, xtx, statistics, bases, moments)
+            kernel = inverses if blocks else block_diagonal(inverses, config.kernel_blocks)
         else:
             lambda_reg = resolve_lambda(xtx, config.lambda_reg, config.lambda_scale)
             kernel = regularized_inverse(xtx, lambda_reg)
         scale = column_scale(xtx, kernel, config.num_train_examples, config.kernel_blocks)
-        store.save_kernel(model_id, xtx.cpu(), kernel.cpu(), lambda_reg, scale.cpu())
+        store.save_kernel(model_id, _on_cpu(xtx), _on_cpu(kernel), lambda_reg, scale.cpu())
         logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
     state.wait_for_everyone()
 
 
+def _on_cpu(matrix):
+    return [block.cpu() for block in matrix] if isinstance(matrix, list) else matrix.cpu()
+
+
 def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, moments: dict):
-    """(K, mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix (shrunk toward
-    its K-FAC approximation by ``kernel_shrinkage``: ``hf_trak.method.kernel.shrunk_gram``; with
-    ``kernel_from="mixed"`` averaged with XᵀX_bb, ``mixed_gram``), or XᵀX_bb."""
+    """([K_b], mean λ_b): each block's inverse from EK-FAC's basis and moments, the per-token Gram matrix (shrunk
+    toward its K-FAC approximation by ``kernel_shrinkage``: ``hf_trak.method.kernel.shrunk_gram``; with
+    ``kernel_from="mixed"`` averaged with XᵀX_bb, ``mixed_gram``), or XᵀX_bb (``xtx``: k × k or its blocks)."""
     inverses, lambdas = [], []
     scale = config.feature_dim / config.num_params  # the statistics are of P_mᵀg, the features of P_mᵀg/√p · √k
-    for b, (offset, size) in enumerate(config.kernel_blocks):
+    for b, examples in enumerate(diagonal_blocks(xtx, config.kernel_blocks)):
         if b in bases:
             inverse, lambda_b = eigen_block_inverse(*bases[b], moments[b], config.lambda_reg, config.lambda_scale)
         else:
-            examples = xtx[offset : offset + size, offset : offset + size]
             block = _token_gram(statistics, b, config.kernel_shrinkage) * scale if statistics else examples
             if config.kernel_from == "mixed":
                 block = mixed_gram(examples, block)
             inverse, lambda_b = gram_block_inverse(block, config.lambda_reg, config.lambda_scale)
         inverses.append(inverse)
         lambdas.append(lambda_b)
-    return block_diagonal(inverses, config.kernel_blocks), float(sum(lambdas) / len(lambdas))
+    return inverses, float(sum(lambdas) / len(lambdas))
 
 
 def statistics_kind(config: TRAKConfig) -> str:
@@ -151,13 +162,14 @@ def _write_preconditioned(store: FeatureStore, model_id: int, device, state: Par
     state.wait_for_everyone()
     if not missing:
         return
-    saved = store.load_kernel(model_id)
-    kernel, scale = saved["kernel"].to(device, torch.float64), saved["phi_scale"].to(device, torch.float64)
+    saved, blocks = store.load_kernel(model_id, ["kernel", "phi_scale"], as_blocks=True), store.config.kernel_blocks
+    kernel = [block.to(device, torch.float64) for block in diagonal_blocks(saved["kernel"], blocks)]
+    scale = saved["phi_scale"].to(device, torch.float64)
     dtype = getattr(torch, store.config.dtype)
     with state.split_between_processes(missing) as mine:
         for start, stop in mine:
             features, out_to_loss = store.shard(model_id, start, stop)
-            phi = preconditioned(as_tensor(features), kernel, scale, store.config.kernel_blocks)
+            phi = preconditioned(as_tensor(features), kernel, scale, blocks)
             phi = phi.to(dtype).cpu().numpy()
             store.write_shard(model_id, start, phi, out_to_loss, PRECONDITIONED)
     state.wait_for_everyone()

@@ -47,7 +47,7 @@ from hf_trak.store.arrow_files import (
 )
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.files import write_text
-from hf_trak.store.kernel_file import KERNEL_NAME, load_kernel_file, save_kernel_file
+from hf_trak.store.kernel_file import KERNEL_NAME, Matrix, load_kernel_file, save_kernel_file
 from hf_trak.store.lock import LOCK_NAME
 from hf_trak.store.versions import keeps_kernel_blocks, stores_preconditioned
 
@@ -297,10 +297,10 @@ class FeatureStore:
         return readable_or_removed(path, lambda: self.load_kernel(model_id))
 
     def save_kernel(
-        self, model_id: int, xtx: torch.Tensor, kernel: torch.Tensor, lambda_reg: float, phi_scale: torch.Tensor
+        self, model_id: int, xtx: Matrix, kernel: Matrix, lambda_reg: float, phi_scale: torch.Tensor
     ) -> None:
-        """K_m's file (``hf_trak.store.kernel_file``): XᵀX_m and K_m as k × k matrices, or as their diagonal blocks
-        where ``keeps_kernel_blocks``."""
+        """K_m's file (``hf_trak.store.kernel_file``): XᵀX_m and K_m (k × k, or lists of their diagonal blocks) as
+        k × k matrices, or as their diagonal blocks where ``keeps_kernel_blocks``."""
         lambda_reg = torch.tensor(lambda_reg, dtype=torch.float64)
         tensors = {"xtx": xtx, "kernel": kernel, "lambda_reg": lambda_reg, "phi_scale": phi_scale}
         blocks = self.config.kernel_blocks if self.keeps_kernel_blocks else ()
@@ -311,15 +311,16 @@ class FeatureStore:
         """Whether K_m's file keeps XᵀX_m and K_m as their diagonal blocks: a block-diagonal K, version 7 on."""
         return bool(self.config.kernel_blocks) and keeps_kernel_blocks(self.config.store_version)
 
-    def load_kernel(self, model_id: int, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    def load_kernel(self, model_id: int, names: Optional[Sequence[str]] = None, as_blocks: bool = False) -> dict:
         """The tensors of K_m's file (only ``names`` of them, if given: a query needs the k-vector phi_scale,
-        not the two k × k matrices); ``xtx`` and ``kernel`` as k × k matrices however the file keeps them."""
+        not the two k × k matrices); ``xtx`` and ``kernel`` as k × k matrices however the file keeps them, or, with
+        ``as_blocks`` where ``keeps_kernel_blocks``, as the lists of their diagonal blocks."""
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
         if not os.path.isfile(path):
             raise IncompleteStoreError(
                 f"{path} is missing: the featurization of checkpoint {model_id} did not finish."
             )
-        return load_kernel_file(path, names, self.config.kernel_blocks if self.keeps_kernel_blocks else ())
+        return load_kernel_file(path, names, self.config.kernel_blocks if self.keeps_kernel_blocks else (), as_blocks)
 
     def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(XᵀX_m, K_m) in float64, which a normalized ensemble needs for every query (``hf_trak.run.scoring``); with

@@ -3,10 +3,11 @@
 XᵀX_m and K_m are k × k float64 matrices (``xtx``, ``kernel``), or, for a block-diagonal (per-module) K from store
 version 7 on, their diagonal blocks [offset, size] flattened row by row one after another (``xtx_blocks``,
 ``kernel_blocks``: Σ_b k_b² values each instead of k², which at k = 4096 is 128 MiB). Either way they are read back
-as k × k matrices.
+as k × k matrices, or, from such a file, as the list of their blocks (``as_blocks``), which is all that featurize's
+own use of K needs (``hf_trak.run.kernels``).
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -15,6 +16,7 @@ from hf_trak.store.arrow_files import load_safetensors, save_safetensors
 
 KERNEL_NAME = "kernel.safetensors"
 PACKED = {"xtx": "xtx_blocks", "kernel": "kernel_blocks"}  # the names of the matrices kept as their blocks
+Matrix = Union[torch.Tensor, List[torch.Tensor]]  # k × k, or its diagonal blocks in order
 
 
 def packed_length(blocks: Sequence[Sequence[int]]) -> int:
@@ -22,19 +24,20 @@ def packed_length(blocks: Sequence[Sequence[int]]) -> int:
     return sum(size * size for _, size in blocks)
 
 
-def save_kernel_file(path: str, tensors: Dict[str, torch.Tensor], blocks: Sequence[Sequence[int]] = ()) -> None:
-    """Write ``tensors`` ({"xtx", "kernel", "lambda_reg", "phi_scale"}); with ``blocks``, the two matrices as their
-    diagonal blocks."""
+def save_kernel_file(path: str, tensors: Dict[str, Matrix], blocks: Sequence[Sequence[int]] = ()) -> None:
+    """Write ``tensors`` ({"xtx", "kernel", "lambda_reg", "phi_scale"}); with ``blocks``, the two matrices (k × k, or
+    lists of their diagonal blocks) as their diagonal blocks."""
     if blocks:
         tensors = {PACKED.get(name, name): _packed(t, blocks) if name in PACKED else t for name, t in tensors.items()}
     save_safetensors(path, tensors)
 
 
 def load_kernel_file(
-    path: str, names: Optional[Sequence[str]] = None, blocks: Sequence[Sequence[int]] = ()
-) -> Dict[str, torch.Tensor]:
+    path: str, names: Optional[Sequence[str]] = None, blocks: Sequence[Sequence[int]] = (), as_blocks: bool = False
+) -> Dict[str, Matrix]:
     """The file's tensors (only ``names`` of them, if given), ``xtx`` and ``kernel`` as k × k matrices; with
-    ``blocks``, unpacked from their diagonal blocks (``CorruptStoreError`` where their sizes are not the blocks')."""
+    ``blocks``, unpacked from their diagonal blocks (``CorruptStoreError`` where their sizes are not the blocks'),
+    or with ``as_blocks`` the list of those blocks (k_b × k_b)."""
     if not blocks:
         return load_safetensors(path, names)
     saved = load_safetensors(path, None if names is None else [PACKED.get(name, name) for name in names])
@@ -46,17 +49,20 @@ def load_kernel_file(
                     f"{path} holds {packed} of shape {tuple(saved[packed].shape)}, not the config's kernel blocks: "
                     "run featurize again with the same arguments to redo it."
                 )
-            matrices[name] = _unpacked(saved.pop(packed), blocks)
+            pieces = _pieces(saved.pop(packed), blocks)
+            matrices[name] = pieces if as_blocks else torch.block_diag(*pieces)
     return {**saved, **matrices}
 
 
-def _packed(matrix: torch.Tensor, blocks: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The diagonal blocks [offset, size] of a k × k matrix, each flattened row by row, one after another."""
-    return torch.cat([matrix[a : a + size, a : a + size].reshape(-1) for a, size in blocks])
+def _packed(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The diagonal blocks [offset, size] of a k × k matrix (or the list of them), each flattened row by row, one
+    after another."""
+    pieces = matrix if isinstance(matrix, list) else [matrix[a : a + size, a : a + size] for a, size in blocks]
+    return torch.cat([piece.reshape(-1) for piece in pieces])
 
 
-def _unpacked(packed: torch.Tensor, blocks: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The block-diagonal k × k matrix that ``_packed`` made ``packed`` from (0 off the blocks, which tile 0..k in
-    order)."""
+def _pieces(packed: torch.Tensor, blocks: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+    """The diagonal blocks (k_b × k_b) that ``_packed`` flattened into ``packed``; ``torch.block_diag`` of them is the
+    k × k matrix (0 off the blocks, which tile 0..k in order)."""
     pieces = torch.split(packed, [size * size for _, size in blocks])
-    return torch.block_diag(*[piece.reshape(size, size) for piece, (_, size) in zip(pieces, blocks)])
+    return [piece.reshape(size, size) for piece, (_, size) in zip(pieces, blocks)]
