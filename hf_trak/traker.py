@@ -180,7 +180,8 @@ class TRAKer:
             rows = range(mine[0], mine[-1] + 1) if mine else range(0)
         with eval_mode(self.model):
             args = (self.train_sampler, self.state.is_main_process, self.args.on_nonfinite)
-            features = target_features(self.feature_map, self.checkpoints, source, rows, batch_size, *args)
+            features = target_features(self.feature_map, self.checkpoints, source, rows, batch_size, *args,
+                                       state=self.state)  # fmt: skip
         return features, len(source)
 
     @contextlib.contextmanager
@@ -272,6 +273,7 @@ class TRAKer:
         """One ``target``'s (a one-row split) scores of ``train_rows`` (default: its top-``k`` proponents), each split
         over the example's positions and the target's (``hf_trak.run.token_scores``; needs the factored projector
         and the train split). ``on="loss"``: weighted by the row's Q̄ whatever ``train_weight`` is (``self_scores``)."""
+        self.feature_map.check_unsharded("Per-token scores")
         source = self._source(target, data_collator)
         if len(source) != 1:
             raise InvalidArgumentError(f"score_tokens takes one target (a one-row split), not {len(source)}.")

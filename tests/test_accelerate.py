@@ -247,39 +247,3 @@ def test_one_killed_process_stops_the_launch_with_a_named_error_and_a_rerun_resu
     assert process.returncode != 0 and time.time() - start < 60
     assert "ProcessFailedError: This process was stopped (SIGTERM): another process of the launch ended" in output
     _assert_the_next_launch_resumes_to_the_single_process_features(store, tmp_path)
-
-
-FSDP_SCRIPT = textwrap.dedent("""
-    import sys, torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from hf_trak import TRAKer
-    from hf_trak.errors import InvalidArgumentError
-    from hf_trak.hf.sharding import is_sharded
-    from hf_trak.testing.models import tiny_gpt2
-    dist.init_process_group("gloo")
-    model = tiny_gpt2()
-    assert not is_sharded(model)
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
-    assert is_sharded(model)
-    try:
-        TRAKer(model, proj_dim=16, save_dir=sys.argv[1])
-    except InvalidArgumentError as error:
-        with open(f"{sys.argv[2]}/refused-{dist.get_rank()}.txt", "w") as file:
-            file.write(str(error))
-    dist.destroy_process_group()
-""")
-
-
-def test_an_fsdp_sharded_model_is_refused_with_the_fix(tmp_path):
-    """FSDP (``fully_shard``, gloo on CPU) spreads the parameters over the processes; hf_trak needs them whole."""
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
-    done = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "store"), str(tmp_path)], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    for rank in (0, 1):
-        message = (tmp_path / f"refused-{rank}.txt").read_text()
-        assert message.startswith("The model is sharded across processes (FSDP)") and "get_state_dict" in message
-    assert not os.path.exists(tmp_path / "store")

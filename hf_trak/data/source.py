@@ -165,6 +165,11 @@ class ExampleSource:
         for begin in range(start, stop, size):
             yield self.batch(slice(begin, min(begin + size, stop)))
 
+    def batch_count(self, batch_size: int, start: int = 0, stop: Optional[int] = None) -> int:
+        """How many batches ``batches`` yields."""
+        stop = len(self) if stop is None else stop
+        return len(range(start, stop, (self.data.batch_size or batch_size) if self.is_dataloader else batch_size))
+
     def sample(self, num_examples: int, seed: int) -> dict:
         """``num_examples`` examples drawn without replacement with ``seed``, as one batch."""
         generator = torch.Generator().manual_seed(seed)

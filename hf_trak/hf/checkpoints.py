@@ -17,10 +17,12 @@ from typing import Mapping, Tuple, Union
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers.utils import logging as transformers_logging
 
 from hf_trak.errors import InvalidArgumentError, NotFoundError
 from hf_trak.hf import adapters
+from hf_trak.hf.sharding import is_sharded
 
 Checkpoint = Union[Mapping[str, Tensor], nn.Module, str, os.PathLike]
 
@@ -66,6 +68,11 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.devi
     Parameter names are those of ``model.named_parameters()`` (tied weights once);
     buffers missing from the checkpoint (non-persistent ones) keep the model's values.
     """
+    if is_sharded(model):
+        raise InvalidArgumentError(
+            f"{type(model).__name__} is sharded across processes (FSDP), and this call loads its checkpoint whole on "
+            "one process: load the model unsharded (from_pretrained) for it."
+        )
     state_dict = read_state_dict(checkpoint, model)
     names = [name for name, _ in model.named_parameters()]
     missing = [name for name in names if name not in state_dict]
@@ -93,7 +100,9 @@ def checkpoint_fingerprint(weights: Mapping[str, Tensor]) -> str:
     """sha256 of the parameter names, shapes, dtypes and values: identifies a checkpoint's weights."""
     digest = hashlib.sha256()
     for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
+        tensor = weights[name].detach()
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # FSDP: every process gathers
+        tensor = tensor.cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # the bytes, not a copy
     return digest.hexdigest()

@@ -26,7 +26,7 @@ from hf_trak.arguments import TRAKArguments
 from hf_trak.errors import InvalidArgumentError, NotFeaturizedError
 from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
-from hf_trak.hf.sharding import check_unsharded
+from hf_trak.hf.sharding import check_shardable, is_fsdp
 from hf_trak.method.block_sizes import SideSample
 from hf_trak.method.estimator import differentiated_parameters
 from hf_trak.method.factored import FactoredGradientProjector
@@ -53,8 +53,9 @@ class FeatureMap:
         device: torch.device,
         store_version: int = STORE_VERSION,
     ):
-        check_unsharded(model)
+        check_shardable(model)
         self.model, self.task, self.device = model, task, torch.device(device)
+        self.sharded = is_fsdp(model)  # FSDP2: its own forward, in lockstep (``hf_trak.hf.sharding``)
         self.masks = AttentionMaskAdapter(dtype=next(model.parameters()).dtype)
         self.param_names, self.num_params, self.projector = [], 0, None
         self.store_version = store_version
@@ -62,6 +63,7 @@ class FeatureMap:
         self.store = None  # the feature store whose principal factors the views use (``at``)
         if args is not None:
             self._make_projector(args)
+            self._check_sharded_projector(args)
 
     def _make_projector(self, args: TRAKArguments) -> None:
         model = self.model
@@ -91,6 +93,20 @@ class FeatureMap:
                     self.device,
                     args.max_projector_cache_bytes,
                 ),
+            )
+
+    def _check_sharded_projector(self, args: TRAKArguments) -> None:
+        """A sharded model's features come from the factored projector alone (``hf_trak.hf.sharding``)."""
+        if not self.sharded:
+            return
+        factored = isinstance(self.projector, FactoredGradientProjector)
+        if not factored or self.projector.fallback_gradients is not None:
+            names = sum(self.projector.fallback_gradients.chunks, []) if factored else self.param_names
+            raise InvalidArgumentError(
+                f"An FSDP-sharded model is featurized by the factored projector alone, from each layer's inputs and "
+                f"output gradients; {len(names)} parameter(s) would need whole per-example gradients (such as "
+                f"{names[0]}). Pass projector='factored' and grad_wrt naming Linear, Conv1D and Embedding weights "
+                "and biases only, or give hf_trak the unsharded model."
             )
 
     @property
@@ -129,11 +145,34 @@ class FeatureMap:
     ) -> "CheckpointView":
         """Load ``checkpoint`` (the only load of it in a featurize or score call) as checkpoint ``model_id``, with
         the principal factors ``self.store`` holds for it, if the projector has any (featurize makes them)."""
-        weights, buffers = load_checkpoint(checkpoint, self.model, self.device)
+        weights, buffers = (
+            self._own_tensors(checkpoint) if self.sharded else load_checkpoint(checkpoint, self.model, self.device)
+        )
         if isinstance(self.projector, FactoredGradientProjector) and self.projector.principal_sides():
             has_factors = self.store is not None and self.store.has_principal_factors(model_id)
             self.projector.set_factors(model_id, self.store.principal_factors(model_id) if has_factors else None)
         return CheckpointView(self, model_id, weights, buffers, sample_train_batch)
+
+    def _own_tensors(self, checkpoint: Checkpoint) -> Tuple[dict, dict]:
+        """A sharded model's own parameters and buffers: its only checkpoint (``hf_trak.hf.sharding``)."""
+        self.check_checkpoints([checkpoint])
+        return dict(self.model.named_parameters()), dict(self.model.named_buffers())
+
+    def check_checkpoints(self, checkpoints: Sequence[Checkpoint]) -> None:
+        """Refuse checkpoints a sharded model cannot be evaluated at: any but the model itself."""
+        if self.sharded and any(checkpoint is not self.model for checkpoint in checkpoints):
+            raise InvalidArgumentError(
+                "An FSDP-sharded model is featurized and scored at its own weights: pass checkpoints=[model] (one "
+                "checkpoint; for several, give hf_trak the unsharded model and its checkpoints)."
+            )
+
+    def check_unsharded(self, what: str) -> None:
+        """Refuse ``what`` for a sharded model: a pass that runs on some processes only, or under ``vmap``."""
+        if self.sharded:
+            raise InvalidArgumentError(
+                f"{what} needs the whole model on one process; the model is FSDP-sharded, which featurize, score, "
+                "top_k and self_scores support. Load the model unsharded (from_pretrained) for this call."
+            )
 
 
 class CheckpointView:
@@ -175,7 +214,11 @@ class CheckpointView:
         return call_model(self.map.model, self.weights, self.buffers, without_labels(batch))
 
     def prepare(self, batch: Mapping[str, Tensor]) -> dict:
-        """The batch on the device, 2D attention masks replaced by the model's 4D mask (for ``vmap``)."""
+        """The batch on the device, 2D attention masks replaced by the model's 4D mask (for ``vmap``; a sharded model
+        keeps its 2D mask: no ``vmap`` runs on it, and finding the 4D mask takes a number of forward passes that
+        depends on the batch, which would break the processes' lockstep)."""
+        if self.map.sharded:
+            return self._to_device(batch)
         return self.map.masks(self._to_device(batch), self.forward)
 
     def features(self, batch: Mapping[str, Tensor]) -> Tuple[Tensor, dict]:
@@ -191,6 +234,7 @@ class CheckpointView:
             raise InvalidArgumentError(
                 'Per-token scores need the factored projector: featurize with projector="factored".'
             )
+        self.map.check_unsharded("Per-token scores")
         batch = self._to_device(batch)
         projected = token_features(self.map.projector, self.task, self.weights, self.buffers, batch, self.model_id)
         return projected.div_(math.sqrt(self.map.num_params))
@@ -216,6 +260,7 @@ class CheckpointView:
 
     def outputs(self, batch: Mapping[str, Tensor]) -> Tensor:
         """f(z_i; θ_m) of each example (B,), without gradients."""
+        self.map.check_unsharded("The model's outputs (evaluate, the checks, the explorer)")
         batch, task = self.prepare(batch), self.task
 
         def output(example):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hf_trak.errors import InvalidArgumentError, NotFeaturizedError
+from hf_trak.hf.sharding import is_fsdp
 from hf_trak.method.shared_outputs import reuse_or_run
 
 Batch = Mapping[str, Tensor]
@@ -43,7 +44,10 @@ class LabelSpace(NamedTuple):
 
 def call_model(model: nn.Module, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor], inputs: Batch):
     """``model(**inputs)`` evaluated at ``weights``/``buffers`` with ``torch.func.functional_call`` (or its
-    outputs kept from the featurizing forward pass: ``hf_trak.method.shared_outputs``)."""
+    outputs kept from the featurizing forward pass: ``hf_trak.method.shared_outputs``). An FSDP-sharded model runs
+    its own forward, at its own weights, which are then the checkpoint's (``hf_trak.hf.sharding``)."""
+    if is_fsdp(model):
+        return reuse_or_run(model, inputs, lambda: model(**inputs))
     return reuse_or_run(
         model, inputs, lambda: torch.func.functional_call(model, {**weights, **buffers}, args=(), kwargs=dict(inputs))
     )

@@ -77,21 +77,22 @@ def _recorded(config: TRAKConfig, save_dir: Optional[str]) -> Optional[Dict[str,
 
 def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_batch, state):
     """(The shapes by spectrum at ``checkpoint``, measured by the main process and sent to the others; the
-    ``SideMoments`` they came from, or None where every weight is whole)."""
+    ``SideMoments`` they came from, or None where every weight is whole). A sharded model's passes over the sample
+    run on every process alike (``hf_trak.hf.sharding``); the main process alone uses them."""
     projector = feature_map.projector
     weights = projector.weights()
     if all(t.k_rows == t.rows and t.k_cols == t.cols for t in weights):
         return {t.name: (t.rows, t.cols) for t in weights}, None  # every weight whole: nothing to divide
     shapes, found = None, SideMoments({}, {})
-    if state.is_main_process:
+    sides = [(t, side) for t in weights for side, dim in (("rows", t.rows), ("cols", t.cols))
+             if dim <= MAX_PRINCIPAL_SIDE]  # fmt: skip  # a larger side (a vocabulary's) would need a d × d moment
+    samples, rows = {}, sample_rows(config.principal_fraction or SAMPLE_FRACTION, len(source))
+    if state.is_main_process or feature_map.sharded:  # a sharded model's passes run on every process
         view = feature_map.at(checkpoint, 0, sample_train_batch)
-        sides = [(t, side) for t in weights for side, dim in (("rows", t.rows), ("cols", t.cols))
-                 if dim <= MAX_PRINCIPAL_SIDE]  # fmt: skip  # a larger side (a vocabulary's) would need a d × d moment
-        rows = sample_rows(config.principal_fraction or SAMPLE_FRACTION, len(source))
-        samples = {}
-        for begin in tqdm(range(0, len(rows), batch_size), desc="Block sizes"):
+        for begin in tqdm(range(0, len(rows), batch_size), desc="Block sizes", disable=not state.is_main_process):
             for name, tokens in view.side_tokens(source.batch(rows[begin : begin + batch_size]), sides):
                 samples.setdefault(name, SideSample()).add(tokens)
+    if state.is_main_process:
         energy = {}
         for target, side in sides:
             name = f"{target.name}/{side}"

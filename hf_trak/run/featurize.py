@@ -44,6 +44,7 @@ from hf_trak.errors import (
     StoreMismatchError,
 )
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_source
+from hf_trak.hf.sharding import passes_short
 from hf_trak.method.feature_map import CheckpointView, FeatureMap
 from hf_trak.method.principal import principal_count
 from hf_trak.method.shared_outputs import shared_outputs
@@ -90,6 +91,7 @@ def featurize_store(
         )
     if state.num_processes > 1 and save_dir is None:
         raise InvalidArgumentError("save_dir is required with several processes: they share the feature store.")
+    feature_map.check_checkpoints(checkpoints)
     scan = scan_split(source, feature_map.task, feature_map.model, "train", on_nonfinite, state.is_main_process)
     batch_size = batch_size or batch_size_for(feature_map, scan.longest)  # None: what the free memory fits
     work = (feature_map, config, source, checkpoints, scan, save_dir, state, storage_dtype, batch_size, overwrite,
@@ -266,10 +268,13 @@ def _principal_moments(view: CheckpointView, source, state, batch_size: int, sto
     # moment is then the same bits everywhere, and only the float64 sum's order depends on the processes.
     batches = [rows[begin : begin + batch_size] for begin in range(0, len(rows), batch_size)]
     with state.split_between_processes(batches) as mine:
+        short = passes_short(state, len(mine)) if view.map.sharded else 0
         for batch in tqdm(mine, desc=f"Principal factors, checkpoint {view.model_id}",
                           disable=None if state.is_main_process else True):  # fmt: skip
             for name, sample in view.side_samples(source.batch(batch)).items():
                 samples.setdefault(name, BatchMoments()).add(sample)
+    for _ in range(short):  # a sharded model: as many passes as the other processes
+        view.side_samples(source.batch(batches[0]))
     dims, counts = {}, {}
     for target, side in sides:
         name = f"{target.name}/{side}"
@@ -296,6 +301,8 @@ def _write_missing_shards(
     ]
     state.wait_for_everyone()  # every process has the same list before any shard is written
     with state.split_between_processes(missing) as mine:
+        planned = sum(source.batch_count(batch_size, start, stop) for start, stop in mine)
+        short = passes_short(state, planned) if view.map.sharded else 0
         with tqdm(
             total=sum(stop - start for start, stop in mine),
             unit="example",
@@ -325,6 +332,8 @@ def _write_missing_shards(
                     store.write_statistics(view.model_id, start, stop, view.map.projector.statistics)
                     view.map.projector.statistics = None
                 store.write_shard(view.model_id, start, features.numpy(), torch.cat(out_to_loss).numpy())
+    for _ in range(short):  # a sharded model: as many passes as the other processes
+        view.features(source.batch([0]))
     state.wait_for_everyone()
 
 

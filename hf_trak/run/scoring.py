@@ -23,12 +23,14 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidInputError
 from hf_trak.hf.checkpoints import Checkpoint
+from hf_trak.hf.sharding import passes_short
 from hf_trak.method.feature_map import FeatureMap
 from hf_trak.method.kernel import merge_top_k, preconditioned, score_block, target_rms
 from hf_trak.store.arrow_files import as_tensor
@@ -51,10 +53,13 @@ def target_features(
     sample_train_batch: Optional[Callable[[int, int], dict]] = None,
     show_progress: bool = True,
     on_nonfinite: str = "error",
+    state: Optional[PartialState] = None,
 ) -> List[Tensor]:
     """[T_m for each checkpoint]: features of targets ``rows`` of ``source``, each (len(rows), k) float32, CPU.
 
-    A target whose features are not finite is refused (``on_nonfinite="error"``) or kept: its scores are NaN."""
+    A target whose features are not finite is refused (``on_nonfinite="error"``) or kept: its scores are NaN.
+    ``state``: the processes, each featurizing its share of the targets, which a sharded model keeps in lockstep
+    (``hf_trak.hf.sharding``)."""
     features = []
     with tqdm(
         total=len(rows) * len(checkpoints), desc="Featurizing targets", disable=None if show_progress else True
@@ -62,6 +67,8 @@ def target_features(
         for model_id, checkpoint in enumerate(checkpoints):
             view = feature_map.at(checkpoint, model_id, sample_train_batch)
             blocks = [torch.empty(0, feature_map.dim)]
+            planned = source.batch_count(batch_size, rows.start, rows.stop)
+            short = passes_short(state, planned) if feature_map.sharded and state is not None else 0
             for batch in source.batches(batch_size, rows.start, rows.stop):
                 offset = rows.start + sum(len(block) for block in blocks)
                 blocks.append(view.features(batch)[0].cpu())
@@ -72,6 +79,8 @@ def target_features(
                         "(NaN/inf): check that row, or pass on_nonfinite='exclude' to give it NaN scores."
                     )
                 bar.update(len(blocks[-1]))
+            for _ in range(short):  # a sharded model: as many passes as the other processes
+                view.features(source.batch([0]))
             features.append(torch.cat(blocks))
     return features
 

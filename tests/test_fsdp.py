@@ -1,0 +1,121 @@
+"""An FSDP2-sharded model (``fully_shard``, gloo on CPU, ``torchrun --nproc_per_node 2``) featurizes and scores to
+the unsharded model's one-process result (``hf_trak.hf.sharding``), and what it cannot do is refused by name."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from hf_trak import TRAKer
+from hf_trak.store.feature_store import FeatureStore
+from hf_trak.testing.datasets import lm_sequences
+from hf_trak.testing.models import tiny_gpt2
+from hf_trak.testing.processes import subprocess_env
+
+pytestmark = pytest.mark.slow  # every test here starts processes
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+SETTINGS = {"spectrum": {}, "by_size": {"block_sizes": "by_size"}}  # by size: the principal factors' own pass
+
+# The units accelerate's FSDP2 (fsdp_version=2, transformer_based_wrap) makes of a GPT-2 with tied embeddings: each
+# block, the tail (final norm, the tied embedding and head, kept gathered after the forward) and the root.
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from accelerate import PartialState
+    from torch.distributed.fsdp import fully_shard
+    from hf_trak import TRAKer
+    from hf_trak.errors import InvalidArgumentError
+    from hf_trak.testing.datasets import lm_sequences
+    from hf_trak.testing.models import tiny_gpt2
+    out = sys.argv[1]
+    state = PartialState(cpu=True)
+    rank = state.process_index
+
+    def refused(name, call):
+        try:
+            call()
+        except InvalidArgumentError as error:
+            with open(f"{out}/refused-{name}-{rank}.txt", "w") as file:
+                file.write(str(error))
+
+    half = tiny_gpt2()
+    for block in half.transformer.h:
+        fully_shard(block)  # the blocks only, not the model
+    refused("half", lambda: TRAKer(half, proj_dim=32, save_dir=None))
+    model = tiny_gpt2()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard([model.transformer.ln_f, model.transformer.wte, model.lm_head], reshard_after_forward=False)
+    fully_shard(model)
+    refused("dense", lambda: TRAKer(model, proj_dim=32, projector="rademacher", save_dir=None))
+    targets, one = lm_sequences(5, seed=1), lm_sequences(1, seed=2)
+    for name, settings in SETTINGS.items():
+        traker = TRAKer(model, proj_dim=32, save_dir=f"{out}/store-{name}", shard_size=4, **settings)
+        traker.featurize(lm_sequences(11), [model], batch_size=3)  # 3 shards: 2 to the first process, 1 to the other
+        scores = traker.score(targets, batch_size=2)  # 3 targets to the first process, 2 to the other
+        top = traker.top_k(one, k=3)  # one target: none to the second process
+        self_scores = traker.self_scores()
+        loaded = TRAKer.from_pretrained(f"{out}/store-{name}", model).top_k(one, k=3)  # checks the fingerprint
+        if state.is_main_process:
+            found = dict(scores=scores, top=top.indices, self_scores=self_scores, loaded=loaded.indices)
+            np.savez(f"{out}/{name}.npz", **found)
+        else:
+            assert scores is None and top is None and loaded is None
+    refused("tokens", lambda: traker.score_tokens(one, k=2))
+    refused("state_dict", lambda: TRAKer(model, proj_dim=32, save_dir=f"{out}/store-state-dict").featurize(
+        lm_sequences(4), [model.state_dict()], batch_size=2))
+""").replace("SETTINGS", repr(SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    script = out / "script.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([*TORCHRUN, str(script), str(out)], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_an_fsdp_sharded_model_gives_the_unsharded_features_and_scores(launched, name):
+    """Each layer's inputs and output gradients are whole on every process under FSDP, so the features are the
+    unsharded model's bit for bit, whichever process made which shard, though the processes ran different numbers
+    of batches (the one with fewer adds passes to keep FSDP's gathers in step); the scores, top-k and
+    self-influence are the one-process ones, and so is the fingerprint of the weights (gathered whole), which
+    ``from_pretrained`` checks at the sharded model."""
+    plain = tiny_gpt2()
+    reference = TRAKer(plain, proj_dim=32, save_dir=None, shard_size=4, **SETTINGS[name])
+    reference.featurize(lm_sequences(11), [plain], batch_size=3)
+    store = FeatureStore.load(str(launched / f"store-{name}"))
+    np.testing.assert_array_equal(store.features(0), reference.store.features(0))
+    assert store.config.checkpoint_fingerprints == reference.store.config.checkpoint_fingerprints
+    assert store.config.block_shapes == reference.store.config.block_shapes
+    assert reference.config.principal_share > 0  # the causal-LM default: principal factors, from a sample pass
+    found = np.load(launched / f"{name}.npz")
+    expected = reference.score(lm_sequences(5, seed=1), batch_size=2)
+    np.testing.assert_allclose(found["scores"], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_array_equal(found["top"], reference.top_k(lm_sequences(1, seed=2), k=3).indices)
+    np.testing.assert_array_equal(found["loaded"], found["top"])  # from_pretrained at the sharded model
+    np.testing.assert_allclose(found["self_scores"], reference.self_scores(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("half", "otherwise than by FSDP2 on the whole model"),
+        ("dense", "factored projector alone"),
+        ("tokens", "Per-token scores needs the whole model"),
+        ("state_dict", "pass checkpoints=[model]"),
+    ],
+)
+def test_what_a_sharded_model_cannot_do_is_refused_with_the_fix(launched, name, says):
+    """Blocks sharded without the model, a projector that needs whole per-example gradients, a pass that would run
+    under vmap or on one process, and checkpoints other than the model's own weights: a named error on every
+    process, not a hang."""
+    for rank in (0, 1):
+        assert says in (launched / f"refused-{name}-{rank}.txt").read_text()
+    assert not (launched / "store-state-dict").exists()  # refused before any work
