@@ -19,19 +19,23 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SETTINGS = {"spectrum": {}, "by_size": {"block_sizes": "by_size"}}  # by size: the principal factors' own pass
 
-# The units accelerate's FSDP2 (fsdp_version=2, transformer_based_wrap) makes of a GPT-2 with tied embeddings: each
-# block, the tail (final norm, the tied embedding and head, kept gathered after the forward) and the root.
+# The model is sharded by accelerate's own FSDP2 code (fsdp_version=2, transformer_based_wrap), the function its
+# prepare() calls on GPUs (accelerate applies FSDP on GPUs only): each block, the embedding, the tail and the root.
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np
-    from accelerate import PartialState
-    from torch.distributed.fsdp import fully_shard
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import FSDPModule, fully_shard
     from hf_trak import TRAKer
     from hf_trak.errors import InvalidArgumentError
     from hf_trak.testing.datasets import lm_sequences
     from hf_trak.testing.models import tiny_gpt2
     out = sys.argv[1]
-    state = PartialState(cpu=True)
-    rank = state.process_index
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["GPT2Block"])
+    rank = accelerator.process_index
 
     def refused(name, call):
         try:
@@ -44,21 +48,19 @@ SCRIPT = textwrap.dedent("""
     for block in half.transformer.h:
         fully_shard(block)  # the blocks only, not the model
     refused("half", lambda: TRAKer(half, proj_dim=32, save_dir=None))
-    model = tiny_gpt2()
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard([model.transformer.ln_f, model.transformer.wte, model.lm_head], reshard_after_forward=False)
-    fully_shard(model)
+    model = fsdp2_prepare_model(accelerator, tiny_gpt2())
+    assert isinstance(model.transformer.h[0], FSDPModule) and isinstance(model, FSDPModule)
     refused("dense", lambda: TRAKer(model, proj_dim=32, projector="rademacher", save_dir=None))
     targets, one = lm_sequences(5, seed=1), lm_sequences(1, seed=2)
     for name, settings in SETTINGS.items():
-        traker = TRAKer(model, proj_dim=32, save_dir=f"{out}/store-{name}", shard_size=4, **settings)
+        store = f"{out}/store-{name}"
+        traker = TRAKer(model, proj_dim=32, save_dir=store, shard_size=4, accelerator=accelerator, **settings)
         traker.featurize(lm_sequences(11), [model], batch_size=3)  # 3 shards: 2 to the first process, 1 to the other
         scores = traker.score(targets, batch_size=2)  # 3 targets to the first process, 2 to the other
         top = traker.top_k(one, k=3)  # one target: none to the second process
         self_scores = traker.self_scores()
-        loaded = TRAKer.from_pretrained(f"{out}/store-{name}", model).top_k(one, k=3)  # checks the fingerprint
-        if state.is_main_process:
+        loaded = TRAKer.from_pretrained(store, model).top_k(one, k=3)  # checks the fingerprint
+        if accelerator.is_main_process:
             found = dict(scores=scores, top=top.indices, self_scores=self_scores, loaded=loaded.indices)
             np.savez(f"{out}/{name}.npz", **found)
         else:
