@@ -17,7 +17,6 @@ from typing import Mapping, Tuple, Union
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from transformers.utils import logging as transformers_logging
 
 from hf_trak.errors import InvalidArgumentError, NotFoundError
@@ -98,6 +97,8 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.devi
 
 def checkpoint_fingerprint(weights: Mapping[str, Tensor]) -> str:
     """sha256 of the parameter names, shapes, dtypes and values: identifies a checkpoint's weights."""
+    from torch.distributed.tensor import DTensor
+
     digest = hashlib.sha256()
     for name in sorted(weights):
         tensor = weights[name].detach()
