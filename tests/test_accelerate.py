@@ -101,7 +101,9 @@ def test_principal_factors_from_tokens_gathered_across_processes_are_the_single_
     """gpt2's 3 sample rows hold fewer tokens than its MLP is wide: at the second checkpoint the MLP's sides take
     their principal factors from the tokens, gathered from both processes (batches of one row: two to the first,
     one to the second; ``hf_trak.run.side_samples``), and get the one-process factors (to float32 rounding: the
-    processes run one thread each, the reference two). A side missing a process's tokens would be another factor."""
+    processes run one thread each, the reference two). A side missing a process's tokens would be another factor.
+    With one thread, as each launched process has, the reference gives the launch's scores to 1e-6 of the largest
+    (with two threads they differ by about 1e-4: float32 rounding, amplified by the kernels' conditioning)."""
     process = _torchrun(tmp_path / "store", tmp_path, 23, "gpt2", 1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = process.communicate(timeout=600)[0].decode()
     assert process.returncode == 0, output[-4000:]
@@ -111,6 +113,14 @@ def test_principal_factors_from_tokens_gathered_across_processes_are_the_single_
     assert {"transformer.h.0.mlp.c_fc.weight/cols", "transformer.h.0.mlp.c_proj.weight/rows"} <= factors.keys()
     for name in factors:
         torch.testing.assert_close(factors[name], reference[name], rtol=0, atol=1e-6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = _single_process(23, "gpt2", batch_size=1).score(MODELS["gpt2"][1](7, seed=1))
+    finally:
+        torch.set_num_threads(threads)
+    scores = np.load(tmp_path / "scores.npy")
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
 def _wait_for_six_shards(process, store) -> None:
