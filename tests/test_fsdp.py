@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from hf_trak import TRAKer
 from hf_trak.store.feature_store import FeatureStore
@@ -26,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    import torch
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from hf_trak import TRAKer
     from hf_trak.errors import InvalidArgumentError
     from hf_trak.testing.datasets import lm_sequences
@@ -66,6 +68,14 @@ SCRIPT = textwrap.dedent("""
         else:
             assert scores is None and top is None and loaded is None
     refused("tokens", lambda: traker.score_tokens(one, k=2))
+    mixed, policy = tiny_gpt2(), MixedPrecisionPolicy(param_dtype=torch.bfloat16)  # float32 weights, bf16 passes
+    for block in mixed.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(mixed, mp_policy=policy)
+    traker = TRAKer(mixed, proj_dim=32, save_dir=f"{out}/store-bf16", shard_size=4, accelerator=accelerator)
+    scores = traker.featurize(lm_sequences(11), [mixed], batch_size=3).score(targets, batch_size=2)
+    if accelerator.is_main_process:
+        np.save(f"{out}/bf16-scores.npy", scores)
     refused("state_dict", lambda: TRAKer(model, proj_dim=32, save_dir=f"{out}/store-state-dict").featurize(
         lm_sequences(4), [model.state_dict()], batch_size=2))
 """).replace("SETTINGS", repr(SETTINGS))
@@ -103,6 +113,20 @@ def test_an_fsdp_sharded_model_gives_the_unsharded_features_and_scores(launched,
     np.testing.assert_array_equal(found["top"], reference.top_k(lm_sequences(1, seed=2), k=3).indices)
     np.testing.assert_array_equal(found["loaded"], found["top"])  # from_pretrained at the sharded model
     np.testing.assert_allclose(found["self_scores"], reference.self_scores(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_mixed_precision_policy_gives_the_features_of_the_model_in_that_precision(launched):
+    """Under ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` (what accelerate's FSDP2 sets for
+    ``mixed_precision="bf16"``) the passes run in bf16: the features are those of the unsharded model cast to
+    bf16, bit for bit, and so are its scores (to float32 rounding)."""
+    plain = tiny_gpt2().to(torch.bfloat16)
+    reference = TRAKer(plain, proj_dim=32, save_dir=None, shard_size=4)
+    reference.featurize(lm_sequences(11), [plain], batch_size=3)
+    store = FeatureStore.load(str(launched / "store-bf16"))
+    np.testing.assert_array_equal(store.features(0), reference.store.features(0))
+    expected = reference.score(lm_sequences(5, seed=1), batch_size=2)
+    found = np.load(launched / "bf16-scores.npy")
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize(
