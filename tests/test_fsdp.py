@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_trak import TRAKer
+from hf_trak import TRAKer, attribute
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.testing.datasets import lm_sequences
 from hf_trak.testing.models import tiny_gpt2
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     import torch
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    from hf_trak import TRAKer
+    from hf_trak import TRAKer, attribute
     from hf_trak.errors import InvalidArgumentError
     from hf_trak.testing.datasets import lm_sequences
     from hf_trak.testing.models import tiny_gpt2
@@ -68,6 +68,11 @@ SCRIPT = textwrap.dedent("""
         else:
             assert scores is None and top is None and loaded is None
     refused("tokens", lambda: traker.score_tokens(one, k=2))
+    found = attribute(model, lm_sequences(11), targets, k=3, proj_dim=32, save_dir=f"{out}/store-attribute",
+                      shard_size=4, batch_size=3, accelerator=accelerator)
+    if accelerator.is_main_process:
+        np.save(f"{out}/attribute-scores.npy", found.scores)
+        np.save(f"{out}/attribute-top.npy", np.asarray(found.top_k["train_index"]))
     mixed, policy = tiny_gpt2(), MixedPrecisionPolicy(param_dtype=torch.bfloat16)  # float32 weights, bf16 passes
     for block in mixed.transformer.h:
         fully_shard(block, mp_policy=policy)
@@ -113,6 +118,17 @@ def test_an_fsdp_sharded_model_gives_the_unsharded_features_and_scores(launched,
     np.testing.assert_array_equal(found["top"], reference.top_k(lm_sequences(1, seed=2), k=3).indices)
     np.testing.assert_array_equal(found["loaded"], found["top"])  # from_pretrained at the sharded model
     np.testing.assert_allclose(found["self_scores"], reference.self_scores(), rtol=1e-5, atol=1e-7)
+
+
+def test_attribute_takes_a_sharded_model(launched):
+    """``hf_trak.attribute(model, ...)`` with the sharded model (its one checkpoint) gives the unsharded model's
+    scores and proponents."""
+    plain = tiny_gpt2()
+    expected = attribute(plain, lm_sequences(11), lm_sequences(5, seed=1), k=3, proj_dim=32, shard_size=4,
+                         batch_size=3)  # fmt: skip
+    scores = np.load(launched / "attribute-scores.npy")
+    np.testing.assert_allclose(scores, expected.scores, rtol=1e-5, atol=1e-6 * np.abs(expected.scores).max())
+    np.testing.assert_array_equal(np.load(launched / "attribute-top.npy"), np.asarray(expected.top_k["train_index"]))
 
 
 def test_a_mixed_precision_policy_gives_the_features_of_the_model_in_that_precision(launched):

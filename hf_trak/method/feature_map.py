@@ -171,7 +171,7 @@ class FeatureMap:
         if self.sharded:
             raise InvalidArgumentError(
                 f"{what} needs the whole model on one process; the model is FSDP-sharded, which featurize, score, "
-                "top_k and self_scores support. Load the model unsharded (from_pretrained) for this call."
+                "top_k, self_scores and attribute support. Load the model unsharded (from_pretrained) for this call."
             )
 
 
