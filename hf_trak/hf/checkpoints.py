@@ -97,12 +97,10 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, device: torch.devi
 
 def checkpoint_fingerprint(weights: Mapping[str, Tensor]) -> str:
     """sha256 of the parameter names, shapes, dtypes and values: identifies a checkpoint's weights."""
-    from torch.distributed.tensor import DTensor
-
     digest = hashlib.sha256()
     for name in sorted(weights):
         tensor = weights[name].detach()
-        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # FSDP: every process gathers
+        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP's DTensor: all gather
         tensor = tensor.cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # the bytes, not a copy

@@ -33,6 +33,8 @@ def _dtensor_parameters(model: nn.Module) -> bool:
 
 def is_fsdp(model: nn.Module) -> bool:
     """Whether ``model`` is sharded with FSDP2: ``fully_shard`` applied to it (and to its blocks)."""
+    if not torch.distributed.is_available():  # a torch built without it: nothing is sharded
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -40,6 +42,8 @@ def is_fsdp(model: nn.Module) -> bool:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are spread over processes: FSDP2, FSDP1's wrapper or ``DTensor`` parameters."""
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if is_fsdp(model) or any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
