@@ -129,3 +129,17 @@ def test_a_failed_check_writes_nothing(tmp_path):
     with pytest.raises(InvalidInputError):
         TRAKer(model, proj_dim=8, save_dir=str(tmp_path / "store")).featurize(bad, [model.state_dict()])
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_batch_count_is_the_number_of_batches_yielded(loader):
+    """``ExampleSource.batch_count`` (what an FSDP process plans its passes by, ``hf_trak.hf.sharding``) counts the
+    batches ``batches`` yields for any range, a DataLoader's own batch size taking precedence."""
+    from hf_trak.data.source import ExampleSource
+
+    data = digits(11)
+    data = torch.utils.data.DataLoader(data.with_format("torch"), batch_size=4) if loader else data
+    source = ExampleSource(data, keep={"pixel_values"}, required=["labels"])
+    for batch_size, start, stop in [(3, 0, 11), (3, 4, 8), (5, 8, 11), (2, 5, 5), (20, 0, None)]:
+        assert source.batch_count(batch_size, start, stop) == len(list(source.batches(batch_size, start, stop)))
+    assert source.batch_count(3, 0, 11) == (3 if loader else 4)
