@@ -25,12 +25,6 @@ from torch import nn
 from hf_trak.errors import InvalidArgumentError
 
 
-def _dtensor_parameters(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
-
-
 def is_fsdp(model: nn.Module) -> bool:
     """Whether ``model`` is sharded with FSDP2: ``fully_shard`` applied to it (and to its blocks)."""
     if not torch.distributed.is_available():  # a torch built without it: nothing is sharded
@@ -45,10 +39,11 @@ def is_sharded(model: nn.Module) -> bool:
     if not torch.distributed.is_available():
         return False
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
 
     if is_fsdp(model) or any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
         return True
-    return _dtensor_parameters(model)
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
 
 
 def check_shardable(model: nn.Module) -> None:

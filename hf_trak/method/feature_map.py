@@ -63,7 +63,7 @@ class FeatureMap:
         self.store = None  # the feature store whose principal factors the views use (``at``)
         if args is not None:
             self._make_projector(args)
-            self._check_sharded_projector(args)
+            self._check_sharded_projector()
 
     def _make_projector(self, args: TRAKArguments) -> None:
         model = self.model
@@ -95,7 +95,7 @@ class FeatureMap:
                 ),
             )
 
-    def _check_sharded_projector(self, args: TRAKArguments) -> None:
+    def _check_sharded_projector(self) -> None:
         """A sharded model's features come from the factored projector alone (``hf_trak.hf.sharding``)."""
         if not self.sharded:
             return

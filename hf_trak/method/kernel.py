@@ -36,10 +36,12 @@ to the scale of the gradients. ``benchmarks/lds_digits.py`` sweeps the scale on 
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from hf_trak.store.kernel_file import Matrix, diagonal_blocks  # K and XᵀX whole (k × k) or as their blocks
 
 
 def resolve_lambda(xtx: Tensor, lambda_reg: Optional[float], lambda_scale: float) -> float:
@@ -47,17 +49,6 @@ def resolve_lambda(xtx: Tensor, lambda_reg: Optional[float], lambda_scale: float
     if lambda_reg is not None:
         return float(lambda_reg)
     return lambda_scale * float(torch.diagonal(xtx).double().sum()) / xtx.shape[0]
-
-
-Matrix = Union[Tensor, List[Tensor]]  # k × k, or a block-diagonal one kept as its diagonal blocks, in order
-
-
-def diagonal_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> List[Tensor]:
-    """The diagonal blocks [offset, size] of a k × k matrix (views; the whole matrix where ``blocks`` is empty), or
-    ``matrix`` itself where it is kept as its blocks already."""
-    if isinstance(matrix, list):
-        return matrix
-    return [matrix[a : a + size, a : a + size] for a, size in (blocks or [(0, matrix.shape[0])])]
 
 
 def add_gram(xtx: Matrix, features: Tensor, blocks: Sequence[Sequence[int]] = ()) -> None:

@@ -91,7 +91,8 @@ def _measured(feature_map, config, source, checkpoint, batch_size, sample_train_
         view = feature_map.at(checkpoint, 0, sample_train_batch)
         for begin in tqdm(range(0, len(rows), batch_size), desc="Block sizes", disable=not state.is_main_process):
             for name, tokens in view.side_tokens(source.batch(rows[begin : begin + batch_size]), sides):
-                samples.setdefault(name, SideSample()).add(tokens)
+                if state.is_main_process:  # the others only keep FSDP's gathers in step
+                    samples.setdefault(name, SideSample()).add(tokens)
     if state.is_main_process:
         energy = {}
         for target, side in sides:

@@ -79,13 +79,9 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
             lambda_reg = resolve_lambda(xtx, config.lambda_reg, config.lambda_scale)
             kernel = regularized_inverse(xtx, lambda_reg)
         scale = column_scale(xtx, kernel, config.num_train_examples, config.kernel_blocks)
-        store.save_kernel(model_id, _on_cpu(xtx), _on_cpu(kernel), lambda_reg, scale.cpu())
+        store.save_kernel(model_id, xtx, kernel, lambda_reg, scale)  # written from the CPU (save_safetensors)
         logger.info("Checkpoint %d: k=%d, lambda=%.3g", model_id, dim, lambda_reg)
     state.wait_for_everyone()
-
-
-def _on_cpu(matrix):
-    return [block.cpu() for block in matrix] if isinstance(matrix, list) else matrix.cpu()
 
 
 def _per_module_kernel(config: TRAKConfig, xtx, statistics: dict, bases: dict, moments: dict):

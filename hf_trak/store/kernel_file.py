@@ -54,11 +54,18 @@ def load_kernel_file(
     return {**saved, **matrices}
 
 
+def diagonal_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+    """The diagonal blocks [offset, size] of a k × k matrix (views; the whole matrix where ``blocks`` is empty), or
+    ``matrix`` itself where it is kept as its blocks already."""
+    if isinstance(matrix, list):
+        return matrix
+    return [matrix[a : a + size, a : a + size] for a, size in (blocks or [(0, matrix.shape[0])])]
+
+
 def _packed(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> torch.Tensor:
     """The diagonal blocks [offset, size] of a k × k matrix (or the list of them), each flattened row by row, one
     after another."""
-    pieces = matrix if isinstance(matrix, list) else [matrix[a : a + size, a : a + size] for a, size in blocks]
-    return torch.cat([piece.reshape(-1) for piece in pieces])
+    return torch.cat([piece.reshape(-1) for piece in diagonal_blocks(matrix, blocks)])
 
 
 def _pieces(packed: torch.Tensor, blocks: Sequence[Sequence[int]]) -> List[torch.Tensor]:
