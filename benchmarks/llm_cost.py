@@ -18,14 +18,17 @@ random sequences; every measurement runs in a process of its own (so that its pe
 * ``training step``: AdamW, forward, backward and optimizer step over the examples in batches of
   ``--batch-size``, seconds per example (after one warm-up batch);
 * ``featurize (default)``: ``TRAKer(model).featurize(...)`` at the defaults with the same batch size, one
-  checkpoint, seconds per example (the kernel included), and its ratio to the training step;
+  checkpoint, seconds per example (the kernel included; after one warm-up batch's forward and backward, as a
+  process that has just trained: a process's first passes cost more), and its ratio to the training step;
 * ``featurize, no per-token statistics`` (``kernel_from="examples"``) and ``featurize, no principal pass``
   (``principal_share=0`` and ``block_sizes="by_size"``: no pass over a sample of the rows for the principal
   factors and the block sizes): what those parts of the default cost, as the difference to it;
 * ``featurize, batch size left to hf_trak``: the default with ``batch_size=None`` (``hf_trak.run.memory``
   picks it from the free memory): its peak memory is what a user gets without choosing.
 
-Peak memory is the process's, model and data included (GiB). GPU: peak allocated memory instead. Each row
+Peak memory is the process's from the end of the warm-up on, model, data and what the warm-up left (AdamW's
+state) included (GiB): Linux's ``VmHWM``, reset through ``/proc/self/clear_refs`` (elsewhere ``ru_maxrss``, from
+the start). GPU: peak allocated memory instead. Each row
 also gives tokens per second (examples × tokens / seconds). With ``--repeats R`` every measurement runs R
 times, the variants in turn, and the table gives the median seconds (the ratio: of the medians) and the
 largest peak.
@@ -33,6 +36,7 @@ largest peak.
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -94,8 +98,6 @@ def worker(spec: dict) -> dict:
     model = make_model(spec["model"]).to(device, getattr(torch, spec["dtype"]))
     split = data(spec["model"], spec["length"], spec["examples"])
     size = spec["batch_size"]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     if spec["variant"] == "training step":
         rows = split.with_format("torch")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -108,25 +110,51 @@ def worker(spec: dict) -> dict:
             optimizer.zero_grad()
 
         step(0)  # warm-up: AdamW's state, allocator
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        reset_peak_memory(device)
         started = time.perf_counter()
         for start in range(0, len(split), size):
             step(start)
     else:
         from hf_trak import TRAKer
 
+        first = {name: value.to(device) for name, value in split.with_format("torch")[:size].items()}
+        model(**first).loss.backward()  # warm-up, as the training step's: the process's first passes cost more
+        model.zero_grad(set_to_none=True)
         settings = dict(VARIANTS[spec["variant"]])
         size = settings.pop("batch_size", size)
         traker = TRAKer(model, save_dir=None, device=str(device), **settings)
+        reset_peak_memory(device)
         started = time.perf_counter()
         traker.featurize(split, [model.state_dict()], batch_size=size)
     if device.type == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"seconds": (time.perf_counter() - started) / len(split), "peak": peak}
+    return {"seconds": (time.perf_counter() - started) / len(split), "peak": peak_memory(device)}
+
+
+def reset_peak_memory(device) -> None:
+    """Start the peak memory over: the GPU's peak allocation, or Linux's resident high-water mark (``VmHWM``)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # 5: reset the peak resident set size (proc(5))
+
+
+def peak_memory(device) -> float:
+    """GiB: the peak since ``reset_peak_memory`` (``ru_maxrss``, the process's whole peak, without ``/proc``)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main():

@@ -146,6 +146,25 @@ def test_the_llm_cost_benchmark_prints_each_measurement_against_the_training_ste
     assert 16 / (seconds + 0.0005) - 0.5 <= tokens_per_second <= 16 / max(seconds - 0.0005, 1e-9) + 0.5
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's resettable VmHWM")
+def test_the_llm_cost_benchmark_peak_memory_counts_from_its_reset():
+    """The measurement's peak leaves out what the warm-up held before the reset, and counts what comes after."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        from llm_cost import peak_memory, reset_peak_memory
+    finally:
+        sys.path.remove(BENCHMARKS)
+    cpu = torch.device("cpu")
+    warm_up = torch.ones(2**27)  # 0.5 GiB, written
+    del warm_up
+    reset_peak_memory(cpu)
+    start = peak_memory(cpu)
+    measured = torch.ones(2**26)  # 0.25 GiB
+    after = peak_memory(cpu)
+    del measured
+    assert start + 0.2 < after < start + 0.4  # the 0.25 GiB, not the 0.5 freed before the reset
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without a GPU")
 def test_the_llm_cost_benchmark_skips_cleanly_without_a_gpu(tmp_path):
     out = run("llm_cost.py", "--device", "cuda", "--models", "llama-1b", "--dtype", "bfloat16", cwd=tmp_path)
