@@ -98,14 +98,17 @@ def worker(spec: dict) -> dict:
     model = make_model(spec["model"]).to(device, getattr(torch, spec["dtype"]))
     split = data(spec["model"], spec["length"], spec["examples"])
     size = spec["batch_size"]
+    rows = split.with_format("torch")
+
+    def batch(start):
+        return {name: value.to(device) for name, value in rows[start : start + size].items()}
+
     if spec["variant"] == "training step":
-        rows = split.with_format("torch")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
 
         def step(start):
-            batch = {name: value.to(device) for name, value in rows[start : start + size].items()}
-            model(**batch).loss.backward()
+            model(**batch(start)).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
 
@@ -117,15 +120,14 @@ def worker(spec: dict) -> dict:
     else:
         from hf_trak import TRAKer
 
-        first = {name: value.to(device) for name, value in split.with_format("torch")[:size].items()}
-        model(**first).loss.backward()  # warm-up, as the training step's: the process's first passes cost more
+        model(**batch(0)).loss.backward()  # warm-up, as the training step's: the process's first passes cost more
         model.zero_grad(set_to_none=True)
         settings = dict(VARIANTS[spec["variant"]])
-        size = settings.pop("batch_size", size)
+        batch_size = settings.pop("batch_size", size)
         traker = TRAKer(model, save_dir=None, device=str(device), **settings)
         reset_peak_memory(device)
         started = time.perf_counter()
-        traker.featurize(split, [model.state_dict()], batch_size=size)
+        traker.featurize(split, [model.state_dict()], batch_size=batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"seconds": (time.perf_counter() - started) / len(split), "peak": peak_memory(device)}

@@ -32,6 +32,7 @@ from hf_trak.method.kernel import (
 from hf_trak.store.arrow_files import as_tensor
 from hf_trak.store.config import TRAKConfig
 from hf_trak.store.feature_store import PRECONDITIONED, FeatureStore
+from hf_trak.store.kernel_file import packed_blocks, unpacked_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def finalize_checkpoint(store: FeatureStore, model_id: int, device, state: Parti
 
 
 def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: PartialState) -> None:
-    """XᵀX_m over every shard (each process sums its share; one k × k all-reduce), then λ_m and K_m: global,
+    """XᵀX_m over every shard (each process sums its share; one all-reduce of its blocks), then λ_m and K_m: global,
     or per module from XᵀX's blocks, the per-token Gram matrices, or EK-FAC's bases (``kernel_from``)."""
     if state.is_main_process:
         store.has_valid_kernel(model_id)  # a corrupt K_m is reported and deleted, to be redone
@@ -54,8 +55,8 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
     statistics = _summed_statistics(store, model_id, device) if config.kernel_from != "examples" else {}
     bases = _kronecker_bases(statistics) if config.kernel_from == "ekfac" else {}
     blocks = config.kernel_blocks if store.keeps_kernel_blocks else ()
-    sizes = [size for _, size in blocks] or [dim]
-    xtx = [torch.zeros(size, size, dtype=torch.float64, device=device) for size in sizes]
+    layout = blocks or [(0, dim)]  # XᵀX whole: one block
+    xtx = [torch.zeros(size, size, dtype=torch.float64, device=device) for _, size in layout]
     moments = {b: torch.zeros(len(q_rows), len(q_cols), dtype=torch.float64, device=device)
                for b, (q_rows, q_cols) in bases.items()}  # fmt: skip
     with state.split_between_processes(store.shard_ranges()) as mine:
@@ -66,9 +67,8 @@ def _write_kernel(store: FeatureStore, model_id: int, dim: int, device, state: P
                 offset, size = config.kernel_blocks[b]
                 block = features[:, offset : offset + size].double().reshape(-1, len(q_rows), len(q_cols))
                 moments[b] += (q_rows.T @ block @ q_cols).square().sum(0)
-    if state.num_processes > 1:  # one all-reduce of the blocks, flattened one after another
-        summed = reduce(torch.cat([gram.reshape(-1) for gram in xtx]), reduction="sum")
-        xtx = [piece.reshape(size, size) for piece, size in zip(summed.split([s * s for s in sizes]), sizes)]
+    if state.num_processes > 1:  # one all-reduce of the blocks, flattened one after another (as in the file)
+        xtx = unpacked_blocks(reduce(packed_blocks(xtx, layout), reduction="sum"), layout)
         moments = {b: reduce(moment, reduction="sum") for b, moment in moments.items()}
     xtx = xtx if blocks else xtx[0]
     if state.is_main_process:

@@ -28,7 +28,8 @@ def save_kernel_file(path: str, tensors: Dict[str, Matrix], blocks: Sequence[Seq
     """Write ``tensors`` ({"xtx", "kernel", "lambda_reg", "phi_scale"}); with ``blocks``, the two matrices (k × k, or
     lists of their diagonal blocks) as their diagonal blocks."""
     if blocks:
-        tensors = {PACKED.get(name, name): _packed(t, blocks) if name in PACKED else t for name, t in tensors.items()}
+        tensors = {PACKED.get(name, name): packed_blocks(t, blocks) if name in PACKED else t
+                   for name, t in tensors.items()}  # fmt: skip
     save_safetensors(path, tensors)
 
 
@@ -49,7 +50,7 @@ def load_kernel_file(
                     f"{path} holds {packed} of shape {tuple(saved[packed].shape)}, not the config's kernel blocks: "
                     "run featurize again with the same arguments to redo it."
                 )
-            pieces = _pieces(saved.pop(packed), blocks)
+            pieces = unpacked_blocks(saved.pop(packed), blocks)
             matrices[name] = pieces if as_blocks else torch.block_diag(*pieces)
     return {**saved, **matrices}
 
@@ -62,14 +63,14 @@ def diagonal_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> List[tor
     return [matrix[a : a + size, a : a + size] for a, size in (blocks or [(0, matrix.shape[0])])]
 
 
-def _packed(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> torch.Tensor:
+def packed_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> torch.Tensor:
     """The diagonal blocks [offset, size] of a k × k matrix (or the list of them), each flattened row by row, one
     after another."""
     return torch.cat([piece.reshape(-1) for piece in diagonal_blocks(matrix, blocks)])
 
 
-def _pieces(packed: torch.Tensor, blocks: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-    """The diagonal blocks (k_b × k_b) that ``_packed`` flattened into ``packed``; ``torch.block_diag`` of them is the
-    k × k matrix (0 off the blocks, which tile 0..k in order)."""
+def unpacked_blocks(packed: torch.Tensor, blocks: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+    """The diagonal blocks (k_b × k_b) that ``packed_blocks`` flattened into ``packed``; ``torch.block_diag`` of them
+    is the k × k matrix (0 off the blocks, which tile 0..k in order)."""
     pieces = torch.split(packed, [size * size for _, size in blocks])
     return [piece.reshape(size, size) for piece, (_, size) in zip(pieces, blocks)]
