@@ -17,7 +17,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def run(script, *args, cwd):
     done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args], cwd=cwd, env=subprocess_env(),
                           capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]  # a script's own failures go to stdout
     return done.stdout
 
 
