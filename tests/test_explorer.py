@@ -175,6 +175,45 @@ def test_images_an_uploaded_one_and_a_wrong_size(image_store):
         explorer.new_example()
 
 
+def test_a_target_row_in_the_image_input_comes_back_as_its_own_pixels(image_store):
+    """The image input shows the picked row; "Attribute" (another label, say) sends it back through Gradio's
+    postprocess and preprocess: the row's pixels, attributed as ``attribute`` does the row. The results are PNG
+    files of the train images, enlarged."""
+    pytest.importorskip("gradio")
+    from hf_trak.explore.app import ExplorerApp
+
+    explorer = Explorer.from_store(image_store["store"], image_store["train"], targets=image_store["targets"], k=3)
+    app = ExplorerApp(explorer)
+    message, summary, proponents, opponents, shown, last, image, label, view, row = app.on_target_row(2)
+    target = image_store["targets"][2]
+    back = app.image.preprocess(app.image.postprocess(image))
+    assert np.array_equal(np.asarray(back.convert("L")), np.asarray(target["image"]))
+    again = app.on_attribute(back, explorer.label_name(target["label"]))
+    assert again[0] == "" and again[4][0] == shown[0] == _top(image_store["result"], 2, "proponent")[0]
+    for (path, caption), train_row in zip(proponents, shown[0]):
+        enlarged = image_store["train"][train_row]["image"].resize((160, 160), resample=0)
+        assert caption.startswith(f"#{train_row} ") and path.endswith(".png")
+        assert np.array_equal(np.asarray(PILImage.open(path)), np.asarray(enlarged))
+    assert np.array_equal(np.asarray(PILImage.open(view)), np.asarray(target["image"].resize((160, 160), resample=0)))
+
+
+def test_an_image_file_is_written_once_never_in_place(tmp_path):
+    """A client may be fetching an image's file while another answer shows the same image: the file is not
+    written again (nor in place), and a mode PNG cannot hold is handed to Gradio as it is."""
+    from hf_trak.explore.images import ImageFiles
+
+    files, image = ImageFiles(str(tmp_path)), digit_images(1)[0]["image"]
+    path = files.path(image)
+    assert np.array_equal(np.asarray(PILImage.open(path)), np.asarray(image)) and path.endswith(".png")
+    with open(path, "wb") as file:
+        file.write(b"written before")
+    assert files.path(image) == path and open(path, "rb").read() == b"written before"
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no staging file left behind
+    assert files.path(image.convert("RGB")) != path
+    cmyk = image.convert("CMYK")
+    assert files.path(cmyk) is cmyk and files.path(None) is None
+
+
 def test_a_causal_lm_is_explored_by_its_text(tmp_path):
     model, tokenizer = tiny_gpt2(), word_tokenizer()
     model.save_pretrained(str(tmp_path / "lm"))

@@ -26,6 +26,7 @@ import numpy as np
 from hf_trak.attribute import token_names
 from hf_trak.errors import InvalidArgumentError, InvalidInputError, MissingDependencyError
 from hf_trak.explore.explorer import Explorer
+from hf_trak.explore.images import ImageFiles, enlarged
 from hf_trak.explore.results import Query
 from hf_trak.report import SHADE_MACRO, shaded
 
@@ -56,14 +57,6 @@ def require_gradio():
     except ImportError as error:
         raise MissingDependencyError("hf_trak's explorer needs Gradio: pip install 'hf_trak[app]'.") from error
     return gradio
-
-
-def enlarged(image, size: int = 160):
-    """A small image scaled up (nearest pixel) to about ``size`` pixels, to look at; larger ones as they are."""
-    if image is None or not hasattr(image, "resize") or max(image.size) >= size:
-        return image
-    factor = max(1, size // max(image.size))
-    return image.resize((image.size[0] * factor, image.size[1] * factor), resample=0)
 
 
 def _message(error: Exception) -> str:
@@ -110,6 +103,7 @@ class ExplorerApp:
     def _build(self) -> None:
         gr, explorer = self.gr, self.explorer
         store = explorer.store.config
+        self.images = ImageFiles()  # the images shown, as files written once (see ``hf_trak.explore.images``)
         gr.Markdown(
             f"{store.num_train_examples} training examples · {store.num_checkpoints} checkpoint(s) · "
             f"{type(explorer.model).__name__} · {store.projector} projection, k = {store.feature_dim} · "
@@ -283,11 +277,11 @@ class ExplorerApp:
         for name in explorer.text_columns:
             widgets.append(query.target.get(name, "") if fill else self.gr.update())
         if self.image is not None:
-            widgets.append(query.target.get(explorer.image_column) if fill else self.gr.update())
+            widgets.append(self.images.path(query.target.get(explorer.image_column)) if fill else self.gr.update())
         if self.label is not None:
             widgets.append(PREDICTED if fill else self.gr.update())
         if self.target_view is not None:
-            widgets.append(enlarged(query.target.get(explorer.image_column)))
+            widgets.append(self.images.path(enlarged(query.target.get(explorer.image_column))))
         if self.row is not None:  # the target row's number, or empty for a train row or a new input
             widgets.append(row)
         page = ["", "\n\n".join(lines), self._render(query.proponents), self._render(query.opponents), shown]
@@ -299,7 +293,8 @@ class ExplorerApp:
     def _render(self, neighbors) -> Any:
         explorer = self.explorer
         if explorer.image_column is not None:
-            return [(enlarged(n.example[explorer.image_column]), self._caption(n)) for n in neighbors]
+            shown = [enlarged(n.example[explorer.image_column]) for n in neighbors]
+            return [(self.images.path(image), self._caption(n)) for image, n in zip(shown, neighbors)]
         label_column = explorer.label_column
         rows = []
         for rank, n in enumerate(neighbors):
