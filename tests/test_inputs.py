@@ -12,6 +12,8 @@ from datasets import Dataset
 
 from hf_trak import TRAKer
 from hf_trak.errors import InvalidInputError
+from hf_trak.method.estimator import attention_input_parameters
+from hf_trak.method.factored import factorable_parameter_names
 from hf_trak.testing.datasets import digits, lm_sequences, token_sequences
 from hf_trak.testing.models import tiny_bert, tiny_gpt2, tiny_vit
 
@@ -89,12 +91,17 @@ def test_finite_inputs_with_non_finite_gradients_are_named():
         TRAKer(model, proj_dim=8).featurize(overflowing, [model.state_dict()])
 
 
-@pytest.mark.parametrize("projector", ["rademacher", "factored"])
+@pytest.mark.parametrize("projector", ["rademacher", "factored", "factored, with q/k/v"])
 @pytest.mark.parametrize("bad", ["nan input", "overflow"])
 def test_excluded_rows_score_nan_and_leave_every_other_score_as_the_clean_run(projector, bad):
+    """With q/k/v: the ViT's class token is finite at the first attention's input for a NaN image, yet the row
+    adds nothing to the mixed kernels' Kronecker factors or to the principal factors' sample."""
     model, train, targets = tiny_vit(), digits(14), digits(4, offset=40)
     poisoned = with_pixels(train, 9, value=float("nan")) if bad == "nan input" else with_pixels(train, 9, scale=3e38)
-    kwargs = dict(proj_dim=64, projector=projector, dtype=torch.float32, shard_size=5)
+    kwargs = dict(proj_dim=64, projector=projector.split(",")[0], dtype=torch.float32, shard_size=5)
+    if projector.endswith("q/k/v"):
+        kwargs["grad_wrt"] = [name for name in factorable_parameter_names(model) if not name.endswith(".bias")]
+        assert attention_input_parameters(model) & set(kwargs["grad_wrt"])
     excluded = TRAKer(model, on_nonfinite="exclude", **kwargs).featurize(poisoned, [model.state_dict()])
     assert excluded.store.config.excluded_rows == [9]
     scores = excluded.score(targets)

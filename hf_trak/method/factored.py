@@ -49,6 +49,7 @@ from hf_trak.method.principal import MAX_PRINCIPAL_SIDE, principal_factor
 from hf_trak.method.projectors import IdentityProjector, RandomProjector, seeded_generator
 from hf_trak.method.shared_outputs import keeping_outputs
 from hf_trak.method.token_vectors import (
+    finite_examples,
     finite_gram,
     finite_rows,
     id_counts,
@@ -356,7 +357,7 @@ class FactoredGradientProjector:
         for use, inputs, delta in self.captured(task, weights, buffers, batch, batch_size):
             if delta is None or use.weight is None:
                 continue
-            alive = reaching_tokens(delta)
+            alive = reaching_tokens(delta) & finite_examples(delta, inputs)
             for target, side in sides:
                 if target.name != use.weight:
                     continue
@@ -382,7 +383,7 @@ class FactoredGradientProjector:
                 if self.statistics is not None and self.statistics_kind == "tokens":
                     self._add_gram(block, gram=token_gram(use.module, inputs, u, v))
                 if self.statistics is not None:
-                    alive = reaching_tokens(delta)
+                    alive = reaching_tokens(delta) & finite_examples(u, v)
                     self._add_gram(block + "_rows", u.reshape(-1, target.k_rows)[alive])
                     self._add_gram(block + "_cols", v.reshape(-1, target.k_cols)[alive])
             if use.bias is not None:

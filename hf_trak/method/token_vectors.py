@@ -24,6 +24,18 @@ def reaching_tokens(delta: Tensor) -> Tensor:
     return (delta.abs().amax(dim=-1) != 0).reshape(-1)  # a NaN reaches (NaN != 0), as in (δ != 0).any(-1)
 
 
+def finite_examples(delta: Tensor, *others: Tensor) -> Tensor:
+    """(B·T,) bool, for tokens shaped as ``delta`` (B × T × ...): those of the examples whose values in ``delta``
+    and in each of ``others`` (B × ...) are all finite. An example with a NaN or an infinity anywhere (excluded
+    from the store, ``on_nonfinite="exclude"``) adds none of its tokens to the statistics, not even its finite
+    ones: a ViT's class token is finite at the first attention's input although the image's patches are NaN."""
+    batch_size, length = delta.shape[:2]
+    finite = torch.isfinite(delta.reshape(batch_size, -1)).all(dim=1)
+    for tensor in others:
+        finite &= torch.isfinite(tensor.reshape(batch_size, -1)).all(dim=1)
+    return finite.repeat_interleave(length)
+
+
 def finite_rows(rows: Tensor) -> Tensor:
     """``rows`` (n × d, as float32) without those that hold a NaN or an infinity (a copy only where one does)."""
     rows = rows.float()
