@@ -1,10 +1,11 @@
 """The LDS suite: hf_trak's estimators against kronfluence's EK-FAC and K-FAC and a cosine baseline.
 
     python benchmarks/lds.py [--tasks image text lm] [--models 5] [--proj-dim auto] [--seeds 1] [--threads 2]
+                             [--model-draw 0]
 
 For each task of ``benchmarks/lds_suite.py`` (ground truth from ``lds_ground_truth.py``,
 shipped in ``benchmarks/lds_data``): K models trained on the whole train split (seeds
-0..K-1), then each method's scores with the first model (K=1) and with all K (scores
+0..K-1; with ``--model-draw D``, 100·D + 0..K-1: another draw of the models), then each method's scores with the first model (K=1) and with all K (scores
 averaged over models for the peers, TRAK's ensemble for hf_trak), their LDS against the
 retrained models (f averaged over the two seeds of each half), and their time. With ``--seeds S``
 each randomized method runs S times (hf_trak's projector_seed, kronfluence's sampled labels for
@@ -336,7 +337,10 @@ def main():
         help="k of hf_trak's methods (auto: hf_trak.method.estimator.auto_proj_dim; trak: 2048)",
     )
     parser.add_argument("--seeds", type=int, default=1, help="runs of each randomized method (seeds 0..S-1)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch's threads (another count trains the models to "
+                        "other weights: the sums run in another order)")  # fmt: skip
+    parser.add_argument("--model-draw", type=int, default=0, help="train the K models with seeds 100·D + 0..K-1 "
+                        "(0: seeds 0..K-1): another draw of the models attributed")  # fmt: skip
     parser.add_argument("--data", default=DATA, help="folder of the ground truth (lds_ground_truth.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -348,11 +352,12 @@ def main():
         masks, outputs = ground_truth(name, args.data)
         truth = outputs.mean(0)
         started = time.perf_counter()
-        models = [task.train_model(seed) for seed in range(args.models)]
+        models = [task.train_model(100 * args.model_draw + seed) for seed in range(args.models)]
         print(f"{name}: n={len(task.train)}, {len(task.targets)} targets, {masks.shape[0]} halves × "
               f"{outputs.shape[0]} seeds, seed agreement r={seed_agreement(outputs):.3f}, noise ceiling "
               f"{noise_ceiling(outputs):.3f}; "
-              f"{args.models} models trained in {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+              f"{args.models} models (draw {args.model_draw}) trained in {time.perf_counter() - started:.0f} s",
+              flush=True)  # fmt: skip
         for method in args.methods:
             for count in sorted({1, args.models}):
                 values, seconds = [], []

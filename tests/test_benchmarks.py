@@ -59,6 +59,11 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     assert all(rows[method].split(" | ")[4].endswith("(2)") for method in ("hf_trak (default)", "trak"))
     assert rows["cosine"].split(" | ")[4].endswith("(1)")  # deterministic: one run
     assert "hf_trak (default)             K=1 seed 1: LDS" in out
+    other = run("lds.py", "--tasks", "image", "--methods", "cosine", "--models", "1", "--model-draw", "1", "--data",
+                str(fake), cwd=tmp_path)  # fmt: skip
+    assert "1 models (draw 1) trained" in other  # seed 100: another model, so another cosine's LDS
+    drawn = [line for line in other.splitlines() if line.startswith("| image | cosine")]
+    assert len(drawn) == 1 and drawn[0].split(" | ")[3] != rows["cosine"].split(" | ")[3]
 
 
 def test_the_estimator_cost_benchmark_compares_the_two_estimators_in_one_run(tmp_path):
