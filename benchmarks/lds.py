@@ -3,13 +3,13 @@
     python benchmarks/lds.py [--tasks image text lm] [--models 5] [--proj-dim auto] [--seeds 1] [--threads 2]
                              [--model-draw 0]
 
-For each task of ``benchmarks/lds_suite.py`` (ground truth from ``lds_ground_truth.py``,
-shipped in ``benchmarks/lds_data``): K models trained on the whole train split (seeds
-0..K-1; with ``--model-draw D``, 100·D + 0..K-1: another draw of the models), then each method's scores with the first model (K=1) and with all K (scores
-averaged over models for the peers, TRAK's ensemble for hf_trak), their LDS against the
-retrained models (f averaged over the two seeds of each half), and their time. With ``--seeds S``
-each randomized method runs S times (hf_trak's projector_seed, kronfluence's sampled labels for
-the true Fisher: seeds 0..S-1) and the table gives the mean and standard deviation. Methods:
+For each task of ``benchmarks/lds_suite.py`` (ground truth from ``lds_ground_truth.py``, shipped in
+``benchmarks/lds_data``): K models trained on the whole train split (seeds 0..K-1; with ``--model-draw D``,
+100·D + 0..K-1: another draw of the models), then each method's scores with the first model (K=1) and with all K
+(scores averaged over models for the peers, TRAK's ensemble for hf_trak), their LDS against the retrained models
+(f averaged over the two seeds of each half), and their time. With ``--seeds S`` each randomized method runs S
+times (hf_trak's projector_seed, kronfluence's sampled labels for the true Fisher: seeds 0..S-1) and the table
+gives the mean and standard deviation. Methods:
 
 * ``hf_trak (default)``: hf_trak's default, ``estimator="hf_trak"`` (``hf_trak.method.estimator``: on these
   models no Q, the weights and not the biases, without the attention's query/key/value
