@@ -214,6 +214,23 @@ def test_an_image_file_is_written_once_never_in_place(tmp_path):
     assert files.path(cmyk) is cmyk and files.path(None) is None
 
 
+def test_the_temporary_image_folder_is_made_by_the_first_image_and_removed_with_its_files():
+    """A page without images makes no folder; one with images has its folder removed with it."""
+    import gc
+
+    from hf_trak.explore.images import ImageFiles
+
+    files = ImageFiles()
+    files.path(None)
+    assert files.folder is None
+    path = files.path(digit_images(1)[0]["image"])
+    folder = files.folder
+    assert os.path.dirname(path) == folder and os.path.isfile(path)
+    del files
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
 def test_a_causal_lm_is_explored_by_its_text(tmp_path):
     model, tokenizer = tiny_gpt2(), word_tokenizer()
     model.save_pretrained(str(tmp_path / "lm"))

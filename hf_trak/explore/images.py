@@ -32,14 +32,18 @@ def enlarged(image, size: int = 160):
 
 
 class ImageFiles:
-    """PNG files of the images shown, in ``folder`` (default: a temporary folder removed with this object)."""
+    """PNG files of the images shown, in ``folder`` (default: a temporary folder, made when the first image is
+    written, so a page without images makes none, and removed with this object)."""
 
     def __init__(self, folder: Optional[str] = None):
-        if folder is None:
-            folder = tempfile.mkdtemp(prefix="hf_trak_explorer_")
-            weakref.finalize(self, shutil.rmtree, folder, True)
-        os.makedirs(folder, exist_ok=True)
         self.folder = folder
+
+    def _ready_folder(self) -> str:
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="hf_trak_explorer_")
+            weakref.finalize(self, shutil.rmtree, self.folder, True)
+        os.makedirs(self.folder, exist_ok=True)
+        return self.folder
 
     def path(self, image) -> Any:
         """The path of ``image``'s PNG file (written on first use); ``image`` itself if it is no PIL image or has a
@@ -52,9 +56,10 @@ class ImageFiles:
         except (OSError, ValueError, KeyError):  # e.g. CMYK: no PNG of it
             return image
         data = buffer.getvalue()
-        path = os.path.join(self.folder, hashlib.sha256(data).hexdigest() + ".png")
+        folder = self._ready_folder()
+        path = os.path.join(folder, hashlib.sha256(data).hexdigest() + ".png")
         if not os.path.exists(path):
-            descriptor, staging = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".part")
+            descriptor, staging = tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")
             try:
                 with os.fdopen(descriptor, "wb") as file:
                     file.write(data)
