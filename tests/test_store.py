@@ -258,6 +258,31 @@ def test_a_block_diagonal_kernel_is_kept_as_its_blocks_and_read_as_the_whole_mat
         new.store.load_kernel(0)
 
 
+def test_a_normalized_ensemble_scores_from_the_kernel_blocks_without_forming_k_by_k_matrices(tmp_path, monkeypatch):
+    """Where the file keeps XᵀX_m and K_m as their diagonal blocks, the queries of a normalized ensemble read and use
+    the blocks (Σ_b k_b² values, not k²: at k = 34,752 the k × k pair takes 18 GiB): σ_j is the same as from the
+    block-diagonal matrices, and scoring never assembles one."""
+    from hf_trak.method.kernel import target_rms
+
+    traker, _, _ = _featurized(tmp_path, projector="factored")
+    store, targets = traker.store, digits(3, offset=20)
+    assert store.config.ensemble == "normalized" and store.keeps_kernel_blocks
+    expected = traker.score(targets)
+    xtx, kernel = store.gram_and_kernel(0)
+    assert isinstance(kernel, list) and store.kernel_layout == store.config.kernel_blocks
+    dense = store.load_kernel(0, ["xtx", "kernel"])
+    np.testing.assert_array_equal(torch.block_diag(*kernel).numpy(), dense["kernel"].double().numpy())
+    t = torch.randn(5, store.config.feature_dim, dtype=torch.float64)
+    np.testing.assert_allclose(target_rms(xtx, kernel, t, 20, store.kernel_layout).numpy(),
+                               target_rms(dense["xtx"], dense["kernel"], t, 20).numpy(), rtol=1e-10)  # fmt: skip
+
+    def assembled(*blocks):
+        raise AssertionError("a k × k matrix was assembled from the blocks")
+
+    monkeypatch.setattr(torch, "block_diag", assembled)
+    np.testing.assert_allclose(traker.score(targets), expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
 def test_the_kernel_kept_for_queries_follows_its_file(tmp_path):
     """With ``keep_kernels``, ``gram_and_kernel`` keeps XᵀX_m and K_m in memory for the queries of a normalized
     ensemble, and reads them again once K_m's file is rewritten (by this store object or another process)."""

@@ -125,8 +125,9 @@ RMS_BLOCK = 4096  # targets per σ computation (two k × block float64 products)
 def ensemble_weighted(store: FeatureStore, targets: List[Tensor]) -> List[Tensor]:
     """[T_m] as the mean over checkpoints weighs them: unchanged (``ensemble="mean"``) or each target divided by
     σ_mj, the RMS of its scores at checkpoint m (``"normalized"``, ``hf_trak.method.kernel.target_rms``, from the
-    store's XᵀX_m and K_m, one checkpoint at a time: a read of 2·k² float64 values unless the store keeps them,
-    ``FeatureStore.keep_kernels``, and 2·k² flops per target)."""
+    store's XᵀX_m and K_m, one checkpoint at a time: a read of 2·k² float64 values, or 2·Σ_b k_b² where the store
+    keeps their diagonal blocks, unless it keeps them in memory, ``FeatureStore.keep_kernels``, and as many flops
+    per target)."""
     if store.config.ensemble != "normalized":
         return targets
     num_rows = store.config.num_train_examples - len(store.config.excluded_rows)
@@ -134,7 +135,7 @@ def ensemble_weighted(store: FeatureStore, targets: List[Tensor]) -> List[Tensor
     for model_id, t in enumerate(targets):
         xtx, kernel = store.gram_and_kernel(model_id)
         blocks = [t[i : i + RMS_BLOCK] for i in range(0, len(t), RMS_BLOCK)]
-        rms = [target_rms(xtx, kernel, block, num_rows).cpu()[:, None] for block in blocks]
+        rms = [target_rms(xtx, kernel, block, num_rows, store.kernel_layout).cpu()[:, None] for block in blocks]
         weighted.append(torch.cat([(b.double() / r).float() for b, r in zip(blocks, rms)]) if blocks else t)
     return weighted
 
@@ -179,7 +180,8 @@ def self_scores(store: FeatureStore, device, show_progress: bool = True) -> Dict
             weights.append(q)
             x = as_tensor(features).to(device=device, dtype=torch.float32)
             if normalized is not None:
-                x = (x.double() / target_rms(*normalized, x, num_rows).to(device)[:, None]).float()
+                rms = target_rms(*normalized, x, num_rows, store.kernel_layout).to(device)
+                x = (x.double() / rms[:, None]).float()
             total[start : start + len(x)] += (phi.float() * (x * scale)).sum(1).double().cpu().numpy()
         out_to_loss.append(np.concatenate(weights))
     mean = total / num_checkpoints

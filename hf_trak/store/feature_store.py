@@ -47,7 +47,7 @@ from hf_trak.store.arrow_files import (
 )
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.files import write_text
-from hf_trak.store.kernel_file import KERNEL_NAME, Matrix, load_kernel_file, save_kernel_file
+from hf_trak.store.kernel_file import KERNEL_NAME, Matrix, in_float64, load_kernel_file, save_kernel_file
 from hf_trak.store.lock import LOCK_NAME
 from hf_trak.store.versions import keeps_kernel_blocks, stores_preconditioned
 
@@ -320,23 +320,26 @@ class FeatureStore:
             raise IncompleteStoreError(
                 f"{path} is missing: the featurization of checkpoint {model_id} did not finish."
             )
-        return load_kernel_file(path, names, self.config.kernel_blocks if self.keeps_kernel_blocks else (), as_blocks)
+        return load_kernel_file(path, names, self.kernel_layout, as_blocks)
 
-    def gram_and_kernel(self, model_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(XᵀX_m, K_m) in float64, which a normalized ensemble needs for every query (``hf_trak.run.scoring``); with
-        ``keep_kernels``, kept in memory after the first call while K_m's file is unchanged (same modification
-        time and size)."""
-        if not self.keep_kernels:
-            saved = self.load_kernel(model_id, ["xtx", "kernel"])
-            return saved["xtx"].double(), saved["kernel"].double()
+    @property
+    def kernel_layout(self) -> List[List[int]]:
+        """The [offset, size] blocks ``gram_and_kernel``'s matrices come as (``[]``: whole k × k matrices)."""
+        return self.config.kernel_blocks if self.keeps_kernel_blocks else []
+
+    def gram_and_kernel(self, model_id: int) -> Tuple[Matrix, Matrix]:
+        """(XᵀX_m, K_m) in float64 for a normalized ensemble's queries (``hf_trak.run.scoring``): as the lists of their
+        diagonal blocks where the file keeps them so (``kernel_layout``), else k × k; with ``keep_kernels``, kept in
+        memory after the first call while K_m's file is unchanged (same modification time and size)."""
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
-        stat = os.stat(path) if os.path.isfile(path) else None
+        stat = os.stat(path) if self.keep_kernels and os.path.isfile(path) else None
         version = (stat.st_mtime_ns, stat.st_size) if stat else None
-        cached = self._grams_and_kernels.get(model_id)
+        cached = self._grams_and_kernels.get(model_id) if self.keep_kernels else None
         if cached is None or cached[0] != version:
-            saved = self.load_kernel(model_id, ["xtx", "kernel"])
-            cached = (version, saved["xtx"].double(), saved["kernel"].double())
-            self._grams_and_kernels[model_id] = cached
+            saved = self.load_kernel(model_id, ["xtx", "kernel"], as_blocks=True)
+            cached = (version, in_float64(saved["xtx"]), in_float64(saved["kernel"]))
+            if self.keep_kernels:
+                self._grams_and_kernels[model_id] = cached
         return cached[1], cached[2]
 
     def is_complete(self) -> bool:
