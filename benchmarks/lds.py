@@ -45,9 +45,10 @@ gives the mean and standard deviation. Methods:
 * ``ekfac``, ``kfac``: kronfluence 1.0 (``pip install hf_trak[bench]``), damping and modules
   at its defaults (nn.Linear and nn.Conv2d; GPT-2's Conv1D layers are converted to
   nn.Linear for it; factors of the true Fisher), f as the measurement and the training
-  loss as the loss; ``ekfac, empirical Fisher``: its factors from the training labels;
-* ``cosine``: cosine of the last hidden state (CLS token; GPT-2: mean over tokens), same
-  label only for classifiers.
+  loss as the loss (CLIP: each pair's cross-entropy against f's contrast set, both ways: ``clip_task``);
+  ``ekfac, empirical Fisher``: its factors from the training labels;
+* ``cosine``: cosine of the last hidden state (CLS token; GPT-2: mean over tokens; CLIP: the pair's image and text
+  embeddings, concatenated), same label only for classifiers.
 
 Noise: r is the agreement (Spearman, mean over targets) of two retrainings on the same 32
 halves. The LDS is measured against their mean, whose reliability is 2r/(1 + r)
@@ -75,7 +76,7 @@ from hf_trak.data.source import ExampleSource
 from hf_trak.evaluate import lds
 from hf_trak.method.estimator import KERNEL_SHRINKAGE, PRINCIPAL_SHARE, attention_input_parameters
 from hf_trak.method.factored import factorable_parameter_names
-from hf_trak.method.model_outputs import AutoModelOutput, CausalLMModelOutput
+from hf_trak.method.model_outputs import AutoModelOutput, CausalLMModelOutput, CLIPModelOutput
 from hf_trak.store.versions import STORE_VERSION
 
 
@@ -155,6 +156,51 @@ def margin_task(is_lm: bool):
     return MarginTask()
 
 
+def clip_task(contrast_images, contrast_texts):
+    """A kronfluence ``Task`` for CLIP: each pair's loss against the contrast set C (embeddings of the train rows
+    hf_trak's f contrasts with, constants), image to texts and text to images at the model's temperature (sampled
+    matches for the true Fisher), and hf_trak's CLIP f as the measurement."""
+    from kronfluence.task import Task
+
+    def similarities(batch, model):
+        output = model(**batch)
+        image, text = output.image_embeds, output.text_embeds
+        s_ii = (image * text).sum(-1, keepdim=True)
+        return s_ii, image @ contrast_texts.T, text @ contrast_images.T, model.logit_scale.exp()
+
+    class ContrastTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            s_ii, image_vs_texts, text_vs_images, temperature = similarities(batch, model)
+            loss = 0
+            for others in (image_vs_texts, text_vs_images):
+                logits = torch.cat([s_ii, others], dim=-1) * temperature
+                labels = torch.zeros(len(logits), dtype=torch.long)
+                if sample:
+                    with torch.no_grad():
+                        labels = torch.multinomial(F.softmax(logits.detach().float(), -1), 1).squeeze(-1)
+                loss = loss + F.cross_entropy(logits, labels, reduction="sum")
+            return loss
+
+        def compute_measurement(self, batch, model):
+            s_ii, image_vs_texts, text_vs_images, _ = similarities(batch, model)
+            return (-torch.logsumexp(image_vs_texts - s_ii, -1) - torch.logsumexp(text_vs_images - s_ii, -1)).sum()
+
+        def get_attention_mask(self, batch):
+            return batch.get("attention_mask")
+
+    return ContrastTask()
+
+
+@torch.no_grad()
+def contrast_embeddings(task, model):
+    """The image and text embeddings of the contrast set hf_trak's CLIP f draws from the train split."""
+    output_function = AutoModelOutput.resolve(model)
+    batch = ExampleSource.for_model(task.train, model, output_function).sample(output_function.num_contrast,
+                                                                              output_function.seed)  # fmt: skip
+    output = model.eval()(**batch)
+    return output.image_embeds, output.text_embeds
+
+
 def as_linear(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose transformers ``Conv1D`` layers (GPT-2) are ``nn.Linear``, which kronfluence tracks."""
     import copy
@@ -180,11 +226,12 @@ def kronfluence_scores(task, models, strategy: str, empirical_fisher: bool = Fal
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     is_lm = isinstance(AutoModelOutput.resolve(models[0]), CausalLMModelOutput)
+    is_clip = isinstance(AutoModelOutput.resolve(models[0]), CLIPModelOutput)
     total = 0
     for number, trained in enumerate(models):
         torch.manual_seed(1000 * seed + number)  # the sampled labels of kronfluence's true Fisher
         model = as_linear(trained).eval()
-        influence_task = margin_task(is_lm)
+        influence_task = clip_task(*contrast_embeddings(task, trained)) if is_clip else margin_task(is_lm)
         model = prepare_model(model, influence_task)
         train = ExampleSource.for_model(task.train, trained, AutoModelOutput.resolve(trained))
         targets = ExampleSource.for_model(task.targets, trained, AutoModelOutput.resolve(trained))
@@ -231,6 +278,10 @@ def cosine_scores(task, models) -> np.ndarray:
         for split in (task.train, task.targets):
             source = ExampleSource.for_model(split, model, AutoModelOutput.resolve(model))
             batch = source.batch(list(range(len(split))))
+            if isinstance(AutoModelOutput.resolve(model), CLIPModelOutput):  # the pair's two embeddings
+                output = model(**batch)
+                embeddings.append(F.normalize(torch.cat([output.image_embeds, output.text_embeds], -1), dim=-1))
+                continue
             hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
             last = hidden.hidden_states[-1]
             if isinstance(AutoModelOutput.resolve(model), CausalLMModelOutput):

@@ -4,8 +4,9 @@
 
 For each task of ``benchmarks/lds_suite.py``: ``--num-subsets`` random halves (seed 0), a
 model trained on each with ``--seeds`` training seeds (32 × 2 = 64 models by default), and
-f of every target under each model. Written to ``benchmarks/lds_data/<task>.npz``:
-``masks`` (subsets × n, bit-packed), ``outputs`` (seeds × subsets × targets, float32).
+f of every target under each model (CLIP's contrast set drawn from the whole train split, as
+TRAK's is). Written to ``benchmarks/lds_data/<task>.npz``: ``masks`` (subsets × n,
+bit-packed), ``outputs`` (seeds × subsets × targets, float32).
 The two seeds of a subset give the task's noise ceiling: the agreement of two retrainings
 on the same halves (``benchmarks/lds.py``). Minutes per task on 2 CPU cores.
 """
@@ -40,7 +41,7 @@ def main():
         for subset, mask in enumerate(masks):
             for seed in range(args.seeds):
                 model = task.train_model(seed=10_000 + 100 * subset + seed, rows=np.flatnonzero(mask))
-                outputs[seed, subset] = model_outputs(model, task.targets)
+                outputs[seed, subset] = model_outputs(model, task.targets, contrast=task.train)
         path = os.path.join(DATA, f"{name}.npz")
         np.savez_compressed(path, masks=np.packbits(masks, axis=1), num_train=len(task.train), outputs=outputs)
         seconds = time.perf_counter() - started

@@ -23,9 +23,11 @@ confirm them, and no setting is chosen on them:
   its own tokenizer (label: the majority sentiment word, 10% flipped); 80 targets.
 * ``image_shapes``: ``ViTForImageClassification`` (3 layers, width 48, 3-channel 12 × 12 images in 3 × 3 patches)
   on 480 made-up coloured shapes on noise (4 classes, 10% of labels flipped); 80 targets; other training.
+* ``clip``: ``CLIPModel`` (2-layer text and vision towers of width 32) trained contrastively on 320 such shapes
+  with made-up captions (the shape's word, a colour word, filler words; 10% of the shapes another's); 64 targets.
 
 f is hf_trak's model output function for the head (``AutoModelOutput``), evaluated with
-``hf_trak.evaluate.model_outputs``.
+``hf_trak.evaluate.model_outputs`` (CLIP's against its contrast set from the train split).
 """
 
 import dataclasses
@@ -33,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Array3D, Dataset, Features, Sequence, Value
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from hf_trak.data.source import ExampleSource
@@ -50,10 +52,11 @@ class SuiteTask:
     epochs: int
     batch_size: int
     learning_rate: float
+    forward_kwargs: dict = dataclasses.field(default_factory=dict)  # CLIP's return_loss=True
 
     def train_model(self, seed: int, rows=None) -> torch.nn.Module:
         """A model trained with ``seed`` on ``rows`` of the train split (all by default): AdamW, shuffled
-        batches, the head's own loss (``labels`` in the batch)."""
+        batches, the head's own loss (``labels`` in the batch; CLIP's contrastive loss over the batch)."""
         torch.manual_seed(seed)
         model = self.make_model(seed)
         data = self.train if rows is None else self.train.select(np.asarray(rows))
@@ -65,7 +68,7 @@ class SuiteTask:
             order = torch.randperm(len(data), generator=generator).tolist()
             for start in range(0, len(order), self.batch_size):
                 batch = source.batch(order[start : start + self.batch_size])
-                loss = model(**batch).loss
+                loss = model(**batch, **self.forward_kwargs).loss
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -270,7 +273,46 @@ def image_shapes_task() -> SuiteTask:
                      batch_size=24, learning_rate=2e-3)  # fmt: skip
 
 
+def _shape_captions(n: int, seed: int, length: int = 8, vocab: int = 32):
+    """The coloured shapes of ``_shape_images`` (10% of them with another shape's caption), each with a caption:
+    a start token, the shape's word, a colour word (the channel the shape is brightest in), filler words and an end
+    token."""
+    data = _shape_images(n, seed)
+    rng = np.random.default_rng(seed + 1000)
+    pixels, shapes = np.asarray(data["pixel_values"]), np.asarray(data["labels"])
+    colours = pixels.reshape(n, 3, -1).max(-1).argmax(-1)  # the noise is dimmer than the shape
+    filler = rng.integers(10, vocab, size=(n, length - 4))
+    captions = np.concatenate([np.full((n, 1), 1), 3 + shapes[:, None], 7 + colours[:, None], filler,
+                               np.full((n, 1), 2)], axis=1)  # fmt: skip
+    columns = {"input_ids": captions, "attention_mask": np.ones_like(captions), "pixel_values": pixels}
+    features = Features({"input_ids": Sequence(Value("int64")), "attention_mask": Sequence(Value("int64")),
+                         "pixel_values": Array3D(pixels.shape[1:], "float32")})  # fmt: skip
+    return Dataset.from_dict(columns, features=features)  # fixed-shape pixels: batches read fast
+
+
+def clip_task() -> SuiteTask:
+    """A confirm task for a third head: a ``CLIPModel`` (2-layer text and vision towers of width 32, 3-channel 12 × 12
+    images in 3 × 3 patches) trained contrastively on 320 captioned shapes; 64 targets; f is hf_trak's CLIP output
+    function (its contrast set drawn from the train split)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    def make_model(seed):
+        torch.manual_seed(seed)
+        tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        config = CLIPConfig(
+            text_config=dict(vocab_size=32, max_position_embeddings=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                             **tower),
+            vision_config=dict(image_size=12, patch_size=3, num_channels=3, **tower),
+            projection_dim=16,
+        )  # fmt: skip
+        config._attn_implementation = "eager"
+        return CLIPModel(config)
+
+    return SuiteTask("clip", _shape_captions(320, 0), _shape_captions(64, 1), make_model, epochs=20, batch_size=32,
+                     learning_rate=3e-3, forward_kwargs=dict(return_loss=True))  # fmt: skip
+
+
 TASKS = {"image": image_task, "text": text_task, "lm": lm_task, "lm_llama": lm_llama_task,
-         "text_minilm": text_minilm_task, "image_shapes": image_shapes_task}  # fmt: skip
+         "text_minilm": text_minilm_task, "image_shapes": image_shapes_task, "clip": clip_task}  # fmt: skip
 CHOOSE = ("image", "text", "lm")  # the tasks hf_trak's defaults were chosen on
-CONFIRM = ("lm_llama", "text_minilm", "image_shapes")  # tasks used only to confirm them: never to choose a setting
+CONFIRM = ("lm_llama", "text_minilm", "image_shapes", "clip")  # tasks used only to confirm them: never to choose one

@@ -66,6 +66,20 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     assert len(drawn) == 1 and drawn[0].split(" | ")[3] != rows["cosine"].split(" | ")[3]
 
 
+def test_the_lds_suite_attributes_its_clip_task(tmp_path):
+    """The CLIP task trains contrastively and is scored by hf_trak and by the cosine of its pairs' embeddings."""
+    fake = tmp_path / "gt"
+    fake.mkdir()
+    masks = np.random.default_rng(0).random((6, 320)) < 0.5
+    outputs = np.random.default_rng(1).random((2, 6, 64)).astype(np.float32)
+    np.savez(fake / "clip.npz", masks=np.packbits(masks, axis=1), num_train=320, outputs=outputs)
+    out = run("lds.py", "--tasks", "clip", "--methods", "hf_trak (default)", "cosine", "--models", "1", "--proj-dim",
+              "32", "--data", str(fake), cwd=tmp_path)  # fmt: skip
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| clip | ")]
+    assert [row[1] for row in rows] == ["hf_trak (default)", "cosine"]
+    assert all(np.isfinite(float(row[3])) and float(row[3]) != 0 for row in rows)
+
+
 def test_the_estimator_cost_benchmark_compares_the_two_estimators_in_one_run(tmp_path):
     out = run("estimator_cost.py", "--num-examples", "8", "--proj-dim", "512", "--repeats", "1", cwd=tmp_path)
     lines = out.splitlines()

@@ -127,6 +127,23 @@ def test_clip_q_is_nonzero_and_independent_of_batch_size():
     assert batches[1][0].item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_model_outputs_draw_clip_contrast_set_from_the_split_given():
+    """``model_outputs(..., contrast=train)``: CLIP's f of each target against the train rows TRAK's f contrasts
+    with (all 20 here, fewer than ``num_contrast``), in closed form; without it, against the targets themselves."""
+    from hf_trak.evaluate import model_outputs
+
+    model, train, targets = tiny_clip(), clip_pairs(20), clip_pairs(5, seed=1)
+    got = model_outputs(model, targets, contrast=train)
+    with torch.no_grad():
+        sources = [ExampleSource.for_model(split, model, AutoModelOutput.resolve(model)) for split in (targets, train)]
+        pair, contrast = [model(**source.batch(list(range(len(source))))) for source in sources]
+    s_ii = (pair.image_embeds * pair.text_embeds).sum(-1, keepdim=True).double()
+    expected = -torch.logsumexp(pair.image_embeds.double() @ contrast.text_embeds.double().T - s_ii, -1)
+    expected -= torch.logsumexp(pair.text_embeds.double() @ contrast.image_embeds.double().T - s_ii, -1)
+    assert got == pytest.approx(expected.numpy(), rel=1e-4)
+    assert model_outputs(model, targets) != pytest.approx(got, rel=1e-2)  # the targets' own contrast set
+
+
 def test_auto_model_output_maps_every_supported_head():
     assert isinstance(AutoModelOutput.from_model(tiny_bert()), SequenceClassificationModelOutput)
     assert isinstance(AutoModelOutput.from_model(tiny_vit()), ImageClassificationModelOutput)
