@@ -191,14 +191,13 @@ def clip_task(contrast_images, contrast_texts):
     return ContrastTask()
 
 
-@torch.no_grad()
 def contrast_embeddings(task, model):
-    """The image and text embeddings of the contrast set hf_trak's CLIP f draws from the train split."""
+    """The image and text embeddings of the contrast set hf_trak's CLIP f draws from the train split
+    (``CLIPModelOutput.at_checkpoint``)."""
     output_function = AutoModelOutput.resolve(model)
-    batch = ExampleSource.for_model(task.train, model, output_function).sample(output_function.num_contrast,
-                                                                              output_function.seed)  # fmt: skip
-    output = model.eval()(**batch)
-    return output.image_embeds, output.text_embeds
+    sampler = ExampleSource.for_model(task.train, model, output_function).sample
+    bound = output_function.at_checkpoint(model, dict(model.named_parameters()), dict(model.named_buffers()), sampler)
+    return bound.contrast_image_embeds, bound.contrast_text_embeds
 
 
 def as_linear(model: nn.Module) -> nn.Module:

@@ -36,13 +36,14 @@ class ImageFiles:
     written, so a page without images makes none, and removed with this object)."""
 
     def __init__(self, folder: Optional[str] = None):
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
         self.folder = folder
 
     def _ready_folder(self) -> str:
         if self.folder is None:
             self.folder = tempfile.mkdtemp(prefix="hf_trak_explorer_")
             weakref.finalize(self, shutil.rmtree, self.folder, True)
-        os.makedirs(self.folder, exist_ok=True)
         return self.folder
 
     def path(self, image) -> Any:

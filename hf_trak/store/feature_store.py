@@ -332,9 +332,9 @@ class FeatureStore:
         diagonal blocks where the file keeps them so (``kernel_layout``), else k × k; with ``keep_kernels``, kept in
         memory after the first call while K_m's file is unchanged (same modification time and size)."""
         path = os.path.join(self.checkpoint_dir(model_id), KERNEL_NAME)
-        stat = os.stat(path) if self.keep_kernels and os.path.isfile(path) else None
+        stat = os.stat(path) if os.path.isfile(path) else None
         version = (stat.st_mtime_ns, stat.st_size) if stat else None
-        cached = self._grams_and_kernels.get(model_id) if self.keep_kernels else None
+        cached = self._grams_and_kernels.get(model_id)  # filled only with keep_kernels
         if cached is None or cached[0] != version:
             saved = self.load_kernel(model_id, ["xtx", "kernel"], as_blocks=True)
             cached = (version, in_float64(saved["xtx"]), in_float64(saved["kernel"]))
