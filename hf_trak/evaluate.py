@@ -69,16 +69,18 @@ def model_outputs(
     batch_size: int = 64,
     device=None,
     contrast=None,
+    data_collator=None,
 ) -> np.ndarray:
     """f(z_j; θ) of each example of ``dataset`` (m,), at ``checkpoint`` (default: the model's own weights).
 
     Tasks with a contrast set (CLIP) draw it from ``contrast``, the train split (the rows TRAK's f draws it from:
-    ``TRAKer``'s train sampler), or from ``dataset`` itself when it is not given.
+    ``TRAKer``'s train sampler), or from ``dataset`` itself when it is not given. ``data_collator`` batches the
+    rows of both (default: stacked, ragged columns padded).
     """
     task = AutoModelOutput.resolve(model, task)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    source = ExampleSource.for_model(dataset, model, task)
-    sampler = (source if contrast is None else ExampleSource.for_model(contrast, model, task)).sample
+    source = ExampleSource.for_model(dataset, model, task, data_collator)
+    sampler = (source if contrast is None else ExampleSource.for_model(contrast, model, task, data_collator)).sample
     view = FeatureMap(model, task, None, device).at(model if checkpoint is None else checkpoint, 0, sampler)
     with eval_mode(model):
         return torch.cat([view.outputs(batch).cpu() for batch in source.batches(batch_size)]).double().numpy()

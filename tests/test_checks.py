@@ -17,8 +17,9 @@ from hf_trak.check.lds_check import bootstrap_interval, check_lds
 from hf_trak.check.retraining import Retrainer
 from hf_trak.errors import InvalidArgumentError, NotFoundError
 from hf_trak.evaluate import model_outputs
-from hf_trak.testing.datasets import digits
-from hf_trak.testing.models import tiny_vit
+from hf_trak.method.model_outputs import CLIPModelOutput
+from hf_trak.testing.datasets import clip_collator, clip_pairs, digits
+from hf_trak.testing.models import tiny_clip, tiny_vit
 from hf_trak.trainer import INITIAL_WEIGHTS_NAME
 
 
@@ -111,6 +112,27 @@ def test_a_retraining_is_the_trainer_run_by_hand_with_the_same_arguments(tmp_pat
             other.outputs("half", rows, seed=5)
     moved = dataclasses.replace(retrainer, training_args=dataclasses.replace(args, output_dir=str(tmp_path / "else")))
     np.testing.assert_array_equal(moved.outputs("half", rows, seed=5), outputs)  # where it writes does not count
+
+
+def test_a_clip_retraining_evaluates_f_against_the_train_split_as_the_attributions_do(tmp_path):
+    """CLIP's f contrasts each target with train rows (``TRAKer``'s train sampler); a retrained model's f must too,
+    not with the targets. A kept run is refused when f's settings change."""
+    train, targets = clip_pairs(24), clip_pairs(5, seed=1)
+    args = _training_args(tmp_path / "run", seed=3)
+    retrainer = Retrainer(lambda: tiny_clip(0), args, train, targets, str(tmp_path / "kept"),
+                          data_collator=clip_collator)  # fmt: skip
+    rows = np.arange(0, 24, 2)
+    outputs = retrainer.outputs("half", rows, seed=5)
+    model = tiny_clip(0)
+    by_hand = Trainer(model=model, args=dataclasses.replace(args, seed=5, save_strategy="no"),
+                      train_dataset=train.select(rows), data_collator=clip_collator)  # fmt: skip
+    by_hand.train()
+    model.eval()
+    np.testing.assert_allclose(outputs, model_outputs(model, targets, contrast=train), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(outputs, model_outputs(model, targets), rtol=1e-2)  # the targets' own contrast set
+    other = dataclasses.replace(retrainer, task=CLIPModelOutput(num_contrast=8))
+    with pytest.raises(InvalidArgumentError, match="other training arguments, max_steps or targets"):
+        other.outputs("half", rows, seed=5)
 
 
 def test_trak_trainer_checks_its_own_run_from_its_initial_weights(tmp_path):

@@ -12,7 +12,7 @@ from datasets import load_dataset
 from safetensors.torch import load_file, save_file
 
 from hf_trak import TRAKer
-from hf_trak.errors import CorruptStoreError
+from hf_trak.errors import CorruptStoreError, InvalidArgumentError
 from hf_trak.store.card import render_trainer_section
 from hf_trak.store.feature_store import FeatureStore
 from hf_trak.store.integrity import check_store
@@ -275,6 +275,8 @@ def test_a_normalized_ensemble_scores_from_the_kernel_blocks_without_forming_k_b
     t = torch.randn(5, store.config.feature_dim, dtype=torch.float64)
     np.testing.assert_allclose(target_rms(xtx, kernel, t, 20, store.kernel_layout).numpy(),
                                target_rms(dense["xtx"], dense["kernel"], t, 20).numpy(), rtol=1e-10)  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="pass the store's kernel_layout"):
+        target_rms(xtx, kernel, t, 20)  # blocks without their layout would be read as one block
 
     def assembled(*blocks):
         raise AssertionError("a k × k matrix was assembled from the blocks")

@@ -30,14 +30,21 @@ def featurized(make_model, data, **settings):
 
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("head", ["causal_lm", "causal_lm_llama", "text_classification"])
-def test_each_side_sums_to_the_score_and_the_score_is_the_stored_one(setting, head):
-    """Exact splits (float64 sums of float32 parts), and the score ``score`` reads from the float32 Φ."""
+def test_each_side_sums_to_the_score_and_the_score_is_the_stored_one(setting, head, monkeypatch):
+    """Exact splits (float64 sums of float32 parts), and the score ``score`` reads from the float32 Φ; where the store
+    keeps K_m as its diagonal blocks, they are used as such (no k × k matrix is assembled)."""
     make_model = {"causal_lm": tiny_gpt2, "causal_lm_llama": tiny_llama, "text_classification": tiny_bert}[head]
     head = "causal_lm" if head.startswith("causal_lm") else head
     data = lm_sequences(20) if head == "causal_lm" else token_sequences(20)
     traker = featurized(make_model, data, **SETTINGS[setting])
     target = (lm_sequences if head == "causal_lm" else token_sequences)(3, seed=5).select([1])
     expected = traker.score(target)[:, 0]
+    if traker.store.kernel_layout:
+
+        def assembled(*blocks):
+            raise AssertionError("a k × k matrix was assembled from the blocks")
+
+        monkeypatch.setattr(torch, "block_diag", assembled)
     found = traker.score_tokens(target, k=4)
     assert [t.train_index for t in found] == traker.top_k(target, k=4).indices[0].tolist()
     for tokens in found:

@@ -10,8 +10,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_trak import TRAKArguments, TRAKCallback, TRAKer, TRAKHFTrainer
-from hf_trak.testing.datasets import digits
-from hf_trak.testing.models import tiny_vit
+from hf_trak.testing.datasets import clip_collator, clip_pairs, digits
+from hf_trak.testing.models import tiny_clip, tiny_vit
 from tests.hub_server import HubServer
 
 
@@ -63,6 +63,20 @@ def test_a_streamed_train_dataset_is_featurized_as_the_materialized_one(tmp_path
     checkpoints = [str(tmp_path / f"checkpoint-{step}") for step in (3, 6)]
     reference = TRAKer(tiny_vit(), proj_dim=32, dtype=torch.float32).featurize(train, checkpoints)
     np.testing.assert_array_equal(trainer.attribute(test), reference.score(test))
+
+
+def test_a_clip_trainer_with_a_return_loss_collator_is_featurized_as_its_split_by_hand(tmp_path):
+    """CLIP's Trainer recipe collates ``return_loss=True`` into every batch; it is a flag, not a column: features
+    and scores (f's contrast set from the train split) are those of TRAKer on the same rows and checkpoints."""
+    train, test = clip_pairs(24), clip_pairs(4, seed=1)
+    args = _training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
+    trainer = TRAKHFTrainer(model=tiny_clip(), args=args, train_dataset=train, data_collator=clip_collator,
+                            trak_args=TRAKArguments(proj_dim=32, dtype="float32"))  # fmt: skip
+    trainer.train()
+    checkpoints = [str(tmp_path / f"checkpoint-{step}") for step in (3, 6)]
+    reference = TRAKer(tiny_clip(), proj_dim=32, dtype=torch.float32).featurize(train, checkpoints)
+    scores = trainer.attribute(test)
+    np.testing.assert_allclose(scores, reference.score(test), rtol=1e-4, atol=1e-5 * np.abs(scores).max())
 
 
 def test_callback_works_with_a_plain_trainer_and_keeps_the_last_checkpoints(tmp_path):

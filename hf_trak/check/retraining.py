@@ -3,10 +3,11 @@
 Both checks of ``hf_trak.check`` compare what the scores predict with what retraining does. A ``Retrainer``
 trains a fresh model (``model_init()``: the weights training started from) with a copy of the run's
 ``TrainingArguments`` (nothing saved, logged or pushed; ``seed`` and, if given, ``max_steps`` replaced) on
-the rows it is given, and evaluates the model output function f of each target. Each run's outputs are kept in
-``folder`` as ``<name>.npz`` with the rows it was trained on, its seed and a digest of what else decides them
-(the training arguments, ``max_steps``, the targets' rows): a check that is stopped resumes where it was, and a
-kept run made otherwise is refused rather than reused.
+the rows it is given, and evaluates the model output function f of each target (a task with a contrast set,
+CLIP's, draws it from ``train_dataset``, as the attributions' f does). Each run's outputs are kept in ``folder``
+as ``<name>.npz`` with the rows it was trained on, its seed and a digest of what else decides them (the training
+arguments, ``max_steps``, the targets' rows; for f that reads the train split, f's settings and that it does): a
+check that is stopped resumes where it was, and a kept run made otherwise is refused rather than reused.
 """
 
 import dataclasses
@@ -26,7 +27,7 @@ from hf_trak.data.inputs import scan_split
 from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.evaluate import model_outputs
-from hf_trak.method.model_outputs import AutoModelOutput
+from hf_trak.method.model_outputs import AbstractModelOutput, AutoModelOutput
 from hf_trak.store.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -85,16 +86,18 @@ class Retrainer:
 
     @functools.cached_property
     def settings_digest(self) -> str:
-        """A digest of the training arguments (but where they write), ``max_steps`` and the targets' rows."""
+        """A digest of the training arguments (but where they write), ``max_steps`` and the targets' rows, and for
+        f that reads the train split (it overrides ``at_checkpoint``: CLIP's contrast set), f and its settings."""
         settings = {key: value for key, value in self.training_args.to_dict().items()
                     if not key.endswith("_dir") and "hub" not in key}  # fmt: skip
         model = self.model_init()
         task = AutoModelOutput.resolve(model, self.task)
         source = ExampleSource.for_model(self.targets, model, task)
         hashes = scan_split(source, task, model, "target", "exclude", show_progress=False).row_hashes
-        text = json.dumps([settings, self.max_steps, hashlib.sha256(hashes.tobytes()).hexdigest()], sort_keys=True,
-                          default=str)  # fmt: skip
-        return hashlib.sha256(text.encode()).hexdigest()
+        decided = [settings, self.max_steps, hashlib.sha256(hashes.tobytes()).hexdigest()]
+        if type(task).at_checkpoint is not AbstractModelOutput.at_checkpoint:
+            decided.append({"f": type(task).__name__, "settings": task.settings(), "contrast": "train_dataset"})
+        return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()
 
     def _train_and_evaluate(self, rows: np.ndarray, seed: int) -> np.ndarray:
         model = self.model_init()
@@ -116,4 +119,5 @@ class Retrainer:
                               data_collator=self.data_collator)  # fmt: skip
             trainer.remove_callback(PrinterCallback)
             trainer.train()
-        return model_outputs(model.eval(), self.targets, task=self.task)
+        return model_outputs(model.eval(), self.targets, task=self.task, contrast=self.train_dataset,
+                             data_collator=self.data_collator)  # fmt: skip

@@ -97,10 +97,12 @@ class ExampleSource:
             )
 
     def _select(self, batch: dict) -> dict:
+        """The batch's columns that are model inputs or the task's; flags a collator adds for the Trainer
+        (``return_loss=True`` for CLIP) are left out: they are not columns, and f asks for no loss."""
         if "label" in batch and "labels" not in batch:
             batch["labels"] = batch.pop("label")
         self._check_columns(batch)
-        return {name: value for name, value in batch.items() if name in self.keep}
+        return {name: value for name, value in batch.items() if name in self.keep and not isinstance(value, bool)}
 
     def _collate(self, rows: dict) -> dict:
         if self.data_collator is not None:

@@ -186,11 +186,17 @@ def preconditioned(
     """Φ = X K (divided column-wise by ``scale``, if given) for a block of train features (rows × k), formed in
     float64 (see the module's note), float32. ``blocks``: a block-diagonal K's [offset, size] blocks (K may be kept
     as them), multiplied one at a time (rows · Σ_b k_b² flops instead of rows · k²)."""
+    phi = times_kernel(features, kernel, blocks)
+    return (phi if scale is None else phi / scale).float()
+
+
+def times_kernel(features: Tensor, kernel: Matrix, blocks: Sequence[Sequence[int]] = ()) -> Tensor:
+    """X K in float64 for features X (… × k) and a block-diagonal K given whole or as its ``blocks``' diagonal
+    blocks, one block at a time (Σ_b k_b² values of K read, none assembled)."""
     kernels = diagonal_blocks(kernel, blocks)
     x = features.to(device=kernels[0].device, dtype=torch.float64)
-    layout = blocks or [(0, x.shape[1])]
-    phi = torch.cat([x[:, a : a + size] @ k.double() for k, (a, size) in zip(kernels, layout)], dim=1)
-    return (phi if scale is None else phi / scale).float()
+    layout = blocks or [(0, x.shape[-1])]
+    return torch.cat([x[..., a : a + size] @ k.double() for k, (a, size) in zip(kernels, layout)], dim=-1)
 
 
 # On the CPU, score_block converts Φ to float32 a chunk of rows at a time so that each chunk is

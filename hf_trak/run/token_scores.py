@@ -24,7 +24,7 @@ from hf_trak.data.source import ExampleSource
 from hf_trak.errors import InvalidArgumentError
 from hf_trak.hf.checkpoints import Checkpoint
 from hf_trak.method.feature_map import FeatureMap
-from hf_trak.method.kernel import target_rms
+from hf_trak.method.kernel import target_rms, times_kernel
 from hf_trak.run.memory import batch_size_for
 from hf_trak.run.scoring import train_weights
 from hf_trak.store.feature_store import FeatureStore
@@ -89,13 +89,14 @@ def token_scores(
     for model_id, checkpoint in enumerate(checkpoints):
         view = feature_map.at(checkpoint, model_id, sample_train_batch)
         target = view.token_features(target_batch)[0].double()  # (T_j + 1) × k
-        saved = store.load_kernel(model_id, ["xtx", "kernel"])
-        kernel = saved["kernel"].to(target.device, torch.float64)
+        xtx, kernel = store.gram_and_kernel(model_id)  # k × k, or their diagonal blocks (store.kernel_layout)
+        layout, device = store.kernel_layout, target.device
         if config.ensemble == "normalized":
-            target = target / target_rms(saved["xtx"], kernel, target.sum(0, keepdim=True), num_rows).to(target.device)
+            target = target / target_rms(xtx, kernel, target.sum(0, keepdim=True), num_rows, layout).to(device)
+        kernel = [block.to(device) for block in kernel] if isinstance(kernel, list) else kernel.to(device)
         index = 0
         for batch in batches:
-            shares = (view.token_features(batch).double() @ kernel) @ target.T  # B × (T_i + 1) × (T_j + 1)
+            shares = times_kernel(view.token_features(batch), kernel, layout) @ target.T  # B × (T_i + 1) × (T_j + 1)
             for offset in range(len(shares)):
                 totals[index] = shares[offset] if totals[index] is None else totals[index] + shares[offset]
                 index += 1

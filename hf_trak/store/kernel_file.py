@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from hf_trak.errors import CorruptStoreError
+from hf_trak.errors import CorruptStoreError, InvalidArgumentError
 from hf_trak.store.arrow_files import load_safetensors, save_safetensors
 
 KERNEL_NAME = "kernel.safetensors"
@@ -57,8 +57,14 @@ def load_kernel_file(
 
 def diagonal_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> List[torch.Tensor]:
     """The diagonal blocks [offset, size] of a k × k matrix (views; the whole matrix where ``blocks`` is empty), or
-    ``matrix`` itself where it is kept as its blocks already."""
+    ``matrix`` itself where it is kept as its blocks already (their sizes must be those of ``blocks``)."""
     if isinstance(matrix, list):
+        layout = blocks or [(0, len(matrix[0]))]  # one block: the whole matrix
+        if [tuple(block.shape) for block in matrix] != [(size, size) for _, size in layout]:
+            raise InvalidArgumentError(
+                f"Diagonal blocks of shapes {[tuple(block.shape) for block in matrix]} do not match the layout "
+                f"{[list(block) for block in blocks]}: pass the store's kernel_layout with its blocks."
+            )
         return matrix
     return [matrix[a : a + size, a : a + size] for a, size in (blocks or [(0, matrix.shape[0])])]
 

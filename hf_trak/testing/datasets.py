@@ -1,6 +1,7 @@
 """Small splits made here or shipped by packages (no downloads): digits, token sequences, LM and CLIP rows."""
 
 import numpy as np
+import torch
 from datasets import Dataset
 
 from hf_trak.demo.digits import load_digits
@@ -43,3 +44,12 @@ def clip_pairs(n: int, seed: int = 0) -> Dataset:
     data = token_sequences(n, seed=seed).remove_columns(["labels", "text"])
     images = rng.normal(size=(n, 1, 8, 8)).astype(np.float32)
     return data.add_column("pixel_values", images.tolist())
+
+
+def clip_collator(rows: list) -> dict:
+    """A user's ``Trainer`` collator for ``clip_pairs``: captions padded with 0, and ``return_loss=True``
+    (CLIPModel computes its loss only when asked)."""
+    width = max(len(row["input_ids"]) for row in rows)
+    padded = {name: torch.tensor([list(row[name]) + [0] * (width - len(row[name])) for row in rows])
+              for name in ("input_ids", "attention_mask")}  # fmt: skip
+    return {**padded, "pixel_values": torch.tensor([row["pixel_values"] for row in rows]), "return_loss": True}
