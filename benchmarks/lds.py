@@ -48,7 +48,9 @@ gives the mean and standard deviation. Methods:
   loss as the loss (CLIP: each pair's cross-entropy against f's contrast set, both ways: ``clip_task``);
   ``ekfac, empirical Fisher``: its factors from the training labels;
 * ``cosine``: cosine of the last hidden state (CLS token; GPT-2: mean over tokens; CLIP: the pair's image and text
-  embeddings, concatenated), same label only for classifiers.
+  embeddings, concatenated), same label only for classifiers;
+* ``hf_trak + cosine ×w``: the default's scores and cosine's, each divided by its standard deviation over the
+  train rows for each target, summed with cosine's weighted by w (``with_cosine``).
 
 Noise: r is the agreement (Spearman, mean over targets) of two retrainings on the same 32
 halves. The LDS is measured against their mean, whose reliability is 2r/(1 + r)
@@ -297,6 +299,23 @@ def cosine_scores(task, models) -> np.ndarray:
     return scores
 
 
+def per_target_unit(scores: np.ndarray) -> np.ndarray:
+    """Scores (n × m) divided by their standard deviation over the train rows, target by target (0 stays 0)."""
+    spread = scores.std(0, keepdims=True)
+    return scores / np.where(spread > 0, spread, 1.0)
+
+
+def with_cosine(weight: float):
+    """A method: τ/sd(τ) + w · c/sd(c) for the default's scores τ and cosine's c (sd over the train rows, per
+    target)."""
+
+    def method(task, models, k, seed):
+        default = trak_scores(task, models, k, estimator="hf_trak", seed=seed)
+        return per_target_unit(default) + weight * per_target_unit(cosine_scores(task, models))
+
+    return method
+
+
 def parameters(models, biases: bool = False, attention: bool = False) -> dict:
     """``grad_wrt``: the factored projector's layers, without the biases and the attention's query/key/value
     projections (hf_trak's default) unless asked for."""
@@ -371,6 +390,8 @@ METHODS = {
     "ekfac, empirical Fisher": lambda task, models, k, seed: kronfluence_scores(task, models, "ekfac", True),
     "kfac": lambda task, models, k, seed: kronfluence_scores(task, models, "kfac", seed=seed),
     "cosine": lambda task, models, k, seed: cosine_scores(task, models),
+    "hf_trak + cosine ×0.1": with_cosine(0.1),
+    "hf_trak + cosine ×0.3": with_cosine(0.3),
 }
 DETERMINISTIC = {"ekfac, empirical Fisher", "cosine"}  # no seed to vary
 

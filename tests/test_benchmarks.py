@@ -66,6 +66,30 @@ def test_the_lds_suite_scores_the_shipped_ground_truth_shapes(tmp_path):
     assert len(drawn) == 1 and drawn[0].split(" | ")[3] != rows["cosine"].split(" | ")[3]
 
 
+def test_a_blend_with_cosine_is_the_default_at_weight_0_and_cosine_at_a_large_weight(monkeypatch):
+    """``hf_trak + cosine ×w`` sums the two methods' scores, each in units of its spread over the train rows for
+    each target: LDS (ranks of subset sums) is the default's at w = 0 and cosine's as w grows."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import lds
+    finally:
+        sys.path.remove(BENCHMARKS)
+    from hf_trak.evaluate import lds as lds_of
+
+    rng = np.random.default_rng(0)
+    default, cosine = rng.normal(size=(40, 3)) * [1.0, 50.0, 1e-3], rng.normal(size=(40, 3))
+    cosine[:, 2] = 0.0  # a target without a same-label row: its column stays 0
+    monkeypatch.setattr(lds, "trak_scores", lambda task, models, k, estimator, seed: default)
+    monkeypatch.setattr(lds, "cosine_scores", lambda task, models: cosine)
+    unit = lds.per_target_unit(cosine)
+    np.testing.assert_allclose(unit[:, :2].std(0), 1.0)
+    assert (unit[:, 2] == 0).all()
+    masks, outputs = rng.random((16, 40)) < 0.5, rng.normal(size=(16, 3))
+    at = {weight: lds_of(lds.with_cosine(weight)(None, None, 32, 0), masks, outputs).per_target for weight in (0, 1e9)}
+    np.testing.assert_allclose(at[0], lds_of(default, masks, outputs).per_target)
+    np.testing.assert_allclose(at[1e9][:2], lds_of(cosine, masks, outputs).per_target[:2])
+
+
 def test_the_lds_suite_attributes_its_clip_task(tmp_path):
     """The CLIP task trains contrastively and is scored by hf_trak and by the cosine of its pairs' embeddings."""
     fake = tmp_path / "gt"
