@@ -80,7 +80,11 @@ def model_outputs(
     task = AutoModelOutput.resolve(model, task)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     source = ExampleSource.for_model(dataset, model, task, data_collator)
-    sampler = (source if contrast is None else ExampleSource.for_model(contrast, model, task, data_collator)).sample
+
+    def sampler(num_examples: int, seed: int) -> dict:  # read only by a task with a contrast set
+        drawn_from = source if contrast is None else ExampleSource.for_model(contrast, model, task, data_collator)
+        return drawn_from.sample(num_examples, seed)
+
     view = FeatureMap(model, task, None, device).at(model if checkpoint is None else checkpoint, 0, sampler)
     with eval_mode(model):
         return torch.cat([view.outputs(batch).cpu() for batch in source.batches(batch_size)]).double().numpy()

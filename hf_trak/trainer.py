@@ -158,6 +158,7 @@ class TRAKHFTrainer(Trainer):
             data_collator=self.data_collator,
             task=self.traker.task,
             max_steps=max_steps,
+            contrast=self.traker.train_source.data,  # what featurize read: the Trainer's train DataLoader
         )
 
     def check_attribution(

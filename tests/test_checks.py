@@ -135,6 +135,36 @@ def test_a_clip_retraining_evaluates_f_against_the_train_split_as_the_attributio
         other.outputs("half", rows, seed=5)
 
 
+def test_trak_trainer_checks_clip_against_the_contrast_set_it_featurized_from(tmp_path):
+    """The HF image recipes make ``pixel_values`` on access (``with_transform``) and keep the raw columns
+    (``remove_unused_columns=False``): the Trainer's check draws f's contrast set from what featurize read (its
+    train DataLoader), so the retrained f is the one of the rows as they were made, not of the raw columns."""
+    raw = clip_pairs(24)
+    train = raw.rename_column("pixel_values", "image").with_transform(
+        lambda batch: {**batch, "pixel_values": [torch.tensor(image) for image in batch["image"]]}
+    )
+
+    def collator(rows):
+        return clip_collator([{**row, "pixel_values": torch.as_tensor(row["pixel_values"]).tolist()} for row in rows])
+
+    args = _training_args(tmp_path / "out", remove_unused_columns=False)
+    trainer = TRAKHFTrainer(model=tiny_clip(0), args=args, train_dataset=train, data_collator=collator,
+                            trak_args=TRAKArguments(proj_dim=16, dtype="float32"))  # fmt: skip
+    trainer.train()
+    targets = clip_pairs(4, seed=1)
+    retrainer = trainer._retrainer(targets, str(tmp_path / "kept"), max_steps=2)
+    rows = np.arange(0, 24, 2)
+    outputs = retrainer.outputs("half", rows, seed=5)
+    model = tiny_clip(0)  # the weights the run started from
+    by_hand = Trainer(model=model, args=dataclasses.replace(retrainer.training_args, seed=5, max_steps=2,
+                      save_strategy="no", output_dir=str(tmp_path / "by_hand")), train_dataset=raw.select(rows),
+                      data_collator=clip_collator)  # fmt: skip
+    by_hand.train()
+    model.eval()
+    np.testing.assert_allclose(outputs, model_outputs(model, targets, contrast=raw), rtol=1e-5, atol=1e-6)
+    assert trainer.check_attribution(targets, num_subsets=2, max_steps=1).num_subsets == 2
+
+
 def test_trak_trainer_checks_its_own_run_from_its_initial_weights(tmp_path):
     torch.manual_seed(0)
     model = tiny_vit(0)

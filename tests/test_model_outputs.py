@@ -142,6 +142,10 @@ def test_model_outputs_draw_clip_contrast_set_from_the_split_given():
     expected -= torch.logsumexp(pair.text_embeds.double() @ contrast.image_embeds.double().T - s_ii, -1)
     assert got == pytest.approx(expected.numpy(), rel=1e-4)
     assert model_outputs(model, targets) != pytest.approx(got, rel=1e-2)  # the targets' own contrast set
+    vit, images = tiny_vit(), digits(4)  # a task without a contrast set never reads ``contrast`` (rows unlabelled)
+    assert model_outputs(vit, images, contrast=images.remove_columns("labels")) == pytest.approx(
+        model_outputs(vit, images), rel=1e-6
+    )
 
 
 def test_auto_model_output_maps_every_supported_head():

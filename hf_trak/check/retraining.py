@@ -43,7 +43,8 @@ class Retrainer:
 
     ``targets``: what f is evaluated on (model inputs, or a DataLoader of them); ``task``: f's task (default: the
     model head's); ``max_steps``: None keeps the run's length (its epochs or steps), a number caps every retraining
-    at it (a cheaper, rougher check).
+    at it (a cheaper, rougher check); ``contrast``: the split f's contrast set is drawn from, as the attributions
+    were featurized from it (a dataset or a DataLoader; default: ``train_dataset``, batched by ``data_collator``).
     """
 
     model_init: Callable[[], nn.Module]
@@ -54,6 +55,7 @@ class Retrainer:
     data_collator: Optional[Callable] = None
     task: object = None
     max_steps: Optional[int] = None
+    contrast: object = None
 
     def outputs(self, name: str, rows: np.ndarray, seed: int) -> np.ndarray:
         """f of every target (T,) for a model trained with ``seed`` on ``rows``: read from ``<folder>/<name>.npz``
@@ -119,5 +121,6 @@ class Retrainer:
                               data_collator=self.data_collator)  # fmt: skip
             trainer.remove_callback(PrinterCallback)
             trainer.train()
-        return model_outputs(model.eval(), self.targets, task=self.task, contrast=self.train_dataset,
+        contrast = self.train_dataset if self.contrast is None else self.contrast
+        return model_outputs(model.eval(), self.targets, task=self.task, contrast=contrast,
                              data_collator=self.data_collator)  # fmt: skip
