@@ -150,3 +150,26 @@ def test_batch_count_is_the_number_of_batches_yielded(loader):
     for batch_size, start, stop in [(3, 0, 11), (3, 4, 8), (5, 8, 11), (2, 5, 5), (20, 0, None)]:
         assert source.batch_count(batch_size, start, stop) == len(list(source.batches(batch_size, start, stop)))
     assert source.batch_count(3, 0, 11) == (3 if loader else 4)
+
+
+def made_on_access(data: Dataset, labels: str = "label") -> Dataset:
+    """``data`` as the HF image recipes keep it: raw pixels, and ``pixel_values`` made by a transform on access."""
+
+    def transform(batch):
+        made = {"pixel_values": [torch.tensor(np.asarray(pixels)) for pixels in batch["pixels"]]}
+        return {**made, labels: batch["labels"]} if labels else made
+
+    return data.rename_column("pixel_values", "pixels").with_transform(transform)
+
+
+def test_a_split_with_a_transform_is_read_through_it_and_scored_as_the_rows_it_makes():
+    """A dataset whose ``pixel_values`` a ``with_transform`` makes (and whose ``label`` is renamed) gives the
+    features and scores of the same rows kept as columns; a transform that drops a needed column is named."""
+    train, targets = digits(20), digits(3, offset=30)
+    kept = TRAKer(tiny_vit(0), proj_dim=16, dtype="float32").featurize(train, [tiny_vit(0).state_dict()])
+    made = TRAKer(tiny_vit(0), proj_dim=16, dtype="float32").featurize(
+        made_on_access(train), [tiny_vit(0).state_dict()]
+    )
+    np.testing.assert_array_equal(made.score(made_on_access(targets)), kept.score(targets))
+    with pytest.raises(InvalidInputError, match=r"no \['labels'\] column"):
+        TRAKer(tiny_vit(0), proj_dim=16).featurize(made_on_access(train, labels=None), [tiny_vit(0).state_dict()])

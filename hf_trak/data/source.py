@@ -6,7 +6,9 @@ dropped, as the Trainer does. ``label`` is renamed ``labels`` as in
 ``transformers.default_data_collator``. Ragged columns are right-padded: ``input_ids``
 with the model's pad token, ``labels`` with −100, everything else with 0. A DataLoader is
 read through its dataset and ``collate_fn`` in dataset order (its sampler is not used:
-TRAK needs a fixed row order), ``batch_size`` rows at a time.
+TRAK needs a fixed row order), ``batch_size`` rows at a time. A dataset with a transform
+(``with_transform``/``set_transform``: the HF image recipes make ``pixel_values`` so) is read
+through it: its rows are what the transform returns.
 """
 
 import inspect
@@ -61,7 +63,11 @@ class ExampleSource:
             )
         if len(self) == 0:
             raise InvalidInputError("The dataset is empty: there are no examples to featurize or score.")
-        if not self.is_dataloader:
+        self.is_transformed = not self.is_dataloader and data.format.get("type") == "custom"
+        if self.is_transformed:  # indexing applies the user's transform; rows are read as it returns them
+            self._formatted = self._numpy = data
+            self._check_columns(self._wanted(data[:1]))
+        elif not self.is_dataloader:
             if "label" in data.column_names and "labels" not in data.column_names:
                 data = data.rename_column("label", "labels")
             self._check_columns(data.column_names)
@@ -104,6 +110,13 @@ class ExampleSource:
         self._check_columns(batch)
         return {name: value for name, value in batch.items() if name in self.keep and not isinstance(value, bool)}
 
+    def _wanted(self, rows: Mapping) -> dict:
+        """The columns of ``rows`` (name -> values) that are kept (``label`` as ``labels``)."""
+        rows = dict(rows)
+        if "label" in rows and "labels" not in rows:
+            rows["labels"] = rows.pop("label")
+        return {name: values for name, values in rows.items() if name in self.keep}
+
     def _collate(self, rows: dict) -> dict:
         if self.data_collator is not None:
             count = len(next(iter(rows.values())))
@@ -121,6 +134,8 @@ class ExampleSource:
 
     def batch(self, indices) -> dict:
         """The examples at ``indices`` (a slice or a list of row numbers) as one batch of tensors."""
+        if self.is_transformed:
+            return self._select(self._collate(self._wanted(self._formatted[indices])))
         if not self.is_dataloader:
             return self._select(self._collate(self._formatted[indices]))
         rows = range(len(self))[indices] if isinstance(indices, slice) else indices
@@ -156,7 +171,7 @@ class ExampleSource:
                         row["labels"] = row.pop("label")
                     yield {name: np.asarray(value) for name, value in row.items() if name in self.keep}
                 continue
-            chunk = self._numpy[begin:end]
+            chunk = self._wanted(self._numpy[begin:end]) if self.is_transformed else self._numpy[begin:end]
             for i in range(end - begin):
                 yield {name: np.asarray(values[i]) for name, values in chunk.items()}
 
