@@ -30,7 +30,7 @@ from hf_trak.check.counterfactual import CounterfactualCheck, check_counterfactu
 from hf_trak.check.lds_check import LDSCheck, check_lds
 from hf_trak.check.retraining import Retrainer
 from hf_trak.data.streaming import is_stream
-from hf_trak.errors import NotFeaturizedError, NotFoundError
+from hf_trak.errors import InvalidArgumentError, NotFeaturizedError, NotFoundError
 from hf_trak.store.card import render_trainer_section
 from hf_trak.traker import TRAKer
 
@@ -141,7 +141,17 @@ class TRAKHFTrainer(Trainer):
     def attribute(self, eval_dataset=None) -> Optional[np.ndarray]:
         """TRAK scores of the training set for ``eval_dataset`` (default: the Trainer's), read through
         ``get_eval_dataloader`` (the Trainer's column removal and collator)."""
-        return self.traker.score(self.get_eval_dataloader(eval_dataset))
+        return self.traker.score(self._targets(eval_dataset))
+
+    def _targets(self, eval_dataset):
+        """``get_eval_dataloader(eval_dataset)``; with none given and several eval splits (a dict), which one is
+        asked for, as ``evaluate`` names them."""
+        if eval_dataset is None and isinstance(self.eval_dataset, dict):
+            raise InvalidArgumentError(
+                f"eval_dataset holds several splits ({sorted(self.eval_dataset)}): name one, e.g. "
+                f"attribute({sorted(self.eval_dataset)[0]!r}), or pass a dataset."
+            )
+        return self.get_eval_dataloader(eval_dataset)
 
     def _retrainer(self, eval_dataset, folder: Optional[str], max_steps: Optional[int]) -> Retrainer:
         if self.model_init is not None:
@@ -153,7 +163,7 @@ class TRAKHFTrainer(Trainer):
             model_init=model_init,
             training_args=self.args,
             train_dataset=self.train_dataset,
-            targets=self.get_eval_dataloader(eval_dataset),
+            targets=self._targets(eval_dataset),
             folder=folder or os.path.join(self.args.output_dir, "trak_check"),
             data_collator=self.data_collator,
             task=self.traker.task,

@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_trak import TRAKArguments, TRAKCallback, TRAKer, TRAKHFTrainer
+from hf_trak.errors import InvalidArgumentError
 from hf_trak.testing.datasets import clip_collator, clip_pairs, digits
 from hf_trak.testing.models import tiny_clip, tiny_vit
 from tests.hub_server import HubServer
@@ -77,6 +78,20 @@ def test_a_clip_trainer_with_a_return_loss_collator_is_featurized_as_its_split_b
     reference = TRAKer(tiny_clip(), proj_dim=32, dtype=torch.float32).featurize(train, checkpoints)
     scores = trainer.attribute(test)
     np.testing.assert_allclose(scores, reference.score(test), rtol=1e-4, atol=1e-5 * np.abs(scores).max())
+
+
+def test_several_eval_splits_are_scored_by_name_and_none_named_is_refused(tmp_path):
+    """With ``eval_dataset={"a": ..., "b": ...}`` (as ``evaluate`` takes it), ``attribute("b")`` scores split b, and
+    ``attribute()`` (which one?) names the splits instead of failing inside the DataLoader."""
+    splits = {"a": digits(3, offset=20), "b": digits(2, offset=30)}
+    args = _training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = TRAKHFTrainer(model=tiny_vit(), args=args, train_dataset=digits(16), eval_dataset=splits,
+                            trak_args=TRAKArguments(proj_dim=8, dtype="float32"))  # fmt: skip
+    trainer.train()
+    np.testing.assert_array_equal(trainer.attribute("b"), trainer.traker.score(splits["b"]))
+    for call in (trainer.attribute, lambda: trainer.check_attribution(num_subsets=2, max_steps=1)):
+        with pytest.raises(InvalidArgumentError, match=r"several splits \(\['a', 'b'\]\): name one"):
+            call()
 
 
 def test_callback_works_with_a_plain_trainer_and_keeps_the_last_checkpoints(tmp_path):
