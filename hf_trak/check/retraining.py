@@ -4,10 +4,10 @@ Both checks of ``hf_trak.check`` compare what the scores predict with what retra
 trains a fresh model (``model_init()``: the weights training started from) with a copy of the run's
 ``TrainingArguments`` (nothing saved, logged or pushed; ``seed`` and, if given, ``max_steps`` replaced) on
 the rows it is given, and evaluates the model output function f of each target (a task with a contrast set,
-CLIP's, draws it from ``train_dataset``, as the attributions' f does). Each run's outputs are kept in ``folder``
-as ``<name>.npz`` with the rows it was trained on, its seed and a digest of what else decides them (the training
-arguments, ``max_steps``, the targets' rows; for f that reads the train split, f's settings and that it does): a
-check that is stopped resumes where it was, and a kept run made otherwise is refused rather than reused.
+CLIP's, draws it from ``contrast``, the split the attributions' f drew it from). Each run's outputs are kept in
+``folder`` as ``<name>.npz`` with the rows it was trained on, its seed and a digest of what else decides them (the
+training arguments, ``max_steps``, the targets' rows; for f that reads the train split, f's settings and that it
+does): a check that is stopped resumes where it was, and a kept run made otherwise is refused rather than reused.
 """
 
 import dataclasses
