@@ -56,10 +56,17 @@ def model_from_initial_weights(model: nn.Module, path: str):
             "TRAKHFTrainer keeps there (keep_initial_weights=True); or give a model_init."
         )
     weights = load_file(path)
+    known = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    unknown = sorted(set(weights) - known)
+    if unknown:  # names of another model: loading would leave every weight as trained
+        raise InvalidArgumentError(
+            f"{path} holds weights this model does not have ({unknown[:3]}...): it was kept for another model. "
+            "Check with the run's own model, or give a model_init."
+        )
 
     def model_init():
         fresh = copy.deepcopy(model)
-        fresh.load_state_dict(weights, strict=False)
+        fresh.load_state_dict(weights, strict=False)  # a PEFT run keeps its trainable weights only
         return fresh.train()
 
     return model_init

@@ -187,6 +187,11 @@ def test_trak_trainer_checks_its_own_run_from_its_initial_weights(tmp_path):
     counterfactual = trainer.check_counterfactual([0], k=4, num_seeds=1, max_steps=2)
     assert counterfactual.removed_top.shape == (1,) and np.isfinite(counterfactual.removed_random).all()
 
+    from safetensors.torch import save_file
+
+    save_file({f"other.{name}": value for name, value in kept.items()}, str(tmp_path / "out" / INITIAL_WEIGHTS_NAME))
+    with pytest.raises(InvalidArgumentError, match="it was kept for another model"):
+        trainer.check_attribution(num_subsets=3, folder=str(tmp_path / "renamed"))
     (tmp_path / "out" / INITIAL_WEIGHTS_NAME).unlink()
     with pytest.raises(NotFoundError, match="keep_initial_weights"):
         trainer.check_attribution(num_subsets=3, folder=str(tmp_path / "other"))
