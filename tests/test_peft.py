@@ -158,13 +158,17 @@ def test_the_store_records_the_adapter_and_refuses_another_layout_or_base(tmp_pa
         TRAKer(tiny_bert(), proj_dim=16, save_dir=None).featurize(train, [tmp_path / "adapter"])
 
 
-def test_trak_trainer_with_a_lora_model(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trak_trainer_with_a_lora_model(tmp_path, checkpointing):
+    """With gradient checkpointing too, whose hook on the input embeddings stays on the model (and on the copies
+    the check retrains) and must not reach hf_trak's ``vmap``."""
     from transformers import TrainingArguments
 
     train, test = token_sequences(24, min_len=6, max_len=6), token_sequences(5, seed=2, min_len=6, max_len=6)
     args = TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=2, save_strategy="epoch", per_device_train_batch_size=8,
         learning_rate=1e-2, report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=checkpointing,
     )  # fmt: skip
     model = lora_model("bert")
     start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -187,6 +191,8 @@ def test_trak_trainer_with_a_lora_model(tmp_path):
         train, [tmp_path / folder for folder in folders]
     )
     np.testing.assert_allclose(scores, reference.score(test), rtol=1e-4, atol=1e-5 * np.abs(scores).max())
+    check = trainer.check_attribution(num_subsets=2, max_steps=1)
+    assert check.num_subsets == 2 and np.isfinite(check.per_target).all()
 
 
 @pytest.mark.slow
@@ -255,3 +261,27 @@ def test_the_peft_guide_attributes_the_adapter_and_the_head_copy():
     names = result.traker.param_names
     assert any("lora_B" in name for name in names) and names[-1].endswith("modules_to_save.default.weight")
     assert all("lora_" in name or "modules_to_save" in name for name in names)
+
+
+def test_the_hooks_that_make_input_embeddings_require_grad_are_off_under_vmap_and_back_after():
+    """Gradient checkpointing on a PEFT model hooks the input embeddings with ``requires_grad_`` (transformers'
+    ``enable_input_require_grads``; peft's own hook where a model lacks it), which ``vmap`` refuses. f
+    (``model_outputs``) and per-example gradients by ``vmap(grad)`` (``estimator="trak"``) are those of the model
+    without the hooks, and each hook is back on its module after, once."""
+    from hf_trak.evaluate import model_outputs
+
+    model, (train, test) = lora_model("gpt2"), (data() for data in DATA["gpt2"])
+    trak = dict(proj_dim=16, dtype=torch.float32, estimator="trak", save_dir=None)
+    expected = model_outputs(model, test), TRAKer(model, **trak).featurize(train, [model.state_dict()]).score(test)
+    model.enable_input_require_grads()
+
+    def make_inputs_require_grad(module, inputs, output):  # peft's hook, by its name
+        output.requires_grad_(True)
+
+    model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+    hooks = list(model.get_input_embeddings()._forward_hooks.values())
+    assert len(hooks) == 2
+    np.testing.assert_allclose(model_outputs(model, test), expected[0], rtol=1e-6)
+    scores = TRAKer(model, **trak).featurize(train, [model.state_dict()]).score(test)
+    np.testing.assert_array_equal(scores, expected[1])
+    assert list(model.get_input_embeddings()._forward_hooks.values()) == hooks

@@ -26,6 +26,7 @@ from hf_trak.arguments import TRAKArguments
 from hf_trak.errors import InvalidArgumentError, NotFeaturizedError
 from hf_trak.hf.adapters import adapter_parameter_names, is_peft_model
 from hf_trak.hf.checkpoints import Checkpoint, checkpoint_fingerprint, load_checkpoint
+from hf_trak.hf.input_grads import input_require_grads_off
 from hf_trak.hf.sharding import check_shardable, is_fsdp
 from hf_trak.method.block_sizes import SideSample
 from hf_trak.method.estimator import differentiated_parameters
@@ -267,7 +268,7 @@ class CheckpointView:
             example = {name: value.unsqueeze(0) for name, value in example.items()}
             return task.get_output(self.map.model, self.weights, self.buffers, example)
 
-        with torch.no_grad():
+        with torch.no_grad(), input_require_grads_off(self.map.model):
             return torch.vmap(output)(batch)
 
     def fingerprints(self) -> Tuple[str, str]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hf_trak.errors import InvalidArgumentError
+from hf_trak.hf.input_grads import input_require_grads_off
 from hf_trak.method.model_outputs import AbstractModelOutput
 from hf_trak.method.projectors import AbstractProjector
 
@@ -85,7 +86,7 @@ class PerExampleGradients:
         for chunk in self.chunks:
             differentiated = {name: weights[name] for name in chunk}
             fixed = {name: weight for name, weight in weights.items() if name not in differentiated}
-            with torch.no_grad():  # grad() still differentiates; this only stops graphs on the constants
+            with torch.no_grad(), input_require_grads_off(self.model):  # no_grad: grad() still differentiates
                 grads = per_example_grad(differentiated, fixed, buffers, dict(batch))
             yield {name: grad.reshape(grad.shape[0], -1) for name, grad in grads.items()}
 
