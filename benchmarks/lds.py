@@ -275,17 +275,17 @@ def _either(rows, train, targets):
 def cosine_scores(task, models) -> np.ndarray:
     total = 0
     for model in models:
-        embeddings = []
+        embeddings, output_function = [], AutoModelOutput.resolve(model)
         for split in (task.train, task.targets):
-            source = ExampleSource.for_model(split, model, AutoModelOutput.resolve(model))
+            source = ExampleSource.for_model(split, model, output_function)
             batch = source.batch(list(range(len(split))))
-            if isinstance(AutoModelOutput.resolve(model), CLIPModelOutput):  # the pair's two embeddings
+            if isinstance(output_function, CLIPModelOutput):  # the pair's two embeddings
                 output = model(**batch)
                 embeddings.append(F.normalize(torch.cat([output.image_embeds, output.text_embeds], -1), dim=-1))
                 continue
             hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
             last = hidden.hidden_states[-1]
-            if isinstance(AutoModelOutput.resolve(model), CausalLMModelOutput):
+            if isinstance(output_function, CausalLMModelOutput):
                 mask = batch["attention_mask"][..., None].float()
                 last = (last * mask).sum(1) / mask.sum(1)
             else:
@@ -310,7 +310,7 @@ def with_cosine(weight: float):
     target)."""
 
     def method(task, models, k, seed):
-        default = trak_scores(task, models, k, estimator="hf_trak", seed=seed)
+        default = hf_trak()(task, models, k, seed)
         return per_target_unit(default) + weight * per_target_unit(cosine_scores(task, models))
 
     return method

@@ -166,10 +166,7 @@ class ExampleSource:
                             f"The DataLoader must yield dict batches (column -> tensor); its dataset gives "
                             f"{type(row).__name__} rows."
                         )
-                    row = dict(row)
-                    if "label" in row and "labels" not in row:
-                        row["labels"] = row.pop("label")
-                    yield {name: np.asarray(value) for name, value in row.items() if name in self.keep}
+                    yield {name: np.asarray(value) for name, value in self._wanted(row).items()}
                 continue
             chunk = self._wanted(self._numpy[begin:end]) if self.is_transformed else self._numpy[begin:end]
             for i in range(end - begin):

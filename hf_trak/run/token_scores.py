@@ -28,6 +28,7 @@ from hf_trak.method.kernel import target_rms, times_kernel
 from hf_trak.run.memory import batch_size_for
 from hf_trak.run.scoring import train_weights
 from hf_trak.store.feature_store import FeatureStore
+from hf_trak.store.kernel_file import converted
 
 
 @dataclasses.dataclass
@@ -93,7 +94,7 @@ def token_scores(
         layout, device = store.kernel_layout, target.device
         if config.ensemble == "normalized":
             target = target / target_rms(xtx, kernel, target.sum(0, keepdim=True), num_rows, layout).to(device)
-        kernel = [block.to(device) for block in kernel] if isinstance(kernel, list) else kernel.to(device)
+        kernel = converted(kernel, device=device)
         index = 0
         for batch in batches:
             shares = times_kernel(view.token_features(batch), kernel, layout) @ target.T  # B × (T_i + 1) × (T_j + 1)

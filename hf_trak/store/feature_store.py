@@ -47,7 +47,7 @@ from hf_trak.store.arrow_files import (
 )
 from hf_trak.store.config import CONFIG_NAME, TRAKConfig
 from hf_trak.store.files import write_text
-from hf_trak.store.kernel_file import KERNEL_NAME, Matrix, in_float64, load_kernel_file, save_kernel_file
+from hf_trak.store.kernel_file import KERNEL_NAME, Matrix, converted, load_kernel_file, save_kernel_file
 from hf_trak.store.lock import LOCK_NAME
 from hf_trak.store.versions import keeps_kernel_blocks, stores_preconditioned
 
@@ -337,7 +337,7 @@ class FeatureStore:
         cached = self._grams_and_kernels.get(model_id)  # filled only with keep_kernels
         if cached is None or cached[0] != version:
             saved = self.load_kernel(model_id, ["xtx", "kernel"], as_blocks=True)
-            cached = (version, in_float64(saved["xtx"]), in_float64(saved["kernel"]))
+            cached = (version, *(converted(saved[name], dtype=torch.float64) for name in ("xtx", "kernel")))
             if self.keep_kernels:
                 self._grams_and_kernels[model_id] = cached
         return cached[1], cached[2]

@@ -69,9 +69,9 @@ def diagonal_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> List[tor
     return [matrix[a : a + size, a : a + size] for a, size in (blocks or [(0, matrix.shape[0])])]
 
 
-def in_float64(matrix: Matrix) -> Matrix:
-    """A k × k matrix, or the list of its diagonal blocks, in float64."""
-    return [block.double() for block in matrix] if isinstance(matrix, list) else matrix.double()
+def converted(matrix: Matrix, **to) -> Matrix:
+    """A k × k matrix, or the list of its diagonal blocks, ``.to(**to)`` (a dtype, a device)."""
+    return [block.to(**to) for block in matrix] if isinstance(matrix, list) else matrix.to(**to)
 
 
 def packed_blocks(matrix: Matrix, blocks: Sequence[Sequence[int]]) -> torch.Tensor:
